@@ -1,0 +1,117 @@
+"""Implementation dispatch for attention ops: reference / xla / pallas / auto, with no silent fallback.
+
+Every op registers its implementations here. `resolve` picks one:
+
+- an explicit impl must exist and, for pallas, its `supports(...)` check must pass; otherwise
+  `ImplUnavailable` is raised with the reason;
+- "auto" takes pallas when a kernel is registered and supports the call, else xla, and records the
+  choice and the reason so the run can log it (see `choices()`).
+
+Choices are recorded at trace time (ops are called inside jit), keyed by op and a caller label.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any, Callable
+
+import jax
+
+IMPLS = ("reference", "xla", "pallas", "auto")
+
+
+class ImplUnavailable(RuntimeError):
+    """An explicitly requested implementation cannot run this call."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    op: str
+    requested: str
+    chosen: str
+    reason: str
+
+
+_impls: dict[str, dict[str, Callable[..., Any]]] = {}
+# op -> function(**call_info) -> None when the pallas kernel supports the call, else a reason string.
+_pallas_supports: dict[str, Callable[..., str | None]] = {}
+_choices: dict[tuple[str, str], Choice] = {}
+_lock = threading.Lock()
+_label = threading.local()
+
+
+def register(op: str, impl: str, *, supports: Callable[..., str | None] | None = None):
+    """Decorator: register `fn` as implementation `impl` of `op`."""
+    if impl not in ("reference", "xla", "pallas"):
+        raise ValueError(f"cannot register impl {impl!r}; use reference, xla or pallas")
+
+    def deco(fn):
+        _impls.setdefault(op, {})[impl] = fn
+        if impl == "pallas":
+            _pallas_supports[op] = supports or (lambda **_: None)
+        return fn
+
+    return deco
+
+
+def backend() -> str:
+    return jax.default_backend()
+
+
+def _pallas_reason(op: str, call_info: dict[str, Any]) -> str | None:
+    """None when a pallas kernel for `op` can run this call, else why not."""
+    if "pallas" not in _impls.get(op, {}):
+        return f"no Pallas kernel is registered for {op}"
+    return _pallas_supports[op](backend=backend(), **call_info)
+
+
+def resolve(op: str, impl: str, **call_info: Any) -> Callable[..., Any]:
+    """Return the implementation of `op` to run for `impl`, recording the choice."""
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl={impl!r} is not one of {', '.join(IMPLS)}")
+    table = _impls.get(op)
+    if not table:
+        raise ImplUnavailable(f"op {op!r} has no registered implementation")
+    if impl == "auto":
+        why_not = _pallas_reason(op, call_info)
+        chosen = "pallas" if why_not is None else "xla"
+        reason = "pallas kernel supports this call" if why_not is None else why_not
+    else:
+        if impl == "pallas":
+            why_not = _pallas_reason(op, call_info)
+            if why_not is not None:
+                raise ImplUnavailable(f"{op}: impl='pallas' cannot run here: {why_not}")
+        elif impl not in table:
+            raise ImplUnavailable(f"{op}: impl={impl!r} is not implemented")
+        chosen, reason = impl, "requested"
+    label = getattr(_label, "value", "")
+    with _lock:
+        _choices[(op, label)] = Choice(op, impl, chosen, reason)
+    return table[chosen]
+
+
+class label_calls:
+    """Context manager: ops resolved inside are recorded under `label` (e.g. 'layer3.softmax')."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def __enter__(self):
+        self.prev = getattr(_label, "value", "")
+        _label.value = self.label
+        return self
+
+    def __exit__(self, *exc):
+        _label.value = self.prev
+        return False
+
+
+def choices() -> list[tuple[str, Choice]]:
+    """All recorded choices as (label, Choice), in label order."""
+    with _lock:
+        return sorted(((k[1], v) for k, v in _choices.items()), key=lambda kv: (kv[0], kv[1].op))
+
+
+def clear_choices() -> None:
+    with _lock:
+        _choices.clear()

@@ -1,0 +1,456 @@
+"""Softmax attention: a dense oracle, a blocked online-softmax in jnp, and a KV-cache decode helper.
+
+Conventions shared by every implementation (see DESIGN.md, "Ops"):
+
+- Layout is time-major: q [B,T,Hq,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv]; Hq % Hkv == 0 and query head h
+  reads kv head h // (Hq // Hkv).
+- Positions are bottom-right aligned: query i sits at position S - T + i, key s at position s. This is
+  what makes causal prefill against a longer cache (T < S) line up with the newest keys.
+- Masks: causal keeps s <= t; sliding_window=W keeps 0 <= t - s < W; segment_ids keeps pairs in the
+  same document, where a document starts wherever the id changes (as in the kda and lightning ops,
+  so a reused id is still a new document).
+  A key_log_gate value is added to the logit of key s for query t when t - s >= local_window (every
+  key when local_window is None), the SP-KV soft write gate.
+- A query row that sees no key returns 0, with zero gradients, never NaN.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from attention.ops import dispatch
+
+# (block_q, block_k) of the xla implementation. CPU: measured on 2 cores at B=8, Hq=8, D=64, fp32,
+# causal, T=512 and 2048; 64x64 beat 32x64, 64x32, 128x64, 64x128, 128x128 and 256-wide tiles.
+# Probably because a tile holds all B*H heads: its fp32 score block, B*H*64*64*4 bytes = 1 MiB, stays
+# in a core's L2, while narrower tiles make the matmuls too small. GPU and TPU entries are unmeasured
+# starting points.
+BLOCK_SIZES = {"cpu": (64, 64), "gpu": (128, 128), "tpu": (512, 512)}
+
+
+def softmax_attention(q, k, v, *, causal=True, sliding_window=None, local_window=None,
+                      key_log_gate=None, segment_ids=None, scale=None, impl="auto"):
+    """Multi-head softmax attention with GQA, windows, packed segments and the SP-KV key gate.
+
+    q [B,T,Hq,D]; k [B,S,Hkv,D]; v [B,S,Hkv,Dv] (v may be k itself) -> o [B,T,Hq,Dv] in q's dtype.
+    key_log_gate [B,S,Hkv] (<= 0, may be -inf); segment_ids [B,T] int (needs T == S);
+    scale=None means D**-0.5. Accumulation is fp32 whatever the input dtype.
+    """
+    _validate(q, k, v, causal=causal, sliding_window=sliding_window, local_window=local_window,
+              key_log_gate=key_log_gate, segment_ids=segment_ids, scale=scale)
+    fn = dispatch.resolve(
+        "softmax_attention", impl, dtype=jnp.dtype(q.dtype), q_shape=q.shape, k_shape=k.shape,
+        v_shape=v.shape, causal=causal, sliding_window=sliding_window, local_window=local_window,
+        has_key_log_gate=key_log_gate is not None, has_segment_ids=segment_ids is not None)
+    return fn(q, k, v, causal=causal, sliding_window=sliding_window, local_window=local_window,
+              key_log_gate=key_log_gate, segment_ids=segment_ids, scale=scale)
+
+
+def _validate(q, k, v, *, causal, sliding_window, local_window, key_log_gate, segment_ids, scale):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be [batch, time, heads, dim]; got shape {tuple(x.shape)}")
+    B, T, Hq, D = q.shape
+    Bk, S, Hkv, Dk = k.shape
+    if T == 0 or S == 0:
+        raise ValueError(f"q and k need at least one time step; got T={T}, S={S}")
+    if Bk != B:
+        raise ValueError(f"k batch {Bk} != q batch {B} (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    if Dk != D:
+        raise ValueError(f"k head dim {Dk} != q head dim {D} (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v shape {tuple(v.shape)} must match k {tuple(k.shape)} in batch, time and heads")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool; got {causal!r}")
+    if sliding_window is not None:
+        if not _is_int(sliding_window) or sliding_window < 1:
+            raise ValueError("sliding_window must be a positive int (keys with 0 <= t - s < W); "
+                             f"got {sliding_window!r}")
+        if not causal:
+            raise ValueError("sliding_window requires causal=True: the window is 0 <= t - s < W")
+    if local_window is not None:
+        if not _is_int(local_window) or local_window < 0:
+            raise ValueError(f"local_window must be an int >= 0; got {local_window!r}")
+        if key_log_gate is None:
+            raise ValueError("local_window only says which keys key_log_gate spares; pass key_log_gate too")
+    if key_log_gate is not None and tuple(key_log_gate.shape) != (B, S, Hkv):
+        raise ValueError(f"key_log_gate must be [batch, kv_time, kv_heads] = {(B, S, Hkv)}; "
+                         f"got {tuple(key_log_gate.shape)}")
+    if segment_ids is not None:
+        if tuple(segment_ids.shape) != (B, T):
+            raise ValueError(f"segment_ids must be [batch, time] = {(B, T)}; got {tuple(segment_ids.shape)}")
+        if T != S:
+            raise ValueError(f"segment_ids needs q and k of the same length; got T={T}, S={S}")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids must be integers; got dtype {segment_ids.dtype}")
+    if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)):
+        raise ValueError(f"scale must be a Python number or None; got {type(scale).__name__}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _documents(segment_ids_BT):
+    """Document index of each token: 0, 1, 2, ... counting the places where the id changes."""
+    starts = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
+    return jnp.cumsum(jnp.pad(starts, ((0, 0), (1, 0))), axis=1, dtype=jnp.int32)
+
+
+def _scale(scale, head_dim: int) -> float:
+    return float(head_dim) ** -0.5 if scale is None else float(scale)
+
+
+def _precision(dtype):
+    # fp32 inputs mean fp32 products: keep GPU/TPU from silently dropping to tf32/bf16 passes.
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+# ----------------------------------------------------------------------------------------------
+# reference: dense fp32, the oracle
+
+
+@dispatch.register("softmax_attention", "reference")
+def reference_softmax_attention(q, k, v, *, causal=True, sliding_window=None, local_window=None,
+                                key_log_gate=None, segment_ids=None, scale=None):
+    B, T, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    f32 = jnp.float32
+    k_BSHD = jnp.repeat(k.astype(f32), group, axis=2)
+    v_BSHD = jnp.repeat(v.astype(f32), group, axis=2)
+    logits_BHTS = jnp.einsum("bthd,bshd->bhts", q.astype(f32), k_BSHD,
+                             precision=lax.Precision.HIGHEST) * _scale(scale, D)
+
+    t_T = jnp.arange(T)[:, None] + (S - T)
+    s_S = jnp.arange(S)[None, :]
+    visible_BTS = jnp.ones((1, T, S), bool)
+    if causal:
+        visible_BTS &= s_S <= t_T
+    if sliding_window is not None:
+        visible_BTS &= (t_T - s_S >= 0) & (t_T - s_S < sliding_window)
+    if segment_ids is not None:
+        doc_BT = _documents(segment_ids)
+        visible_BTS &= doc_BT[:, :, None] == doc_BT[:, None, :]
+    if key_log_gate is not None:
+        gate_BHS = jnp.repeat(key_log_gate.astype(f32), group, axis=2).transpose(0, 2, 1)
+        gated_TS = jnp.ones((T, S), bool) if local_window is None else t_T - s_S >= local_window
+        logits_BHTS += jnp.where(gated_TS, gate_BHS[:, :, None, :], 0.0)
+
+    visible_BHTS = visible_BTS[:, None]
+    masked = jnp.where(visible_BHTS, logits_BHTS, -jnp.inf)
+    row_max = jnp.max(masked, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    # The mask goes in before exp, so masked entries are exp(-inf) = 0 with a zero derivative.
+    e_BHTS = jnp.exp(jnp.where(visible_BHTS, logits_BHTS - row_max, -jnp.inf))
+    denom = jnp.sum(e_BHTS, axis=-1, keepdims=True)
+    p_BHTS = e_BHTS / jnp.where(denom > 0, denom, 1.0)
+    o_BTHD = jnp.einsum("bhts,bshd->bthd", p_BHTS, v_BSHD, precision=lax.Precision.HIGHEST)
+    return o_BTHD.astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# xla: blocked online softmax that skips masked tiles, with a recomputing custom VJP
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything static about one blocked call: lengths, tiles, masks."""
+
+    t: int
+    s: int
+    block_q: int
+    block_k: int
+    causal: bool
+    sliding_window: int | None
+    local_window: int | None
+    scale: float
+
+    @property
+    def offset(self) -> int:
+        return self.s - self.t
+
+    @property
+    def num_q_blocks(self) -> int:
+        return -(-self.t // self.block_q)
+
+    @property
+    def num_k_blocks(self) -> int:
+        return -(-self.s // self.block_k)
+
+    def kv_block_range(self, i):
+        """[lo, hi) of the kv blocks that causal/window masks leave visible to query block i (an int or
+        a tracer)."""
+        first = self.offset + i * self.block_q
+        last = self.offset + jnp.minimum((i + 1) * self.block_q, self.t) - 1
+        key_hi = jnp.minimum(self.s, last + 1) if self.causal else self.s
+        key_lo = jnp.maximum(0, first - self.sliding_window + 1) if self.sliding_window else 0
+        lo = key_lo // self.block_k
+        return lo, jnp.where(key_hi > key_lo, -(-key_hi // self.block_k), lo)
+
+
+@dispatch.register("softmax_attention", "xla")
+def xla_softmax_attention(q, k, v, *, causal=True, sliding_window=None, local_window=None,
+                          key_log_gate=None, segment_ids=None, scale=None, block_q=None, block_k=None):
+    """Flash-style attention: per query block, a loop over only the kv blocks some mask leaves visible.
+
+    block_q / block_k override BLOCK_SIZES (tests use small tiles to exercise several of them).
+    """
+    T, D, S = q.shape[1], q.shape[3], k.shape[1]
+    default_q, default_k = BLOCK_SIZES.get(dispatch.backend(), BLOCK_SIZES["gpu"])
+    plan = _Plan(t=T, s=S, block_q=min(block_q or default_q, T), block_k=min(block_k or default_k, S),
+                 causal=causal, sliding_window=sliding_window,
+                 local_window=local_window if key_log_gate is not None else None,
+                 scale=_scale(scale, D))
+    return _blocked_attention(plan, q, k, v, key_log_gate, segment_ids)
+
+
+class _Blocked:
+    """Block-major, padded copies of the inputs, and the work on one tile.
+
+    Block-major ([num_blocks, B, Hkv, block, ...]) makes every per-tile slice and every accumulator
+    update a contiguous copy; on XLA:CPU the strided tile copies of a [B,H,T,D] layout cost about as
+    much as the tile's exp.
+    q [nq,B,Hkv,bq,G,D] keeps the G query heads of a kv head together, so GQA reads each K/V tile once
+    and never repeats it. k [nk,B,Hkv,bk,D], v [nk,B,Hkv,bk,Dv], gate [nk,B,Hkv,bk] fp32,
+    q_doc [nq,B,bq] and k_doc [nk,B,bk] document indices.
+    """
+
+    def __init__(self, plan: _Plan, q, k, v, gate, seg):
+        self.plan = plan
+        self.hkv = k.shape[2]
+        self.q = self.q_blocks(q)
+        self.k = self.k_blocks(k)
+        self.v = self.k_blocks(v)
+        self.gate = None if gate is None else self.k_blocks(gate.astype(jnp.float32)[..., None])[..., 0]
+        self.q_doc = self.k_doc = self.overlap = None
+        if seg is not None:
+            doc_BT = _documents(seg)
+            self.q_doc = _doc_blocks(doc_BT, plan.num_q_blocks, plan.block_q)
+            self.k_doc = _doc_blocks(doc_BT, plan.num_k_blocks, plan.block_k)
+            self.overlap = _document_overlap(self.q_doc, self.k_doc)
+
+    def q_blocks(self, x_BTHD, *, transposed=False):
+        """[B,T,Hq,X] -> [nq,B,Hkv,bq,G,X], or [nq,B,Hkv,X,bq,G] when transposed."""
+        p = self.plan
+        B, T, Hq, X = x_BTHD.shape
+        x = jnp.pad(x_BTHD, ((0, 0), (0, p.num_q_blocks * p.block_q - T), (0, 0), (0, 0)))
+        x = x.reshape(B, p.num_q_blocks, p.block_q, self.hkv, Hq // self.hkv, X)
+        return x.transpose((1, 0, 3, 5, 2, 4) if transposed else (1, 0, 3, 2, 4, 5))
+
+    def k_blocks(self, x_BSHD):
+        """[B,S,Hkv,X] -> [nk,B,Hkv,bk,X]."""
+        p = self.plan
+        B, S, H, X = x_BSHD.shape
+        x = jnp.pad(x_BSHD, ((0, 0), (0, p.num_k_blocks * p.block_k - S), (0, 0), (0, 0)))
+        return x.reshape(B, p.num_k_blocks, p.block_k, H, X).transpose(1, 0, 3, 2, 4)
+
+    def kv_bounds(self, i):
+        """Loop bounds over kv blocks for query block i: causal/window range, narrowed to shared documents."""
+        lo, hi = self.plan.kv_block_range(i)
+        if self.overlap is None:
+            return lo, hi
+        j = jnp.arange(self.plan.num_k_blocks)
+        hit = self.overlap[i] & (j >= lo) & (j < hi)
+        first = jnp.argmax(hit)
+        last = self.plan.num_k_blocks - jnp.argmax(hit[::-1])
+        return jnp.where(hit.any(), first, lo), jnp.where(hit.any(), last, lo)
+
+    def tile(self, q_blk, i, j):
+        """Masked fp32 logits [B,H,bq,G,bk] of tile (i, j), where the gate applied ([bq,1,bk] or None),
+        and the k and v blocks."""
+        p = self.plan
+        k_blk, v_blk = self.k[j], self.v[j]
+        s_BHQGK = _dot("bhqgd,bhkd->bhqgk", q_blk, k_blk) * p.scale
+        q_pos = p.offset + i * p.block_q + lax.broadcasted_iota(jnp.int32, (p.block_q, 1, 1), 0)
+        k_pos = j * p.block_k + lax.broadcasted_iota(jnp.int32, (1, 1, p.block_k), 2)
+        rel_Q1K = q_pos - k_pos
+
+        gated_Q1K = None
+        if self.gate is not None:
+            gate_BH11K = self.gate[j][:, :, None, None, :]
+            if p.local_window is None:
+                s_BHQGK = s_BHQGK + gate_BH11K
+            else:
+                gated_Q1K = rel_Q1K >= p.local_window
+                s_BHQGK = s_BHQGK + jnp.where(gated_Q1K, gate_BH11K, 0.0)
+
+        visible = []
+        if p.s % p.block_k:
+            visible.append(k_pos < p.s)
+        if p.causal:
+            visible.append(rel_Q1K >= 0)
+        if p.sliding_window is not None:
+            visible.append(rel_Q1K < p.sliding_window)
+        if self.q_doc is not None:
+            same_doc_BQK = self.q_doc[i][:, :, None] == self.k_doc[j][:, None, :]
+            visible.append(same_doc_BQK[:, None, :, None, :])
+        if visible:
+            s_BHQGK = jnp.where(functools.reduce(jnp.logical_and, visible), s_BHQGK, -jnp.inf)
+        return s_BHQGK, gated_Q1K, k_blk, v_blk
+
+
+def _doc_blocks(doc_BT, num_blocks, block):
+    """[B,T] -> [num_blocks,B,block]. Edge padding keeps a block's document range as tight as its real
+    rows, for the loop bounds."""
+    B, T = doc_BT.shape
+    doc = jnp.pad(doc_BT, ((0, 0), (0, num_blocks * block - T)), mode="edge")
+    return doc.reshape(B, num_blocks, block).transpose(1, 0, 2)
+
+
+def _document_overlap(q_doc_NBQ, k_doc_NBK):
+    """[nq, nk] bool: does some query of block i share a document with some key of block j (any batch row).
+
+    Document indices are sorted along time, so overlapping index ranges mean a shared document.
+    """
+    q_min, q_max = q_doc_NBQ.min(-1).T[:, :, None], q_doc_NBQ.max(-1).T[:, :, None]
+    k_min, k_max = k_doc_NBK.min(-1).T[:, None, :], k_doc_NBK.max(-1).T[:, None, :]
+    return jnp.any((q_min <= k_max) & (k_min <= q_max), axis=0)
+
+
+def _dot(spec, a, b):
+    """fp32-accumulating einsum; fp32 operands get full-precision products on every backend."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=_precision(a.dtype))
+
+
+def _forward(plan: _Plan, q, k, v, gate, seg):
+    B, T, Hq, _ = q.shape
+    Dv = v.shape[-1]
+    bl = _Blocked(plan, q, k, v, gate, seg)
+    row_shape = bl.q.shape[1:5]
+
+    def query_block(_, xs):
+        i, q_blk = xs
+
+        def kv_block(j, carry):
+            m_BHQG, l_BHQG, acc_BHQGD = carry
+            s_BHQGK, _, _, v_blk = bl.tile(q_blk, i, j)
+            m_new = jnp.maximum(m_BHQG, s_BHQGK.max(-1))
+            # Rows that have seen no visible key yet keep max -inf; shift them by 0 so exp stays exp(-inf).
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            p_BHQGK = jnp.exp(s_BHQGK - m_safe[..., None])
+            alpha = jnp.exp(m_BHQG - m_safe)
+            pv_BHQGD = _dot("bhqgk,bhkd->bhqgd", p_BHQGK.astype(v_blk.dtype), v_blk)
+            return m_new, alpha * l_BHQG + p_BHQGK.sum(-1), alpha[..., None] * acc_BHQGD + pv_BHQGD
+
+        init = (jnp.full(row_shape, -jnp.inf, jnp.float32), jnp.zeros(row_shape, jnp.float32),
+                jnp.zeros(row_shape + (Dv,), jnp.float32))
+        m_BHQG, l_BHQG, acc_BHQGD = lax.fori_loop(*bl.kv_bounds(i), kv_block, init)
+        seen = l_BHQG > 0
+        l_safe = jnp.where(seen, l_BHQG, 1.0)
+        # +inf for empty rows makes the backward's exp(s - lse) exactly 0 there instead of NaN.
+        lse_BHQG = jnp.where(seen, m_BHQG + jnp.log(l_safe), jnp.inf)
+        return None, ((acc_BHQGD / l_safe[..., None]).astype(q.dtype), lse_BHQG)
+
+    _, (o_NBHQGD, lse_NBHQG) = lax.scan(query_block, None, (jnp.arange(plan.num_q_blocks), bl.q))
+    o = o_NBHQGD.transpose(1, 0, 3, 2, 4, 5).reshape(B, -1, Hq, Dv)[:, :T]
+    return o, lse_NBHQG
+
+
+def _backward(plan: _Plan, q, k, v, gate, seg, o, lse_NBHQG, do):
+    B, T, Hq, D = q.shape
+    S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    f32 = jnp.float32
+    bl = _Blocked(plan, q, k, v, gate, seg)
+    # Padded query rows get a zero cotangent, so their tiles add nothing to dk, dv or the gate.
+    do_NBHQGD = bl.q_blocks(do)
+    delta_NBHQG = bl.q_blocks(jnp.sum(o.astype(f32) * do.astype(f32), axis=-1, keepdims=True))[..., 0]
+    # q and do are also blocked transposed ([.., D, bq, G]) and dk, dv accumulate transposed
+    # ([.., D, bk]): every product in the loop then contracts a contiguous axis, with no tile-sized transpose.
+    qT_NBHDQG = bl.q_blocks(q, transposed=True)
+    doT_NBHDQG = bl.q_blocks(do, transposed=True)
+
+    def query_block(acc, xs):
+        i, q_blk, qT_blk, do_blk, doT_blk, lse_BHQG, delta_BHQG = xs
+        lse_blk, delta_blk = lse_BHQG[..., None], delta_BHQG[..., None]
+
+        def kv_block(j, carry):
+            dq_BHQGD, dkT_NBHDK, dvT_NBHDK, dgate_NBHK = carry
+            s_BHQGK, gated_Q1K, k_blk, v_blk = bl.tile(q_blk, i, j)
+            p_BHQGK = jnp.exp(s_BHQGK - lse_blk)
+            dp_BHQGK = _dot("bhqgd,bhkd->bhqgk", do_blk, v_blk)
+            ds_BHQGK = p_BHQGK * (dp_BHQGK - delta_blk)
+            ds_in = ds_BHQGK.astype(k_blk.dtype)
+            dq_BHQGD = dq_BHQGD + _dot("bhqgk,bhkd->bhqgd", ds_in, k_blk)
+            dkT_NBHDK = dkT_NBHDK.at[j].add(_dot("bhdqg,bhqgk->bhdk", qT_blk, ds_in))
+            dvT_NBHDK = dvT_NBHDK.at[j].add(_dot("bhdqg,bhqgk->bhdk", doT_blk, p_BHQGK.astype(v_blk.dtype)))
+            if dgate_NBHK is not None:
+                gated_ds = ds_BHQGK if gated_Q1K is None else jnp.where(gated_Q1K, ds_BHQGK, 0.0)
+                dgate_NBHK = dgate_NBHK.at[j].add(gated_ds.sum((2, 3)))
+            return dq_BHQGD, dkT_NBHDK, dvT_NBHDK, dgate_NBHK
+
+        init = (jnp.zeros(q_blk.shape[:4] + (D,), f32), *acc)
+        dq_BHQGD, *acc = lax.fori_loop(*bl.kv_bounds(i), kv_block, init)
+        return tuple(acc), dq_BHQGD
+
+    nk = plan.num_k_blocks
+    acc = (jnp.zeros((nk, B, Hkv, D, plan.block_k), f32), jnp.zeros((nk, B, Hkv, Dv, plan.block_k), f32),
+           None if gate is None else jnp.zeros((nk, B, Hkv, plan.block_k), f32))
+    xs = (jnp.arange(plan.num_q_blocks), bl.q, qT_NBHDQG, do_NBHQGD, doT_NBHDQG, lse_NBHQG, delta_NBHQG)
+    (dkT_NBHDK, dvT_NBHDK, dgate_NBHK), dq_NBHQGD = lax.scan(query_block, acc, xs)
+
+    dq = (dq_NBHQGD * plan.scale).transpose(1, 0, 3, 2, 4, 5).reshape(B, -1, Hq, D)[:, :T]
+    dk = (dkT_NBHDK * plan.scale).transpose(1, 0, 4, 2, 3).reshape(B, -1, Hkv, D)[:, :S]
+    dv = dvT_NBHDK.transpose(1, 0, 4, 2, 3).reshape(B, -1, Hkv, Dv)[:, :S]
+    dgate = None
+    if gate is not None:
+        dgate = dgate_NBHK.transpose(1, 0, 3, 2).reshape(B, -1, Hkv)[:, :S].astype(gate.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dgate
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blocked_attention(plan, q, k, v, gate, seg):
+    return _forward(plan, q, k, v, gate, seg)[0]
+
+
+def _blocked_attention_fwd(plan, q, k, v, gate, seg):
+    o, lse = _forward(plan, q, k, v, gate, seg)
+    return o, (q, k, v, gate, seg, o, lse)
+
+
+def _blocked_attention_bwd(plan, res, do):
+    q, k, v, gate, seg, o, lse = res
+    dq, dk, dv, dgate = _backward(plan, q, k, v, gate, seg, o, lse, do)
+    return dq, dk, dv, dgate, None
+
+
+_blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# decode
+
+
+def decode_attention(q, k, v, valid, *, scale=None):
+    """One query token against a KV cache: q [B,1,Hq,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv] -> [B,1,Hq,Dv].
+
+    valid [B,S,Hkv] bool marks the cached keys each kv head may read (pruned SP-KV caches keep
+    different keys per head). Dense and fp32; a head with no valid key returns 0.
+    """
+    if q.ndim != 4 or q.shape[1] != 1:
+        raise ValueError(f"q must be [batch, 1, heads, dim]; got shape {tuple(q.shape)}")
+    _validate(q, k, v, causal=False, sliding_window=None, local_window=None, key_log_gate=None,
+              segment_ids=None, scale=scale)
+    B, _, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    if tuple(valid.shape) != (B, S, Hkv):
+        raise ValueError(f"valid must be [batch, kv_time, kv_heads] = {(B, S, Hkv)}; "
+                         f"got {tuple(valid.shape)}")
+    f32 = jnp.float32
+    q_BHGD = q[:, 0].reshape(B, Hkv, Hq // Hkv, D).astype(f32)
+    s_BHGS = jnp.einsum("bhgd,bshd->bhgs", q_BHGD, k.astype(f32), precision=lax.Precision.HIGHEST)
+    valid_BH1S = valid.transpose(0, 2, 1)[:, :, None, :]
+    s_BHGS = jnp.where(valid_BH1S, s_BHGS * _scale(scale, D), -jnp.inf)
+    m = s_BHGS.max(-1, keepdims=True)
+    p_BHGS = jnp.exp(s_BHGS - jnp.where(m == -jnp.inf, 0.0, m))
+    denom = p_BHGS.sum(-1, keepdims=True)
+    o_BHGD = jnp.einsum("bhgs,bshd->bhgd", p_BHGS / jnp.where(denom > 0, denom, 1.0), v.astype(f32),
+                        precision=lax.Precision.HIGHEST)
+    return o_BHGD.reshape(B, 1, Hq, v.shape[-1]).astype(q.dtype)

@@ -1,0 +1,339 @@
+"""Softmax attention op: the reference against hand-computed values, the blocked xla form against the
+reference (output and the gradients of q, k, v and key_log_gate), tile skipping, empty rows, bf16
+inputs, the decode helper, argument errors and dispatch.
+
+Compilation dominates the run time, so each parity case combines several features, and the tests
+that need special inputs (NaN poison, closed gates, bf16's fp32 oracle) reuse a parity case's shapes
+and options so that `_run`'s jit cache serves them.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import hypothesis
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+
+from attention.ops import dispatch
+from attention.ops.softmax import (_Plan, decode_attention, reference_softmax_attention, softmax_attention,
+                                   xla_softmax_attention)
+from tests.numerics import assert_close
+
+# Small tiles, so every case spans several query and key blocks and the skipping paths run.
+BLOCK = 16
+B, D, DV = 2, 8, 6  # D != DV so that a swapped v/k axis cannot pass
+
+
+def _inputs(T, S, Hq, Hkv, *, share_kv=False, seed=0):
+    """q, k, v, key_log_gate, do as fp32. numpy draws: jax.random would compile for every new shape."""
+    rng = np.random.default_rng(seed)
+    dv = D if share_kv else DV
+    q, k, v, do = (rng.standard_normal(shape, np.float32) for shape in
+                   ((B, T, Hq, D), (B, S, Hkv, D), (B, S, Hkv, DV), (B, T, Hq, dv)))
+    # log-sigmoid of wide logits, from about 0 to about -10, and every 7th key strongly closed.
+    gate = -np.logaddexp(0.0, -3.0 * rng.standard_normal((B, S, Hkv))).astype(np.float32)
+    gate[:, ::7] = -40.0
+    return tuple(jnp.asarray(x) for x in (q, k, v, gate, do))
+
+
+def _segments(T, starts_per_row):
+    """segment_ids [B,T] whose documents start at the given positions; ids alternate 0/1, so a reused
+    id must still count as a new document."""
+    ids = np.zeros((len(starts_per_row), T), np.int32)
+    for b, starts in enumerate(starts_per_row):
+        for n, s in enumerate(starts):
+            ids[b, s:] = (n + 1) % 2
+    return jnp.asarray(ids)
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "share_kv", "opts"))
+def _run(impl, q, k, v, gate, do, segment_ids=None, *, share_kv=False, opts=()):
+    """Output and the gradients of <o, do> w.r.t. q, k, v (None when v is k) and the gate."""
+    fn = {"reference": reference_softmax_attention,
+          "xla": functools.partial(xla_softmax_attention, block_q=BLOCK, block_k=BLOCK)}[impl]
+
+    def f(q, k, v, gate):
+        return fn(q, k, k if share_kv else v, key_log_gate=gate, segment_ids=segment_ids, **dict(opts))
+
+    o, vjp = jax.vjp(f, q, k, v, gate)
+    dq, dk, dv, dgate = vjp(do.astype(o.dtype))
+    return o, dq, dk, None if share_kv else dv, None if gate is None else dgate
+
+
+# T, S, Hq, Hkv; gate; segment starts per batch row; v is k; the op's keyword options.
+CASES = {
+    # Logits of a few hundred: exp without the running max would overflow fp32.
+    "causal-mha-large-logits": dict(T=64, S=64, Hq=2, Hkv=2, scale=12.0),
+    "noncausal-gqa4-ragged-T<S": dict(T=77, S=130, Hq=8, Hkv=2, causal=False),
+    "mqa-gate-local-window": dict(T=77, S=77, Hq=4, Hkv=1, gate=True, local_window=24),
+    "v-is-k-sliding-window": dict(T=77, S=77, Hq=4, Hkv=2, share_kv=True, sliding_window=20),
+    "segments-gate-everywhere": dict(T=77, S=77, Hq=4, Hkv=2, gate=True,
+                                     segments=[[0, 5, 40, 41, 70], [0, 33]]),
+    "all-masks-v-is-k": dict(T=77, S=77, Hq=4, Hkv=1, segments=[[0, 30], [0, 18, 60]], sliding_window=24,
+                             gate=True, local_window=8, share_kv=True),
+    "T<S-window-gate": dict(T=24, S=70, Hq=2, Hkv=2, sliding_window=30, gate=True, local_window=10),
+    # Bottom-right aligned, the first 16 queries precede every key: rows with nothing to see.
+    "T>S-gate-local0": dict(T=40, S=24, Hq=2, Hkv=1, gate=True, local_window=0),
+}
+
+
+def _case(name, **replace):
+    """Inputs and `_run` arguments of a case; `replace` swaps in other q/k/v/gate arrays."""
+    c = dict(CASES[name])
+    T, S, Hq, Hkv = (c.pop(x) for x in ("T", "S", "Hq", "Hkv"))
+    gate, segments, share_kv = c.pop("gate", False), c.pop("segments", None), c.pop("share_kv", False)
+    q, k, v, g, do = _inputs(T, S, Hq, Hkv, share_kv=share_kv)
+    arrays = dict(q=q, k=k, v=v, gate=g if gate else None, do=do,
+                  segment_ids=None if segments is None else _segments(T, segments)) | replace
+    return arrays, dict(share_kv=share_kv, opts=tuple(sorted(c.items())))
+
+
+def _run_case(impl, name, **replace):
+    arrays, static = _case(name, **replace)
+    return _run(impl, **arrays, **static)
+
+
+# --- the reference itself ----------------------------------------------------------------------
+
+
+def test_reference_matches_hand_computed_two_tokens():
+    # D=1, scale=1. Query 1 sees logits (0, ln 3) -> weights (1/4, 3/4); query 0 sees only key 0.
+    # Key 0 gated by ln(1/3) (1 step back, local_window=1): logits (ln 1/3, ln 3) -> weights (1/10, 9/10).
+    q = jnp.ones((1, 2, 1, 1))
+    k = jnp.array([0.0, math.log(3.0)]).reshape(1, 2, 1, 1)
+    v = jnp.array([2.0, 6.0]).reshape(1, 2, 1, 1)
+    gate = jnp.array([math.log(1 / 3), 0.0]).reshape(1, 2, 1)
+    plain, mixed, gated = 2.0, 0.25 * 2 + 0.75 * 6, 0.1 * 2 + 0.9 * 6
+    calls = [
+        (dict(), [plain, mixed]),
+        (dict(key_log_gate=gate, local_window=1), [plain, gated]),
+        (dict(key_log_gate=gate, local_window=2), [plain, mixed]),  # key 0 is inside the window
+        (dict(causal=False), [mixed, mixed]),
+    ]
+    for kw, want in calls:
+        o = jax.jit(functools.partial(reference_softmax_attention, scale=1.0, **kw))(q, k, v)
+        np.testing.assert_allclose(np.asarray(o).ravel(), want, rtol=1e-6, err_msg=str(kw))
+    # d o_1 / d logit_0 = w_0 (v_0 - o_1) = 0.1 * (2 - 5.6): only query 1 gates key 0, and nothing
+    # gates key 1 (0 steps back), so d(o_0 + o_1)/d gate = (-0.36, 0).
+    for fn in (reference_softmax_attention, xla_softmax_attention):
+        o, dgate = jax.jit(jax.value_and_grad(
+            lambda g: fn(q, k, v, scale=1.0, key_log_gate=g, local_window=1).sum()))(gate)
+        np.testing.assert_allclose(float(o), plain + gated, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(dgate).ravel(), [0.1 * (2 - gated), 0.0], rtol=1e-5, atol=1e-7)
+
+
+def test_reference_default_scale_and_gqa_head_mapping():
+    # Query head h reads kv head h // (Hq // Hkv): with kv heads holding different constant values,
+    # each query head's output names its kv head.
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((1, 3, 4, 16)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 3, 2, 16)), jnp.float32)
+    v = jnp.broadcast_to(jnp.array([10.0, 20.0])[None, None, :, None], (1, 3, 2, 1))
+    ref = jax.jit(reference_softmax_attention, static_argnames="scale")
+    np.testing.assert_allclose(np.asarray(ref(q, k, v))[0, :, :, 0], [[10, 10, 20, 20]] * 3, rtol=1e-6)
+    assert_close(ref(q, k, k), ref(q, k, k, scale=16 ** -0.5), rel=0, name="scale=None is D**-0.5")
+
+
+# --- xla against the reference -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_xla_matches_reference(name):
+    want = _run_case("reference", name)
+    got = _run_case("xla", name)
+    for what, a, e in zip(("o", "dq", "dk", "dv", "dgate"), got, want):
+        if e is not None:
+            assert_close(a, e, rel=1e-5, name=what)
+
+
+def test_rows_without_keys_give_zero_and_finite_gradients():
+    for impl in ("reference", "xla"):
+        o, dq, *_ = _run_case(impl, "T>S-gate-local0")
+        np.testing.assert_array_equal(np.asarray(o)[:, :16], 0.0, err_msg=impl)
+        np.testing.assert_array_equal(np.asarray(dq)[:, :16], 0.0, err_msg=impl)
+        # A -inf gate on every key (hard-mask emulation, local_window=0) empties every row.
+        arrays, _ = _case("T>S-gate-local0")
+        outs = _run_case(impl, "T>S-gate-local0", gate=jnp.full_like(arrays["gate"], -jnp.inf))
+        for what, x in zip(("o", "dq", "dk", "dv", "dgate"), outs):
+            np.testing.assert_array_equal(np.asarray(x), 0.0, err_msg=f"{impl} {what}")
+
+
+@pytest.mark.parametrize("name, poisoned_keys, clean_rows", [
+    ("causal-mha-large-logits", slice(48, None), slice(None, 48)),
+    # Window 20: query 64 reaches back to key 45, so its block never loads kv blocks 0 and 1.
+    ("v-is-k-sliding-window", slice(None, 32), slice(64, None)),
+    # Documents start at 41 and 33 in the two rows: query blocks from 48 on never load keys 0..31.
+    ("segments-gate-everywhere", slice(None, 32), slice(48, None)),
+])
+def test_masked_tiles_are_skipped_not_masked(name, poisoned_keys, clean_rows):
+    # NaN keys/values poison every tile that loads them, fully masked or not (0 * NaN = NaN), so finite
+    # rows prove that the xla form never computed those tiles, forward or backward.
+    arrays, _ = _case(name)
+    S = arrays["k"].shape[1]
+    poison = jnp.zeros((S,)).at[poisoned_keys].set(jnp.nan)[None, :, None, None]
+    o, dq, *_ = _run_case("xla", name, k=arrays["k"] + poison, v=arrays["v"] + poison)
+    assert np.isfinite(np.asarray(o)[:, clean_rows]).all()
+    assert np.isfinite(np.asarray(dq)[:, clean_rows]).all()
+    assert np.isnan(np.asarray(o)).any(), "the poison did not reach any row; the test checks nothing"
+
+
+def test_kv_block_ranges():
+    def ranges(**kw):
+        plan = _Plan(block_q=16, block_k=16, local_window=None, scale=1.0, **(dict(sliding_window=None) | kw))
+        return [tuple(int(x) for x in plan.kv_block_range(i)) for i in range(plan.num_q_blocks)]
+
+    assert ranges(t=64, s=64, causal=True) == [(0, 1), (0, 2), (0, 3), (0, 4)]
+    # Window 20: query 32 reaches back to key 13, query 48 to key 29.
+    assert ranges(t=64, s=64, causal=True, sliding_window=20) == [(0, 1), (0, 2), (0, 3), (1, 4)]
+    assert ranges(t=64, s=64, causal=True, sliding_window=16) == [(0, 1), (0, 2), (1, 3), (2, 4)]
+    # Bottom-right aligned: 16 queries at positions 48..63 of 64 keys.
+    assert ranges(t=16, s=64, causal=True) == [(0, 4)]
+    # 40 queries on 8 keys sit at positions -32..7: the first two query blocks see nothing.
+    assert ranges(t=40, s=8, causal=True) == [(0, 0), (0, 0), (0, 1)]
+    assert ranges(t=64, s=64, causal=False) == [(0, 4)] * 4
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(t=st.integers(1, 70), s=st.integers(1, 70), block_q=st.sampled_from([1, 8, 16]),
+                  block_k=st.sampled_from([1, 8, 16]), causal=st.booleans(),
+                  window=st.one_of(st.none(), st.integers(1, 40)))
+def test_kv_block_range_is_the_span_of_visible_blocks(t, s, block_q, block_k, causal, window):
+    causal = causal or window is not None
+    plan = _Plan(t=t, s=s, block_q=block_q, block_k=block_k, causal=causal, sliding_window=window,
+                 local_window=None, scale=1.0)
+    rel = (s - t + np.arange(t))[:, None] - np.arange(s)[None, :]
+    visible = np.ones((t, s), bool) if not causal else rel >= 0
+    if window is not None:
+        visible &= rel < window
+    for i in range(plan.num_q_blocks):
+        rows = visible[i * block_q:(i + 1) * block_q]
+        blocks = np.flatnonzero(rows.any(0)) // block_k
+        lo, hi = (int(x) for x in plan.kv_block_range(i))
+        if blocks.size:
+            assert (lo, hi) == (blocks.min(), blocks.max() + 1), f"query block {i}"
+        else:
+            assert lo == hi, f"query block {i} sees nothing but would loop over [{lo}, {hi})"
+
+
+def test_no_score_matrix_is_materialised():
+    T = 128
+    q, k, v, gate, do = _inputs(T, T, 2, 2)
+
+    def loss(q, k, v, gate):
+        o = xla_softmax_attention(q, k, v, key_log_gate=gate, local_window=8, block_q=32, block_k=32)
+        return jnp.sum(o * do)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, gate)
+    sizes = []
+
+    def walk(jx):
+        for eqn in jx.eqns:
+            sizes.extend(math.prod(x.aval.shape) for x in eqn.outvars if hasattr(x.aval, "shape"))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    full = B * 2 * T * T
+    assert max(sizes) <= full // 4, f"largest intermediate has {max(sizes)} elements; B*H*T*S = {full}"
+
+
+def test_bf16_inputs_against_fp32_reference():
+    # bf16 keeps 8 significant bits (unit roundoff 2**-9 ~ 2e-3), and the xla form rounds P and dS to
+    # bf16 before its matmuls, as fast kernels do. Measured rel-RMSE: 1.8e-3 (o) to 3.1e-3 (dq); the
+    # bf16 rounding of the outputs alone accounts for 1.5e-3 to 2.7e-3. Bound 1e-2.
+    name = "mqa-gate-local-window"
+    arrays, _ = _case(name)
+    as_bf16 = {x: arrays[x].astype(jnp.bfloat16) for x in ("q", "k", "v", "gate")}
+    got = _run_case("xla", name, **as_bf16)
+    want = _run_case("reference", name, **{x: a.astype(jnp.float32) for x, a in as_bf16.items()})
+    assert all(x.dtype == jnp.bfloat16 for x in got)
+    for what, a, e in zip(("o", "dq", "dk", "dv", "dgate"), got, want):
+        assert_close(a, e, rel=1e-2, name=f"bf16 {what}")
+
+
+# --- decode -------------------------------------------------------------------------------------
+
+
+def test_decode_matches_reference_with_per_head_valid_keys():
+    S, Hq, Hkv = 40, 4, 2
+    q, k, v, _, _ = _inputs(1, S, Hq, Hkv, seed=3)
+    valid = np.random.default_rng(4).random((B, S, Hkv)) < 0.6
+    valid[1, :, 1] = False  # a head whose whole cache was pruned reads nothing
+    valid = jnp.asarray(valid)
+    # A 0 / -inf gate on every key is exactly a hard per-head key mask; with every key valid, decode is
+    # the newest query of causal attention (bottom-right aligned).
+    @jax.jit
+    def both(valid):
+        closed = jnp.where(valid, 0.0, -jnp.inf)
+        return ((decode_attention(q, k, v, valid),
+                 reference_softmax_attention(q, k, v, causal=False, key_log_gate=closed)),
+                (decode_attention(q, k, v, jnp.ones_like(valid), scale=0.3),
+                 reference_softmax_attention(q, k, v, causal=True, scale=0.3)))
+
+    (o, want), (o_all, want_all) = both(valid)
+    assert o.shape == (B, 1, Hq, DV)
+    assert_close(o, want, rel=1e-6, name="decode")
+    np.testing.assert_array_equal(np.asarray(o)[1, 0, 2:], 0.0)
+    assert_close(o_all, want_all, rel=1e-6, name="decode, all keys valid")
+
+
+def test_decode_argument_errors():
+    q, k, v, _, _ = _inputs(1, 8, 2, 1)
+    with pytest.raises(ValueError, match="valid"):
+        decode_attention(q, k, v, jnp.ones((B, 8, 2), bool))
+    with pytest.raises(ValueError, match="q must be"):
+        decode_attention(jnp.concatenate([q, q], axis=1), k, v, jnp.ones((B, 8, 1), bool))
+
+
+# --- public op: validation and dispatch ----------------------------------------------------------
+
+_q, _k, _v, _gate, _ = _inputs(8, 8, 4, 2)
+BAD_CALLS = {
+    "q rank": (dict(q=_q[0]), "q must be"),
+    "empty time": (dict(q=_q[:, :0]), "at least one time step"),
+    "batch": (dict(k=_k[:1], v=_v[:1]), "batch"),
+    "head dim": (dict(k=_k[..., :4]), "head dim"),
+    "v shape": (dict(v=_v[:, :4]), "v shape"),
+    "heads": (dict(q=_q[:, :, :3]), "multiple of k/v heads"),
+    "causal type": (dict(causal=1), "causal"),
+    "sliding_window value": (dict(sliding_window=0), "sliding_window"),
+    "sliding_window non-causal": (dict(sliding_window=4, causal=False), "sliding_window requires causal"),
+    "local_window value": (dict(local_window=-1, key_log_gate=_gate), "local_window"),
+    "local_window without gate": (dict(local_window=4), "local_window"),
+    "gate shape": (dict(key_log_gate=_gate[:, :, :1]), "key_log_gate"),
+    "segment shape": (dict(segment_ids=jnp.zeros((B, 7), jnp.int32)), "segment_ids"),
+    "segment T != S": (dict(q=_q[:, :4], segment_ids=jnp.zeros((B, 4), jnp.int32)), "same length"),
+    "segment dtype": (dict(segment_ids=jnp.zeros((B, 8))), "integers"),
+    "scale type": (dict(scale=jnp.float32(0.5)), "scale"),
+    "impl": (dict(impl="fast"), "impl"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_argument_errors(case):
+    override, match = BAD_CALLS[case]
+    kw = dict(q=_q, k=_k, v=_v) | override
+    with pytest.raises(ValueError, match=match):
+        softmax_attention(kw.pop("q"), kw.pop("k"), kw.pop("v"), **kw)
+
+
+def test_pallas_is_unavailable_and_auto_records_xla():
+    with pytest.raises(dispatch.ImplUnavailable, match="pallas"):
+        softmax_attention(_q, _k, _v, impl="pallas")
+    dispatch.clear_choices()
+
+    @jax.jit
+    def both(q, k, v):
+        with dispatch.label_calls("layer0.softmax"):
+            auto = softmax_attention(q, k, v, impl="auto")
+        return auto, softmax_attention(q, k, v, impl="reference")
+
+    auto, ref = both(_q, _k, _v)
+    recorded = dict(dispatch.choices())["layer0.softmax"]
+    assert (recorded.op, recorded.requested, recorded.chosen) == ("softmax_attention", "auto", "xla")
+    assert_close(auto, ref, rel=1e-5, name="auto")
