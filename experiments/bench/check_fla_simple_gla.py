@@ -1,0 +1,156 @@
+"""Peer check, not a test: `attention.ops.lightning` against flash-linear-attention's naive
+recurrent simple GLA (PyTorch), with g = the per-head log decay broadcast over time.
+
+    python experiments/bench/check_fla_simple_gla.py PATH/TO/fla/ops/simple_gla/naive.py \
+        [--torch-python PY]
+
+PY is an interpreter that has torch and einops (default: the one running this script). fla is not
+a dependency of this project, so the two sides run in separate processes and exchange .npz files:
+the project's environment needs no torch, the torch one needs no JAX.
+
+Compared: outputs, final states and the gradients of <o,do> + <S,dS> w.r.t. q, k, v and the
+initial state (fla has no gradient for a data-independent decay), for our reference and xla
+implementations. fla's naive function has no packed-document support, so for segment_ids the fla
+side runs each document on its own (the initial state only for the first) and concatenates.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+# name: (B, T, H, K, V, log_decay per head, scale, initial state?, document starts, dtype)
+CASES = {
+    "mixed_decays_h0": (2, 300, 4, 64, 32, (0.0, -0.01, -1.0, -8.0), None, True, (), "float32"),
+    "tnl_scale1_long": (1, 1000, 2, 32, 32, (-0.5, -2.0 ** -8), 1.0, False, (), "float32"),
+    "segments_h0": (1, 200, 4, 16, 16, (0.0, -0.05, -0.7, -8.0), None, True, (70, 128, 129), "float32"),
+    "bf16_inputs_h0": (2, 257, 4, 64, 64, (0.0, -0.01, -1.0, -8.0), None, True, (), "bfloat16"),
+}
+QUANTITIES = ("o", "S", "dq", "dk", "dv", "dh0")
+
+
+def _make_inputs(name, spec, rng):
+    B, T, H, K, V, ld, scale, with_h0, starts, dtype = spec
+    x = {
+        "q": rng.standard_normal((B, T, H, K)), "k": rng.standard_normal((B, T, H, K)),
+        "v": rng.standard_normal((B, T, H, V)), "do": rng.standard_normal((B, T, H, V)),
+        "dS": rng.standard_normal((B, H, K, V)), "log_decay": np.asarray(ld),
+        "starts": np.asarray((0,) + tuple(starts) + (T,), np.int64),
+        "scale": np.asarray(np.nan if scale is None else scale),
+    }
+    if with_h0:
+        x["h0"] = rng.standard_normal((B, H, K, V))
+    return {f"{name}/{key}": np.asarray(val, np.float32 if val.dtype.kind == "f" else val.dtype)
+            for key, val in x.items()}
+
+
+def _case(arrays, name):
+    prefix = f"{name}/"
+    return {key[len(prefix):]: val for key, val in arrays.items() if key.startswith(prefix)}
+
+
+def _torch_side(naive_path, in_path, out_path):
+    import torch
+
+    spec = importlib.util.spec_from_file_location("fla_simple_gla_naive", naive_path)
+    naive = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(naive)
+    arrays = dict(np.load(in_path))
+    out = {}
+    for name, (*_, dtype) in CASES.items():
+        c = _case(arrays, name)
+        tdtype = getattr(torch, dtype)
+        q, k, v = (torch.tensor(c[n]).to(tdtype).requires_grad_() for n in ("q", "k", "v"))
+        h0 = torch.tensor(c["h0"]).requires_grad_() if "h0" in c else None
+        scale = None if np.isnan(c["scale"]) else float(c["scale"])
+        B, T, H = q.shape[:3]
+        g = torch.tensor(c["log_decay"]).expand(B, T, H)
+        outs, S = [], None
+        for i, (a, b) in enumerate(zip(c["starts"][:-1], c["starts"][1:])):
+            o_d, S = naive.naive_recurrent_simple_gla(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], scale=scale,
+                                                      initial_state=h0 if i == 0 else None,
+                                                      output_final_state=True)
+            outs.append(o_d)
+        o = torch.cat(outs, dim=1)
+        loss = (o.float() * torch.tensor(c["do"]).to(tdtype).float()).sum() + (S * torch.tensor(c["dS"])).sum()
+        loss.backward()
+        res = {"o": o, "S": S, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+        if h0 is not None:
+            res["dh0"] = h0.grad
+        out.update({f"{name}/{key}": val.detach().float().numpy() for key, val in res.items()})
+    np.savez(out_path, **out)
+
+
+def _jax_side(arrays):
+    import jax
+    import jax.numpy as jnp
+
+    from attention.ops.lightning import lightning
+
+    results = {}
+    for name, (*_, dtype) in CASES.items():
+        c = _case(arrays, name)
+        q, k, v = (jnp.asarray(c[n], dtype) for n in ("q", "k", "v"))
+        h0 = jnp.asarray(c["h0"]) if "h0" in c else None
+        scale = None if np.isnan(c["scale"]) else float(c["scale"])
+        B, T = q.shape[:2]
+        seg = None
+        if len(c["starts"]) > 2:
+            seg = jnp.asarray(np.broadcast_to(np.searchsorted(c["starts"][1:-1], np.arange(T), side="right"), (B, T)))
+        do = jnp.asarray(c["do"], dtype)
+        for impl in ("reference", "xla"):
+            def f(q, k, v, h0, impl=impl):
+                return lightning(q, k, v, jnp.asarray(c["log_decay"]), scale=scale, initial_state=h0,
+                                 output_final_state=True, segment_ids=seg, impl=impl)
+
+            (o, S), vjp = jax.vjp(jax.jit(f), q, k, v, h0)
+            dq, dk, dv, dh0 = vjp((do, jnp.asarray(c["dS"])))
+            res = {"o": o, "S": S, "dq": dq, "dk": dk, "dv": dv, "dh0": dh0}
+            results[(name, impl)] = {key: np.asarray(val, np.float32) for key, val in res.items() if val is not None}
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("naive_path", help="path to fla/ops/simple_gla/naive.py")
+    ap.add_argument("--torch-python", default=sys.executable, help="interpreter with torch and einops")
+    ap.add_argument("--torch-side", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.torch_side:
+        _torch_side(args.naive_path, *args.torch_side)
+        return
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for name, spec in CASES.items():
+        arrays.update(_make_inputs(name, spec, rng))
+    with tempfile.TemporaryDirectory() as tmp:
+        in_path, out_path = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
+        np.savez(in_path, **arrays)
+        subprocess.run([args.torch_python, os.path.abspath(__file__), args.naive_path,
+                        "--torch-side", in_path, out_path], check=True)
+        fla = dict(np.load(out_path))
+    ours = _jax_side(arrays)
+
+    print(f"{'case':18s} {'impl':9s} " + " ".join(f"{q:>19s}" for q in QUANTITIES))
+    print(f"{'':28s} " + " ".join(f"{'max|diff|  rel':>19s}" for _ in QUANTITIES))
+    for (name, impl), res in ours.items():
+        cells = []
+        for key in QUANTITIES:
+            if key not in res:
+                cells.append(f"{'-':>19s}")
+                continue
+            ref = fla[f"{name}/{key}"].astype(np.float64)
+            diff = res[key].astype(np.float64) - ref
+            rel = np.sqrt(np.mean(diff ** 2) / np.mean(ref ** 2))
+            cells.append(f"{np.abs(diff).max():9.2e} {rel:9.2e}")
+        print(f"{name:18s} {impl:9s} " + " ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
