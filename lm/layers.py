@@ -1,0 +1,149 @@
+"""Building blocks shared by the model and the mixers: linear maps, embeddings, norms, MLPs, RoPE.
+
+Every parameter is an `nnx.Param` carrying `axes=` (logical axis names: embed, heads, kv_heads, mlp,
+vocab, layers, or None) so the mesh can shard it; `decay=False` keeps it out of weight decay and
+`lr_mult=` scales its learning rate. Parameters are stored in fp32; compute runs in `dtype`.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], axes: Sequence[str | None], **meta: Any) -> nnx.Param:
+    """An fp32 parameter with logical axes; `init(key, shape)` or a constant array."""
+    assert len(axes) == len(shape), (shape, axes)
+    value = init(rngs.params(), tuple(shape)) if callable(init) else jnp.asarray(init, jnp.float32)
+    return nnx.Param(value.astype(jnp.float32), axes=tuple(axes), **meta)
+
+
+def normal(std: float):
+    return lambda key, shape: std * jax.random.normal(key, shape, jnp.float32)
+
+
+def zeros(key, shape):
+    return jnp.zeros(shape, jnp.float32)
+
+
+def ones(key, shape):
+    return jnp.ones(shape, jnp.float32)
+
+
+class Linear(nnx.Module):
+    """y = x @ W (+ b), W [d_in, d_out] with logical axes `axes`."""
+
+    def __init__(self, d_in: int, d_out: int, *, axes: tuple[str | None, str | None], rngs: nnx.Rngs,
+                 bias: bool = False, std: float = 0.02, dtype=jnp.float32, **meta: Any):
+        self.kernel = param(rngs, normal(std), (d_in, d_out), axes, **meta)
+        self.bias = param(rngs, zeros, (d_out,), (axes[1],), decay=False, **meta) if bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    def __init__(self, n: int, d: int, *, axes: tuple[str | None, str | None], rngs: nnx.Rngs, std: float = 0.02,
+                 dtype=jnp.float32):
+        self.embedding = param(rngs, normal(std), (n, d), axes, decay=False)
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits against the embedding table (tied output head)."""
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, d: int, *, eps: float = 1e-5, axes=("embed",), rngs: nnx.Rngs | None = None):
+        self.scale = param(None, jnp.ones((d,)), (d,), axes, decay=False)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, d: int, *, eps: float = 1e-5, bias: bool = True, axes=("embed",), rngs: nnx.Rngs | None = None):
+        self.scale = param(None, jnp.ones((d,)), (d,), axes, decay=False)
+        self.bias = param(None, jnp.zeros((d,)), (d,), axes, decay=False) if bias else None
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(x.dtype)
+
+
+def make_norm(kind: str, d: int, *, eps: float, bias: bool):
+    if kind == "rmsnorm":
+        return RMSNorm(d, eps=eps)
+    return LayerNorm(d, eps=eps, bias=bias)
+
+
+class MLP(nnx.Module):
+    """SwiGLU (modern recipe) or GELU (GPT-2 recipe) feed-forward."""
+
+    def __init__(self, d: int, hidden: int, *, kind: str, bias: bool, std: float, out_std: float, dtype, rngs: nnx.Rngs):
+        self.kind = kind
+        self.up = Linear(d, hidden, axes=("embed", "mlp"), bias=bias, std=std, dtype=dtype, rngs=rngs)
+        self.gate = Linear(d, hidden, axes=("embed", "mlp"), bias=bias, std=std, dtype=dtype, rngs=rngs) \
+            if kind == "swiglu" else None
+        self.down = Linear(hidden, d, axes=("mlp", "embed"), bias=bias, std=out_std, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kind == "swiglu":
+            h = jax.nn.silu(self.gate(x)) * self.up(x)
+        else:
+            h = jax.nn.gelu(self.up(x), approximate=True)
+        return self.down(h)
+
+    def flops_per_token(self) -> float:
+        d, hidden = self.up.kernel.shape
+        return 2.0 * d * hidden * (3 if self.kind == "swiglu" else 2)
+
+
+def rope_tables(positions_BT: jax.Array, dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B,T,dim/2] in fp32 for integer positions."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float, rotary_dim: int | None = None) -> jax.Array:
+    """Rotate the first `rotary_dim` channels of each head (half-split pairing: i with i + dim/2)."""
+    d = x_BTHD.shape[-1]
+    rd = d if rotary_dim is None else rotary_dim
+    if rd == 0:
+        return x_BTHD
+    cos, sin = rope_tables(positions_BT, rd, theta)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x32 = x_BTHD.astype(jnp.float32)
+    rot, rest = x32[..., :rd], x32[..., rd:]
+    x1, x2 = rot[..., : rd // 2], rot[..., rd // 2:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+    return out.astype(x_BTHD.dtype)
+
+
+def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
+    """Position of each token inside its document (resets at every segment change)."""
+    T = segment_ids_BT.shape[1]
+    idx = jnp.arange(T, dtype=jnp.int32)[None, :]
+    start = jnp.concatenate([jnp.ones_like(segment_ids_BT[:, :1], bool),
+                             segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+    last_start = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
+    return idx - last_start
