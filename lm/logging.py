@@ -1,0 +1,120 @@
+"""Run logging: metrics.jsonl (what tests and tools read), a console progress bar, and Weights & Biases.
+
+W&B is imported lazily (GPU images may not have it). `wandb.mode`: offline (default; files under
+runs/<name>/wandb, upload later with `wandb sync`), online (needs an API key in WANDB_API_KEY or from
+`wandb login`), disabled. The run id is stored in checkpoints so a resumed run continues the same
+W&B run. The API key is never read into our own logs or files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class LoggingError(RuntimeError):
+    pass
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class MetricsFile:
+    """Append-only JSON lines; on resume, lines past the restored step are dropped (they get recomputed)."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        self.f = path.open("a")
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(4)
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        rc = netrc.netrc()
+        return any(h in rc.hosts for h in ("api.wandb.ai",))
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+class WandbRun:
+    """A thin W&B wrapper; a no-op when mode is disabled."""
+
+    def __init__(self, cfg, run_dir: Path, run_id: str, config: dict):
+        self.run = None
+        self.mode = cfg.mode
+        if cfg.mode == "disabled":
+            return
+        if cfg.mode == "online" and not _has_wandb_key():
+            raise LoggingError("wandb.mode=online but no W&B API key was found: set WANDB_API_KEY or run "
+                               "`wandb login`, or use --set wandb.mode=offline")
+        try:
+            import wandb
+        except ImportError:
+            raise LoggingError("wandb is not installed: `pip install wandb`, or use --set wandb.mode=disabled") from None
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.wandb = wandb
+        self.run = wandb.init(
+            project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags) or None,
+            name=run_dir.name, id=run_id, resume="allow", mode=cfg.mode, dir=str(run_dir), config=config,
+        )
+
+    def log(self, record: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
+
+    def log_image(self, key: str, path: str | Path, step: int) -> None:
+        if self.run is not None:
+            self.run.log({key: self.wandb.Image(str(path))}, step=step)
+
+    def summary(self, values: dict) -> None:
+        if self.run is not None:
+            self.run.summary.update(values)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+    @property
+    def dir(self) -> str | None:
+        return None if self.run is None else self.run.dir
+
+
+def make_progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=False, disable=not console.is_terminal,
+    )

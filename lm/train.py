@@ -1,0 +1,429 @@
+"""Training: one jitted step over pure state on a device mesh, checkpoints that resume exactly, logging.
+
+The step is AOT-compiled before the loop. State = params, optimizer state and step counters; the data
+iterator state, RNG seed and W&B id travel with each checkpoint. A step whose loss or gradient norm is
+not finite (or above `train.skip_grad_norm`) is rejected: parameters and optimizer state stay as they
+were; after `train.max_rejected` rejections in a row the run saves and stops. SIGTERM/SIGINT finish the
+current step, save and exit cleanly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from rich.console import Console
+
+from attention import ops
+from lm import data as lmdata
+from lm import flops as lmflops
+from lm import sharding as shd
+from lm.checkpoint import Checkpointer
+from lm.config import Config, ConfigError, dump_config, load_config
+from lm.logging import MetricsFile, WandbRun, make_progress, new_run_id
+from lm.model import LM, ModelDef, abstract_model, count_params, init_model, token_losses
+from lm.optim import clip_by_norm, global_norm, make_optimizer
+
+
+class RunError(RuntimeError):
+    """A run cannot start or continue; the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # "finished" | "interrupted" | "diverged" | "already_finished"
+    step: int
+    last_eval: dict | None
+    message: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def open_data(cfg: Config, log: Callable[[str], None] = print) -> Any:
+    """The token store for `data.source`, preparing the embedded default corpus when it is missing."""
+    src = cfg.data.source
+    if src == "stdlib":
+        # prepare() reuses a matching store in well under a second and refuses one built from another corpus.
+        path = lmdata.default_store_path(cfg.data.dir, "stdlib", cfg.data.tokenizer)
+        store = lmdata.open_store(lmdata.prepare("stdlib", cfg.data.tokenizer, path, log=log))
+    else:
+        p = Path(src)
+        if not p.exists():
+            raise lmdata.DataError(f"data.source {src!r} does not exist: give 'stdlib' or a token store made by "
+                                   f"`attnlab data prepare --source FILES --tokenizer {cfg.data.tokenizer} --out DIR`")
+        store = lmdata.open_store(p)
+    lmdata.check_vocab(store, cfg.model.vocab_size)
+    return store
+
+
+def bits_per_byte_factor(store) -> float:
+    """Multiply a mean loss in nats/token by this to get bits/byte on the validation split."""
+    return store.n_tokens("val") / max(store.n_bytes("val"), 1) / math.log(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+def make_loss_fn(mdef: ModelDef):
+    def loss_sums(params, batch, rng):
+        """(sum of token losses, number of scored tokens) for one batch."""
+        model: LM = mdef.merge(params)
+        tokens = batch["tokens"]
+        inp, tgt = tokens[:, :-1], tokens[:, 1:]
+        seg = batch.get("segment_ids")
+        seg_in = None if seg is None else seg[:, :-1]
+        logits = model(inp, segment_ids=seg_in, rng=rng)
+        losses = token_losses(logits, tgt)
+        # With packed documents, the last token of a document does not predict the next document.
+        mask = jnp.ones_like(losses) if seg is None else (seg[:, 1:] == seg[:, :-1]).astype(losses.dtype)
+        return jnp.sum(losses * mask), jnp.sum(mask)
+
+    return loss_sums
+
+
+def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformation, schedule) -> Callable:
+    loss_sums = make_loss_fn(mdef)
+    accum = cfg.train.grad_accum
+    base_key = jax.random.PRNGKey(cfg.run.seed)
+    skip_norm = cfg.train.skip_grad_norm
+    use_rng = cfg.model.dropout > 0
+
+    def step_fn(state, batch):
+        params = state["params"]
+        rng = jax.random.fold_in(base_key, state["step"]) if use_rng else None
+        grad_fn = jax.value_and_grad(lambda p, b, r: loss_sums(p, b, r), has_aux=True)
+        if accum == 1:
+            (loss_sum, count), grads = grad_fn(params, batch, rng)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+            def body(carry, xs):
+                i, mb = xs
+                r = None if rng is None else jax.random.fold_in(rng, i)
+                (ls, c), g = grad_fn(params, mb, r)
+                acc_g, acc_l, acc_c = carry
+                return (jax.tree.map(jnp.add, acc_g, g), acc_l + ls, acc_c + c), None
+
+            zero = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
+            (grads, loss_sum, count), _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro))
+        count = jnp.maximum(count, 1.0)
+        loss = loss_sum / count
+        grads = jax.tree.map(lambda g: g / count, grads)
+        gnorm = global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        if skip_norm is not None:
+            ok &= gnorm <= skip_norm
+        grads = clip_by_norm(grads, gnorm, cfg.optim.clip)
+        # A rejected step must not poison the optimizer moments: feed zeros and discard the result.
+        safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, 0), grads)
+        updates, new_opt = tx.update(safe_grads, state["opt"], params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        lr = schedule(state["step"] - state["rejected"])  # optax's count: rejected steps do not advance it
+        new_state = {
+            "params": keep(new_params, params),
+            "opt": keep(new_opt, state["opt"]),
+            "step": state["step"] + 1,
+            "rejected": state["rejected"] + (~ok).astype(jnp.int32),
+            "rejected_run": jnp.where(ok, 0, state["rejected_run"] + 1).astype(jnp.int32),
+        }
+        metrics = {"loss": loss, "grad_norm": gnorm, "lr": lr, "ok": ok,
+                   "rejected": new_state["rejected"], "rejected_run": new_state["rejected_run"]}
+        return new_state, metrics
+
+    return step_fn
+
+
+def make_eval_step(mdef: ModelDef) -> Callable:
+    loss_sums = make_loss_fn(mdef)
+    return lambda params, batch: loss_sums(params, batch, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything about a run that follows from its config alone (no data, no arrays)."""
+
+    cfg: Config
+    mesh: Any
+    mdef: ModelDef
+    tx: optax.GradientTransformation
+    schedule: Any
+    state_shapes: dict
+    state_sh: dict
+    param_sh: Any
+    batch_sh: Any
+
+    def fresh_state(self) -> dict:
+        params = init_model(self.cfg)[1]
+        return {"params": params, "opt": self.tx.init(params), "step": jnp.int32(0), "rejected": jnp.int32(0),
+                "rejected_run": jnp.int32(0)}
+
+    def abstract_state(self) -> dict:
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            self.state_shapes, self.state_sh)
+
+
+def build(cfg: Config, devices: list | None = None) -> Setup:
+    mesh = shd.make_mesh(cfg, devices)
+    mdef, shapes = abstract_model(cfg)
+    meta_tree = mdef.meta()
+    param_sh = shd.named(shd.param_specs(shapes, meta_tree, mesh), mesh)
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, meta_tree)
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    setup = Setup(cfg, mesh, mdef, tx, schedule, {}, {}, param_sh,
+                  jax.sharding.NamedSharding(mesh, shd.batch_spec()))
+    setup.state_shapes = jax.eval_shape(setup.fresh_state)
+    state_sh = jax.tree.map(lambda _: repl, setup.state_shapes)
+    state_sh["params"] = param_sh
+    state_sh["opt"] = _opt_shardings(setup.state_shapes["opt"], setup.state_shapes["params"], param_sh, repl)
+    setup.state_sh = state_sh
+    return setup
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.prev = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.prev[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test thread): no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.prev.items():
+            signal.signal(s, h)
+        return False
+
+
+_RESUME_KEYS = ("model", "data.seq_len", "data.tokenizer", "data.source", "data.packed")
+
+
+def _config_mismatch(saved: dict, cfg: Config) -> str | None:
+    now = cfg.to_dict()
+    for key in _RESUME_KEYS:
+        a, b = saved, now
+        for part in key.split("."):
+            a, b = (a or {}).get(part), (b or {}).get(part)
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                return f"{key}.{diff[0]}: checkpoint has {a.get(diff[0])!r}, config has {b.get(diff[0])!r}"
+            return f"{key}: checkpoint has {a!r}, config has {b!r}"
+    return None
+
+
+def _to_device_batch(batch: dict, sharding) -> dict:
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: int | None = None) -> RunResult:
+    """Train (or resume) the run `run.out_dir/run.name`. `max_steps_this_run` stops early (tests)."""
+    console = console or Console()
+    say = lambda msg: console.print(msg, highlight=False, markup=False)
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    store = open_data(cfg, log=say)
+    setup = build(cfg)
+    mesh, mdef, tx, schedule = setup.mesh, setup.mdef, setup.tx, setup.schedule
+    state_sh, param_sh, batch_sh, state_shapes = setup.state_sh, setup.param_sh, setup.batch_sh, setup.state_shapes
+    n_dev = mesh.devices.size
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.ckpt_keep, warn=lambda m: say(f"warning: {m}"))
+
+    def same_run(meta: dict) -> None:
+        problem = _config_mismatch(meta.get("config", {}), cfg)
+        if problem:
+            raise RunError(f"{run_dir} holds checkpoints of a different run ({problem}); "
+                           f"use a new run.name or remove {run_dir}")
+
+    try:
+        restored = ckpt.restore_latest(setup.abstract_state(), check_meta=same_run)
+    except RunError:
+        ckpt.close()
+        raise
+    it = lmdata.train_iterator(store, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, seed=cfg.run.seed,
+                               packed=cfg.data.packed, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+    if restored is not None:
+        start_step, state, meta, data_state = restored
+        it.set_state(data_state)
+        run_id = meta.get("wandb_id") or new_run_id()
+        say(f"resuming {run_dir} from step {start_step}")
+    else:
+        start_step, run_id = 0, new_run_id()
+        state = jax.jit(setup.fresh_state, out_shardings=state_sh)()
+
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    n_params = count_params(state_shapes["params"])
+    model_for_costs = mdef.merge(state_shapes["params"])
+    fwd_flops = model_for_costs.flops_per_token(cfg.data.seq_len)
+    train_flops_tok = lmflops.train_flops_per_token(fwd_flops)
+
+    if start_step >= cfg.train.steps:
+        ckpt.close()
+        msg = f"run {run_dir} already finished at step {start_step} (train.steps={cfg.train.steps})"
+        say(msg)
+        return RunResult(run_dir, "already_finished", start_step, None, msg)
+
+    step_fn = make_train_step(cfg, mdef, tx, schedule)
+    eval_fn = make_eval_step(mdef)
+    ops.clear_choices()
+    t0 = time.perf_counter()
+    first = _to_device_batch(next(it), batch_sh)
+    train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                         donate_argnums=(0,)).lower(state, first).compile()
+    compile_s = time.perf_counter() - t0
+    eval_step = jax.jit(eval_fn, in_shardings=(param_sh, batch_sh))
+    impls = [(label, c.op, c.chosen, c.reason) for label, c in ops.choices()]
+
+    peak, peak_src = lmflops.peak_flops(cfg.hardware.peak_tflops,
+                                        jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32)
+    say(f"model: {n_params / 1e6:.2f}M params, {fwd_flops / 1e6:.2f} MFLOP/token forward, "
+        f"{n_dev} device(s) mesh={dict(mesh.shape)}; step compiled in {compile_s:.1f}s")
+    say(f"peak: {peak / 1e9:.1f} GFLOP/s per device ({peak_src})")
+    for label, op, chosen, reason in impls:
+        say(f"  {label}: {op} -> {chosen} ({reason})")
+
+    wb_config = {**cfg.to_dict(), "n_params": n_params, "flops_per_token": fwd_flops, "kernel_impls": impls}
+    wandb = WandbRun(cfg.wandb, run_dir, run_id, wb_config)
+    metrics_file = MetricsFile(run_dir / "metrics.jsonl", start_step if restored else None)
+    eval_set = lmdata.eval_batches(store, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                                   max_batches=cfg.train.eval_steps)
+    bpb = bits_per_byte_factor(store)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+
+    def meta_dict(step):
+        return {"step": step, "seed": cfg.run.seed, "rng_key": [int(x) for x in np.asarray(
+            jax.random.key_data(jax.random.PRNGKey(cfg.run.seed)))], "wandb_id": run_id, "config": cfg.to_dict()}
+
+    def run_eval(step):
+        tot = cnt = 0.0
+        for b in eval_set:
+            s, c = eval_step(state["params"], _to_device_batch(b, batch_sh))
+            tot += float(s)
+            cnt += float(c)
+        loss = tot / max(cnt, 1.0)
+        rec = {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_bpb": loss * bpb}
+        metrics_file.write(rec)
+        wandb.log(rec, step)
+        return rec
+
+    status, message, last_eval = "finished", "", None
+    stop_at = cfg.train.steps if max_steps_this_run is None else min(cfg.train.steps, start_step + max_steps_this_run)
+    step = start_step
+    batch = first
+    data_state = it.get_state()
+    pending: list[tuple[int, dict]] = []
+    t_log, step_log = time.perf_counter(), step
+    progress = make_progress(console)
+    try:
+        with _StopFlag() as stop, progress:
+            task = progress.add_task(cfg.run.name, total=cfg.train.steps, completed=step, info="")
+            while step < stop_at:
+                state, m = train_step(state, batch)
+                step += 1
+                pending.append((step, m))
+                data_state = it.get_state()  # after the batches consumed so far, before the prefetch below
+                if step < stop_at:
+                    batch = _to_device_batch(next(it), batch_sh)
+                # One step behind: the device already runs this step while we read the previous one's counter.
+                if len(pending) >= 2 and int(pending[-2][1]["rejected_run"]) >= cfg.train.max_rejected:
+                    status = "diverged"
+                if step % cfg.train.log_every == 0 or step == stop_at or status != "finished" or stop.signum:
+                    vals = jax.device_get([mm for _, mm in pending])
+                    now = time.perf_counter()
+                    tps = tokens_per_step * (step - step_log) / max(now - t_log, 1e-9)
+                    t_log, step_log = now, step
+                    last = vals[-1]
+                    rec = {"step": step, "loss": float(last["loss"]),
+                           "loss_avg": float(np.mean([float(v["loss"]) for v in vals])),
+                           "lr": float(last["lr"]), "grad_norm": float(last["grad_norm"]), "tokens_per_s": tps,
+                           "mfu": tps * train_flops_tok / (peak * n_dev), "rejected_steps": int(last["rejected"])}
+                    if int(last["rejected_run"]) >= cfg.train.max_rejected:
+                        status = "diverged"
+                    metrics_file.write(rec)
+                    wandb.log(rec, step)
+                    progress.update(task, completed=step, info=f"loss {rec['loss']:.4f}  {tps:,.0f} tok/s  "
+                                                                f"mfu {rec['mfu'] * 100:.1f}%")
+                    if not console.is_terminal:
+                        say(f"step {step}: loss {rec['loss']:.4f} lr {rec['lr']:.2e} gnorm {rec['grad_norm']:.3f} "
+                            f"{tps:,.0f} tok/s mfu {rec['mfu'] * 100:.1f}%")
+                    pending = []
+                if status == "diverged":
+                    message = (f"stopped at step {step}: {cfg.train.max_rejected} steps in a row had a non-finite "
+                               f"loss or gradient (or grad norm above train.skip_grad_norm); parameters are from the "
+                               f"last good step. Lower optim.lr or raise optim.warmup_steps, then resume.")
+                    break
+                if stop.signum:
+                    status = "interrupted"
+                    message = f"received {signal.Signals(stop.signum).name}: saved at step {step}, exiting"
+                    break
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != stop_at:
+                    last_eval = run_eval(step)
+                if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
+                    ckpt.save(step, state, meta_dict(step), data_state)
+        if status == "finished":
+            last_eval = run_eval(step)
+            say(f"eval at step {step}: loss {last_eval['eval_loss']:.4f} nats/token, "
+                f"{last_eval['eval_bpb']:.4f} bits/byte, ppl {last_eval['eval_ppl']:.2f}")
+        ckpt.save(step, state, meta_dict(step), data_state)
+        wandb.summary({"final_step": step, **(last_eval or {})})
+    finally:
+        metrics_file.close()
+        wandb.finish()
+        ckpt.close()
+    if message:
+        say(message)
+    return RunResult(run_dir, status, step, last_eval, message)
+
+
+def _opt_shardings(opt_shapes, param_shapes, param_sh, repl):
+    """Optimizer-state leaves shaped like a parameter take its sharding (matched by tree path suffix)."""
+    by_path = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(param_shapes)[0]:
+        by_path[tuple(str(p) for p in path)] = leaf
+    sh_by_path = {tuple(str(p) for p in path): s
+                  for path, s in jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+
+    def pick(path, leaf):
+        keys = tuple(str(p) for p in path)
+        for n in range(len(keys)):
+            suffix = keys[n:]
+            if suffix in by_path and by_path[suffix].shape == leaf.shape:
+                return sh_by_path[suffix]
+        return repl
+
+    return jax.tree_util.tree_map_with_path(pick, opt_shapes)
+
+
+def train_from_file(path: str, overrides: list[str], **kw) -> RunResult:
+    return train(load_config(path, overrides), **kw)
+
+
+__all__ = ["train", "train_from_file", "RunResult", "RunError", "open_data", "ConfigError"]

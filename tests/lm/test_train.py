@@ -1,0 +1,244 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm.checkpoint import Checkpointer
+from lm.config import load_config
+from lm.logging import read_metrics
+from lm.train import build, make_train_step, train
+from tests.lm.conftest import tiny_overrides
+
+TINY = "configs/tiny/softmax.yaml"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cfg(store, run_dir, name="t", **extra):
+    return load_config(TINY, tiny_overrides(store, run_dir, name, **extra))
+
+
+def _params(run_dir: Path, cfg):
+    setup = build(cfg)
+    ck = Checkpointer(run_dir / "checkpoints", keep=5)
+    try:
+        step, state, meta, data_state = ck.restore_latest(setup.abstract_state())
+    finally:
+        ck.close()
+    return step, jax.device_get(state["params"]), meta
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def test_train_learns_and_logs(small_store, tmp_path):
+    cfg = _cfg(small_store, tmp_path, **{"train.steps": 30, "train.eval_every": 10})
+    res = train(cfg)
+    assert res.status == "finished" and res.step == 30
+    rows = read_metrics(res.run_dir / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 31))
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "rejected_steps"):
+        assert key in train_rows[0]
+    assert [e["step"] for e in evals] == [10, 20, 30]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 1.0  # byte-level loss starts near ln(256)=5.5
+    assert evals[-1]["eval_bpb"] < 8 and evals[-1]["eval_ppl"] > 1
+    assert (res.run_dir / "config.yaml").exists()
+    assert load_config(res.run_dir / "config.yaml").to_dict() == cfg.to_dict()
+
+
+def test_resume_is_bit_identical(small_store, tmp_path):
+    """2N steps straight == N steps, stop, resume, N steps: same parameters bit for bit, same losses."""
+    a = _cfg(small_store, tmp_path, "straight")
+    train(a)
+    b = _cfg(small_store, tmp_path, "resumed")
+    first = train(b, max_steps_this_run=6)
+    assert first.step == 6
+    second = train(b)
+    assert second.step == 12
+    sa, pa, _ = _params(tmp_path / "straight", a)
+    sb, pb, _ = _params(tmp_path / "resumed", b)
+    assert sa == sb == 12
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_array_equal(x, y)
+    assert _losses(tmp_path / "straight") == _losses(tmp_path / "resumed")
+
+
+def test_finished_run_is_not_retrained(small_store, tmp_path):
+    cfg = _cfg(small_store, tmp_path)
+    train(cfg)
+    again = train(cfg)
+    assert again.status == "already_finished" and again.step == 12
+
+
+def test_resume_refuses_a_different_model(small_store, tmp_path):
+    from lm.train import RunError
+
+    train(_cfg(small_store, tmp_path, "x", **{"train.steps": 2}))
+    with pytest.raises(RunError, match="model.d_model"):
+        train(_cfg(small_store, tmp_path, "x", **{"train.steps": 4, "model.d_model": 64}))
+
+
+def test_corrupted_newest_checkpoint_falls_back(small_store, tmp_path):
+    cfg = _cfg(small_store, tmp_path, "c", **{"train.ckpt_every": 4})
+    train(cfg, max_steps_this_run=8)
+    ck_dir = tmp_path / "c" / "checkpoints"
+    assert (ck_dir / "8").exists() and (ck_dir / "4").exists()
+    for f in (ck_dir / "8" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    warnings = []
+    setup = build(cfg)
+    ck = Checkpointer(ck_dir, keep=3, warn=warnings.append)
+    step, *_ = ck.restore_latest(setup.abstract_state())
+    ck.close()
+    assert step == 4
+    assert warnings and "step 8" in warnings[0]
+    assert any((tmp_path / "c" / "checkpoints_corrupt").iterdir())  # kept, not deleted
+
+
+def test_grad_accum_matches_single_batch(small_store, tmp_path):
+    one = _cfg(small_store, tmp_path, "g1", **{"train.steps": 3})
+    two = _cfg(small_store, tmp_path, "g2", **{"train.steps": 3, "train.grad_accum": 2})
+    train(one)
+    train(two)
+    la, lb = _losses(tmp_path / "g1"), _losses(tmp_path / "g2")
+    for s in la:
+        assert abs(la[s] - lb[s]) <= 1e-5 * abs(la[s])
+
+
+def test_nonfinite_step_is_rejected_and_counted(small_store, tmp_path):
+    cfg = _cfg(small_store, tmp_path)
+    setup = build(cfg)
+    step = jax.jit(make_train_step(cfg, setup.mdef, setup.tx, setup.schedule))
+    state = jax.jit(setup.fresh_state)()
+    rng = np.random.default_rng(0)
+    batch = {"tokens": jnp.asarray(rng.integers(0, 256, (4, 33)), jnp.int32)}
+    # Poison one weight: the loss and every gradient become NaN.
+    bad = jax.tree.map(lambda x: x, state)
+    bad["params"]["final_norm"]["scale"] = bad["params"]["final_norm"]["scale"].at[0].set(jnp.nan)
+    new, m = step(bad, batch)
+    assert not bool(m["ok"]) and int(m["rejected"]) == 1 and int(m["rejected_run"]) == 1
+    for x, y in zip(jax.tree.leaves((bad["params"], bad["opt"])), jax.tree.leaves((new["params"], new["opt"]))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    good, m2 = step(state, batch)
+    assert bool(m2["ok"]) and int(m2["rejected_run"]) == 0
+
+
+def test_run_stops_after_repeated_rejections(small_store, tmp_path):
+    # A learning rate this large makes the first update overflow; every later step is non-finite.
+    cfg = _cfg(small_store, tmp_path, "div", **{"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.clip": "null",
+                                                "train.max_rejected": 3, "train.steps": 50})
+    res = train(cfg)
+    assert res.status == "diverged" and "in a row" in res.message
+    assert res.step < 50
+    rows = [r for r in read_metrics(res.run_dir / "metrics.jsonl") if "loss" in r]
+    assert rows[-1]["rejected_steps"] >= 3
+    assert (res.run_dir / "checkpoints" / str(res.step)).exists()
+
+
+def _cli(args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "lm.cli", *args], cwd=ROOT, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _wait_for(pred, timeout=120.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_losses(small_store, tmp_path):
+    ref = _cfg(small_store, tmp_path, "ref", **{"train.steps": 40})
+    train(ref)
+    args = ["train", TINY, *sum((["--set", o] for o in tiny_overrides(
+        small_store, tmp_path, "killed", **{"train.steps": 40, "train.ckpt_every": 5})), [])]
+    p = _cli(args)
+    ck = tmp_path / "killed" / "checkpoints"
+    assert _wait_for(lambda: (ck / "10").exists() or p.poll() is not None), "no checkpoint appeared"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    p2 = _cli(args)
+    out, _ = p2.communicate(timeout=300)
+    assert p2.returncode == 0, out
+    assert "resuming" in out
+    assert _losses(tmp_path / "killed") == _losses(tmp_path / "ref")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(small_store, tmp_path):
+    args = ["train", TINY, *sum((["--set", o] for o in tiny_overrides(
+        small_store, tmp_path, "term", **{"train.steps": 100000})), [])]
+    p = _cli(args)
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    assert _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out
+    assert "SIGTERM" in out
+    steps = [int(d.name) for d in (tmp_path / "term" / "checkpoints").iterdir() if d.name.isdigit()]
+    assert steps and max(steps) >= 3
+    assert max(steps) == max(_losses(tmp_path / "term"))
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one(small_store, tmp_path):
+    """data=2, fsdp=2, tensor=2 on 8 simulated CPU devices gives the 1-device losses."""
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT)!r})
+from lm.config import load_config
+from lm.train import train
+from lm.logging import read_metrics
+from tests.lm.conftest import tiny_overrides
+import jax
+over = tiny_overrides({str(small_store)!r}, {str(tmp_path)!r}, sys.argv[1], **{{"train.steps": 5, "data.batch_size": 8,
+        "model.mixers.softmax.n_heads": 4, "model.mixers.softmax.n_kv_heads": 2}})
+over += sys.argv[2:]
+res = train(load_config({TINY!r}, over))
+print(json.dumps({{"devices": jax.device_count(),
+                  "losses": [r["loss"] for r in read_metrics(res.run_dir / "metrics.jsonl") if "loss" in r]}}))
+"""
+    def run(name, devices, *over):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+        out = subprocess.run([sys.executable, "-c", script, name, *over], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    one = run("one", 1)
+    eight = run("eight", 8, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    assert one["devices"] == 1 and eight["devices"] == 8
+    np.testing.assert_allclose(eight["losses"], one["losses"], rtol=2e-5)
+
+
+def test_wandb_offline_run_holds_the_losses(small_store, tmp_path):
+    cfg = _cfg(small_store, tmp_path, "wb", **{"wandb.mode": "offline", "train.steps": 4})
+    os.environ.pop("WANDB_API_KEY", None)
+    res = train(cfg)
+    runs = list((res.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    files = list(runs[0].glob("*.wandb"))
+    assert files, "no offline .wandb file"
+    from tests.lm.wandb_reader import history
+
+    losses = {int(r["_step"]): float(r["loss"]) for r in history(files[0]) if "loss" in r}
+    expected = _losses(res.run_dir)
+    assert losses == pytest.approx(expected)
+    # Resume continues the same W&B run.
+    meta_id = _params(res.run_dir, cfg)[2]["wandb_id"]
+    assert runs[0].name.endswith(meta_id)
