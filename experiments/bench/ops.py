@@ -1,0 +1,104 @@
+"""Forward+backward timings of the attention ops, per implementation, against the backend's own attention.
+
+`python -m experiments.bench.ops --json out.json [--T 1024 4096] ...` times, for each sequence length:
+our `softmax_attention`, `kda` and `lightning` (each implementation asked for), and on GPU
+`jax.nn.dot_product_attention` with implementation="cudnn" and "xla" as the vendor baselines.
+Each entry is the median of `--reps` runs after a warm-up, jit-compiled, gradients w.r.t. every input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attention import ops
+
+
+def _time(fn, args, reps: int) -> float:
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def _fwd_bwd(f):
+    def loss(*xs):
+        return jnp.sum(f(*xs).astype(jnp.float32))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(3))))
+
+
+def softmax_cases(B, T, H, D, dtype, impls):
+    key = jax.random.PRNGKey(0)
+    q, k, v = (jax.random.normal(jax.random.fold_in(key, i), (B, T, H, D), dtype) for i in range(3))
+    cases = {f"softmax_attention[{impl}]": lambda q, k, v, impl=impl: ops.softmax_attention(q, k, v, impl=impl)
+             for impl in impls}
+    if jax.default_backend() == "gpu":
+        for impl in ("cudnn", "xla"):
+            cases[f"jax.nn.dot_product_attention[{impl}]"] = (
+                lambda q, k, v, impl=impl: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl))
+    return cases, (q, k, v)
+
+
+def linear_cases(B, T, H, D, dtype, impls):
+    key = jax.random.PRNGKey(1)
+    q, k, v = (jax.random.normal(jax.random.fold_in(key, i), (B, T, H, D), dtype) for i in range(3))
+    q = q / jnp.linalg.norm(q.astype(jnp.float32), axis=-1, keepdims=True).astype(dtype)
+    k = k / jnp.linalg.norm(k.astype(jnp.float32), axis=-1, keepdims=True).astype(dtype)
+    g = -jax.nn.softplus(jax.random.normal(jax.random.fold_in(key, 7), (B, T, H, D), jnp.float32)) * 0.1
+    beta = jax.nn.sigmoid(jax.random.normal(jax.random.fold_in(key, 8), (B, T, H), jnp.float32))
+    decay = -jnp.linspace(0.01, 1.0, H)
+    cases = {}
+    for impl in impls:
+        if hasattr(ops, "kda"):
+            cases[f"kda[{impl}]"] = lambda q, k, v, impl=impl: ops.kda(q, k, v, g.astype(q.dtype), beta.astype(q.dtype),
+                                                                         impl=impl)[0]
+        if hasattr(ops, "lightning"):
+            cases[f"lightning[{impl}]"] = lambda q, k, v, impl=impl: ops.lightning(q, k, v, decay, impl=impl)[0]
+    return cases, (q, k, v)
+
+
+def run(Ts, B, H, D, dtype, impls, reps) -> list[dict]:
+    rows = []
+    for T in Ts:
+        for make in (softmax_cases, linear_cases):
+            cases, args = make(B, T, H, D, dtype, impls)
+            for name, f in cases.items():
+                try:
+                    sec = _time(_fwd_bwd(f), args, reps)
+                    rows.append({"op": name, "T": T, "B": B, "H": H, "D": D, "dtype": jnp.dtype(dtype).name,
+                                 "fwd_bwd_ms": sec * 1e3})
+                except Exception as e:  # a baseline the backend lacks is reported, not fatal
+                    rows.append({"op": name, "T": T, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    p.add_argument("--B", type=int, default=1)
+    p.add_argument("--H", type=int, default=8)
+    p.add_argument("--D", type=int, default=64)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--impl", nargs="+", default=["xla"])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--json", default=None, help="write the rows here")
+    a = p.parse_args(argv)
+    rows = run(a.T, a.B, a.H, a.D, jnp.dtype(a.dtype), a.impl, a.reps)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+                       "jax": jax.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
