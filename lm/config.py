@@ -49,6 +49,7 @@ class TrainConfig(_Section):
 
 class DataConfig(_Section):
     source: str = "stdlib"
+    task: dict[str, Any] = Field(default_factory=dict)  # settings of a synthetic:<task> source
     tokenizer: str = "byte"
     seq_len: int = Field(256, ge=2)
     batch_size: int = Field(16, ge=1)

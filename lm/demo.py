@@ -16,7 +16,7 @@ def unigram_bits_per_byte(store) -> float:
 
 def demo(config_path: str, overrides: list[str]) -> int:
     cfg = load_config(config_path, overrides)
-    store = open_data(cfg)
+    ds = open_data(cfg)
     t0 = time.perf_counter()
     res = train(cfg)
     minutes = (time.perf_counter() - t0) / 60
@@ -27,7 +27,7 @@ def demo(config_path: str, overrides: list[str]) -> int:
         from lm.eval import evaluate
 
         res.last_eval = evaluate(res.run_dir, max_batches=cfg.train.eval_steps)
-    h = unigram_bits_per_byte(store)
+    h = unigram_bits_per_byte(ds.store)
     bpb = res.last_eval["eval_bpb"]
     print(f"demo: {cfg.run.name} trained {res.step} steps in {minutes:.1f} min")
     print(f"demo: final eval loss {bpb:.3f} bits/byte  vs  unigram entropy of the corpus {h:.3f} bits/byte "

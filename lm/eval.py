@@ -1,16 +1,14 @@
 """Evaluate a trained run on its held-out split: loss (nats/token), perplexity, bits per byte."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import jax
 
-from lm import data as lmdata
 from lm.checkpoint import Checkpointer
 from lm.config import Config, load_config
-from lm.train import RunError, Setup, _to_device_batch, bits_per_byte_factor, build, make_eval_step, open_data
+from lm.train import RunError, Setup, build, make_eval_step, open_data, run_eval_batches
 
 
 def load_run(run_dir: str | Path, overrides: list[str] = ()) -> tuple[Config, Setup, Any, int]:
@@ -34,15 +32,8 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()) -> tuple[Config, Se
 
 def evaluate(run_dir: str | Path, *, max_batches: int | None = None, overrides: list[str] = ()) -> dict:
     cfg, setup, params, step = load_run(run_dir, overrides)
-    store = open_data(cfg)
-    batches = lmdata.eval_batches(store, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-                                  max_batches=max_batches)
+    ds = open_data(cfg)
+    batches = ds.eval_batches(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, max_batches=max_batches)
     eval_step = jax.jit(make_eval_step(setup.mdef), in_shardings=(setup.param_sh, setup.batch_sh))
-    tot = cnt = 0.0
-    for b in batches:
-        s, c = eval_step(params, _to_device_batch(b, setup.batch_sh))
-        tot += float(s)
-        cnt += float(c)
-    loss = tot / max(cnt, 1.0)
-    return {"run": str(run_dir), "step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
-            "eval_bpb": loss * bits_per_byte_factor(store), "tokens": int(cnt), "batches": len(batches)}
+    res = run_eval_batches(eval_step, params, batches, setup.batch_sh, ds.bits_per_byte_factor())
+    return {"run": str(run_dir), "step": step, **res, "batches": len(batches)}

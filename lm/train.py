@@ -49,26 +49,12 @@ class RunResult:
 # Data
 
 
-def open_data(cfg: Config, log: Callable[[str], None] = print) -> Any:
-    """The token store for `data.source`, preparing the embedded default corpus when it is missing."""
-    src = cfg.data.source
-    if src == "stdlib":
-        # prepare() reuses a matching store in well under a second and refuses one built from another corpus.
-        path = lmdata.default_store_path(cfg.data.dir, "stdlib", cfg.data.tokenizer)
-        store = lmdata.open_store(lmdata.prepare("stdlib", cfg.data.tokenizer, path, log=log))
-    else:
-        p = Path(src)
-        if not p.exists():
-            raise lmdata.DataError(f"data.source {src!r} does not exist: give 'stdlib' or a token store made by "
-                                   f"`attnlab data prepare --source FILES --tokenizer {cfg.data.tokenizer} --out DIR`")
-        store = lmdata.open_store(p)
-    lmdata.check_vocab(store, cfg.model.vocab_size)
-    return store
-
-
-def bits_per_byte_factor(store) -> float:
-    """Multiply a mean loss in nats/token by this to get bits/byte on the validation split."""
-    return store.n_tokens("val") / max(store.n_bytes("val"), 1) / math.log(2)
+def open_data(cfg: Config, log: Callable[[str], None] = print) -> lmdata.Dataset:
+    """The dataset `data.source` names (the default corpus is prepared on first use), checked against the model."""
+    ds = lmdata.open_dataset(cfg.data.source, tokenizer=cfg.data.tokenizer, data_dir=cfg.data.dir,
+                             task=cfg.data.task, seed=cfg.run.seed, log=log)
+    lmdata.check_dataset_vocab(ds, cfg.model.vocab_size)
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,11 +71,21 @@ def make_loss_fn(mdef: ModelDef):
         seg_in = None if seg is None else seg[:, :-1]
         logits = model(inp, segment_ids=seg_in, rng=rng)
         losses = token_losses(logits, tgt)
-        # With packed documents, the last token of a document does not predict the next document.
-        mask = jnp.ones_like(losses) if seg is None else (seg[:, 1:] == seg[:, :-1]).astype(losses.dtype)
-        return jnp.sum(losses * mask), jnp.sum(mask)
+        mask = target_mask(batch, losses.shape).astype(losses.dtype)
+        return jnp.sum(losses * mask), (jnp.sum(mask), logits)
 
     return loss_sums
+
+
+def target_mask(batch: dict, shape) -> jax.Array:
+    """Which targets tokens[:, 1:] are scored: all, minus cross-document ones (packed), times loss_mask."""
+    mask = jnp.ones(shape, bool)
+    seg = batch.get("segment_ids")
+    if seg is not None:  # the last token of a document does not predict the next document
+        mask &= seg[:, 1:] == seg[:, :-1]
+    if "loss_mask" in batch:
+        mask &= batch["loss_mask"].astype(bool)
+    return mask
 
 
 def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformation, schedule) -> Callable:
@@ -99,10 +95,15 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
     skip_norm = cfg.train.skip_grad_norm
     use_rng = cfg.model.dropout > 0
 
+    def loss_and_count(p, b, r):
+        total, (count, _) = loss_sums(p, b, r)
+        return total, count
+
+    grad_fn = jax.value_and_grad(loss_and_count, has_aux=True)
+
     def step_fn(state, batch):
         params = state["params"]
         rng = jax.random.fold_in(base_key, state["step"]) if use_rng else None
-        grad_fn = jax.value_and_grad(lambda p, b, r: loss_sums(p, b, r), has_aux=True)
         if accum == 1:
             (loss_sum, count), grads = grad_fn(params, batch, rng)
         else:
@@ -146,8 +147,29 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
 
 
 def make_eval_step(mdef: ModelDef) -> Callable:
+    """(loss sum, scored targets, correct argmax predictions) of one batch."""
     loss_sums = make_loss_fn(mdef)
-    return lambda params, batch: loss_sums(params, batch, None)
+
+    def eval_step(params, batch):
+        total, (count, logits) = loss_sums(params, batch, None)
+        mask = target_mask(batch, logits.shape[:2])
+        correct = jnp.sum((jnp.argmax(logits, -1) == batch["tokens"][:, 1:]) & mask)
+        return total, count, correct
+
+    return eval_step
+
+
+def run_eval_batches(eval_step, params, batches, batch_sh, bpb_factor: float | None) -> dict:
+    tot = cnt = cor = 0.0
+    for b in batches:
+        s, c, k = eval_step(params, _to_device_batch(b, batch_sh))
+        tot, cnt, cor = tot + float(s), cnt + float(c), cor + float(k)
+    loss = tot / max(cnt, 1.0)
+    out = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_acc": cor / max(cnt, 1.0),
+           "eval_tokens": int(cnt)}
+    if bpb_factor is not None:
+        out["eval_bpb"] = loss * bpb_factor
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +271,7 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    store = open_data(cfg, log=say)
+    ds = open_data(cfg, log=say)
     setup = build(cfg)
     mesh, mdef, tx, schedule = setup.mesh, setup.mdef, setup.tx, setup.schedule
     state_sh, param_sh, batch_sh, state_shapes = setup.state_sh, setup.param_sh, setup.batch_sh, setup.state_shapes
@@ -267,9 +289,9 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
     except RunError:
         ckpt.close()
         raise
-    it = lmdata.train_iterator(store, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, seed=cfg.run.seed,
-                               packed=cfg.data.packed, process_index=jax.process_index(),
-                               process_count=jax.process_count())
+    it = ds.train_iterator(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, seed=cfg.run.seed,
+                              packed=cfg.data.packed, process_index=jax.process_index(),
+                              process_count=jax.process_count())
     if restored is not None:
         start_step, state, meta, data_state = restored
         it.set_state(data_state)
@@ -313,9 +335,9 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
     wb_config = {**cfg.to_dict(), "n_params": n_params, "flops_per_token": fwd_flops, "kernel_impls": impls}
     wandb = WandbRun(cfg.wandb, run_dir, run_id, wb_config)
     metrics_file = MetricsFile(run_dir / "metrics.jsonl", start_step if restored else None)
-    eval_set = lmdata.eval_batches(store, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-                                   max_batches=cfg.train.eval_steps)
-    bpb = bits_per_byte_factor(store)
+    eval_set = ds.eval_batches(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                                  max_batches=cfg.train.eval_steps)
+    bpb = ds.bits_per_byte_factor()
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
 
     def meta_dict(step):
@@ -323,13 +345,7 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
             jax.random.key_data(jax.random.PRNGKey(cfg.run.seed)))], "wandb_id": run_id, "config": cfg.to_dict()}
 
     def run_eval(step):
-        tot = cnt = 0.0
-        for b in eval_set:
-            s, c = eval_step(state["params"], _to_device_batch(b, batch_sh))
-            tot += float(s)
-            cnt += float(c)
-        loss = tot / max(cnt, 1.0)
-        rec = {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_bpb": loss * bpb}
+        rec = {"step": step, **run_eval_batches(eval_step, state["params"], eval_set, batch_sh, bpb)}
         metrics_file.write(rec)
         wandb.log(rec, step)
         return rec
@@ -390,8 +406,9 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
                     ckpt.save(step, state, meta_dict(step), data_state)
         if status == "finished":
             last_eval = run_eval(step)
-            say(f"eval at step {step}: loss {last_eval['eval_loss']:.4f} nats/token, "
-                f"{last_eval['eval_bpb']:.4f} bits/byte, ppl {last_eval['eval_ppl']:.2f}")
+            bits = f", {last_eval['eval_bpb']:.4f} bits/byte" if "eval_bpb" in last_eval else ""
+            say(f"eval at step {step}: loss {last_eval['eval_loss']:.4f} nats/token{bits}, "
+                f"ppl {last_eval['eval_ppl']:.2f}, accuracy {last_eval['eval_acc']:.4f}")
         ckpt.save(step, state, meta_dict(step), data_state)
         wandb.summary({"final_step": step, **(last_eval or {})})
     finally:

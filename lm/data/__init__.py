@@ -5,10 +5,12 @@
     train_iterator(store, ...)       -> iterator    endless, seeded, resumable, process-sharded batches
     eval_batches(store, ...)         -> list        fixed non-overlapping val batches
     check_vocab(store, model_vocab_size)            DataError if the model cannot embed every token
+    open_dataset(source, ...)        -> Dataset     what training reads: a store, or a synthetic task
 
 Every user-fixable problem raises DataError with a one-line message saying what to change.
 """
 
+from lm.data.dataset import SYNTHETIC, Dataset, StoreDataset, check_dataset_vocab, open_dataset, register_synthetic
 from lm.data.errors import DataError
 from lm.data.pipeline import TrainIterator, eval_batches, loss_mask, train_iterator
 from lm.data.store import TokenStore, check_vocab, default_store_path, open_store
@@ -16,6 +18,12 @@ from lm.data.tokenizers import Tokenizer
 from lm.data.writer import prepare
 
 __all__ = [
+    "SYNTHETIC",
+    "Dataset",
+    "StoreDataset",
+    "check_dataset_vocab",
+    "open_dataset",
+    "register_synthetic",
     "DataError",
     "TokenStore",
     "Tokenizer",

@@ -1,0 +1,100 @@
+"""What the training loop reads from: a token store, or a synthetic task, behind one small interface.
+
+A dataset gives endless resumable training batches and a fixed list of eval batches. A batch is a
+dict of int32 arrays: "tokens" [B, seq_len + 1] and optionally "segment_ids" (same shape, packed
+documents) and "loss_mask" [B, seq_len] (which targets tokens[:, 1:] are scored; synthetic tasks score
+only their answers).
+
+`data.source` picks it: "stdlib" (prepared on first use), a token-store directory, or
+"synthetic:<task>" for a task registered in `SYNTHETIC` (the tasks in experiments/synthetic register
+themselves on import) with its settings from `data.task`.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from lm.data import pipeline
+from lm.data.errors import DataError
+from lm.data.store import TokenStore, check_vocab, default_store_path, open_store
+from lm.data.writer import prepare
+
+
+class Dataset(Protocol):
+    vocab_size: int
+    description: str
+
+    def train_iterator(self, *, seq_len: int, batch_size: int, seed: int, packed: bool, process_index: int,
+                       process_count: int) -> Any: ...
+
+    def eval_batches(self, *, seq_len: int, batch_size: int, max_batches: int | None) -> list[dict]: ...
+
+    def bits_per_byte_factor(self) -> float | None:
+        """Multiply a mean loss in nats/token by this for bits per byte; None when text bytes do not apply."""
+
+    def tokenizer(self) -> Any: ...
+
+
+class StoreDataset:
+    """A prepared token store (see lm/data/store.py)."""
+
+    def __init__(self, store: TokenStore):
+        self.store = store
+        self.vocab_size = store.vocab_size
+        self.description = f"token store {store.path}"
+
+    def train_iterator(self, **kw):
+        return pipeline.train_iterator(self.store, **kw)
+
+    def eval_batches(self, *, seq_len, batch_size, max_batches):
+        return pipeline.eval_batches(self.store, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
+
+    def bits_per_byte_factor(self) -> float:
+        return self.store.n_tokens("val") / max(self.store.n_bytes("val"), 1) / math.log(2)
+
+    def tokenizer(self):
+        return self.store.tokenizer()
+
+
+# name -> factory(task_settings: dict, seed: int) -> Dataset
+SYNTHETIC: dict[str, Callable[[dict, int], Dataset]] = {}
+_SYNTHETIC_MODULES = ("experiments.synthetic",)
+
+
+def register_synthetic(name: str):
+    def deco(factory):
+        SYNTHETIC[name] = factory
+        return factory
+
+    return deco
+
+
+def open_dataset(source: str, *, tokenizer: str, data_dir: str | Path, task: dict | None = None, seed: int = 0,
+                 log: Callable[[str], None] | None = print) -> Dataset:
+    if source.startswith("synthetic:"):
+        for mod in _SYNTHETIC_MODULES:
+            importlib.import_module(mod)
+        name = source.split(":", 1)[1]
+        if name not in SYNTHETIC:
+            known = ", ".join(f"synthetic:{n}" for n in sorted(SYNTHETIC)) or "none"
+            raise DataError(f"data.source {source!r}: no such synthetic task (known: {known})")
+        return SYNTHETIC[name](dict(task or {}), seed)
+    if source == "stdlib":
+        # prepare() reuses a matching store in well under a second and refuses one built from another corpus.
+        path = default_store_path(data_dir, "stdlib", tokenizer)
+        return StoreDataset(open_store(prepare("stdlib", tokenizer, path, log=log)))
+    p = Path(source)
+    if not p.exists():
+        raise DataError(f"data.source {source!r} does not exist: give 'stdlib', 'synthetic:<task>' or a token store "
+                        f"made by `attnlab data prepare --source FILES --tokenizer {tokenizer} --out DIR`")
+    return StoreDataset(open_store(p))
+
+
+def check_dataset_vocab(ds: Dataset, model_vocab_size: int) -> None:
+    if isinstance(ds, StoreDataset):
+        check_vocab(ds.store, model_vocab_size)
+    elif ds.vocab_size > model_vocab_size:
+        raise DataError(f"{ds.description} uses {ds.vocab_size} token ids but model.vocab_size is "
+                        f"{model_vocab_size}; set --set model.vocab_size={ds.vocab_size}")
