@@ -52,6 +52,9 @@ def cmd_generate(args) -> int:
 
     cfg, setup, params, step = load_run(args.run_dir)
     tok = open_data(cfg).tokenizer()
+    if tok is None:
+        raise SystemExit(f"error: {args.run_dir} was trained on {cfg.data.source}, which has no tokenizer to "
+                         f"encode a text prompt")
     ids = tok.encode(args.prompt)
     if not ids:
         raise SystemExit("error: --prompt encodes to no tokens; give a non-empty prompt")

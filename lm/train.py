@@ -336,7 +336,8 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
     wandb = WandbRun(cfg.wandb, run_dir, run_id, wb_config)
     metrics_file = MetricsFile(run_dir / "metrics.jsonl", start_step if restored else None)
     eval_set = ds.eval_batches(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-                                  max_batches=cfg.train.eval_steps)
+                               max_batches=cfg.train.eval_steps, process_index=jax.process_index(),
+                               process_count=jax.process_count())
     bpb = ds.bits_per_byte_factor()
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
 
