@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from attention import ops
+from experiments.bench.step import machine
 
 
 def _time(fn, args, reps: int) -> float:
@@ -92,12 +95,38 @@ def main(argv=None) -> None:
     p.add_argument("--impl", nargs="+", default=["xla"])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--write", default=None, help="write a markdown table (with machine and versions) here")
     a = p.parse_args(argv)
     rows = run(a.T, a.B, a.H, a.D, jnp.dtype(a.dtype), a.impl, a.reps)
+    info = machine()
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-                       "jax": jax.__version__, "rows": rows}, f, indent=1)
+            json.dump({**info, "rows": rows}, f, indent=1)
+    if a.write:
+        write_markdown(Path(a.write), rows, info, " ".join(sys.argv[1:]) if argv is None else " ".join(argv))
+
+
+def write_markdown(path: Path, rows: list[dict], info: dict, args: str) -> None:
+    """Time per op and T, plus the growth from the smallest to the largest T next to linear and quadratic."""
+    ops_ = list(dict.fromkeys(r["op"] for r in rows))
+    Ts = sorted({r["T"] for r in rows})
+    ms = {(r["op"], r["T"]): r.get("fwd_bwd_ms") for r in rows}
+    head = "| op | " + " | ".join(f"T={t}" for t in Ts) + f" | T={Ts[-1]} / T={Ts[0]} |"
+    lines = [head, "|" + "---|" * (len(Ts) + 2)]
+    for op in ops_:
+        cells = [f"{ms[(op, t)]:.1f}" if ms.get((op, t)) is not None else "n/a" for t in Ts]
+        a, b = ms.get((op, Ts[0])), ms.get((op, Ts[-1]))
+        ratio = f"{b / a:.1f}x" if a and b else "n/a"
+        lines.append(f"| {op} | " + " | ".join(cells) + f" | {ratio} |")
+    scale = Ts[-1] / Ts[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"# Attention ops: forward+backward time (ms) against sequence length\n\n"
+        f"Command: `attnlab bench ops {args}`\n\n"
+        f"Machine: {info['cpu']} ({info['cpu_count']} cores), backend {info['backend']} ({info['device']}); "
+        f"python {info['python']}, jax {info['jax']}; {info['date']}.\n\n"
+        f"Median of the timed repetitions after a warm-up; gradients with respect to q, k and v. "
+        f"Linear growth over this range is {scale:.0f}x, quadratic {scale ** 2:.0f}x.\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
