@@ -110,7 +110,13 @@ class ModelConfig(_Section):
             kind = raw.setdefault("kind", name)
             if kind not in MIXER_CONFIGS:
                 raise ValueError(f"mixer {name!r} has unknown kind {kind!r}; known kinds: {', '.join(sorted(MIXER_CONFIGS))}")
-            out[name] = MIXER_CONFIGS[kind].model_validate(raw)
+            try:
+                out[name] = MIXER_CONFIGS[kind].model_validate(raw)
+            except pydantic.ValidationError as e:
+                # Re-raised with the mixer's name in each location, so errors read model.mixers.<name>.<key>.
+                raise pydantic.ValidationError.from_exception_data(
+                    e.title, [{"type": err["type"], "loc": (name, *err["loc"]), "input": err["input"],
+                               **({"ctx": err["ctx"]} if "ctx" in err else {})} for err in e.errors()]) from None
         return out
 
     def mixer_for_layer(self, layer_idx: int) -> tuple[str, MixerConfig]:

@@ -21,7 +21,7 @@ def test_base_inheritance_and_overrides():
     assert cfg.model.pattern == ["softmax", "softmax"]
     assert cfg.model.d_model == 192  # from the tiny file
     assert cfg.optim.b2 == 0.95  # from base.yaml
-    assert cfg.model.mixers["softmax"].n_heads == 6
+    assert cfg.model.mixers["softmax"].n_heads == 8
 
 
 def test_scientific_notation_is_a_float():
@@ -53,7 +53,7 @@ def test_wrong_type_names_key():
 
 
 def test_cross_field_checks():
-    assert "n_kv_heads" in _err(["model.mixers.softmax.n_kv_heads=4"])
+    assert "n_kv_heads" in _err(["model.mixers.softmax.n_kv_heads=3"])
     assert "'kda' is not defined" in _err(["model.pattern=[softmax, kda]"])
     assert "grad_accum" in _err(["train.grad_accum=3"])
     assert "sliding_window" in _err(["model.mixers.softmax.sliding_window=100000"])
