@@ -3,9 +3,10 @@
 `MIXERS` maps a mixer kind to its module class and `MIXER_CONFIGS` to its config class; the model
 builds layers from the names in `model.pattern`.
 """
+from attention.cca import CCAConfig, CCAttention
 from attention.softmax import SoftmaxAttention, SoftmaxConfig
 
-MIXERS = {"softmax": SoftmaxAttention}
-MIXER_CONFIGS = {"softmax": SoftmaxConfig}
+MIXERS = {"softmax": SoftmaxAttention, "cca": CCAttention}
+MIXER_CONFIGS = {"softmax": SoftmaxConfig, "cca": CCAConfig}
 
 __all__ = ["MIXERS", "MIXER_CONFIGS"]

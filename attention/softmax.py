@@ -1,16 +1,58 @@
-"""The `softmax` mixer: multi-head attention with MHA/GQA/MQA (`n_kv_heads`) over `ops.softmax_attention`."""
+"""The `softmax` mixer: multi-head attention with MHA/GQA/MQA (`n_kv_heads`) over `ops.softmax_attention`.
+
+Projection sharing (`share`, from "Do Transformers Need Three Projections?"):
+
+- `none`: separate q_proj, k_proj, v_proj (the QKV baseline).
+- `kv` (Q−K=V): k_proj's output is both key and value; there is no v_proj. With n_kv_heads < n_heads
+  the shared K has n_kv_heads heads (the paper's Q-GQA / Q-MQA). Only K is cached: half the cache.
+- `qk` (Q=K−V): k_proj's output is also the query (no q_proj), so the scores K·Kᵀ are symmetric;
+  v_proj stays. The query needs n_heads heads, so this requires n_kv_heads == n_heads: repeating a
+  shared key head as several query heads would only make those heads identical. The paper ran it
+  with MHA only.
+- `qkv` (Q=K=V): k_proj alone gives query, key and value (same n_kv_heads == n_heads rule).
+
+Sharing is tensor reuse: the shared projection is one array, passed as both k and v to the op (which
+supports `v is k`) whenever nothing position-dependent touches the logit side. The paper's models use
+learned absolute positions, where that is the whole story. With RoPE (or qk_norm), the value is the
+un-rotated, un-normed shared projection and the scores use a rotated (normed) copy of it, so values
+never depend on position; decoding therefore caches the un-rotated projection and rotates the cached
+keys again at each step (O(S·d), as cheap as reading them).
+
+`pos2d` (the "(X)+" variants, share qk|qkv): a fixed map P[i,j] = concat(sincos(i) in m//2 channels,
+sincos(j) in m - m//2) mixed into the scaled scores by learned per-layer weights w [m], shared across
+heads: S' = S·Σw + Σ_c w_c·P[i,j,c] + b. Because P splits into a query-row half and a key-column half,
+the row half and b add the same amount to every score of a query row and cancel in the softmax. What
+remains is S·Σw plus a per-key bias Σ_{c>=m//2} w_c·sincos_c(j), so the term runs through the blocked op
+(Σw folded into the query, the key bias as `key_log_gate`, shifted by Σ|w_c| to keep it <= 0 as the op
+requires; a constant shift also cancels). Memory stays O(T), and decode adds the same bias to the
+cached keys. b would receive no gradient, so it is not a parameter. The row weights still act through Σw.
+"""
 from __future__ import annotations
 
 from typing import Literal, Optional
 
 import jax
 import jax.numpy as jnp
+import pydantic
 from flax import nnx
+from pydantic import Field
 
 from attention import ops
 from attention.base import MixerConfig, MixerContext
 from attention.ops.softmax import decode_attention
-from lm.layers import Linear, RMSNorm, apply_rope
+from lm.layers import Linear, RMSNorm, apply_rope, normal, param
+
+# The paper's init for the 2D-position mixing weights, independent of model.init_std.
+POS2D_INIT_STD = 0.02
+
+
+class Pos2dConfig(pydantic.BaseModel):
+    """The fixed 2D sin/cos score term of the symmetric (Q=K) variants."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = False
+    channels: int = Field(10, ge=2)  # m: m//2 sin/cos channels of the query position, the rest of the key's
 
 
 class SoftmaxConfig(MixerConfig):
@@ -22,12 +64,20 @@ class SoftmaxConfig(MixerConfig):
     qk_norm: bool = False
     sliding_window: Optional[int] = None
     scale: Optional[float] = None  # None: head_dim ** -0.5
+    share: Literal["none", "kv", "qk", "qkv"] = "none"
+    pos2d: Pos2dConfig = Field(default_factory=Pos2dConfig)
 
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
 
     def dim(self, d_model: int) -> int:
         return self.head_dim or d_model // self.n_heads
+
+    def query_is_key(self) -> bool:
+        return self.share in ("qk", "qkv")
+
+    def value_is_key(self) -> bool:
+        return self.share in ("kv", "qkv")
 
     def check(self, ctx: MixerContext) -> list[str]:
         errs = []
@@ -44,10 +94,25 @@ class SoftmaxConfig(MixerConfig):
             errs.append(f"sliding_window: must be in [1, data.seq_len={ctx.seq_len}], got {self.sliding_window}")
         if self.pos == "rope" and ctx.pos == "learned":
             errs.append("pos: rope inside a mixer of a model with learned positions is not supported")
+        if self.query_is_key() and self.kv_heads() != self.n_heads:
+            errs.append(f"share: {self.share} makes the key projection the query, so it needs n_kv_heads == n_heads "
+                        f"({self.n_heads}), got n_kv_heads {self.kv_heads()}; for grouped K=V use share: kv")
+        if self.pos2d.enabled and not self.query_is_key():
+            errs.append(f"pos2d.enabled: the 2D positional term is for the symmetric variants (share: qk or qkv), "
+                        f"got share: {self.share}; set share or pos2d.enabled: false")
         return errs
 
     def rope(self, ctx: MixerContext) -> bool:
         return (self.pos or ("rope" if ctx.pos == "rope" else "none")) == "rope"
+
+
+def sincos_features(positions: jax.Array, dim: int) -> jax.Array:
+    """Transformer sinusoids of integer positions, [..., dim] fp32: channel 2i is sin(p·ω_i), 2i+1 is
+    cos(p·ω_i), ω_i = 10000^(-2i/dim); an odd dim ends on a sin."""
+    omega = 10000.0 ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    angles = positions.astype(jnp.float32)[..., None] * omega
+    pairs = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    return pairs.reshape(*angles.shape[:-1], -1)[..., :dim]
 
 
 class SoftmaxAttention(nnx.Module):
@@ -56,60 +121,108 @@ class SoftmaxAttention(nnx.Module):
         d, H, Hkv, hd = ctx.d_model, cfg.n_heads, cfg.kv_heads(), cfg.dim(ctx.d_model)
         self.H, self.Hkv, self.hd = H, Hkv, hd
         lin = dict(bias=ctx.bias, std=ctx.init_std, dtype=ctx.dtype, rngs=rngs)
-        self.q_proj = Linear(d, H * hd, axes=("embed", "heads"), **lin)
+        self.q_proj = None if cfg.query_is_key() else Linear(d, H * hd, axes=("embed", "heads"), **lin)
         self.k_proj = Linear(d, Hkv * hd, axes=("embed", "kv_heads"), **lin)
-        self.v_proj = Linear(d, Hkv * hd, axes=("embed", "kv_heads"), **lin)
+        self.v_proj = None if cfg.value_is_key() else Linear(d, Hkv * hd, axes=("embed", "kv_heads"), **lin)
         self.o_proj = Linear(H * hd, d, axes=("heads", "embed"), **{**lin, "std": ctx.out_std})
-        self.q_norm = RMSNorm(hd, eps=ctx.norm_eps, axes=(None,)) if cfg.qk_norm else None
+        norm_q = cfg.qk_norm and self.q_proj is not None
+        self.q_norm = RMSNorm(hd, eps=ctx.norm_eps, axes=(None,)) if norm_q else None
         self.k_norm = RMSNorm(hd, eps=ctx.norm_eps, axes=(None,)) if cfg.qk_norm else None
+        self.pos2d_w = param(rngs, normal(POS2D_INIT_STD), (cfg.pos2d.channels,), (None,)) \
+            if cfg.pos2d.enabled else None
         self.use_rope = cfg.rope(ctx)
 
-    def _project(self, x_BTD: jax.Array, positions_BT: jax.Array):
-        B, T, _ = x_BTD.shape
-        q = self.q_proj(x_BTD).reshape(B, T, self.H, self.hd)
-        k = self.k_proj(x_BTD).reshape(B, T, self.Hkv, self.hd)
-        v = self.v_proj(x_BTD).reshape(B, T, self.Hkv, self.hd)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.use_rope:
-            q = apply_rope(q, positions_BT, self.ctx.rope_theta)
-            k = apply_rope(k, positions_BT, self.ctx.rope_theta)
+    def _heads(self, y_BTX: jax.Array, n_heads: int) -> jax.Array:
+        return y_BTX.reshape(*y_BTX.shape[:2], n_heads, self.hd)
+
+    def _project(self, x_BTD: jax.Array):
+        """Per-head (q, k, v) before qk-norm and RoPE; a shared one is k_proj's output itself."""
+        k = self._heads(self.k_proj(x_BTD), self.Hkv)
+        q = k if self.q_proj is None else self._heads(self.q_proj(x_BTD), self.H)
+        v = k if self.v_proj is None else self._heads(self.v_proj(x_BTD), self.Hkv)
         return q, k, v
+
+    def _for_logits(self, x_BTHD: jax.Array, norm: RMSNorm | None, positions_BT: jax.Array) -> jax.Array:
+        """What the scores see of a query or key: qk-norm, then RoPE (values never come through here)."""
+        if norm is not None:
+            x_BTHD = norm(x_BTHD)
+        if self.use_rope:
+            x_BTHD = apply_rope(x_BTHD, positions_BT, self.ctx.rope_theta)
+        return x_BTHD
+
+    def _logit_qk(self, q_BTHD: jax.Array, k_BTHD: jax.Array, positions_BT: jax.Array):
+        """The query and key the scores use; with share qk|qkv the query is the key array."""
+        k = self._for_logits(k_BTHD, self.k_norm, positions_BT)
+        q = k if self.q_proj is None else self._for_logits(q_BTHD, self.q_norm, positions_BT)
+        if self.pos2d_w is not None:
+            # S' = S·Σw + ...: scaling the query keeps the op's `scale` a static number.
+            q = q * jnp.sum(self.pos2d_w[...]).astype(q.dtype)
+        return q, k
+
+    def _key_log_gate(self, positions_BS: jax.Array) -> jax.Array | None:
+        """pos2d's per-key score term [B,S,Hkv] (see the module docstring), or None without pos2d."""
+        if self.pos2d_w is None:
+            return None
+        w_col = self.pos2d_w[...][self.cfg.pos2d.channels // 2:]
+        bias_BS = jnp.sum(sincos_features(positions_BS, w_col.shape[0]) * w_col, axis=-1) - jnp.sum(jnp.abs(w_col))
+        return jnp.broadcast_to(bias_BS[..., None], (*bias_BS.shape, self.Hkv))
 
     def __call__(self, x_BTD: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         B, T, _ = x_BTD.shape
-        q, k, v = self._project(x_BTD, positions)
+        q_raw, k_raw, v = self._project(x_BTD)
+        q, k = self._logit_qk(q_raw, k_raw, positions)
         o = ops.softmax_attention(q, k, v, causal=True, sliding_window=self.cfg.sliding_window,
-                                  segment_ids=segment_ids, scale=self.cfg.scale, impl=self.ctx.impl)
+                                  key_log_gate=self._key_log_gate(positions), segment_ids=segment_ids,
+                                  scale=self.cfg.scale, impl=self.ctx.impl)
         return self.o_proj(o.reshape(B, T, self.H * self.hd))
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
         shape = (batch, max_len, self.Hkv, self.hd)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        names = ("k",) if self.v_proj is None else ("k", "v")
+        return {name: jnp.zeros(shape, dtype) for name in names}
 
     def decode(self, x_B1D: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
         B = x_B1D.shape[0]
         pos_B1 = jnp.full((B, 1), position, jnp.int32)
-        q, k, v = self._project(x_B1D, pos_B1)
-        kc = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), position, axis=1)
-        vc = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), position, axis=1)
-        S = kc.shape[1]
+        q_raw, k_raw, v_raw = self._project(x_B1D)
+        q, k = self._logit_qk(q_raw, k_raw, pos_B1)
+        S = cache["k"].shape[1]
+        pos_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+
+        def write(buf, new):
+            return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), position, axis=1)
+
+        if self.v_proj is None:
+            # K=V: the cache holds the projection before norm/RoPE, i.e. the value; keys are derived from it.
+            kc = write(cache["k"], k_raw)
+            keys, values, new_cache = self._for_logits(kc, self.k_norm, pos_BS), kc, {"k": kc}
+        else:
+            kc, vc = write(cache["k"], k), write(cache["v"], v_raw)
+            keys, values, new_cache = kc, vc, {"k": kc, "v": vc}
         s = jnp.arange(S)
         valid_S = s <= position
         if self.cfg.sliding_window is not None:
             valid_S &= s > position - self.cfg.sliding_window
         valid = jnp.broadcast_to(valid_S[None, :, None], (B, S, self.Hkv))
-        o = decode_attention(q, kc, vc, valid, scale=self.cfg.scale)
-        return self.o_proj(o.reshape(B, 1, self.H * self.hd)), {"k": kc, "v": vc}
+        o = decode_attention(q, keys, values, valid, key_log_gate=self._key_log_gate(pos_BS), scale=self.cfg.scale)
+        return self.o_proj(o.reshape(B, 1, self.H * self.hd)), new_cache
 
     def cache_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
         nbytes = dtype_bytes or jnp.dtype(self.ctx.dtype).itemsize
-        return 2 * self.Hkv * self.hd * nbytes
+        return (1 if self.v_proj is None else 2) * self.Hkv * self.hd * nbytes
 
     def flops_per_token(self, seq_len: int) -> float:
+        """Matmul FLOPs: the projections that exist (3nd² -> 2nd² -> nd² as q and v share k's), the output
+        projection, and QKᵀ plus PV over the visible keys. pos2d adds its elementwise work: scaling the query
+        by Σw (H·hd), the key's bias (a product and a sum per column channel) and one add per visible score."""
         d, H, Hkv, hd = self.ctx.d_model, self.H, self.Hkv, self.hd
-        proj = 2 * d * (H * hd + 2 * Hkv * hd) + 2 * H * hd * d
-        return proj + 4 * H * hd * visible_keys_per_query(seq_len, self.cfg.sliding_window)
+        proj_out = (0 if self.q_proj is None else H * hd) + Hkv * hd + (0 if self.v_proj is None else Hkv * hd)
+        visible = visible_keys_per_query(seq_len, self.cfg.sliding_window)
+        flops = 2 * d * proj_out + 2 * H * hd * d + 4 * H * hd * visible
+        if self.pos2d_w is not None:
+            m_col = self.cfg.pos2d.channels - self.cfg.pos2d.channels // 2
+            flops += H * hd + 2 * m_col + H * visible
+        return flops
 
 
 def visible_keys_per_query(seq_len: int, window: int | None) -> float:

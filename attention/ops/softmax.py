@@ -428,11 +428,13 @@ _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 # decode
 
 
-def decode_attention(q, k, v, valid, *, scale=None):
+def decode_attention(q, k, v, valid, *, key_log_gate=None, scale=None):
     """One query token against a KV cache: q [B,1,Hq,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv] -> [B,1,Hq,Dv].
 
     valid [B,S,Hkv] bool marks the cached keys each kv head may read (pruned SP-KV caches keep
-    different keys per head). Dense and fp32; a head with no valid key returns 0.
+    different keys per head). key_log_gate [B,S,Hkv] (<= 0) is added to the logit of every cached
+    key; the caller exempts keys inside any local window. Dense and fp32; a head with no valid key
+    returns 0.
     """
     if q.ndim != 4 or q.shape[1] != 1:
         raise ValueError(f"q must be [batch, 1, heads, dim]; got shape {tuple(q.shape)}")
@@ -443,11 +445,17 @@ def decode_attention(q, k, v, valid, *, scale=None):
     if tuple(valid.shape) != (B, S, Hkv):
         raise ValueError(f"valid must be [batch, kv_time, kv_heads] = {(B, S, Hkv)}; "
                          f"got {tuple(valid.shape)}")
+    if key_log_gate is not None and tuple(key_log_gate.shape) != (B, S, Hkv):
+        raise ValueError(f"key_log_gate must be [batch, kv_time, kv_heads] = {(B, S, Hkv)}; "
+                         f"got {tuple(key_log_gate.shape)}")
     f32 = jnp.float32
     q_BHGD = q[:, 0].reshape(B, Hkv, Hq // Hkv, D).astype(f32)
     s_BHGS = jnp.einsum("bhgd,bshd->bhgs", q_BHGD, k.astype(f32), precision=lax.Precision.HIGHEST)
     valid_BH1S = valid.transpose(0, 2, 1)[:, :, None, :]
-    s_BHGS = jnp.where(valid_BH1S, s_BHGS * _scale(scale, D), -jnp.inf)
+    s_BHGS = s_BHGS * _scale(scale, D)
+    if key_log_gate is not None:
+        s_BHGS = s_BHGS + key_log_gate.astype(f32).transpose(0, 2, 1)[:, :, None, :]
+    s_BHGS = jnp.where(valid_BH1S, s_BHGS, -jnp.inf)
     m = s_BHGS.max(-1, keepdims=True)
     p_BHGS = jnp.exp(s_BHGS - jnp.where(m == -jnp.inf, 0.0, m))
     denom = p_BHGS.sum(-1, keepdims=True)
