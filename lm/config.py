@@ -72,7 +72,7 @@ class OptimConfig(_Section):
 
 
 class MlpConfig(_Section):
-    kind: Literal["swiglu", "gelu"] = "swiglu"
+    kind: Literal["swiglu", "gelu", "gelu_tanh"] = "swiglu"
     hidden: int = Field(1024, ge=1)
 
 
@@ -81,7 +81,8 @@ class ModelConfig(_Section):
     n_layers: int = Field(4, ge=1)
     vocab_size: int = Field(256, ge=2)
     pattern: list[str] = Field(default_factory=lambda: ["softmax"], min_length=1)
-    mixers: dict[str, MixerConfig] = Field(default_factory=dict)
+    # SerializeAsAny: dump each mixer with its own fields, not just the base class's `kind`.
+    mixers: dict[str, pydantic.SerializeAsAny[MixerConfig]] = Field(default_factory=dict)
     mlp: MlpConfig = Field(default_factory=MlpConfig)
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = Field(1e-5, gt=0)

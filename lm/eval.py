@@ -8,7 +8,7 @@ import jax
 
 from lm.checkpoint import Checkpointer
 from lm.config import Config, load_config
-from lm.train import RunError, Setup, build, make_eval_step, open_data, run_eval_batches
+from lm.train import RunError, Setup, build, eval_batch_size, make_eval_step, open_data, run_eval_batches
 
 
 def load_run(run_dir: str | Path, overrides: list[str] = ()) -> tuple[Config, Setup, Any, int]:
@@ -33,7 +33,7 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()) -> tuple[Config, Se
 def evaluate(run_dir: str | Path, *, max_batches: int | None = None, overrides: list[str] = ()) -> dict:
     cfg, setup, params, step = load_run(run_dir, overrides)
     ds = open_data(cfg)
-    batches = ds.eval_batches(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, max_batches=max_batches,
+    batches = ds.eval_batches(seq_len=cfg.data.seq_len, batch_size=eval_batch_size(cfg), max_batches=max_batches,
                               process_index=jax.process_index(), process_count=jax.process_count())
     eval_step = jax.jit(make_eval_step(setup.mdef), in_shardings=(setup.param_sh, setup.batch_sh))
     res = run_eval_batches(eval_step, params, batches, setup.batch_sh, ds.bits_per_byte_factor())

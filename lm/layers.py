@@ -62,15 +62,19 @@ class Embed(nnx.Module):
         return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
 
 
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """x / rms(x) over the last axis, in fp32 and without a learned scale (SRMSNorm)."""
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, d: int, *, eps: float = 1e-5, axes=("embed",), rngs: nnx.Rngs | None = None):
         self.scale = param(None, jnp.ones((d,)), (d,), axes, decay=False)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...]).astype(x.dtype)
+        return (rms_normalize(x, self.eps) * self.scale[...]).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -96,7 +100,8 @@ def make_norm(kind: str, d: int, *, eps: float, bias: bool):
 
 
 class MLP(nnx.Module):
-    """SwiGLU (modern recipe) or GELU (GPT-2 recipe) feed-forward."""
+    """SwiGLU (modern recipe) or GELU (GPT-2 recipe: exact erf GELU as torch's nn.GELU; gelu_tanh for the
+    tanh approximation) feed-forward."""
 
     def __init__(self, d: int, hidden: int, *, kind: str, bias: bool, std: float, out_std: float, dtype, rngs: nnx.Rngs):
         self.kind = kind
@@ -109,7 +114,7 @@ class MLP(nnx.Module):
         if self.kind == "swiglu":
             h = jax.nn.silu(self.gate(x)) * self.up(x)
         else:
-            h = jax.nn.gelu(self.up(x), approximate=True)
+            h = jax.nn.gelu(self.up(x), approximate=self.kind == "gelu_tanh")
         return self.down(h)
 
     def flops_per_token(self) -> float:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pydantic
 from rich.console import Console
 
 from attention import ops
@@ -159,6 +160,11 @@ def make_eval_step(mdef: ModelDef) -> Callable:
     return eval_step
 
 
+def eval_batch_size(cfg: Config) -> int:
+    """Eval runs one micro-batch at a time: a step's full batch may only fit as grad_accum micro-batches."""
+    return cfg.data.batch_size // cfg.train.grad_accum
+
+
 def run_eval_batches(eval_step, params, batches, batch_sh, bpb_factor: float | None) -> dict:
     tot = cnt = cor = 0.0
     for b in batches:
@@ -247,17 +253,34 @@ _RESUME_KEYS = ("model", "data.seq_len", "data.tokenizer", "data.source", "data.
 
 
 def _config_mismatch(saved: dict, cfg: Config) -> str | None:
+    """The first setting that makes a checkpoint's run differ from `cfg`, or None.
+
+    The saved config is re-validated first, so keys added to attnlab since (with their defaults) do not
+    count as differences.
+    """
+    try:
+        saved = Config.model_validate(saved).to_dict()
+    except pydantic.ValidationError as e:
+        return f"its saved config is not valid for this version: {str(e).splitlines()[1:3]}"
     now = cfg.to_dict()
     for key in _RESUME_KEYS:
         a, b = saved, now
         for part in key.split("."):
             a, b = (a or {}).get(part), (b or {}).get(part)
-        if a != b:
-            if isinstance(a, dict) and isinstance(b, dict):
-                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-                return f"{key}.{diff[0]}: checkpoint has {a.get(diff[0])!r}, config has {b.get(diff[0])!r}"
-            return f"{key}: checkpoint has {a!r}, config has {b!r}"
+        diff = _first_difference(a, b, key)
+        if diff:
+            return diff
     return None
+
+
+def _first_difference(a: Any, b: Any, where: str) -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            diff = _first_difference(a.get(k), b.get(k), f"{where}.{k}")
+            if diff:
+                return diff
+        return None
+    return None if a == b else f"{where}: checkpoint has {a!r}, config has {b!r}"
 
 
 def _to_device_batch(batch: dict, sharding) -> dict:
@@ -335,7 +358,7 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
     wb_config = {**cfg.to_dict(), "n_params": n_params, "flops_per_token": fwd_flops, "kernel_impls": impls}
     wandb = WandbRun(cfg.wandb, run_dir, run_id, wb_config)
     metrics_file = MetricsFile(run_dir / "metrics.jsonl", start_step if restored else None)
-    eval_set = ds.eval_batches(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+    eval_set = ds.eval_batches(seq_len=cfg.data.seq_len, batch_size=eval_batch_size(cfg),
                                max_batches=cfg.train.eval_steps, process_index=jax.process_index(),
                                process_count=jax.process_count())
     bpb = ds.bits_per_byte_factor()

@@ -85,7 +85,8 @@ def test_bad_override_syntax():
 
 
 def test_dump_roundtrip(tmp_path):
-    cfg = load_config(TINY, ["optim.lr=1e-3"])
+    cfg = load_config(TINY, ["optim.lr=1e-3", "model.mixers.softmax.n_kv_heads=2"])
+    assert cfg.to_dict()["model"]["mixers"]["softmax"]["n_kv_heads"] == 2
     p = tmp_path / "resolved.yaml"
     p.write_text(dump_config(cfg))
     assert load_config(p).to_dict() == cfg.to_dict()

@@ -242,3 +242,15 @@ def test_wandb_offline_run_holds_the_losses(small_store, tmp_path):
     # Resume continues the same W&B run.
     meta_id = _params(res.run_dir, cfg)[2]["wandb_id"]
     assert runs[0].name.endswith(meta_id)
+
+
+def test_resume_check_ignores_keys_added_since_and_names_real_changes(small_store, tmp_path):
+    from lm.train import _config_mismatch
+
+    cfg = _cfg(small_store, tmp_path)
+    saved = cfg.to_dict()
+    del saved["model"]["mixers"]["softmax"]["share"]  # a checkpoint written before `share` existed
+    del saved["model"]["dropout"]
+    assert _config_mismatch(saved, cfg) is None
+    other = _cfg(small_store, tmp_path, **{"model.mixers.softmax.n_kv_heads": 1})
+    assert "model.mixers.softmax.n_kv_heads" in _config_mismatch(cfg.to_dict(), other)
