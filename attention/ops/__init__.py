@@ -4,4 +4,4 @@ from attention.ops.kda import kda
 from attention.ops.lightning import lightning
 from attention.ops.softmax import softmax_attention
 
-__all__ = ["softmax_attention", "lightning", "ImplUnavailable", "choices", "clear_choices", "label_calls"]
+__all__ = ["softmax_attention", "kda", "lightning", "ImplUnavailable", "choices", "clear_choices", "label_calls"]
