@@ -31,6 +31,8 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from attention.ops import dispatch
+from attention.ops.recurrent import (check_common, check_qkv, concrete, doc_starts, initial_state_or_zeros,
+                                     resolve_scale)
 
 # fla's chunk; the body is matmul-shaped (C x C scores and inverse, C x (K+V) products) for the
 # Pallas port.
@@ -65,73 +67,24 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
               output_final_state=output_final_state, segment_ids=segment_ids)
 
 
-def _concrete(x):
-    """x as a numpy array, or None when it is traced (then value checks cannot run)."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
 
 
 def _validate(q, k, v, g, beta, scale, initial_state, segment_ids):
-    for name, x in (("q", q), ("k", k), ("v", v), ("g", g)):
-        if jnp.ndim(x) != 4:
-            raise ValueError(f"kda: {name} must be [batch, time, heads, dim], got shape {jnp.shape(x)}")
-    for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
-        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-            raise ValueError(f"kda: {name} must be floating point, got {jnp.result_type(x)}")
-    if k.shape != q.shape:
-        raise ValueError(f"kda: k shape {k.shape} must equal q shape {q.shape}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"kda: v shape {v.shape} must match q {q.shape} in batch, time and heads")
+    if jnp.ndim(g) != 4:
+        raise ValueError(f"kda: g must be [batch, time, heads, dim], got shape {jnp.shape(g)}")
+    B, T, H, K, V = shape = check_qkv("kda", q, k, v, g=g, beta=beta)
     if g.shape != q.shape:
         raise ValueError(f"kda: g shape {g.shape} must equal q shape {q.shape} (one log decay per key channel)")
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    if T == 0:
-        raise ValueError("kda: the time dimension is empty")
     if jnp.shape(beta) != (B, T, H):
         raise ValueError(f"kda: beta must have shape {(B, T, H)} (one per token and head), got {jnp.shape(beta)}")
     # Values can only be checked outside jit; under tracing the caller owns the sign.
-    g_np = _concrete(g)
+    g_np = concrete(g)
     if g_np is not None:
         g_np = g_np.astype(np.float32)
         if not np.all(g_np <= 0):
             raise ValueError("kda: g must be a log decay <= 0 and not NaN; "
                              f"found max {np.nanmax(g_np):.3g}, NaN present: {bool(np.isnan(g_np).any())}")
-    if scale is not None:
-        if jnp.ndim(scale) != 0:
-            raise ValueError(f"kda: scale must be a scalar, got shape {jnp.shape(scale)}")
-        s = _concrete(scale)
-        if s is not None and not np.isfinite(s):
-            raise ValueError(f"kda: scale must be finite, got {s}")
-    if initial_state is not None:
-        if jnp.shape(initial_state) != (B, H, K, V):
-            raise ValueError(f"kda: initial_state must have shape {(B, H, K, V)}, got {jnp.shape(initial_state)}")
-        if initial_state.dtype != jnp.float32:
-            raise ValueError(f"kda: initial_state must be float32 (the state is kept in fp32), got {initial_state.dtype}")
-    if segment_ids is not None:
-        if jnp.shape(segment_ids) != (B, T):
-            raise ValueError(f"kda: segment_ids must have shape {(B, T)}, got {jnp.shape(segment_ids)}")
-        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(f"kda: segment_ids must be integers, got {segment_ids.dtype}")
-
-
-def _scale(scale, K):
-    return K ** -0.5 if scale is None else scale
-
-
-def _initial_state(initial_state, B, H, K, V):
-    if initial_state is None:
-        return jnp.zeros((B, H, K, V), _F32)
-    return initial_state.astype(_F32)
-
-
-def _doc_starts(segment_ids, B, T):
-    """[B,T] bool: a new document starts at t (never at t=0, where the initial state applies)."""
-    if segment_ids is None:
-        return jnp.zeros((B, T), bool)
-    return jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
+    check_common("kda", shape, scale, initial_state, segment_ids)
 
 
 @dispatch.register("kda", "reference")
@@ -139,7 +92,7 @@ def kda_reference(q, k, v, g, beta, *, scale=None, initial_state=None, output_fi
                   segment_ids=None):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    scale = _scale(scale, K)
+    scale = resolve_scale(scale, K)
 
     # Elementwise products and sums rather than dots: exact fp32 on every backend, whatever the
     # default matmul precision is.
@@ -153,8 +106,8 @@ def kda_reference(q, k, v, g, beta, *, scale=None, initial_state=None, output_fi
         return S_BHKV, o_BHV
 
     xs = tuple(x.astype(_F32).swapaxes(0, 1) for x in (q, k, v, g, beta)) + (
-        _doc_starts(segment_ids, B, T).swapaxes(0, 1),)
-    S_BHKV, o_TBHV = lax.scan(step, _initial_state(initial_state, B, H, K, V), xs)
+        doc_starts(segment_ids, B, T).swapaxes(0, 1),)
+    S_BHKV, o_TBHV = lax.scan(step, initial_state_or_zeros(initial_state, B, H, K, V), xs)
     return o_TBHV.swapaxes(0, 1).astype(v.dtype), (S_BHKV if output_final_state else None)
 
 
@@ -300,7 +253,7 @@ def kda_xla(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_st
     C = CHUNK
     N = -(-T // C)
     pad = N * C - T
-    scale = _scale(scale, K)
+    scale = resolve_scale(scale, K)
 
     def chunks(x):
         # [B,T,H,D] -> [B*H*N, C, D]. Zero right-padding is exact: a padded token has beta = k = 0
@@ -313,7 +266,7 @@ def kda_xla(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_st
     beta_ZC = chunks(beta[..., None])[..., 0]
 
     # Document index per token (how many documents started at or before it).
-    doc_BT = jnp.cumsum(_doc_starts(segment_ids, B, T), axis=1, dtype=jnp.int32)
+    doc_BT = jnp.cumsum(doc_starts(segment_ids, B, T), axis=1, dtype=jnp.int32)
     doc_BNC = jnp.pad(doc_BT, ((0, 0), (0, pad)), mode="edge").reshape(B, N, C)
     # Document of the token just before each chunk (chunk 0: the initial state's, i.e. 0).
     doc_before_BN = jnp.pad(doc_BNC[:, :-1, -1], ((0, 0), (1, 0)))
@@ -341,7 +294,7 @@ def kda_xla(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_st
         return S_next, (S_BHKV, delta_BHCV)
 
     xs = tuple(scan_major(x) for x in (U_ZCV, W_ZCK, kexit_ZCK, decay_exit_ZK))
-    S_BHKV, (S_in_NBHKV, delta_NBHCV) = lax.scan(step, _initial_state(initial_state, B, H, K, V), xs)
+    S_BHKV, (S_in_NBHKV, delta_NBHCV) = lax.scan(step, initial_state_or_zeros(initial_state, B, H, K, V), xs)
 
     qin_ZCK = jnp.where(carry_in_ZC[:, :, None], q_ZCK * jnp.exp(jnp.cumsum(g_ZCK, axis=1)), 0.0)
     S_in_ZKV = jnp.moveaxis(S_in_NBHKV, 0, 2).reshape(B * H * N, K, V)

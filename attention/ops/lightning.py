@@ -22,12 +22,13 @@ Implementations:
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from attention.ops import dispatch
+from attention.ops.recurrent import (check_common, check_qkv, concrete, doc_starts, initial_state_or_zeros,
+                                     resolve_scale)
 
 # Block size of the xla form, by backend. CPU: 64 was the fastest fwd+bwd in every run at B=1,
 # H=8, K=V=64, T=2048 on the 2-core machine (best of 25, busy machine: 32 -> 88 ms, 64 -> 73 ms,
@@ -61,69 +62,19 @@ def lightning(q, k, v, log_decay, *, scale=None, initial_state=None, output_fina
               output_final_state=output_final_state, segment_ids=segment_ids)
 
 
-def _concrete(x):
-    """x as a numpy array, or None when it is traced (then value checks cannot run)."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
 
 
 def _validate(q, k, v, log_decay, scale, initial_state, segment_ids):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if jnp.ndim(x) != 4:
-            raise ValueError(f"lightning: {name} must be [batch, time, heads, dim], got shape {jnp.shape(x)}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"lightning: {name} must be floating point, got {x.dtype}")
-    if k.shape != q.shape:
-        raise ValueError(f"lightning: k shape {k.shape} must equal q shape {q.shape}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"lightning: v shape {v.shape} must match q {q.shape} in batch, time and heads")
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    if T == 0:
-        raise ValueError("lightning: the time dimension is empty")
+    B, T, H, K, V = shape = check_qkv("lightning", q, k, v)
     if jnp.shape(log_decay) != (H,):
         raise ValueError(f"lightning: log_decay must have shape ({H},) (one per head), got {jnp.shape(log_decay)}")
     if not jnp.issubdtype(jnp.result_type(log_decay), jnp.floating):
         raise ValueError(f"lightning: log_decay must be floating point, got {jnp.result_type(log_decay)}")
     # Values can only be checked outside jit; under tracing the caller owns the sign.
-    ld = _concrete(log_decay)
+    ld = concrete(log_decay)
     if ld is not None and not np.all(np.isfinite(ld) & (ld <= 0)):
         raise ValueError(f"lightning: log_decay must be finite and <= 0 (a decay in (0, 1]), got {ld.tolist()}")
-    if scale is not None:
-        if jnp.ndim(scale) != 0:
-            raise ValueError(f"lightning: scale must be a scalar, got shape {jnp.shape(scale)}")
-        s = _concrete(scale)
-        if s is not None and not np.isfinite(s):
-            raise ValueError(f"lightning: scale must be finite, got {s}")
-    if initial_state is not None:
-        if jnp.shape(initial_state) != (B, H, K, V):
-            raise ValueError(f"lightning: initial_state must have shape {(B, H, K, V)}, got {jnp.shape(initial_state)}")
-        if not jnp.issubdtype(initial_state.dtype, jnp.floating):
-            raise ValueError(f"lightning: initial_state must be floating point, got {initial_state.dtype}")
-    if segment_ids is not None:
-        if jnp.shape(segment_ids) != (B, T):
-            raise ValueError(f"lightning: segment_ids must have shape {(B, T)}, got {jnp.shape(segment_ids)}")
-        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(f"lightning: segment_ids must be integers, got {segment_ids.dtype}")
-
-
-def _scale(scale, K):
-    return K ** -0.5 if scale is None else scale
-
-
-def _initial_state(initial_state, B, H, K, V):
-    if initial_state is None:
-        return jnp.zeros((B, H, K, V), _F32)
-    return initial_state.astype(_F32)
-
-
-def _doc_starts(segment_ids, B, T):
-    """[B,T] bool: a new document starts at t (never at t=0, where the initial state applies)."""
-    if segment_ids is None:
-        return jnp.zeros((B, T), bool)
-    return jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
+    check_common("lightning", shape, scale, initial_state, segment_ids)
 
 
 @dispatch.register("lightning", "reference")
@@ -131,7 +82,7 @@ def lightning_reference(q, k, v, log_decay, *, scale=None, initial_state=None, o
                         segment_ids=None):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    scale = _scale(scale, K)
+    scale = resolve_scale(scale, K)
     decay_H11 = jnp.exp(jnp.asarray(log_decay, _F32))[:, None, None]
 
     # Elementwise products rather than dots: exact fp32 on every backend, whatever the default
@@ -144,8 +95,8 @@ def lightning_reference(q, k, v, log_decay, *, scale=None, initial_state=None, o
         return S_BHKV, o_BHV
 
     xs = (q.astype(_F32).swapaxes(0, 1), k.astype(_F32).swapaxes(0, 1), v.astype(_F32).swapaxes(0, 1),
-          _doc_starts(segment_ids, B, T).swapaxes(0, 1))
-    S_BHKV, o_TBHV = lax.scan(step, _initial_state(initial_state, B, H, K, V), xs)
+          doc_starts(segment_ids, B, T).swapaxes(0, 1))
+    S_BHKV, o_TBHV = lax.scan(step, initial_state_or_zeros(initial_state, B, H, K, V), xs)
     return o_TBHV.swapaxes(0, 1).astype(v.dtype), (S_BHKV if output_final_state else None)
 
 
@@ -164,7 +115,7 @@ def lightning_xla(q, k, v, log_decay, *, scale=None, initial_state=None, output_
     C = min(block or block_size(), T)
     N = -(-T // C)
     pad = N * C - T
-    scale = _scale(scale, K)
+    scale = resolve_scale(scale, K)
     lam_H = jnp.asarray(log_decay, _F32)
 
     def blocks(x, s):
@@ -180,7 +131,7 @@ def lightning_xla(q, k, v, log_decay, *, scale=None, initial_state=None, output_
     if segment_ids is None:
         doc_BT = jnp.zeros((1, T), jnp.int32)
     else:
-        doc_BT = jnp.cumsum(_doc_starts(segment_ids, B, T), axis=1, dtype=jnp.int32)
+        doc_BT = jnp.cumsum(doc_starts(segment_ids, B, T), axis=1, dtype=jnp.int32)
     doc_BNC = jnp.pad(doc_BT, ((0, 0), (0, pad)), mode="edge").reshape(-1, N, C)
     # The document of the token just before each block (block 0: the initial state's, i.e. 0), and
     # of each block's last real token.
@@ -214,7 +165,7 @@ def lightning_xla(q, k, v, log_decay, *, scale=None, initial_state=None, output_
         return carry_BH[..., None, None] * S_BHKV + kv_BHKV, S_BHKV
 
     carry_NBH = jnp.broadcast_to(carry_BHN, (B, H, N)).transpose(2, 0, 1)
-    S_BHKV, S_in_NBHKV = lax.scan(step, _initial_state(initial_state, B, H, K, V),
+    S_BHKV, S_in_NBHKV = lax.scan(step, initial_state_or_zeros(initial_state, B, H, K, V),
                                   (kv_BHNKV.transpose(2, 0, 1, 3, 4), carry_NBH))
 
     # Inter-block: the incoming state, decayed to each query, for queries still in the document
