@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import subprocess
 import sys
-import tempfile
 
 import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from experiments.bench.peer_check import print_comparison, run_torch_side  # noqa: E402
 
 # name: (B, T, H, K, V, gate kind, scale, initial state?, document starts, dtype)
 CASES = {
@@ -159,31 +160,10 @@ def main():
     arrays = {}
     for name, spec in CASES.items():
         arrays.update(_make_inputs(name, spec, rng))
-    with tempfile.TemporaryDirectory() as tmp:
-        in_path, out_path = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
-        np.savez(in_path, **arrays)
-        cmd = [args.torch_python, os.path.abspath(__file__), args.kda_naive, "--torch-side", in_path, out_path]
-        if args.gdn_naive:
-            cmd += ["--gdn-naive", args.gdn_naive]
-        subprocess.run(cmd, check=True)
-        fla = dict(np.load(out_path))
+    script_args = [args.kda_naive] + (["--gdn-naive", args.gdn_naive] if args.gdn_naive else [])
+    fla = run_torch_side(args.torch_python, __file__, script_args, arrays)
     names = [n for n in CASES if f"{n}/o" in fla]
-    ours = _jax_side(arrays, names)
-
-    print(f"{'case':19s} {'impl':9s} " + " ".join(f"{q:>19s}" for q in QUANTITIES))
-    print(f"{'':29s} " + " ".join(f"{'max|diff|  rel':>19s}" for _ in QUANTITIES))
-    for (name, impl), res in ours.items():
-        cells = []
-        for key in QUANTITIES:
-            if key not in res:
-                cells.append(f"{'-':>19s}")
-                continue
-            ref = fla[f"{name}/{key}"].astype(np.float64)
-            diff = res[key].astype(np.float64) - ref
-            rel = np.sqrt(np.mean(diff ** 2) / np.mean(ref ** 2))
-            cells.append(f"{np.abs(diff).max():9.2e} {rel:9.2e}")
-        print(f"{name:19s} {impl:9s} " + " ".join(cells))
-
+    print_comparison(_jax_side(arrays, names), fla, QUANTITIES)
 
 if __name__ == "__main__":
     main()

@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import subprocess
 import sys
-import tempfile
 
 import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from experiments.bench.peer_check import print_comparison, run_torch_side  # noqa: E402
 
 # name: (B, T, H, K, V, log_decay per head, scale, initial state?, document starts, dtype)
 CASES = {
@@ -129,28 +130,8 @@ def main():
     arrays = {}
     for name, spec in CASES.items():
         arrays.update(_make_inputs(name, spec, rng))
-    with tempfile.TemporaryDirectory() as tmp:
-        in_path, out_path = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
-        np.savez(in_path, **arrays)
-        subprocess.run([args.torch_python, os.path.abspath(__file__), args.naive_path,
-                        "--torch-side", in_path, out_path], check=True)
-        fla = dict(np.load(out_path))
-    ours = _jax_side(arrays)
-
-    print(f"{'case':18s} {'impl':9s} " + " ".join(f"{q:>19s}" for q in QUANTITIES))
-    print(f"{'':28s} " + " ".join(f"{'max|diff|  rel':>19s}" for _ in QUANTITIES))
-    for (name, impl), res in ours.items():
-        cells = []
-        for key in QUANTITIES:
-            if key not in res:
-                cells.append(f"{'-':>19s}")
-                continue
-            ref = fla[f"{name}/{key}"].astype(np.float64)
-            diff = res[key].astype(np.float64) - ref
-            rel = np.sqrt(np.mean(diff ** 2) / np.mean(ref ** 2))
-            cells.append(f"{np.abs(diff).max():9.2e} {rel:9.2e}")
-        print(f"{name:18s} {impl:9s} " + " ".join(cells))
-
+    fla = run_torch_side(args.torch_python, __file__, [args.naive_path], arrays)
+    print_comparison(_jax_side(arrays), fla, QUANTITIES)
 
 if __name__ == "__main__":
     main()
