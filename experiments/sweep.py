@@ -1,0 +1,95 @@
+"""Run a list of trainings one after another and collect their final numbers.
+
+Each run is a config file plus overrides, trained in-process with `lm.train.train`; a run that already
+finished is not retrained (train() resumes or skips it), so a sweep interrupted anywhere continues
+where it stopped when the same command is run again. Results are the last eval line of each run plus
+the model's static facts (`lm.info.model_info`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from lm.config import load_config
+from lm.info import model_info
+from lm.logging import read_metrics
+from lm.train import train
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    label: str  # row name in the report, e.g. "share_kv"
+    config: str
+    overrides: tuple[str, ...] = ()
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}-s{self.seed}"
+
+
+def run_all(runs: list[Run], out_dir: str | Path, *, common: tuple[str, ...] = ()) -> list[dict]:
+    """Train every run (skipping finished ones) and return one record per run."""
+    records = []
+    for i, r in enumerate(runs):
+        over = [*common, *r.overrides, f"run.name={r.name}", f"run.out_dir={out_dir}", f"run.seed={r.seed}"]
+        cfg = load_config(r.config, over)
+        print(f"[{i + 1}/{len(runs)}] {r.name}: {r.config} {' '.join(r.overrides)}", flush=True)
+        res = train(cfg)
+        if res.status not in ("finished", "already_finished"):
+            raise RuntimeError(f"run {r.name} stopped: {res.status} {res.message}")
+        rows = read_metrics(Path(out_dir) / r.name / "metrics.jsonl")
+        evals = [x for x in rows if "eval_loss" in x]
+        info = model_info(cfg)
+        records.append({"label": r.label, "seed": r.seed, "config": r.config, "overrides": list(r.overrides),
+                        "steps": cfg.train.steps, "tokens": cfg.train.steps * cfg.data.batch_size * cfg.data.seq_len,
+                        **{k: info[k] for k in ("params", "kv_cache_bytes_per_token", "state_bytes_per_sequence",
+                                                "flops_per_token")},
+                        **{k: v for k, v in evals[-1].items() if k != "step"}, "eval_curve": evals,
+                        **_extra_metrics(rows)})
+    return records
+
+
+def _extra_metrics(rows: list[dict]) -> dict:
+    """Metrics a mixer logged at eval time beyond loss (e.g. SP-KV density), from the last eval step."""
+    last_eval_step = max((x["step"] for x in rows if "eval_loss" in x), default=None)
+    keep = {}
+    for x in rows:
+        if x.get("step") == last_eval_step and "eval_loss" not in x and "loss" not in x:
+            keep.update({k: v for k, v in x.items() if k != "step"})
+    return keep
+
+
+def summarize(records: list[dict], key: str = "eval_loss") -> dict[str, dict]:
+    """Per label: mean, spread (max - min) and count of `key` over seeds, plus the label's static facts."""
+    out: dict[str, dict] = {}
+    for rec in records:
+        out.setdefault(rec["label"], {"values": [], **{k: rec[k] for k in (
+            "params", "kv_cache_bytes_per_token", "state_bytes_per_sequence", "flops_per_token", "tokens")}})
+        out[rec["label"]]["values"].append(rec[key])
+    for s in out.values():
+        v = np.asarray(s["values"], np.float64)
+        s.update(mean=float(v.mean()), spread=float(v.max() - v.min()), n=len(v))
+    return out
+
+
+def provenance() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                   if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, backend {jax.default_backend()}; python {platform.python_version()}, jax {jax.__version__}; "
+            f"{datetime.date.today().isoformat()}")
+
+
+def save_records(records: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=1))
