@@ -4,9 +4,13 @@
 builds layers from the names in `model.pattern`.
 """
 from attention.cca import CCAConfig, CCAttention
+from attention.kda import KdaConfig, KimiDeltaAttention
+from attention.lightning import LightningAttention, LightningConfig
 from attention.softmax import SoftmaxAttention, SoftmaxConfig
 
-MIXERS = {"softmax": SoftmaxAttention, "cca": CCAttention}
-MIXER_CONFIGS = {"softmax": SoftmaxConfig, "cca": CCAConfig}
+MIXERS = {"softmax": SoftmaxAttention, "kda": KimiDeltaAttention, "lightning": LightningAttention,
+          "cca": CCAttention}
+MIXER_CONFIGS = {"softmax": SoftmaxConfig, "kda": KdaConfig, "lightning": LightningConfig,
+                 "cca": CCAConfig}
 
 __all__ = ["MIXERS", "MIXER_CONFIGS"]
