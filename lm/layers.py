@@ -32,6 +32,17 @@ def ones(key, shape):
     return jnp.ones(shape, jnp.float32)
 
 
+def dense(x: jax.Array, w: jax.Array, **dot_kw: Any) -> jax.Array:
+    """x [..., d_in] @ w [d_in, d_out] as one 2-D matmul over the flattened leading axes.
+
+    The weight gradient of a 3-D jnp.dot contracts two axes (batch and time); XLA:CPU lowers that by
+    materialising a transposed copy of the activation gradient, fused into its producer (the GELU
+    backward) as a strided write that cost as much as the matmuls it feeds. Contracting one axis needs no copy.
+    """
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), w, **dot_kw)
+    return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
 class Linear(nnx.Module):
     """y = x @ W (+ b), W [d_in, d_out] with logical axes `axes`."""
 
@@ -42,7 +53,7 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -99,6 +110,30 @@ def make_norm(kind: str, d: int, *, eps: float, bias: bool):
     return LayerNorm(d, eps=eps, bias=bias)
 
 
+@jax.custom_jvp
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """Exact GELU, x * Phi(x) with Phi(x) = (1 + erf(x / sqrt 2)) / 2, written as torch's nn.GELU.
+
+    Same function as jax.nn.gelu(approximate=False) to within 3 ulps of |x|, at half its cost on XLA:CPU:
+    that one goes through erfc, whose expansion evaluates two branches and an exp for every element, and
+    its autodiff keeps several full-size intermediates alive for the backward. The derivative here,
+    Phi(x) + x * phi(x), is one elementwise pass and one saved array.
+    """
+    return x * _normal_cdf(x)
+
+
+def _normal_cdf(x: jax.Array) -> jax.Array:
+    return 0.5 * (1.0 + jax.lax.erf(x * (2.0 ** -0.5)))
+
+
+@gelu_exact.defjvp
+def _gelu_exact_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    cdf = _normal_cdf(x)
+    pdf = jnp.exp(-0.5 * x * x) * (2.0 * jnp.pi) ** -0.5
+    return x * cdf, dx * (cdf + x * pdf)
+
+
 class MLP(nnx.Module):
     """SwiGLU (modern recipe) or GELU (GPT-2 recipe: exact erf GELU as torch's nn.GELU; gelu_tanh for the
     tanh approximation) feed-forward."""
@@ -114,7 +149,7 @@ class MLP(nnx.Module):
         if self.kind == "swiglu":
             h = jax.nn.silu(self.gate(x)) * self.up(x)
         else:
-            h = jax.nn.gelu(self.up(x), approximate=self.kind == "gelu_tanh")
+            h = jax.nn.gelu(self.up(x), approximate=True) if self.kind == "gelu_tanh" else gelu_exact(self.up(x))
         return self.down(h)
 
     def flops_per_token(self) -> float:

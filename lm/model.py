@@ -19,7 +19,7 @@ from flax import nnx
 
 from attention import MIXERS, ops
 from lm.config import Config
-from lm.layers import MLP, Embed, Linear, make_norm, positions_from_segments
+from lm.layers import MLP, Embed, Linear, dense, make_norm, positions_from_segments
 
 Params = dict[str, Any]
 
@@ -43,11 +43,16 @@ class Block(nnx.Module):
         self.mlp = MLP(m.d_model, m.mlp.hidden, kind=m.mlp.kind, bias=m.bias, std=m.init_std, out_std=ctx.out_std,
                        dtype=ctx.dtype, rngs=rngs)
         self.dropout = m.dropout
+        self.remat_mixer = m.remat == "mixer"
 
     def __call__(self, x, positions, segment_ids, rng):
         r1, r2 = jax.random.split(rng) if rng is not None else (None, None)
         with ops.label_calls(self.label):
-            h = self.mixer(self.norm1(x), positions=positions, segment_ids=segment_ids)
+            if self.remat_mixer:
+                h = nnx.remat(lambda mixer, x_: mixer(x_, positions=positions, segment_ids=segment_ids))(
+                    self.mixer, self.norm1(x))
+            else:
+                h = self.mixer(self.norm1(x), positions=positions, segment_ids=segment_ids)
         x = x + _dropout(h, self.dropout, r1)
         return x + _dropout(self.mlp(self.norm2(x)), self.dropout, r2)
 
@@ -82,7 +87,7 @@ class LM(nnx.Module):
     def _logits(self, x_BTD):
         x = self.final_norm(x_BTD)
         w = self.embed.embedding[...].T if self.head is None else self.head.kernel[...]
-        return jnp.dot(x.astype(self.dtype), w.astype(self.dtype), preferred_element_type=jnp.float32)
+        return dense(x.astype(self.dtype), w.astype(self.dtype), preferred_element_type=jnp.float32)
 
     def __call__(self, tokens_BT: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:

@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,7 +62,8 @@ def test_gpt2_recipe_param_count():
     assert count_params(params) == expected
 
 
-def test_remat_gives_same_loss_and_grads():
+@pytest.mark.parametrize("remat", ["block", "mixer"])
+def test_remat_gives_same_loss_and_grads(remat):
     from lm.model import token_losses
 
     toks = _tokens()
@@ -70,9 +73,14 @@ def test_remat_gives_same_loss_and_grads():
         return jnp.mean(token_losses(logits, toks[:, 1:]))
 
     _, mdef_a, params = _model()
-    _, mdef_b, _ = _model(["model.remat=block"])
+    _, mdef_b, _ = _model([f"model.remat={remat}"])
     la, ga = jax.value_and_grad(lambda p: loss(mdef_a, p))(params)
     lb, gb = jax.value_and_grad(lambda p: loss(mdef_b, p))(params)
+    # remat is really applied: one checkpointed region per layer, none without it.
+    n_layers = len(mdef_b.merge(params).blocks)
+    remat_regions = lambda mdef: len(re.findall(r"\b(?:checkpoint|remat2?)\[", str(jax.make_jaxpr(
+        lambda p: loss(mdef, p))(params))))  # the primitive's printed name varies across jax versions
+    assert remat_regions(mdef_b) == n_layers and remat_regions(mdef_a) == 0
     assert_close(lb, la, rel=1e-6, name="loss")
     for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         assert_close(b, a, rel=1e-5, name="grad")
@@ -138,3 +146,18 @@ def test_greedy_generation_matches_argmax_of_forward():
     assert out[:, :5].tolist() == prompt.tolist()
     full = mdef.merge(params)(out[:, :-1])
     assert out[0, 5:].tolist() == jnp.argmax(full[0, 4:], axis=-1).tolist()
+
+
+def test_gelu_exact_and_dense_match_jax():
+    """The MLP's custom-derivative erf GELU equals jax.nn.gelu(approximate=False) in value and derivative,
+    and `dense` (matmul over flattened leading axes) equals jnp.dot on a 3-D input."""
+    from lm.layers import dense, gelu_exact
+
+    x = jnp.linspace(-9.0, 9.0, 4001, dtype=jnp.float32)
+    assert_close(gelu_exact(x), jax.nn.gelu(x, approximate=False), rel=1e-6, name="gelu")
+    d_ours = jax.vmap(jax.grad(gelu_exact))(x)
+    d_jax = jax.vmap(jax.grad(lambda t: jax.nn.gelu(t, approximate=False)))(x)
+    assert_close(d_ours, d_jax, rel=1e-6, name="gelu'")
+    a = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 16))
+    w = jax.random.normal(jax.random.PRNGKey(1), (16, 7))
+    assert_close(dense(a, w), jnp.dot(a, w), rel=1e-6, name="dense")
