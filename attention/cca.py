@@ -27,6 +27,9 @@ counted from the layer's real shapes, per side (q: n_q heads, k: n_kv heads, W =
 k0 W + W (depthwise + bias) and k1 heads d^2 + W (grouped + bias), plus n_kv temperatures. The paper's
 footnote, 2 e k_seq + e^2 / h k_ch, halves the grouped term for CCA; the shapes reproduce the digest's
 worked numbers (CCA-4x at E = 2048: 4.46M), the footnote does not (4.33M).
+
+`spkv` (Self-Pruned KV, attention/spkv.py) gates the latent keys outside a local window with a utility
+predictor on the mixer's input; decode then keeps k^ and v in a pruned cache.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ from attention import ops
 from attention.base import MixerConfig, MixerContext
 from attention.ops.softmax import decode_attention
 from attention.softmax import visible_keys_per_query
+from attention.spkv import SpkvConfig, SpkvGate
 from lm.layers import Linear, apply_rope, param, positions_from_segments
 
 # eps inside the rsqrt of the QK L2 norm (the value the reference layers use).
@@ -60,6 +64,7 @@ class CCAConfig(MixerConfig):
     value_shift: bool = True
     rope_fraction: float = Field(0.5, ge=0.0, le=1.0)  # share of d rotated when the model uses RoPE (ZAYA1: 0.5)
     temp_clamp: Optional[float] = None  # None: beta = exp(t); else exp(min(t, temp_clamp)) (vLLM's ZAYA1 uses 2)
+    spkv: Optional[SpkvConfig] = None  # None: every key stays in the cache
 
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
@@ -83,6 +88,8 @@ class CCAConfig(MixerConfig):
         if ctx.pos == "rope" and (abs(rotated - round(rotated)) > 1e-9 or round(rotated) % 2):
             errs.append(f"rope_fraction: {self.rope_fraction} * head_dim {d} = {rotated:g} rotated channels; "
                         "RoPE needs an even whole number (e.g. rope_fraction 0.5 with head_dim a multiple of 4)")
+        if self.spkv is not None:
+            errs += self.spkv.check(ctx)
         return errs
 
 
@@ -158,6 +165,7 @@ class CCAttention(nnx.Module):
         self.q_conv = CausalConvStack(Hq, d, cfg.k0, cfg.k1, axis="heads", **conv)
         self.k_conv = CausalConvStack(Hkv, d, cfg.k0, cfg.k1, axis="kv_heads", **conv)
         self.log_temp = param(None, jnp.zeros((Hkv,)), (Hkv,), ("kv_heads",), decay=False)
+        self.spkv = SpkvGate(cfg.spkv, ctx, Hkv, rngs=rngs) if cfg.spkv is not None else None
         self.rotary_dim = cfg.rotary_dim(ctx)
         self.P = cfg.conv_rows()
         self.shift_from = Hkv * d // 2 if cfg.value_shift else None
@@ -212,17 +220,20 @@ class CCAttention(nnx.Module):
         if self.shift_from is not None:
             v_prev = _delay(v_BTW[..., self.shift_from:], 1, doc_pos_BT, self._shift_fill())
         v = self._values(v_BTW, v_prev)
-        o = ops.softmax_attention(q, k, v, causal=True, segment_ids=segment_ids, scale=self.d ** -0.5,
+        gate = None if self.spkv is None else self.spkv(x_BTD, segment_ids)
+        o = ops.softmax_attention(q, k, v, causal=True, local_window=None if gate is None else self.spkv.window,
+                                  key_log_gate=gate, segment_ids=segment_ids, scale=self.d ** -0.5,
                                   impl=self.ctx.impl)
         return self.o_proj(o.reshape(B, T, self.Hq * self.d))
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-        """Latent k^, v per position, plus the constant state: the last P raw q/k latent rows (zeros
+        """Latent k^, v per position (pruned with spkv), plus the constant state: the last P raw q/k latent rows (zeros
         reproduce the single left pad) and the previous token's shifted value projection."""
-        kv = (batch, max_len, self.Hkv, self.d)
-        cache = {"k": jnp.zeros(kv, dtype), "v": jnp.zeros(kv, dtype),
-                 "q_window": jnp.zeros((batch, self.P, self.Hq, self.d), dtype),
-                 "k_window": jnp.zeros((batch, self.P, self.Hkv, self.d), dtype)}
+        dims = {"k": self.d, "v": self.d}
+        cache = self.spkv.init_cache(batch, max_len, dims, dtype) if self.spkv is not None else \
+            {name: jnp.zeros((batch, max_len, self.Hkv, dim), dtype) for name, dim in dims.items()}
+        cache["q_window"] = jnp.zeros((batch, self.P, self.Hq, self.d), dtype)
+        cache["k_window"] = jnp.zeros((batch, self.P, self.Hkv, self.d), dtype)
         if self.shift_from is not None:
             fill = jnp.broadcast_to(self._shift_fill(), (batch, self.Hkv * self.d - self.shift_from))
             cache["v_shift"] = fill.astype(dtype)
@@ -239,16 +250,21 @@ class CCAttention(nnx.Module):
         cq = self.q_conv(q_win, win_pos)[:, -1:]
         ck = self.k_conv(k_win, win_pos)[:, -1:]
         q, k = self._finish_qk(cq, ck, q0, k0, jnp.full((B, 1), position, jnp.int32))
-        new = {"q_window": q_win[:, 1:], "k_window": k_win[:, 1:]}
         v_prev = None
         if self.shift_from is not None:
             v_prev = cache["v_shift"][:, None].astype(v_B1W.dtype)
-            new["v_shift"] = v_B1W[:, 0, self.shift_from:].astype(cache["v_shift"].dtype)
         v = self._values(v_B1W, v_prev)
-        new["k"] = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), position, axis=1)
-        new["v"] = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), position, axis=1)
-        S = new["k"].shape[1]
-        valid = jnp.broadcast_to((jnp.arange(S) <= position)[None, :, None], (B, S, self.Hkv))
+        if self.spkv is None:
+            new = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], e.astype(cache[name].dtype), position,
+                                                             axis=1) for name, e in (("k", k), ("v", v))}
+            S = new["k"].shape[1]
+            valid = jnp.broadcast_to((jnp.arange(S) <= position)[None, :, None], (B, S, self.Hkv))
+        else:
+            new = self.spkv.append(cache, x_B1D, {"k": k, "v": v}, position)
+            valid = new["pos"] >= 0
+        new["q_window"], new["k_window"] = q_win[:, 1:], k_win[:, 1:]
+        if self.shift_from is not None:
+            new["v_shift"] = v_B1W[:, 0, self.shift_from:].astype(cache["v_shift"].dtype)
         o = decode_attention(q, new["k"], new["v"], valid, scale=self.d ** -0.5)
         return self.o_proj(o.reshape(B, 1, self.Hq * self.d)), new
 
@@ -280,7 +296,8 @@ class CCAttention(nnx.Module):
         """Projections, convs and latent attention (2 FLOPs per MAC; norms and elementwise terms left out)."""
         E, Wq, Wkv = self.ctx.d_model, self.Hq * self.d, self.Hkv * self.d
         proj = 2 * E * (Wq + 2 * Wkv) + 2 * Wq * E
-        return proj + 2 * self._conv_weights() + 4 * Wq * visible_keys_per_query(seq_len, None)
+        flops = proj + 2 * self._conv_weights() + 4 * Wq * visible_keys_per_query(seq_len, None)
+        return flops + (0 if self.spkv is None else self.spkv.flops_per_token())
 
 
 def _l2_normalize(x_BTHD: jax.Array) -> jax.Array:

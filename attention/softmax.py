@@ -26,6 +26,12 @@ remains is S·Σw plus a per-key bias Σ_{c>=m//2} w_c·sincos_c(j), so the term
 (Σw folded into the query, the key bias as `key_log_gate`, shifted by Σ|w_c| to keep it <= 0 as the op
 requires; a constant shift also cancels). Memory stays O(T), and decode adds the same bias to the
 cached keys. b would receive no gradient, so it is not a parameter. The row weights still act through Σw.
+
+`spkv` (Self-Pruned KV, attention/spkv.py): a utility predictor on the mixer's input gates every key outside
+a local window; decode keeps a pruned cache. Its gate and pos2d's bias are the same kind of term, one per-key
+addition to the logits, so `_key_log_gate` supplies either. They cannot be combined: the op spares one
+window (pos2d's bias reaches every key) and takes one term. A sliding window already drops old keys, so it
+excludes spkv too.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ from pydantic import Field
 from attention import ops
 from attention.base import MixerConfig, MixerContext
 from attention.ops.softmax import decode_attention
+from attention.spkv import SpkvConfig, SpkvGate
 from lm.layers import Linear, RMSNorm, apply_rope, normal, param
 
 # The paper's init for the 2D-position mixing weights, independent of model.init_std.
@@ -66,6 +73,7 @@ class SoftmaxConfig(MixerConfig):
     scale: Optional[float] = None  # None: head_dim ** -0.5
     share: Literal["none", "kv", "qk", "qkv"] = "none"
     pos2d: Pos2dConfig = Field(default_factory=Pos2dConfig)
+    spkv: Optional[SpkvConfig] = None  # None: every key stays in the cache
 
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
@@ -100,6 +108,14 @@ class SoftmaxConfig(MixerConfig):
         if self.pos2d.enabled and not self.query_is_key():
             errs.append(f"pos2d.enabled: the 2D positional term is for the symmetric variants (share: qk or qkv), "
                         f"got share: {self.share}; set share or pos2d.enabled: false")
+        if self.spkv is not None:
+            errs += self.spkv.check(ctx)
+            if self.pos2d.enabled:
+                errs.append("spkv: cannot be combined with pos2d (one per-key score term per layer); "
+                            "set pos2d.enabled: false or spkv: null")
+            if self.sliding_window is not None:
+                errs.append("spkv: cannot be combined with sliding_window, which already drops old keys; "
+                            "set sliding_window: null or spkv: null")
         return errs
 
     def rope(self, ctx: MixerContext) -> bool:
@@ -130,6 +146,7 @@ class SoftmaxAttention(nnx.Module):
         self.k_norm = RMSNorm(hd, eps=ctx.norm_eps, axes=(None,)) if cfg.qk_norm else None
         self.pos2d_w = param(rngs, normal(POS2D_INIT_STD), (cfg.pos2d.channels,), (None,)) \
             if cfg.pos2d.enabled else None
+        self.spkv = SpkvGate(cfg.spkv, ctx, Hkv, rngs=rngs) if cfg.spkv is not None else None
         self.use_rope = cfg.rope(ctx)
 
     def _heads(self, y_BTX: jax.Array, n_heads: int) -> jax.Array:
@@ -159,53 +176,76 @@ class SoftmaxAttention(nnx.Module):
             q = q * jnp.sum(self.pos2d_w[...]).astype(q.dtype)
         return q, k
 
-    def _key_log_gate(self, positions_BS: jax.Array) -> jax.Array | None:
-        """pos2d's per-key score term [B,S,Hkv] (see the module docstring), or None without pos2d."""
+    def _key_log_gate(self, positions_BS: jax.Array, x_BSD: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None) -> tuple[jax.Array | None, int | None]:
+        """The per-key score term [B,S,Hkv] for the op and the local window it spares (None: every key):
+        SP-KV's write gate from the keys' inputs x (decode passes no x: its pruned cache has applied the
+        gate by keeping or dropping keys), pos2d's bias (see the module docstring), or (None, None)."""
+        if self.spkv is not None:
+            return (None, None) if x_BSD is None else (self.spkv(x_BSD, segment_ids), self.spkv.window)
         if self.pos2d_w is None:
-            return None
+            return None, None
         w_col = self.pos2d_w[...][self.cfg.pos2d.channels // 2:]
         bias_BS = jnp.sum(sincos_features(positions_BS, w_col.shape[0]) * w_col, axis=-1) - jnp.sum(jnp.abs(w_col))
-        return jnp.broadcast_to(bias_BS[..., None], (*bias_BS.shape, self.Hkv))
+        return jnp.broadcast_to(bias_BS[..., None], (*bias_BS.shape, self.Hkv)), None
 
     def __call__(self, x_BTD: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         B, T, _ = x_BTD.shape
         q_raw, k_raw, v = self._project(x_BTD)
         q, k = self._logit_qk(q_raw, k_raw, positions)
+        gate, local_window = self._key_log_gate(positions, x_BTD, segment_ids)
         o = ops.softmax_attention(q, k, v, causal=True, sliding_window=self.cfg.sliding_window,
-                                  key_log_gate=self._key_log_gate(positions), segment_ids=segment_ids,
+                                  local_window=local_window, key_log_gate=gate, segment_ids=segment_ids,
                                   scale=self.cfg.scale, impl=self.ctx.impl)
         return self.o_proj(o.reshape(B, T, self.H * self.hd))
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-        shape = (batch, max_len, self.Hkv, self.hd)
-        names = ("k",) if self.v_proj is None else ("k", "v")
-        return {name: jnp.zeros(shape, dtype) for name in names}
+        dims = {"k": self.hd} if self.v_proj is None else {"k": self.hd, "v": self.hd}
+        if self.spkv is not None:
+            return self.spkv.init_cache(batch, max_len, dims, dtype)
+        return {name: jnp.zeros((batch, max_len, self.Hkv, dim), dtype) for name, dim in dims.items()}
 
     def decode(self, x_B1D: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
         B = x_B1D.shape[0]
         pos_B1 = jnp.full((B, 1), position, jnp.int32)
         q_raw, k_raw, v_raw = self._project(x_B1D)
         q, k = self._logit_qk(q_raw, k_raw, pos_B1)
-        S = cache["k"].shape[1]
-        pos_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-
-        def write(buf, new):
-            return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), position, axis=1)
-
-        if self.v_proj is None:
-            # K=V: the cache holds the projection before norm/RoPE, i.e. the value; keys are derived from it.
-            kc = write(cache["k"], k_raw)
-            keys, values, new_cache = self._for_logits(kc, self.k_norm, pos_BS), kc, {"k": kc}
+        # K=V: the cache holds the projection before norm/RoPE, i.e. the value; keys are derived from it.
+        entries = {"k": k_raw} if self.v_proj is None else {"k": k, "v": v_raw}
+        if self.spkv is None:
+            new_cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], e.astype(cache[name].dtype),
+                                                                   position, axis=1)
+                         for name, e in entries.items()}
+            S = cache["k"].shape[1]
+            s = jnp.arange(S)
+            valid_S = s <= position
+            if self.cfg.sliding_window is not None:
+                valid_S &= s > position - self.cfg.sliding_window
+            pos_BSH = jnp.broadcast_to(s[None, :, None], (B, S, self.Hkv))
+            valid = jnp.broadcast_to(valid_S[None, :, None], (B, S, self.Hkv))
         else:
-            kc, vc = write(cache["k"], k), write(cache["v"], v_raw)
-            keys, values, new_cache = kc, vc, {"k": kc, "v": vc}
-        s = jnp.arange(S)
-        valid_S = s <= position
-        if self.cfg.sliding_window is not None:
-            valid_S &= s > position - self.cfg.sliding_window
-        valid = jnp.broadcast_to(valid_S[None, :, None], (B, S, self.Hkv))
-        o = decode_attention(q, keys, values, valid, key_log_gate=self._key_log_gate(pos_BS), scale=self.cfg.scale)
+            new_cache = self.spkv.append(cache, x_B1D, entries, position)
+            pos_BSH = new_cache["pos"]
+            valid = pos_BSH >= 0
+        keys = values = new_cache["k"]
+        if self.v_proj is None:
+            keys = self._cached_keys(keys, pos_BSH)
+        else:
+            values = new_cache["v"]
+        # Without spkv every head's slots hold the same positions, which is all pos2d needs.
+        gate, _ = self._key_log_gate(pos_BSH[..., 0])
+        o = decode_attention(q, keys, values, valid, key_log_gate=gate, scale=self.cfg.scale)
         return self.o_proj(o.reshape(B, 1, self.H * self.hd)), new_cache
+
+    def _cached_keys(self, kc_BSHD: jax.Array, pos_BSH: jax.Array) -> jax.Array:
+        """The scores' keys of cached K=V projections. A dense cache's slot holds one position for all heads
+        (and without norm or RoPE the keys are the cached array itself); a pruned cache keeps different
+        tokens per head, so heads fold into time for RoPE's per-row positions."""
+        if self.spkv is None:
+            return self._for_logits(kc_BSHD, self.k_norm, pos_BSH[..., 0])
+        B, S, H, D = kc_BSHD.shape
+        flat = self._for_logits(kc_BSHD.reshape(B, S * H, 1, D), self.k_norm, pos_BSH.reshape(B, S * H))
+        return flat.reshape(B, S, H, D)
 
     def cache_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
         nbytes = dtype_bytes or jnp.dtype(self.ctx.dtype).itemsize
@@ -222,6 +262,8 @@ class SoftmaxAttention(nnx.Module):
         if self.pos2d_w is not None:
             m_col = self.cfg.pos2d.channels - self.cfg.pos2d.channels // 2
             flops += H * hd + 2 * m_col + H * visible
+        if self.spkv is not None:
+            flops += self.spkv.flops_per_token()
         return flops
 
 

@@ -26,7 +26,7 @@ def cmd_train(args) -> int:
     from lm.config import load_config
     from lm.train import train
 
-    res = train(load_config(args.config, args.set))
+    res = train(load_config(args.config, args.set), init_from=args.init_from)
     return 3 if res.status == "diverged" else 0
 
 
@@ -37,8 +37,10 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(res))
     else:
+        pruned = f", SP-KV density {res['spkv_density']:.3f} (cache {res['spkv_compression']:.2f}x smaller)" \
+            if "spkv_density" in res else ""
         print(f"{res['run']} step {res['step']}: loss {res['eval_loss']:.4f} nats/token, "
-              f"ppl {res['eval_ppl']:.3f}, {res['eval_bpb']:.4f} bits/byte ({res['tokens']} tokens)")
+              f"ppl {res['eval_ppl']:.3f}, {res['eval_bpb']:.4f} bits/byte ({res['eval_tokens']} tokens){pruned}")
     return 0
 
 
@@ -128,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train (or resume) the run a config describes")
     t.add_argument("config")
+    t.add_argument("--init-from", default=None, metavar="RUN_DIR",
+                   help="start a fresh run from the parameters of RUN_DIR's newest checkpoint that match this "
+                        "model by path and shape (e.g. adapt a baseline to SP-KV); ignored on resume")
     with_set(t)
     t.set_defaults(fn=cmd_train)
 

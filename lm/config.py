@@ -11,7 +11,7 @@ import difflib
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 import pydantic
 import yaml
@@ -175,6 +175,7 @@ class Config(_Section):
             out_std=m.init_std / math.sqrt(2 * m.n_layers) if m.depth_scaled_init else m.init_std,
             dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
             impl=self.kernels.impl,
+            train_steps=self.train.steps,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -299,6 +300,8 @@ def _check_keys(raw: Any, cls: type[pydantic.BaseModel], prefix: str, origins: d
             errors.append(f"{_origin(origins, dotted)}: unknown key {dotted}{hint}")
             continue
         ann = fields[key].annotation
+        # An optional section (Optional[Section]) is checked like a section.
+        ann = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, pydantic.BaseModel)), ann)
         if isinstance(ann, type) and issubclass(ann, pydantic.BaseModel):
             _check_keys(value, ann, dotted + ".", origins, errors)
         elif cls is ModelConfig and key == "mixers" and isinstance(value, dict):

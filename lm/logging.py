@@ -112,6 +112,31 @@ class WandbRun:
         return None if self.run is None else self.run.dir
 
 
+def save_heatmap(rows: dict[str, list[float]], path: Path, *, title: str, xlabel: str) -> Path:
+    """A labelled rows x columns heatmap of values in [0, 1], each cell annotated, as a PNG; rows may differ
+    in length (missing cells stay blank)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    width = max(len(v) for v in rows.values())
+    grid = np.full((len(rows), width), np.nan)
+    for i, values in enumerate(rows.values()):
+        grid[i, :len(values)] = values
+    fig = Figure(figsize=(max(4.5, 2.5 + 0.55 * width), 1.4 + 0.45 * len(rows)), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
+    ax.set_xticks(range(width))
+    ax.set_yticks(range(len(rows)), labels=list(rows))
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def make_progress(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

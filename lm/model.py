@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attention import MIXERS, ops
+from attention.base import AuxLoss, Stat
 from lm.config import Config
 from lm.layers import MLP, Embed, Linear, dense, make_norm, positions_from_segments
 
@@ -140,6 +141,17 @@ class LM(nnx.Module):
         return sum(b.mixer.state_bytes() for b in self.blocks if hasattr(b.mixer, "state_bytes"))
 
 
+def pop_sown(model: LM) -> tuple[jax.Array | None, dict[str, dict[str, jax.Array]]]:
+    """What the mixers sowed during the last call, removed from the model: the sum of their AuxLoss values
+    (None when none was sown) and their Stat values by block label and name, each summed over its sow calls."""
+    aux = [v for _, var in nnx.to_flat_state(nnx.pop(model, AuxLoss)) for v in var.value]
+    stats: dict[str, dict[str, jax.Array]] = {}
+    for block in model.blocks:
+        for path, var in nnx.to_flat_state(nnx.pop(block, Stat)):
+            stats.setdefault(block.label, {})[str(path[-1])] = sum(var.value)
+    return (sum(aux) if aux else None), stats
+
+
 def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     """Per-token cross-entropy in fp32 (nats)."""
     logz = jax.nn.logsumexp(logits_BTV, axis=-1)
@@ -157,6 +169,7 @@ class ParamMeta:
     decay: bool  # conventional: matrices decay; norms, biases, embeddings don't
     never_decay: bool  # the method forbids it (e.g. KDA's A_log and dt_bias), whatever optim.wd_mask says
     lr_mult: float
+    frozen_last_steps: int = 0  # no gradient and no update in the run's last N steps
 
 
 def _stringify(tree):
@@ -179,7 +192,7 @@ class ModelDef:
         return nnx.merge(self.graphdef, state)
 
     def meta(self) -> dict:
-        """Params-shaped tree of ParamMeta (logical axes, weight decay on/off, learning-rate multiplier)."""
+        """Params-shaped tree of ParamMeta (logical axes, weight decay on/off, learning-rate multiplier, freezing)."""
         flat = nnx.to_flat_state(self.template)
         out: dict = {}
         for path, var in flat:
@@ -190,7 +203,7 @@ class ModelDef:
             ndim = len(var.value.shape) if hasattr(var, "value") else len(var.shape)
             axes = tuple(md.get("axes", (None,) * ndim))
             node[str(path[-1])] = ParamMeta(axes, bool(md.get("decay", ndim >= 2)), bool(md.get("never_decay", False)),
-                                             float(md.get("lr_mult", 1.0)))
+                                             float(md.get("lr_mult", 1.0)), int(md.get("frozen_last_steps", 0)))
         return out
 
 

@@ -71,3 +71,23 @@ def clip_by_norm(grads: Any, norm: jax.Array, max_norm: float | None) -> Any:
         return grads
     factor = jnp.minimum(1.0, max_norm / (norm + 1e-6))
     return jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
+
+
+def keep_accepted(new: Any, old: Any, ok: jax.Array, accept: Any = None) -> Any:
+    """`new` where the update is accepted, else `old`, for the parameters or the optimizer state.
+
+    `ok` decides for the whole step. `accept` (params-shaped bools, optional) decides per parameter in every
+    subtree shaped like the parameters (the parameters themselves, Adam's moments); the rest of the state
+    (step counts) follows `ok`.
+    """
+    if accept is None:
+        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    params_def = jax.tree.structure(accept)
+    per_param = lambda x: jax.tree.structure(x) == params_def
+
+    def pick(n, o):
+        if per_param(n):
+            return jax.tree.map(lambda a, n_, o_: jnp.where(a, n_, o_), accept, n, o)
+        return jnp.where(ok, n, o)
+
+    return jax.tree.map(pick, new, old, is_leaf=per_param)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import signal
 import time
 from pathlib import Path
@@ -22,15 +23,16 @@ import optax
 import pydantic
 from rich.console import Console
 
-from attention import ops
+from attention import ops, spkv
+from attention.base import in_train_step
 from lm import data as lmdata
 from lm import flops as lmflops
 from lm import sharding as shd
 from lm.checkpoint import Checkpointer
 from lm.config import Config, ConfigError, dump_config, load_config
-from lm.logging import MetricsFile, WandbRun, make_progress, new_run_id
-from lm.model import LM, ModelDef, abstract_model, count_params, init_model, token_losses
-from lm.optim import clip_by_norm, global_norm, make_optimizer
+from lm.logging import MetricsFile, WandbRun, make_progress, new_run_id, save_heatmap
+from lm.model import LM, ModelDef, Params, ParamMeta, abstract_model, count_params, init_model, pop_sown, token_losses
+from lm.optim import clip_by_norm, global_norm, keep_accepted, make_optimizer
 
 
 class RunError(RuntimeError):
@@ -64,7 +66,8 @@ def open_data(cfg: Config, log: Callable[[str], None] = print) -> lmdata.Dataset
 
 def make_loss_fn(mdef: ModelDef):
     def loss_sums(params, batch, rng):
-        """(sum of token losses, number of scored tokens) for one batch."""
+        """(sum of token losses, (number of scored tokens, logits, the mixers' auxiliary loss or None, their
+        statistics)) for one batch."""
         model: LM = mdef.merge(params)
         tokens = batch["tokens"]
         inp, tgt = tokens[:, :-1], tokens[:, 1:]
@@ -73,7 +76,8 @@ def make_loss_fn(mdef: ModelDef):
         logits = model(inp, segment_ids=seg_in, rng=rng)
         losses = token_losses(logits, tgt)
         mask = target_mask(batch, losses.shape).astype(losses.dtype)
-        return jnp.sum(losses * mask), (jnp.sum(mask), logits)
+        aux, stats = pop_sown(model)
+        return jnp.sum(losses * mask), (jnp.sum(mask), logits, aux, stats)
 
     return loss_sums
 
@@ -95,33 +99,46 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
     base_key = jax.random.PRNGKey(cfg.run.seed)
     skip_norm = cfg.train.skip_grad_norm
     use_rng = cfg.model.dropout > 0
+    meta = mdef.meta()
+    is_meta = lambda x: isinstance(x, ParamMeta)
+    # A parameter is frozen in step s >= freeze_from (0-based): never when frozen_last_steps is 0.
+    freeze_from = jax.tree.map(lambda m: cfg.train.steps - m.frozen_last_steps, meta, is_leaf=is_meta)
+    any_frozen = any(m.frozen_last_steps for m in jax.tree.leaves(meta, is_leaf=is_meta))
 
-    def loss_and_count(p, b, r):
-        total, (count, _) = loss_sums(p, b, r)
-        return total, count
+    def objective(p, b, r, step):
+        with in_train_step(step, cfg.train.steps):
+            total, (count, _, aux, _) = loss_sums(p, b, r)
+        # The auxiliary loss joins the mean token loss, so it enters this sum weighted by the token count.
+        aux_sum = None if aux is None else aux * count
+        return total if aux is None else total + aux_sum, (total, count, aux_sum)
 
-    grad_fn = jax.value_and_grad(loss_and_count, has_aux=True)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def step_fn(state, batch):
         params = state["params"]
         rng = jax.random.fold_in(base_key, state["step"]) if use_rng else None
         if accum == 1:
-            (loss_sum, count), grads = grad_fn(params, batch, rng)
+            (_, (loss_sum, count, aux_sum)), grads = grad_fn(params, batch, rng, state["step"])
         else:
             micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
             def body(carry, xs):
                 i, mb = xs
                 r = None if rng is None else jax.random.fold_in(rng, i)
-                (ls, c), g = grad_fn(params, mb, r)
+                (_, (ls, c, aux_part)), g = grad_fn(params, mb, r, state["step"])
                 acc_g, acc_l, acc_c = carry
-                return (jax.tree.map(jnp.add, acc_g, g), acc_l + ls, acc_c + c), None
+                return (jax.tree.map(jnp.add, acc_g, g), acc_l + ls, acc_c + c), aux_part
 
             zero = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
-            (grads, loss_sum, count), _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro))
+            (grads, loss_sum, count), aux_parts = jax.lax.scan(body, zero, (jnp.arange(accum), micro))
+            aux_sum = None if aux_parts is None else jnp.sum(aux_parts)
         count = jnp.maximum(count, 1.0)
         loss = loss_sum / count
         grads = jax.tree.map(lambda g: g / count, grads)
+        frozen = None
+        if any_frozen:
+            frozen = jax.tree.map(lambda start: state["step"] >= start, freeze_from)
+            grads = jax.tree.map(lambda g, z: jnp.where(z, 0.0, g), grads, frozen)
         gnorm = global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         if skip_norm is not None:
@@ -131,31 +148,34 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
         safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, 0), grads)
         updates, new_opt = tx.update(safe_grads, state["opt"], params)
         new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        # Frozen parameters keep their values and their optimizer moments: no update, no weight decay.
+        accept = None if frozen is None else jax.tree.map(lambda z: ok & ~z, frozen)
         lr = schedule(state["step"] - state["rejected"])  # optax's count: rejected steps do not advance it
         new_state = {
-            "params": keep(new_params, params),
-            "opt": keep(new_opt, state["opt"]),
+            "params": keep_accepted(new_params, params, ok, accept),
+            "opt": keep_accepted(new_opt, state["opt"], ok, accept),
             "step": state["step"] + 1,
             "rejected": state["rejected"] + (~ok).astype(jnp.int32),
             "rejected_run": jnp.where(ok, 0, state["rejected_run"] + 1).astype(jnp.int32),
         }
         metrics = {"loss": loss, "grad_norm": gnorm, "lr": lr, "ok": ok,
                    "rejected": new_state["rejected"], "rejected_run": new_state["rejected_run"]}
+        if aux_sum is not None:
+            metrics["aux_loss"] = aux_sum / count
         return new_state, metrics
 
     return step_fn
 
 
 def make_eval_step(mdef: ModelDef) -> Callable:
-    """(loss sum, scored targets, correct argmax predictions) of one batch."""
+    """(loss sum, scored targets, correct argmax predictions, the mixers' statistics) of one batch."""
     loss_sums = make_loss_fn(mdef)
 
     def eval_step(params, batch):
-        total, (count, logits) = loss_sums(params, batch, None)
+        total, (count, logits, _, stats) = loss_sums(params, batch, None)
         mask = target_mask(batch, logits.shape[:2])
         correct = jnp.sum((jnp.argmax(logits, -1) == batch["tokens"][:, 1:]) & mask)
-        return total, count, correct
+        return total, count, correct, stats
 
     return eval_step
 
@@ -167,14 +187,18 @@ def eval_batch_size(cfg: Config) -> int:
 
 def run_eval_batches(eval_step, params, batches, batch_sh, bpb_factor: float | None) -> dict:
     tot = cnt = cor = 0.0
+    stats = None
     for b in batches:
-        s, c, k = eval_step(params, _to_device_batch(b, batch_sh))
+        s, c, k, st = eval_step(params, _to_device_batch(b, batch_sh))
         tot, cnt, cor = tot + float(s), cnt + float(c), cor + float(k)
+        st = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(st))
+        stats = st if stats is None else jax.tree.map(np.add, stats, st)
     loss = tot / max(cnt, 1.0)
     out = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_acc": cor / max(cnt, 1.0),
            "eval_tokens": int(cnt)}
     if bpb_factor is not None:
         out["eval_bpb"] = loss * bpb_factor
+    out.update(spkv.report(stats or {}))
     return out
 
 
@@ -287,8 +311,11 @@ def _to_device_batch(batch: dict, sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
-def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: int | None = None) -> RunResult:
-    """Train (or resume) the run `run.out_dir/run.name`. `max_steps_this_run` stops early (tests)."""
+def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: int | None = None,
+          init_from: str | Path | None = None) -> RunResult:
+    """Train (or resume) the run `run.out_dir/run.name`. `max_steps_this_run` stops early (tests).
+    `init_from` (a run directory) starts a fresh run from the parameters of its newest checkpoint that
+    match this model by path and shape; a resumed run ignores it."""
     console = console or Console()
     say = lambda msg: console.print(msg, highlight=False, markup=False)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
@@ -319,10 +346,17 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
         start_step, state, meta, data_state = restored
         it.set_state(data_state)
         run_id = meta.get("wandb_id") or new_run_id()
-        say(f"resuming {run_dir} from step {start_step}")
+        say(f"resuming {run_dir} from step {start_step}"
+            + (f"; --init-from {init_from} applies only to a fresh run and is ignored" if init_from else ""))
     else:
         start_step, run_id = 0, new_run_id()
         state = jax.jit(setup.fresh_state, out_shardings=state_sh)()
+        if init_from is not None:
+            try:
+                state["params"] = params_from_run(state["params"], init_from, say)
+            except RunError:
+                ckpt.close()
+                raise
 
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     n_params = count_params(state_shapes["params"])
@@ -356,6 +390,8 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
         say(f"  {label}: {op} -> {chosen} ({reason})")
 
     wb_config = {**cfg.to_dict(), "n_params": n_params, "flops_per_token": fwd_flops, "kernel_impls": impls}
+    if init_from is not None and restored is None:
+        wb_config["init_from"] = str(init_from)
     wandb = WandbRun(cfg.wandb, run_dir, run_id, wb_config)
     metrics_file = MetricsFile(run_dir / "metrics.jsonl", start_step if restored else None)
     eval_set = ds.eval_batches(seq_len=cfg.data.seq_len, batch_size=eval_batch_size(cfg),
@@ -372,6 +408,11 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
         rec = {"step": step, **run_eval_batches(eval_step, state["params"], eval_set, batch_sh, bpb)}
         metrics_file.write(rec)
         wandb.log(rec, step)
+        if "spkv_density_heads" in rec:
+            png = save_heatmap(rec["spkv_density_heads"], run_dir / f"spkv_density_step{step}.png",
+                               title=f"SP-KV gate density (kept share of older keys), step {step}",
+                               xlabel="KV head")
+            wandb.log_image("spkv_density_heads", png, step)
         return rec
 
     status, message, last_eval = "finished", "", None
@@ -405,6 +446,8 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
                            "loss_avg": float(np.mean([float(v["loss"]) for v in vals])),
                            "lr": float(last["lr"]), "grad_norm": float(last["grad_norm"]), "tokens_per_s": tps,
                            "mfu": tps * train_flops_tok / (peak * n_dev), "rejected_steps": int(last["rejected"])}
+                    if "aux_loss" in last:
+                        rec["aux_loss"] = float(last["aux_loss"])
                     if int(last["rejected_run"]) >= cfg.train.max_rejected:
                         status = "diverged"
                     metrics_file.write(rec)
@@ -431,8 +474,10 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
         if status == "finished":
             last_eval = run_eval(step)
             bits = f", {last_eval['eval_bpb']:.4f} bits/byte" if "eval_bpb" in last_eval else ""
+            pruned = f", SP-KV density {last_eval['spkv_density']:.3f} (cache {last_eval['spkv_compression']:.2f}x " \
+                     f"smaller)" if "spkv_density" in last_eval else ""
             say(f"eval at step {step}: loss {last_eval['eval_loss']:.4f} nats/token{bits}, "
-                f"ppl {last_eval['eval_ppl']:.2f}, accuracy {last_eval['eval_acc']:.4f}")
+                f"ppl {last_eval['eval_ppl']:.2f}, accuracy {last_eval['eval_acc']:.4f}{pruned}")
         ckpt.save(step, state, meta_dict(step), data_state)
         wandb.summary({"final_step": step, **(last_eval or {})})
     finally:
@@ -442,6 +487,46 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
     if message:
         say(message)
     return RunResult(run_dir, status, step, last_eval, message)
+
+
+def params_from_run(params: Params, run_dir: str | Path, say: Callable[[str], None]) -> Params:
+    """`params` with every array whose path and shape match one in `run_dir`'s newest checkpoint loaded
+    from it; the rest keep their initial values. Says which were loaded and which not."""
+    from lm.eval import load_run  # lm.eval builds on this module
+
+    _, _, source, source_step = load_run(run_dir)
+    source_by_path = {jax.tree_util.keystr(p, simple=True, separator="."): x
+                      for p, x in jax.tree_util.tree_flatten_with_path(source)[0]}
+    loaded, kept_init = [], []
+
+    def pick(path, x):
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        y = source_by_path.get(name)
+        if y is not None and y.shape == x.shape and y.dtype == x.dtype:
+            loaded.append(name)
+            return jax.device_put(y, x.sharding)
+        kept_init.append(name if y is None else f"{name} (checkpoint shape {tuple(y.shape)})")
+        return x
+
+    out = jax.tree_util.tree_map_with_path(pick, params)
+    if not loaded:
+        raise RunError(f"--init-from {run_dir}: no parameter of this model matches its checkpoint (step "
+                       f"{source_step}) by path and shape; give a run of the same architecture")
+    unused = sorted(set(source_by_path) - set(loaded))
+    n_loaded = sum(int(np.prod(source_by_path[n].shape)) for n in loaded)
+    say(f"init from {run_dir} step {source_step}: loaded {len(loaded)} of {len(loaded) + len(kept_init)} "
+        f"parameter arrays ({n_loaded:,} values); initialised fresh: {_layer_groups(kept_init) or 'none'}; "
+        f"in the checkpoint but unused: {_layer_groups(unused) or 'none'}")
+    return out
+
+
+def _layer_groups(names: list[str]) -> str:
+    """Parameter names with the layer index folded: blocks.*.mixer.spkv.w1 (x4)."""
+    counts: dict[str, int] = {}
+    for n in names:
+        key = re.sub(r"^blocks\.\d+\.", "blocks.*.", n)
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(k if c == 1 else f"{k} (x{c})" for k, c in counts.items())
 
 
 def _opt_shardings(opt_shapes, param_shapes, param_sh, repl):

@@ -1,0 +1,207 @@
+"""SP-KV (Self-Pruned KV attention, Meta FAIR 2026): a learned write gate that decides which keys outlive
+the local window. An option (`spkv:`) of the `softmax` and `cca` mixers.
+
+Per layer, a small predictor reads each token's mixer input h (the pre-attention normed activation) and
+gives one logit per KV head, the key's "future utility" u = σ(z):
+
+    z = W2 · SiLU(W1 · h + b1) + b2        W1: d_model -> hidden, W2: hidden -> n_kv_heads, b2 starts at init_bias
+
+Query t reads key s unchanged while t - s < window; further back the key's logit gets the gate g_s (through
+`ops.softmax_attention`'s key_log_gate and local_window). Under GQA a KV head's gate serves its query heads.
+
+    training                  g = log σ(z)                              soft: gradients say "use it more / less"
+    anneal (last N steps)     g = log max((1-α)·u + α·1[u ≥ τ], 1e-6)    α = 1/N ... 1; predictor frozen
+    inference                 g = 0 if u ≥ τ else -inf                  exactly what the pruned cache computes
+
+Outside a train step (eval, generation, a mixer called on its own) the gate is the hard one, so eval losses
+are the losses a pruned cache gives. The next-token loss alone closes gates; `density_reg` > 0 adds
+density_reg · mean(u over the keys that leave the window) per layer as an auxiliary loss.
+
+Statistics, sown per layer as sums: `spkv_kept` [Hkv] (keys that leave the window before their document
+ends and have u ≥ τ), `spkv_older` (keys that leave the window) and `spkv_keys` (all keys). `report`
+turns their sums into the density per layer and head (the mean of 1[u ≥ τ] over keys outside the window)
+and the cache compression factor: the entries a dense cache holds at the end of each sequence (its length
+T, per layer and KV head) over those a pruned cache holds then (the window plus the kept older keys),
+each summed over SP-KV layers, KV heads and sequences before dividing.
+
+Decode keeps a pruned cache per layer: slots [0, R) are a ring buffer of the last R = min(window, max_len)
+tokens, slots [R, R + C) an append-only store, C = max(max_len - window, 0) (the worst case: every key
+kept). Each slot records its token's position (-1: empty); a token's keep bit is computed when it arrives,
+and when it leaves the ring it is copied to the store iff the bit is set, at that head's own store length.
+Shapes are fixed under jit, so the arrays are allocated for the worst case and decode reads every slot
+(masked); `occupancy` counts the entries actually held, which is what a ragged or paged allocator would pay.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pydantic
+from flax import nnx
+from pydantic import Field
+
+from attention.base import AuxLoss, MixerContext, Stat, current_train_step
+from lm.layers import normal, param, positions_from_segments
+
+# Floor of the annealed gate: log(1e-6) keeps a closed key's logit finite while it weighs like a dropped one.
+MIN_GATE = 1e-6
+
+
+class AnnealConfig(pydantic.BaseModel):
+    """Threshold-aware hard gating: the last `steps` steps of the run move the gate from soft to hard."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True)
+
+    steps: int = Field(ge=1)
+
+
+class SpkvConfig(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True)
+
+    window: int = Field(128, ge=1)  # recent keys every query reads ungated (including itself)
+    threshold: float = Field(0.5, gt=0, lt=1)  # τ: an older key stays in the cache iff u >= τ
+    hidden: Optional[int] = Field(None, ge=1)  # predictor width; None: d_model // 4
+    init_bias: float = 5.0  # b2 at init: σ(5) ≈ 0.993, every gate open
+    lr_mult: float = Field(5.0, gt=0)  # predictor learning rate = lr_mult * optim.lr
+    anneal: Optional[AnnealConfig] = None
+    density_reg: float = Field(0.0, ge=0)  # weight of the mean-utility penalty; 0: no auxiliary loss
+
+    def check(self, ctx: MixerContext) -> list[str]:
+        errs = []
+        if self.window >= ctx.seq_len:
+            errs.append(f"spkv.window: {self.window} leaves no key outside the window at data.seq_len "
+                        f"{ctx.seq_len}, so nothing could be pruned; use a window below {ctx.seq_len}")
+        if self.anneal is not None and ctx.train_steps is not None and self.anneal.steps > ctx.train_steps:
+            errs.append(f"spkv.anneal.steps: {self.anneal.steps} is more than train.steps {ctx.train_steps}; "
+                        f"anneal over the last part of the run (e.g. {max(ctx.train_steps // 4, 1)})")
+        return errs
+
+
+def anneal_alpha(step: jax.Array, total: int, anneal_steps: int) -> jax.Array:
+    """α of 0-based step `step`: 0 before the last `anneal_steps` steps, then 1/N, 2/N, ..., 1 at the last."""
+    return jnp.clip((step + 1 - (total - anneal_steps)) / anneal_steps, 0.0, 1.0).astype(jnp.float32)
+
+
+def _leaves_window(batch: int, T: int, window: int, segment_ids_BT: jax.Array | None) -> jax.Array:
+    """[B,T] bool: key s is read from outside the window by a later query of its own document."""
+    if segment_ids_BT is None:
+        remaining_T = T - 1 - jnp.arange(T)
+        return jnp.broadcast_to(remaining_T >= window, (batch, T))
+    remaining_BT = positions_from_segments(segment_ids_BT[:, ::-1])[:, ::-1]
+    return remaining_BT >= window
+
+
+class SpkvGate(nnx.Module):
+    """The utility predictor of one layer, its gate on the attention logits and its pruned decode cache."""
+
+    def __init__(self, cfg: SpkvConfig, ctx: MixerContext, n_kv_heads: int, *, rngs: nnx.Rngs):
+        self.cfg, self.window, self.Hkv = cfg, cfg.window, n_kv_heads
+        d, hidden = ctx.d_model, cfg.hidden or max(ctx.d_model // 4, 1)
+        meta = dict(lr_mult=cfg.lr_mult, frozen_last_steps=cfg.anneal.steps if cfg.anneal else 0)
+        self.w1 = param(rngs, normal(ctx.init_std), (d, hidden), ("embed", None), **meta)
+        self.b1 = param(None, jnp.zeros((hidden,)), (hidden,), (None,), decay=False, **meta)
+        self.w2 = param(rngs, normal(ctx.init_std), (hidden, n_kv_heads), (None, "kv_heads"), **meta)
+        self.b2 = param(None, jnp.full((n_kv_heads,), cfg.init_bias), (n_kv_heads,), ("kv_heads",),
+                        decay=False, **meta)
+        # u >= τ  <=>  z >= logit(τ): deciding on z keeps the forward and decode decisions identical.
+        self.logit_threshold = math.log(cfg.threshold / (1.0 - cfg.threshold))
+
+    def logits(self, x_BTD: jax.Array) -> jax.Array:
+        """z [B,T,Hkv] in fp32."""
+        h = jax.nn.silu(jnp.dot(x_BTD.astype(jnp.float32), self.w1[...]) + self.b1[...])
+        return jnp.dot(h, self.w2[...]) + self.b2[...]
+
+    def __call__(self, x_BTD: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """key_log_gate [B,T,Hkv] for the keys of x (to apply with local_window=self.window); sows the
+        statistics and, while training with density_reg, the auxiliary loss."""
+        B, T, _ = x_BTD.shape
+        z = self.logits(x_BTD)
+        keep = z >= self.logit_threshold
+        train_step = current_train_step()
+        if train_step is None:
+            gate = jnp.where(keep, 0.0, -jnp.inf)
+        else:
+            gate = jax.nn.log_sigmoid(z)
+            if self.cfg.anneal is not None:
+                alpha = anneal_alpha(train_step.step, train_step.total, self.cfg.anneal.steps)
+                u_hat = (1.0 - alpha) * jax.nn.sigmoid(z) + alpha * keep
+                gate = jnp.where(alpha > 0, jnp.log(jnp.maximum(u_hat, MIN_GATE)), gate)
+        older_BT = _leaves_window(B, T, self.window, segment_ids)
+        self.sow(Stat, "spkv_kept", jnp.sum(keep & older_BT[..., None], axis=(0, 1)))
+        self.sow(Stat, "spkv_older", jnp.sum(older_BT))
+        self.sow(Stat, "spkv_keys", jnp.int32(B * T))
+        if self.cfg.density_reg and train_step is not None:
+            older = older_BT[..., None].astype(jnp.float32)
+            mean_u = jnp.sum(jax.nn.sigmoid(z) * older) / jnp.maximum(jnp.sum(older) * self.Hkv, 1.0)
+            self.sow(AuxLoss, "spkv_density", self.cfg.density_reg * mean_u)
+        return gate
+
+    # -- pruned decode cache ------------------------------------------------------------------------
+
+    def init_cache(self, batch: int, max_len: int, dims: dict[str, int], dtype) -> dict:
+        """Pruned cache holding, per slot and KV head, one vector per entry of `dims` (name -> width)."""
+        ring, store = min(self.window, max_len), max(max_len - self.window, 0)
+        cache = {name: jnp.zeros((batch, ring + store, self.Hkv, dim), dtype) for name, dim in dims.items()}
+        cache["pos"] = jnp.full((batch, ring + store, self.Hkv), -1, jnp.int32)
+        cache["keep"] = jnp.zeros((batch, ring, self.Hkv), bool)
+        cache["stored"] = jnp.zeros((batch, self.Hkv), jnp.int32)
+        return cache
+
+    def append(self, cache: dict, x_B1D: jax.Array, entries: dict[str, jax.Array], position) -> dict:
+        """Add the token at `position` (its mixer input x and its cache `entries` [B,1,Hkv,dim]); the token
+        leaving the window moves to the store if its keep bit is set. Slot positions: cache["pos"]."""
+        B, ring = cache["keep"].shape[:2]
+        slot = position % self.window  # < ring: positions stay below max_len
+        b_B1, h_1H = jnp.arange(B)[:, None], jnp.arange(self.Hkv)[None, :]
+        leaving_pos_BH = cache["pos"][:, slot]
+        moves_BH = cache["keep"][:, slot] & (leaving_pos_BH >= 0)
+        dest_BH = ring + cache["stored"]
+        new = dict(cache)
+        for name, e_B1HD in entries.items():
+            buf = cache[name]
+            # Written whether or not it moves: the slot only becomes visible through its position below.
+            buf = buf.at[b_B1, dest_BH, h_1H].set(buf[:, slot], mode="drop")
+            new[name] = buf.at[:, slot].set(e_B1HD[:, 0].astype(buf.dtype))
+        pos = cache["pos"].at[b_B1, dest_BH, h_1H].set(jnp.where(moves_BH, leaving_pos_BH, -1), mode="drop")
+        new["pos"] = pos.at[:, slot].set(position)
+        new["keep"] = cache["keep"].at[:, slot].set(self.logits(x_B1D)[:, 0] >= self.logit_threshold)
+        new["stored"] = cache["stored"] + moves_BH
+        return new
+
+    def flops_per_token(self) -> float:
+        d, hidden = self.w1.shape
+        return 2.0 * hidden * (d + self.Hkv)
+
+
+def occupancy(cache: dict) -> jax.Array:
+    """[B,Hkv] entries a pruned cache holds per KV head: the occupied ring slots plus the store."""
+    return jnp.sum(cache["pos"] >= 0, axis=1)
+
+
+def report(stats: dict[str, dict[str, Any]]) -> dict:
+    """Eval metrics from SP-KV statistics summed over batches, by block label ({} without SP-KV layers):
+    spkv_density (all SP-KV layers and heads), spkv_density/<label>, spkv_density_heads {label: [per KV
+    head]} and spkv_compression (see the module docstring)."""
+    out: dict[str, Any] = {}
+    heads: dict[str, list[float]] = {}
+    kept_all = older_all = full_all = pruned_all = 0.0
+    for label, s in stats.items():
+        if "spkv_kept" not in s:
+            continue
+        kept_H = np.asarray(s["spkv_kept"], np.float64)
+        older, keys, H = float(s["spkv_older"]), float(s["spkv_keys"]), kept_H.size
+        heads[label] = (kept_H / max(older, 1.0)).tolist()
+        out[f"spkv_density/{label}"] = float(kept_H.sum() / max(older * H, 1.0))
+        kept_all += kept_H.sum()
+        older_all += older * H
+        full_all += keys * H
+        pruned_all += (keys - older) * H + kept_H.sum()
+    if not heads:
+        return {}
+    out["spkv_density"] = float(kept_all / max(older_all, 1.0))
+    out["spkv_compression"] = float(full_all / pruned_all)
+    out["spkv_density_heads"] = heads
+    return out
