@@ -326,11 +326,11 @@ def test_config_errors():
         load_config("configs/tiny/spkv.yaml", ["model.mixers.softmax.spkv.windw=3"])
     with pytest.raises(ConfigError, match=r"spkv\.window: 256 leaves no key outside the window"):
         load_config("configs/tiny/spkv.yaml", ["model.mixers.softmax.spkv.window=256"])
-    with pytest.raises(ConfigError, match=r"spkv\.anneal\.steps: 400 is more than train\.steps 300"):
+    with pytest.raises(ConfigError, match=r"spkv\.anneal\.steps: 400 is more than train\.steps 250"):
         load_config("configs/tiny/spkv.yaml", ["model.mixers.softmax.spkv.anneal.steps=400"])
     with pytest.raises(ConfigError, match=r"spkv: cannot be combined with sliding_window"):
         load_config("configs/tiny/spkv.yaml", ["model.mixers.softmax.sliding_window=64"])
     assert load_config("configs/tiny/spkv.yaml", ["model.mixers.softmax.spkv=null"]).model.mixers["softmax"].spkv \
         is None
     assert math.isclose(load_config("configs/tiny/spkv.yaml").model.mixers["softmax"].spkv.init_bias, 5.0)
-    assert load_config("configs/tiny/spkv_cca.yaml").model.mixers["cca"].spkv.anneal.steps == 75
+    assert load_config("configs/tiny/spkv_cca.yaml").model.mixers["cca"].spkv.anneal.steps == 62
