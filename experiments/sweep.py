@@ -28,6 +28,7 @@ class Run:
     config: str
     overrides: tuple[str, ...] = ()
     seed: int = 0
+    init_from: str | None = None  # a run directory whose matching parameters start this run (train --init-from)
 
     @property
     def name(self) -> str:
@@ -41,13 +42,14 @@ def run_all(runs: list[Run], out_dir: str | Path, *, common: tuple[str, ...] = (
         over = [*common, *r.overrides, f"run.name={r.name}", f"run.out_dir={out_dir}", f"run.seed={r.seed}"]
         cfg = load_config(r.config, over)
         print(f"[{i + 1}/{len(runs)}] {r.name}: {r.config} {' '.join(r.overrides)}", flush=True)
-        res = train(cfg)
+        res = train(cfg, init_from=r.init_from)
         if res.status not in ("finished", "already_finished"):
             raise RuntimeError(f"run {r.name} stopped: {res.status} {res.message}")
         rows = read_metrics(Path(out_dir) / r.name / "metrics.jsonl")
         evals = [x for x in rows if "eval_loss" in x]
         info = model_info(cfg)
         records.append({"label": r.label, "seed": r.seed, "config": r.config, "overrides": list(r.overrides),
+                        "init_from": r.init_from,
                         "steps": cfg.train.steps, "tokens": cfg.train.steps * cfg.data.batch_size * cfg.data.seq_len,
                         **{k: info[k] for k in ("params", "kv_cache_bytes_per_token", "state_bytes_per_sequence",
                                                 "flops_per_token")},
@@ -88,6 +90,12 @@ def provenance() -> str:
         pass
     return (f"{cpu}, backend {jax.default_backend()}; python {platform.python_version()}, jax {jax.__version__}; "
             f"{datetime.date.today().isoformat()}")
+
+
+def report_head(title: str, module: str, args: str) -> str:
+    """The opening of a results file: title, the command that made it (`python -m module args`), machine
+    and versions."""
+    return f"# {title}\n\nCommand: `python -m {module} {args}`\n\nMachine: {provenance()}.\n\n"
 
 
 def save_records(records: list[dict], path: Path) -> None:
