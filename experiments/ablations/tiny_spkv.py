@@ -1,6 +1,6 @@
 """SP-KV on the tiny softmax model: gate density at τ = 0.5 and the eval-loss change it costs.
 
-    python -m experiments.ablations.tiny_spkv [--seed 0] [--steps 100] [--out runs/ablation-tiny]
+    python -m experiments.ablations.tiny_spkv [--seed 0] [--steps 100] [--taus 0.5 0.7 ...] [--out runs/ablation-tiny]
 
 Two recipes, each against the same model without SP-KV at the same tokens:
 
@@ -39,7 +39,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--out", default="runs/ablation-tiny")
-    p.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9],
+    p.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.7, 0.9, 0.95, 0.99],
                    help="thresholds to evaluate the spkv and spkv_adapted runs at (no retraining)")
     a = p.parse_args(argv)
     # The same common overrides as tiny_softmax_family, so its softmax and spkv runs are shared.
@@ -58,15 +58,19 @@ def main(argv=None) -> None:
 
 
 def threshold_sweep(records: list[dict], a) -> list[dict]:
-    """Eval loss, density and compression of the spkv runs at other thresholds τ (the same weights)."""
+    """Eval loss, density and compression of the spkv runs at other thresholds τ (the same weights), on the
+    held-out batches the runs' own evals used (train.eval_steps of them), so the baselines' losses compare."""
+    from lm.config import load_config
     from lm.eval import evaluate
 
     out = []
     for r in records:
         if r["label"] not in ("spkv", "spkv_adapted"):
             continue
+        run_dir = Path(a.out) / f"{r['label']}-s{r['seed']}"
+        n_batches = load_config(run_dir / "config.yaml").train.eval_steps
         for tau in a.taus:
-            res = evaluate(Path(a.out) / f"{r['label']}-s{r['seed']}", overrides=[f"{P}.threshold={tau}"])
+            res = evaluate(run_dir, max_batches=n_batches, overrides=[f"{P}.threshold={tau}"])
             out.append({"label": r["label"], "tau": tau, **{k: res[k] for k in (
                 "eval_loss", "spkv_density", "spkv_compression")}})
             print(json.dumps(out[-1]), flush=True)
@@ -93,7 +97,7 @@ def write_report(records: list[dict], a, sweep: list[dict]) -> None:
                         f"{t['eval_loss']:.4f} | {100 * (t['eval_loss'] / base - 1):+.2f}% |")
     (RESULTS / "tiny_spkv.md").write_text(
         report_head("SP-KV on the tiny softmax model", "experiments.ablations.tiny_spkv",
-                    f"--seed {a.seed} --steps {a.steps}") +
+                    f"--seed {a.seed} --steps {a.steps} --taus {' '.join(map(str, a.taus))}") +
         "Model: configs/tiny/softmax.yaml (d_model 192, 4 layers, 8 heads, seq 256, batch 16) with SP-KV on "
         "every layer: local window 32, τ = 0.5, predictor d_model → 48 → 8 KV heads, anneal to the hard gate "
         "over the last quarter of the steps with the predictor frozen. Density is the share of keys outside "
