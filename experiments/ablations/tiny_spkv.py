@@ -8,8 +8,8 @@ Two recipes, each against the same model without SP-KV at the same tokens:
   with the paper's predictor settings (init_bias 5, lr_mult 5) and with the knobs that set density
   (init_bias, lr_mult, density_reg), against the tiny softmax run of the same budget;
 - adapted (the paper's main recipe): the finished softmax run continued for another --steps with SP-KV
-  (`--init-from`: every matching parameter loaded, the predictor's gates open), against the same softmax
-  run continued for --steps without SP-KV.
+  (`--init-from`: every matching parameter loaded, the predictor's gates open), with the paper's settings
+  and with the density regulariser, against the same softmax run continued for --steps without SP-KV.
 
 Writes experiments/results/tiny_spkv.md. Shares run names and the output directory with
 tiny_softmax_family, so the baseline softmax run is reused when that sweep already made it.
@@ -50,7 +50,8 @@ def main(argv=None) -> None:
     runs = [Run("softmax", SOFTMAX, (), a.seed)]
     runs += [Run(label, SPKV, anneal + extra, a.seed) for label, extra in SCRATCH.items()]
     runs += [Run("softmax_continued", SOFTMAX, (), a.seed, init_from=base_dir),
-             Run("spkv_adapted", SPKV, anneal, a.seed, init_from=base_dir)]
+             Run("spkv_adapted", SPKV, anneal, a.seed, init_from=base_dir),
+             Run("spkv_adapted_reg", SPKV, anneal + SCRATCH["spkv_reg"], a.seed, init_from=base_dir)]
     records = run_all(runs, a.out, common=common)
     sweep = threshold_sweep(records, a)
     save_records({"runs": records, "threshold_sweep": sweep}, RESULTS / "tiny_spkv.json")
@@ -80,7 +81,8 @@ def threshold_sweep(records: list[dict], a) -> list[dict]:
 def write_report(records: list[dict], a, sweep: list[dict]) -> None:
     by = {r["label"]: r for r in records}
     rows = []
-    for label, base in [*((lbl, "softmax") for lbl in SCRATCH), ("spkv_adapted", "softmax_continued")]:
+    for label, base in [*((lbl, "softmax") for lbl in SCRATCH), ("spkv_adapted", "softmax_continued"),
+                        ("spkv_adapted_reg", "softmax_continued")]:
         r, b = by[label], by[base]
         settings = " ".join(o.split(".spkv.")[-1] for o in r["overrides"] if "anneal" not in o) or "defaults"
         rows.append(f"| {label} | {settings} | {r['tokens'] * (2 if r['init_from'] else 1):,} | "
