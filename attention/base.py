@@ -37,10 +37,23 @@ class MixerConfig(pydantic.BaseModel):
 
     kind: str
 
-    def check(self, ctx: "MixerContext") -> list[str]:
+    def check(self, ctx: MixerContext) -> list[str]:
         """Cross-field problems given the model around the mixer, as messages naming the key (without prefix)."""
         return []
 
+
+
+class HeadsMixerConfig(MixerConfig):
+    """A mixer config with `n_heads` equal heads of `head_dim` (None: d_model // n_heads); the subclass
+    declares both fields with its own defaults and documentation."""
+
+    def dim(self, d_model: int) -> int:
+        return self.head_dim or d_model // self.n_heads
+
+    def check(self, ctx: MixerContext) -> list[str]:
+        if self.head_dim is None and ctx.d_model % self.n_heads:
+            return [f"n_heads: d_model {ctx.d_model} is not divisible by n_heads {self.n_heads} (or set head_dim)"]
+        return []
 
 @dataclasses.dataclass(frozen=True)
 class MixerContext:

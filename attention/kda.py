@@ -29,7 +29,7 @@ from flax import nnx
 from pydantic import Field
 
 from attention import ops
-from attention.base import MixerConfig, MixerContext
+from attention.base import HeadsMixerConfig, MixerContext
 from attention.ops.kda import CHUNK
 from lm.layers import Linear, RMSNorm, param, positions_from_segments
 
@@ -40,21 +40,13 @@ _DT_RANGE = (1e-3, 0.1)
 _DT_FLOOR = 1e-4
 
 
-class KdaConfig(MixerConfig):
+class KdaConfig(HeadsMixerConfig):
     kind: Literal["kda"] = "kda"
     n_heads: int = Field(8, ge=1)
     head_dim: Optional[int] = Field(None, ge=1)  # None: d_model // n_heads; dk = dv = head_dim
     conv_size: int = Field(4, ge=2)  # depthwise causal short conv on q, k, v
     scale: Optional[float] = Field(None, gt=0)  # None: head_dim ** -0.5
     norm_eps: Optional[float] = Field(None, gt=0)  # output RMSNorm eps; None: model.norm_eps
-
-    def dim(self, d_model: int) -> int:
-        return self.head_dim or d_model // self.n_heads
-
-    def check(self, ctx: MixerContext) -> list[str]:
-        if self.head_dim is None and ctx.d_model % self.n_heads:
-            return [f"n_heads: d_model {ctx.d_model} is not divisible by n_heads {self.n_heads} (or set head_dim)"]
-        return []
 
 
 def causal_conv(x_BTC: jax.Array, w_WC: jax.Array, history_BSC: jax.Array,

@@ -41,7 +41,7 @@ from flax import nnx
 from pydantic import Field
 
 from attention import ops
-from attention.base import MixerConfig, MixerContext
+from attention.base import HeadsMixerConfig, MixerContext
 from attention.ops.lightning import block_size
 from lm.layers import Linear, RMSNorm, rms_normalize
 
@@ -52,7 +52,7 @@ FEATURE_MAPS = {
 }
 
 
-class LightningConfig(MixerConfig):
+class LightningConfig(HeadsMixerConfig):
     kind: Literal["lightning"] = "lightning"
     n_heads: int = Field(8, ge=1)
     head_dim: Optional[int] = Field(None, ge=1)  # None: d_model // n_heads (q, k and v heads alike)
@@ -63,14 +63,6 @@ class LightningConfig(MixerConfig):
     norm: Literal["rmsnorm", "srmsnorm"] = "rmsnorm"  # over all heads; srmsnorm has no weight (TNL)
     norm_eps: float = Field(1e-6, gt=0)
     gate_rank: Optional[int] = Field(None, ge=1)  # None: full-rank sigmoid gate (MiniMax)
-
-    def dim(self, d_model: int) -> int:
-        return self.head_dim or d_model // self.n_heads
-
-    def check(self, ctx: MixerContext) -> list[str]:
-        if self.head_dim is None and ctx.d_model % self.n_heads:
-            return [f"n_heads: d_model {ctx.d_model} is not divisible by n_heads {self.n_heads} (or set head_dim)"]
-        return []
 
 
 def alibi_slopes(n_heads: int) -> np.ndarray:

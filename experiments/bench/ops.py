@@ -21,7 +21,8 @@ from attention import ops
 from experiments.bench.step import machine
 
 
-def _time(fn, args, reps: int) -> float:
+def median_time(fn, args, reps: int) -> float:
+    """Median seconds of `reps` calls of fn(*args) after one warm-up call (compilation)."""
     out = fn(*args)
     jax.block_until_ready(out)
     times = []
@@ -79,7 +80,7 @@ def run(Ts, B, H, D, dtype, impls, reps) -> list[dict]:
         for make in (softmax_cases, linear_cases):
             for name, (f, args) in make(B, T, H, D, dtype, impls).items():
                 try:
-                    sec = _time(_fwd_bwd(f), args, reps)
+                    sec = median_time(_fwd_bwd(f), args, reps)
                     rows.append({"op": name, "T": T, "B": B, "H": H, "D": D, "dtype": jnp.dtype(dtype).name,
                                  "fwd_bwd_ms": sec * 1e3})
                 except Exception as e:  # a baseline the backend lacks is reported, not fatal

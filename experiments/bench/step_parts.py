@@ -20,27 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from attention import ops
+from experiments.bench.ops import median_time
 from experiments.bench.step import machine
 from lm.config import load_config
 from lm.model import token_losses
 from lm.train import build, make_train_step
-
-
-def _time(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def step_parts(config: str, overrides: list[str], reps: int = 3) -> dict:
@@ -56,17 +46,17 @@ def step_parts(config: str, overrides: list[str], reps: int = 3) -> dict:
         return jnp.mean(token_losses(logits, tokens[:, 1:]))
 
     out = {"config": config, "overrides": overrides, "reps": reps}
-    out["forward_s"] = _time(jax.jit(loss), params, reps=reps)
-    out["forward_backward_s"] = _time(jax.jit(jax.value_and_grad(loss)), params, reps=reps)
+    out["forward_s"] = median_time(jax.jit(loss), (params,), reps)
+    out["forward_backward_s"] = median_time(jax.jit(jax.value_and_grad(loss)), (params,), reps)
     grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), params)
 
     def opt(p, g, s):
         updates, s = setup.tx.update(g, s, p)
         return jax.tree.map(jnp.add, p, updates), s
 
-    out["optimizer_s"] = _time(jax.jit(opt), params, grads, state["opt"], reps=reps)
+    out["optimizer_s"] = median_time(jax.jit(opt), (params, grads, state["opt"]), reps)
     step = jax.jit(make_train_step(cfg, setup.mdef, setup.tx, setup.schedule))
-    out["full_step_s"] = _time(step, state, {"tokens": tokens}, reps=reps)
+    out["full_step_s"] = median_time(step, (state, {"tokens": tokens}), reps)
 
     # Attention: every softmax layer's op call on its shapes (heads and head dim from the mixer config).
     attn = 0.0
@@ -79,7 +69,7 @@ def step_parts(config: str, overrides: list[str], reps: int = 3) -> dict:
         kv = jax.random.normal(key, (B, T, mixer.Hkv, mixer.hd))
         f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(ops.softmax_attention(q, k, v, causal=True, impl=cfg.kernels.impl)),
                              argnums=(0, 1, 2)))
-        attn += _time(f, q, kv, kv, reps=reps)
+        attn += median_time(f, (q, kv, kv), reps)
     out["attention_ops_s"] = attn
 
     # Dense layers: each [B*T, d_in] x [d_in, d_out] weight, forward and both backward products.
@@ -91,7 +81,7 @@ def step_parts(config: str, overrides: list[str], reps: int = 3) -> dict:
         x = jax.random.normal(key, (B * T, shape[0]))
         w = jax.random.normal(key, shape)
         f = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.dot(x, w)), argnums=(0, 1)))
-        mm += n * _time(f, x, w, reps=reps)
+        mm += n * median_time(f, (x, w), reps)
     out["matmuls_s"] = mm
     out["elementwise_rest_s"] = out["forward_backward_s"] - attn - mm
     return {**out, **machine()}

@@ -1,9 +1,10 @@
-"""Shared harness for mixer tests: a MixerContext for hand-built mixers, the jitted full forward and
-the token-by-token decode of a whole sequence."""
+"""Shared harness for mixer tests: a MixerContext for hand-built mixers, the jitted full forward, the
+token-by-token decode of a whole sequence, and a mixer's parameters as numpy arrays (read and written)."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from attention.base import MixerContext
@@ -42,3 +43,15 @@ def xla_flops_per_token(m, x_BTD) -> float:
     fwd = jax.jit(lambda s, x: nnx.merge(graph, s)(x, positions=None))
     cost = fwd.lower(state, x_BTD).compile().cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"] / x_BTD.shape[1]
+
+
+def params_of(m) -> dict:
+    """The mixer's parameters as a nested dict of numpy arrays."""
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(m, nnx.Param)))
+
+
+def set_params(m, pure: dict) -> None:
+    """Overwrite the mixer's parameters from a nested dict shaped like `params_of`'s."""
+    state = nnx.state(m, nnx.Param)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
+    nnx.update(m, state)

@@ -26,6 +26,7 @@ from lm.generate import decode_logits
 from lm.info import model_info
 from lm.layers import positions_from_segments
 from lm.model import init_model
+from tests.attention.mixers import params_of, set_params
 from tests.numerics import assert_close
 
 E, B, T = 32, 2, 12
@@ -45,21 +46,11 @@ def _ctx(*, bias=True, pos="rope", norm_eps=1e-5) -> MixerContext:
                         norm_eps=norm_eps, init_std=0.02, out_std=0.02, dtype=jnp.float32, impl="xla")
 
 
-def _params(m) -> dict:
-    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(m, nnx.Param)))
-
-
-def _set_params(m, pure: dict) -> None:
-    state = nnx.state(m, nnx.Param)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
-    nnx.update(m, state)
-
-
 def _randomized(cfg, ctx, seed=0):
     """Every parameter drawn at scale 0.3, so biases, conv biases and temperatures are all non-zero."""
     m = CCAttention(cfg, ctx, rngs=nnx.Rngs(seed))
     rng = np.random.default_rng(seed)
-    _set_params(m, jax.tree.map(lambda a: 0.3 * rng.standard_normal(a.shape), _params(m)))
+    set_params(m, jax.tree.map(lambda a: 0.3 * rng.standard_normal(a.shape), params_of(m)))
     return m
 
 
@@ -172,7 +163,7 @@ def test_matches_numpy_reference(name):
     cfg, ctx, m = _case(name)
     x = _x()
     y = _forward(m, x, _arange(), None)
-    assert_close(y, _reference(_params(m), cfg, ctx, x, _arange()), rel=1e-5, name=name)
+    assert_close(y, _reference(params_of(m), cfg, ctx, x, _arange()), rel=1e-5, name=name)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -198,7 +189,7 @@ def test_packed_documents_are_isolated():
     pos = positions_from_segments(seg)
     x = _x(seed=3, T=sum(lengths))
     y = np.asarray(_forward(m, x, pos, seg))
-    p = _params(m)
+    p = params_of(m)
     start = 0
     for n in lengths:
         alone = _reference(p, cfg, ctx, x[:, start:start + n], _arange(n))
@@ -215,7 +206,7 @@ def test_tied_query_ccgqa_equals_cca():
     ctx, g = _ctx(), 2
     cca = _randomized(CCAConfig(n_heads=2, n_kv_heads=2, head_dim=8), ctx, seed=5)
     ccgqa = CCAttention(CCAConfig(n_heads=2 * g, n_kv_heads=2, head_dim=8), ctx, rngs=nnx.Rngs(0))
-    p = _params(cca)
+    p = params_of(cca)
     q = dict(p)
     d = 8
     q["q_proj"] = {"kernel": np.repeat(p["q_proj"]["kernel"].reshape(E, 2, d), g, axis=1).reshape(E, -1),
@@ -224,7 +215,7 @@ def test_tied_query_ccgqa_equals_cca():
                    "w1": np.repeat(p["q_conv"]["w1"], g, axis=1), "b1": np.repeat(p["q_conv"]["b1"], g, axis=0)}
     q["o_proj"] = {"kernel": np.repeat(p["o_proj"]["kernel"].reshape(2, d, E) / g, g, axis=0).reshape(-1, E),
                    "bias": p["o_proj"]["bias"]}
-    _set_params(ccgqa, q)
+    set_params(ccgqa, q)
     x = _x()
     assert_close(_forward(ccgqa, x, _arange(), None), _forward(cca, x, _arange(), None), rel=1e-5,
                  name="tied CCGQA vs CCA")
@@ -239,19 +230,19 @@ def test_plain_latent_gqa(convs):
     cfg = CCAConfig(n_heads=4, n_kv_heads=2, head_dim=8, k0=k, k1=k, qk_mean=False, value_shift=False,
                     rope_fraction=1.0)
     m = CCAttention(cfg, ctx, rngs=nnx.Rngs(0))
-    p = _params(m)
+    p = params_of(m)
     if k:
         for side in ("q_conv", "k_conv"):
             H = p[side]["b0"].shape[0]
             p[side] = {"w0": np.stack([np.zeros((H, 8)), np.ones((H, 8))]), "b0": np.zeros((H, 8)),
                        "w1": np.stack([np.zeros((H, 8, 8)), np.broadcast_to(np.eye(8), (H, 8, 8))]),
                        "b1": np.zeros((H, 8))}
-        _set_params(m, p)
+        set_params(m, p)
     sm = SoftmaxAttention(SoftmaxConfig(n_heads=4, n_kv_heads=2, head_dim=8, qk_norm=True), ctx, rngs=nnx.Rngs(1))
-    sp = _params(sm)
+    sp = params_of(sm)
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         sp[name] = p[name]
-    _set_params(sm, sp)
+    set_params(sm, sp)
     x = _x()
     assert_close(_forward(m, x, _arange(), None), _forward(sm, x, _arange(), None), rel=1e-5, name=convs)
 
@@ -262,7 +253,7 @@ def test_bf16_forward_and_decode_near_fp32():
     cfg, bias = CASES["ccgqa_k3"]
     _, _, m32 = _case("ccgqa_k3")
     m16 = CCAttention(cfg, dataclasses.replace(_ctx(bias=bias), dtype=jnp.bfloat16), rngs=nnx.Rngs(0))
-    _set_params(m16, _params(m32))
+    set_params(m16, params_of(m32))
     x = _x()
     want = _forward(m32, x, _arange(), None)
     assert_close(_forward(m16, x.astype(jnp.bfloat16), _arange(), None).astype(jnp.float32), want, rel=2e-2,

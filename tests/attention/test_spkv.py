@@ -28,6 +28,7 @@ from lm.model import abstract_model, init_model
 from lm.optim import make_optimizer
 from lm.train import RunError, build, params_from_run, train
 from tests.lm.conftest import tiny_overrides
+from tests.attention.mixers import params_of, set_params
 from tests.numerics import assert_close
 
 E, B, T, W = 32, 2, 12, 4
@@ -36,16 +37,6 @@ E, B, T, W = 32, 2, 12, 4
 def _ctx() -> MixerContext:
     return MixerContext(d_model=E, n_layers=2, layer_idx=0, seq_len=16, pos="rope", rope_theta=100.0, bias=False,
                         norm_eps=1e-5, init_std=0.2, out_std=0.2, dtype=jnp.float32, impl="xla")
-
-
-def _params(m) -> dict:
-    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(m, nnx.Param)))
-
-
-def _set_params(m, pure: dict) -> None:
-    state = nnx.state(m, nnx.Param)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
-    nnx.update(m, state)
 
 
 def _x(seed=1):
@@ -83,7 +74,7 @@ def _pair(cfg, spkv: SpkvConfig):
     cls = CCAttention if isinstance(cfg, CCAConfig) else SoftmaxAttention
     gated = cls(cfg.model_copy(update={"spkv": spkv}), _ctx(), rngs=nnx.Rngs(0))
     plain = cls(cfg, _ctx(), rngs=nnx.Rngs(1))
-    _set_params(plain, {k: v for k, v in _params(gated).items() if k != "spkv"})
+    set_params(plain, {k: v for k, v in params_of(gated).items() if k != "spkv"})
     return gated, plain
 
 
@@ -116,7 +107,7 @@ def test_closed_gates_are_sliding_window_attention():
     cfg = MIXERS["softmax"]
     gated, plain = _pair(cfg, SpkvConfig(window=W, init_bias=-30.0))
     window = SoftmaxAttention(cfg.model_copy(update={"sliding_window": W}), _ctx(), rngs=nnx.Rngs(2))
-    _set_params(window, _params(plain))
+    set_params(window, params_of(plain))
     x = _x()
     expected = _forward(window, x)
     assert_close(_train_forward(gated, x, 0, 10), expected, rel=1e-6, name="soft")
