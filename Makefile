@@ -1,5 +1,9 @@
 # The README's two commands: `make demo` and `make test`. Both build .venv when it is missing.
-PYTHON ?= python3
+# jax 0.11.2 needs Python >= 3.12. PYTHON may name one; otherwise the first candidate that *runs* and
+# reports >= 3.12 is used (pyenv's version shims exist on PATH but fail unless that version is selected,
+# so `command -v` is not enough).
+PYTHON ?= $(shell for p in python3.13 python3.12 python3 $$HOME/.pyenv/versions/3.1[2-9]*/bin/python3; do \
+	  "$$p" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -11,7 +15,11 @@ TEST_WORKERS ?= 2
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if ! { test -x $(PY) && $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))'; }; then \
+	  if [ -z "$(PYTHON)" ]; then \
+	    echo "attnlab needs Python >= 3.12 (jax 0.11.2): install one (e.g. 'pyenv install 3.12') or run 'make PYTHON=/path/to/python3.12'" >&2; \
+	    exit 1; fi; \
+	  rm -rf $(VENV); echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); fi
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
