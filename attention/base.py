@@ -103,3 +103,12 @@ def in_train_step(step: Any, total: int) -> Iterator[None]:
 
 def current_train_step() -> TrainStep | None:
     return _TRAIN_STEP.get()
+
+
+def visible_keys_per_query(seq_len: int, window: int | None) -> float:
+    """Mean number of keys a causal query attends to (exact, so causal counts about half of T)."""
+    T = seq_len
+    if window is None or window >= T:
+        return (T + 1) / 2
+    full = window * (window + 1) / 2 + (T - window) * window
+    return full / T

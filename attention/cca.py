@@ -42,11 +42,10 @@ from flax import nnx
 from pydantic import Field
 
 from attention import ops
-from attention.base import MixerConfig, MixerContext
+from attention.base import MixerConfig, MixerContext, visible_keys_per_query
 from attention.ops.softmax import decode_attention
-from attention.softmax import visible_keys_per_query
 from attention.spkv import SpkvConfig, SpkvGate
-from lm.layers import Linear, apply_rope, param, positions_from_segments
+from attention.layers import Linear, apply_rope, l2_normalize, param, positions_from_segments
 
 # eps inside the rsqrt of the QK L2 norm (the value the reference layers use).
 L2_EPS = 1e-12
@@ -195,8 +194,8 @@ class CCAttention(nnx.Module):
         temp = self.log_temp[...]
         if self.cfg.temp_clamp is not None:
             temp = jnp.minimum(temp, self.cfg.temp_clamp)
-        q = _l2_normalize(cq_BTHD) * math.sqrt(self.d)
-        k = _l2_normalize(ck_BTHD) * (math.sqrt(self.d) * jnp.exp(temp)[:, None])
+        q = l2_normalize(cq_BTHD, L2_EPS) * math.sqrt(self.d)
+        k = l2_normalize(ck_BTHD, L2_EPS) * (math.sqrt(self.d) * jnp.exp(temp)[:, None])
         if self.rotary_dim:
             q = apply_rope(q, positions_BT, self.ctx.rope_theta, self.rotary_dim)
             k = apply_rope(k, positions_BT, self.ctx.rope_theta, self.rotary_dim)
@@ -299,7 +298,3 @@ class CCAttention(nnx.Module):
         flops = proj + 2 * self._conv_weights() + 4 * Wq * visible_keys_per_query(seq_len, None)
         return flops + (0 if self.spkv is None else self.spkv.flops_per_token())
 
-
-def _l2_normalize(x_BTHD: jax.Array) -> jax.Array:
-    x = x_BTHD.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2_EPS)

@@ -31,7 +31,7 @@ from pydantic import Field
 from attention import ops
 from attention.base import HeadsMixerConfig, MixerContext
 from attention.ops.kda import CHUNK
-from lm.layers import Linear, RMSNorm, param, positions_from_segments
+from attention.layers import Linear, RMSNorm, causal_conv, l2_normalize, param, positions_from_segments
 
 _F32 = jnp.float32
 _L2_EPS = 1e-6  # inside the sqrt, as FLA's in-kernel l2norm
@@ -47,31 +47,6 @@ class KdaConfig(HeadsMixerConfig):
     conv_size: int = Field(4, ge=2)  # depthwise causal short conv on q, k, v
     scale: Optional[float] = Field(None, gt=0)  # None: head_dim ** -0.5
     norm_eps: Optional[float] = Field(None, gt=0)  # output RMSNorm eps; None: model.norm_eps
-
-
-def causal_conv(x_BTC: jax.Array, w_WC: jax.Array, history_BSC: jax.Array,
-                pos_BT: jax.Array | None = None) -> jax.Array:
-    """Depthwise causal conv in fp32: y_t = sum_j w[j] x_{t-(W-1)+j}, so the last tap hits x_t.
-
-    `history` holds the W-1 inputs before x (zeros at a sequence start). With `pos_BT`, the position
-    of each token inside its document, a tap reaching back past the document start reads zero. The
-    forward pass and the decode step share this function, so both sum the taps in the same order.
-    """
-    W, T = w_WC.shape[0], x_BTC.shape[1]
-    xx = jnp.concatenate([history_BSC.astype(_F32), x_BTC.astype(_F32)], axis=1)
-    y = jnp.zeros(x_BTC.shape, _F32)
-    for j in range(W):
-        tap = xx[:, j:j + T]
-        back = W - 1 - j
-        if pos_BT is not None and back:
-            tap = jnp.where((pos_BT >= back)[..., None], tap, 0.0)
-        y = y + w_WC[j] * tap
-    return y
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-    x32 = x.astype(_F32)
-    return x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + _L2_EPS)
 
 
 def _uniform(lo: float, hi: float):
@@ -118,7 +93,7 @@ class KimiDeltaAttention(nnx.Module):
         """The op's inputs from the conv outputs `qkv` and x: heads split, q and k L2-normalised, g, beta."""
         B, T, _ = x_BTD.shape
         heads = lambda a: a.reshape(B, T, self.H, self.hd)
-        q, k = l2_normalize(heads(qkv["q"])), l2_normalize(heads(qkv["k"]))
+        q, k = l2_normalize(heads(qkv["q"]), _L2_EPS), l2_normalize(heads(qkv["k"]), _L2_EPS)
         v = heads(qkv["v"]).astype(self.ctx.dtype)
         f = self.f_b(self.f_a(x_BTD)).astype(_F32) + self.dt_bias[...]
         g = -jnp.exp(self.A_log[...])[:, None] * jax.nn.softplus(heads(f))

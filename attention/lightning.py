@@ -43,7 +43,7 @@ from pydantic import Field
 from attention import ops
 from attention.base import HeadsMixerConfig, MixerContext
 from attention.ops.lightning import block_size
-from lm.layers import Linear, RMSNorm, rms_normalize
+from attention.layers import Linear, RMSNorm, rms_normalize
 
 FEATURE_MAPS = {
     "silu": jax.nn.silu,

@@ -44,10 +44,10 @@ from flax import nnx
 from pydantic import Field
 
 from attention import ops
-from attention.base import MixerConfig, MixerContext
+from attention.base import MixerConfig, MixerContext, visible_keys_per_query
 from attention.ops.softmax import decode_attention
 from attention.spkv import SpkvConfig, SpkvGate
-from lm.layers import Linear, RMSNorm, apply_rope, normal, param
+from attention.layers import Linear, RMSNorm, apply_rope, normal, param
 
 # The paper's init for the 2D-position mixing weights, independent of model.init_std.
 POS2D_INIT_STD = 0.02
@@ -266,11 +266,3 @@ class SoftmaxAttention(nnx.Module):
             flops += self.spkv.flops_per_token()
         return flops
 
-
-def visible_keys_per_query(seq_len: int, window: int | None) -> float:
-    """Mean number of keys a causal query attends to (exact, so causal counts about half of T)."""
-    T = seq_len
-    if window is None or window >= T:
-        return (T + 1) / 2
-    full = window * (window + 1) / 2 + (T - window) * window
-    return full / T

@@ -44,7 +44,7 @@ from flax import nnx
 from pydantic import Field
 
 from attention.base import AuxLoss, MixerContext, Stat, current_train_step
-from lm.layers import normal, param, positions_from_segments
+from attention.layers import normal, param, positions_from_segments
 
 # Floor of the annealed gate: log(1e-6) keeps a closed key's logit finite while it weighs like a dropped one.
 MIN_GATE = 1e-6

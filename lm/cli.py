@@ -94,7 +94,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench_step(args) -> int:
-    from experiments.bench.step import bench_step
+    from lm.bench.step import bench_step
 
     res = bench_step(args.config, args.set, steps=args.steps, write=args.write)
     print(json.dumps(res) if args.json else "\n".join(f"{k}: {v}" for k, v in res.items()))
@@ -102,7 +102,7 @@ def cmd_bench_step(args) -> int:
 
 
 def cmd_bench_ops(args) -> int:
-    from experiments.bench.ops import main as ops_main
+    from lm.bench.ops import main as ops_main
 
     argv = ["--T", *map(str, args.T), "--B", str(args.B), "--H", str(args.H), "--D", str(args.D),
             "--dtype", args.dtype, "--impl", *args.impl, "--reps", str(args.reps)]

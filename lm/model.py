@@ -20,7 +20,7 @@ from flax import nnx
 from attention import MIXERS, ops
 from attention.base import AuxLoss, Stat
 from lm.config import Config
-from lm.layers import MLP, Embed, Linear, dense, make_norm, positions_from_segments
+from attention.layers import MLP, Embed, Linear, dense, make_norm, positions_from_segments
 
 Params = dict[str, Any]
 

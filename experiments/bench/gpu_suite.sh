@@ -30,7 +30,7 @@ JAX_DEFAULT_MATMUL_PRECISION=highest timeout 200 python3 -m pytest -q -p no:cach
 echo "exit $?" >> "$OUT/parity.txt"; tail -5 "$OUT/parity.txt"
 
 log "2/3 op timings (bf16, fwd+bwd)"
-timeout 120 python3 -m experiments.bench.ops --dtype bfloat16 --B 4 --H 16 --D 64 --T 1024 4096 16384 \
+timeout 120 python3 -m lm.bench.ops --dtype bfloat16 --B 4 --H 16 --D 64 --T 1024 4096 16384 \
   --reps 5 --json "$OUT/ops.json" > "$OUT/ops.txt" 2>&1
 echo "exit $?" >> "$OUT/ops.txt"; tail -3 "$OUT/ops.txt"
 

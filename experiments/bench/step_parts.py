@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attention import ops
-from experiments.bench.ops import median_time
-from experiments.bench.step import machine
+from lm.bench.ops import median_time
+from lm.bench.step import machine
 from lm.config import load_config
 from lm.model import token_losses
 from lm.train import build, make_train_step

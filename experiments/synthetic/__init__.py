@@ -1,2 +1,1 @@
-"""Synthetic recall tasks (MQAR, selective copy), usable as `data.source: synthetic:<task>`."""
-from experiments.synthetic import dataset  # noqa: F401  (registers the tasks)
+"""Synthetic-task experiments (the MQAR sweep); the tasks themselves live in lm/data/synthetic."""

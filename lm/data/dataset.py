@@ -6,12 +6,11 @@ documents) and "loss_mask" [B, seq_len] (which targets tokens[:, 1:] are scored;
 only their answers).
 
 `data.source` picks it: "stdlib" (prepared on first use), a token-store directory, or
-"synthetic:<task>" for a task registered in `SYNTHETIC` (the tasks in experiments/synthetic register
+"synthetic:<task>" for a task registered in `SYNTHETIC` (the tasks in lm/data/synthetic register
 themselves on import) with its settings from `data.task`.
 """
 from __future__ import annotations
 
-import importlib
 import math
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -62,7 +61,6 @@ class StoreDataset:
 
 # name -> factory(task_settings: dict, seed: int) -> Dataset
 SYNTHETIC: dict[str, Callable[[dict, int], Dataset]] = {}
-_SYNTHETIC_MODULES = ("experiments.synthetic",)
 
 
 def register_synthetic(name: str):
@@ -76,8 +74,7 @@ def register_synthetic(name: str):
 def open_dataset(source: str, *, tokenizer: str, data_dir: str | Path, task: dict | None = None, seed: int = 0,
                  log: Callable[[str], None] | None = print) -> Dataset:
     if source.startswith("synthetic:"):
-        for mod in _SYNTHETIC_MODULES:
-            importlib.import_module(mod)
+        import lm.data.synthetic  # noqa: F401  (registers the built-in tasks; it imports this package)
         name = source.split(":", 1)[1]
         if name not in SYNTHETIC:
             known = ", ".join(f"synthetic:{n}" for n in sorted(SYNTHETIC)) or "none"

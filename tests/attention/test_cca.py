@@ -24,7 +24,7 @@ from attention.softmax import SoftmaxAttention, SoftmaxConfig
 from lm.config import ConfigError, load_config
 from lm.generate import decode_logits
 from lm.info import model_info
-from lm.layers import positions_from_segments
+from attention.layers import positions_from_segments
 from lm.model import init_model
 from tests.attention.mixers import params_of, set_params
 from tests.numerics import assert_close

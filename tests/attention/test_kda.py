@@ -13,7 +13,8 @@ import optax
 import pytest
 from flax import nnx
 
-from attention.kda import KdaConfig, KimiDeltaAttention, causal_conv
+from attention.kda import KdaConfig, KimiDeltaAttention
+from attention.layers import causal_conv
 from lm.config import ConfigError, OptimConfig, load_config
 from lm.model import init_model
 from lm.optim import make_optimizer

@@ -12,7 +12,8 @@ from flax import nnx
 import attention.softmax as softmax_mod
 from attention import ops
 from attention.base import MixerContext
-from attention.softmax import SoftmaxAttention, SoftmaxConfig, sincos_features, visible_keys_per_query
+from attention.base import visible_keys_per_query
+from attention.softmax import SoftmaxAttention, SoftmaxConfig, sincos_features
 from lm.cli import main
 from lm.config import ConfigError, load_config
 from lm.generate import decode_logits

@@ -7,7 +7,7 @@ import pytest
 
 from lm.config import load_config
 from lm.generate import decode_logits, generate_ids, sample_logits
-from lm.layers import positions_from_segments
+from attention.layers import positions_from_segments
 from lm.model import count_params, init_model
 from tests.numerics import assert_close
 
@@ -151,7 +151,7 @@ def test_greedy_generation_matches_argmax_of_forward():
 def test_gelu_exact_and_dense_match_jax():
     """The MLP's custom-derivative erf GELU equals jax.nn.gelu(approximate=False) in value and derivative,
     and `dense` (matmul over flattened leading axes) equals jnp.dot on a 3-D input."""
-    from lm.layers import dense, gelu_exact
+    from attention.layers import dense, gelu_exact
 
     x = jnp.linspace(-9.0, 9.0, 4001, dtype=jnp.float32)
     assert_close(gelu_exact(x), jax.nn.gelu(x, approximate=False), rel=1e-6, name="gelu")

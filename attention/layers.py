@@ -1,4 +1,8 @@
-"""Building blocks shared by the model and the mixers: linear maps, embeddings, norms, MLPs, RoPE.
+"""Building blocks shared by the model and the mixers: linear maps, embeddings, norms, MLPs, RoPE,
+L2 normalisation, positions from segments and the causal depthwise convolution.
+
+The bottom of the model code: it imports only jax and flax, so both the mixers (`attention/`) and the
+model (`lm/model.py`) build on it.
 
 Every parameter is an `nnx.Param` carrying `axes=` (logical axis names: embed, heads, kv_heads, mlp,
 vocab, layers, or None) so the mesh can shard it; `decay=False` keeps it out of weight decay and
@@ -187,3 +191,29 @@ def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
                              segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
     last_start = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
     return idx - last_start
+
+
+def l2_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """x / sqrt(sum(x^2) + eps) over the last axis, in fp32 (eps inside the square root)."""
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
+def causal_conv(x_BTC: jax.Array, w_WC: jax.Array, history_BSC: jax.Array,
+                pos_BT: jax.Array | None = None) -> jax.Array:
+    """Depthwise causal conv in fp32: y_t = sum_j w[j] x_{t-(W-1)+j}, so the last tap hits x_t.
+
+    `history` holds the W-1 inputs before x (zeros at a sequence start). With `pos_BT`, the position
+    of each token inside its document, a tap reaching back past the document start reads zero. The
+    forward pass and the decode step share this function, so both sum the taps in the same order.
+    """
+    W, T = w_WC.shape[0], x_BTC.shape[1]
+    xx = jnp.concatenate([history_BSC.astype(jnp.float32), x_BTC.astype(jnp.float32)], axis=1)
+    y = jnp.zeros(x_BTC.shape, jnp.float32)
+    for j in range(W):
+        tap = xx[:, j:j + T]
+        back = W - 1 - j
+        if pos_BT is not None and back:
+            tap = jnp.where((pos_BT >= back)[..., None], tap, 0.0)
+        y = y + w_WC[j] * tap
+    return y

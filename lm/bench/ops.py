@@ -1,6 +1,6 @@
 """Forward+backward timings of the attention ops, per implementation, against the backend's own attention.
 
-`python -m experiments.bench.ops --json out.json [--T 1024 4096] ...` times, for each sequence length:
+`python -m lm.bench.ops --json out.json [--T 1024 4096] ...` times, for each sequence length:
 our `softmax_attention`, `kda` and `lightning` (each implementation asked for), and on GPU
 `jax.nn.dot_product_attention` with implementation="cudnn" and "xla" as the vendor baselines.
 Each entry is the median of `--reps` runs after a warm-up, jit-compiled, gradients w.r.t. every input.
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attention import ops
-from experiments.bench.step import machine
+from lm.bench.step import machine
 
 
 def median_time(fn, args, reps: int) -> float:

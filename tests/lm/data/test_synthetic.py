@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from experiments.synthetic.tasks import FIRST_TOKEN, SEP, mqar_batch, selective_copy_batch
+from lm.data.synthetic.tasks import FIRST_TOKEN, SEP, mqar_batch, selective_copy_batch
 from lm.config import load_config
 from lm.data import DataError, open_dataset
 from lm.logging import read_metrics

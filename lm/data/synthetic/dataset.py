@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
-from experiments.synthetic.tasks import TASKS
+from lm.data.synthetic.tasks import TASKS
 from lm.data import DataError, register_synthetic
 
 _EVAL_SALT = 1_000_003
