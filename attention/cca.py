@@ -44,7 +44,8 @@ from pydantic import Field
 from attention import ops
 from attention.base import MixerConfig, MixerContext, visible_keys_per_query
 from attention.ops.softmax import decode_attention
-from attention.spkv import SpkvConfig, SpkvGate
+from attention import spkv
+from attention.spkv import SPKVConfig, SPKVGate
 from attention.layers import Linear, apply_rope, l2_normalize, param, positions_from_segments
 
 # eps inside the rsqrt of the QK L2 norm (the value the reference layers use).
@@ -63,7 +64,7 @@ class CCAConfig(MixerConfig):
     value_shift: bool = True
     rope_fraction: float = Field(0.5, ge=0.0, le=1.0)  # share of d rotated when the model uses RoPE (ZAYA1: 0.5)
     temp_clamp: Optional[float] = None  # None: beta = exp(t); else exp(min(t, temp_clamp)) (vLLM's ZAYA1 uses 2)
-    spkv: Optional[SpkvConfig] = None  # None: every key stays in the cache
+    spkv: Optional[SPKVConfig] = None  # None: every key stays in the cache
 
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
@@ -149,6 +150,8 @@ class CausalConvStack(nnx.Module):
 
 
 class CCAttention(nnx.Module):
+    stat_reporters = (spkv.report,)
+
     def __init__(self, cfg: CCAConfig, ctx: MixerContext, *, rngs: nnx.Rngs):
         self.cfg, self.ctx = cfg, ctx
         E, Hq, Hkv, d = ctx.d_model, cfg.n_heads, cfg.kv_heads(), cfg.head_dim
@@ -164,7 +167,7 @@ class CCAttention(nnx.Module):
         self.q_conv = CausalConvStack(Hq, d, cfg.k0, cfg.k1, axis="heads", **conv)
         self.k_conv = CausalConvStack(Hkv, d, cfg.k0, cfg.k1, axis="kv_heads", **conv)
         self.log_temp = param(None, jnp.zeros((Hkv,)), (Hkv,), ("kv_heads",), decay=False)
-        self.spkv = SpkvGate(cfg.spkv, ctx, Hkv, rngs=rngs) if cfg.spkv is not None else None
+        self.spkv = SPKVGate(cfg.spkv, ctx, Hkv, rngs=rngs) if cfg.spkv is not None else None
         self.rotary_dim = cfg.rotary_dim(ctx)
         self.P = cfg.conv_rows()
         self.shift_from = Hkv * d // 2 if cfg.value_shift else None

@@ -40,7 +40,7 @@ _DT_RANGE = (1e-3, 0.1)
 _DT_FLOOR = 1e-4
 
 
-class KdaConfig(HeadsMixerConfig):
+class KDAConfig(HeadsMixerConfig):
     kind: Literal["kda"] = "kda"
     n_heads: int = Field(8, ge=1)
     head_dim: Optional[int] = Field(None, ge=1)  # None: d_model // n_heads; dk = dv = head_dim
@@ -64,7 +64,9 @@ def _dt_bias_init(key, shape):
 
 
 class KimiDeltaAttention(nnx.Module):
-    def __init__(self, cfg: KdaConfig, ctx: MixerContext, *, rngs: nnx.Rngs):
+    stat_reporters = ()
+
+    def __init__(self, cfg: KDAConfig, ctx: MixerContext, *, rngs: nnx.Rngs):
         self.cfg, self.ctx = cfg, ctx
         d, H, hd, W = ctx.d_model, cfg.n_heads, cfg.dim(ctx.d_model), cfg.conv_size
         self.H, self.hd, self.W = H, hd, W
@@ -133,6 +135,10 @@ class KimiDeltaAttention(nnx.Module):
         o, new_cache["state"] = ops.kda(q, k, v, g, beta, scale=self.cfg.scale, initial_state=cache["state"],
                                         output_final_state=True, impl="reference")
         return self._output(o, x_B1D), new_cache
+
+    def cache_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
+        """Constant state: nothing grows with the sequence."""
+        return 0
 
     def state_bytes(self) -> int:
         """fp32 state [H, dk, dv] plus three conv histories of W-1 raw projections in the compute dtype."""

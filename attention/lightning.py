@@ -83,6 +83,8 @@ def decay_slopes(rule: str, n_heads: int, layer_idx: int, n_layers: int) -> np.n
 
 
 class LightningAttention(nnx.Module):
+    stat_reporters = ()
+
     def __init__(self, cfg: LightningConfig, ctx: MixerContext, *, rngs: nnx.Rngs):
         self.cfg, self.ctx = cfg, ctx
         d, H, hd = ctx.d_model, cfg.n_heads, cfg.dim(ctx.d_model)
@@ -138,6 +140,10 @@ class LightningAttention(nnx.Module):
         o, state = ops.lightning(q, k, v, self._log_decay(), scale=self.cfg.scale, initial_state=cache["state"],
                                  output_final_state=True, impl="reference")
         return self._output(o, x_B1D), {"state": state}
+
+    def cache_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
+        """Constant state: nothing grows with the sequence."""
+        return 0
 
     def state_bytes(self) -> int:
         """The fp32 state [H, head_dim, head_dim] per sequence, whatever the context length."""

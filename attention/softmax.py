@@ -46,7 +46,8 @@ from pydantic import Field
 from attention import ops
 from attention.base import MixerConfig, MixerContext, visible_keys_per_query
 from attention.ops.softmax import decode_attention
-from attention.spkv import SpkvConfig, SpkvGate
+from attention import spkv
+from attention.spkv import SPKVConfig, SPKVGate
 from attention.layers import Linear, RMSNorm, apply_rope, normal, param
 
 # The paper's init for the 2D-position mixing weights, independent of model.init_std.
@@ -73,7 +74,7 @@ class SoftmaxConfig(MixerConfig):
     scale: Optional[float] = None  # None: head_dim ** -0.5
     share: Literal["none", "kv", "qk", "qkv"] = "none"
     pos2d: Pos2dConfig = Field(default_factory=Pos2dConfig)
-    spkv: Optional[SpkvConfig] = None  # None: every key stays in the cache
+    spkv: Optional[SPKVConfig] = None  # None: every key stays in the cache
 
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
@@ -132,6 +133,8 @@ def sincos_features(positions: jax.Array, dim: int) -> jax.Array:
 
 
 class SoftmaxAttention(nnx.Module):
+    stat_reporters = (spkv.report,)
+
     def __init__(self, cfg: SoftmaxConfig, ctx: MixerContext, *, rngs: nnx.Rngs):
         self.cfg, self.ctx = cfg, ctx
         d, H, Hkv, hd = ctx.d_model, cfg.n_heads, cfg.kv_heads(), cfg.dim(ctx.d_model)
@@ -146,7 +149,7 @@ class SoftmaxAttention(nnx.Module):
         self.k_norm = RMSNorm(hd, eps=ctx.norm_eps, axes=(None,)) if cfg.qk_norm else None
         self.pos2d_w = param(rngs, normal(POS2D_INIT_STD), (cfg.pos2d.channels,), (None,)) \
             if cfg.pos2d.enabled else None
-        self.spkv = SpkvGate(cfg.spkv, ctx, Hkv, rngs=rngs) if cfg.spkv is not None else None
+        self.spkv = SPKVGate(cfg.spkv, ctx, Hkv, rngs=rngs) if cfg.spkv is not None else None
         self.use_rope = cfg.rope(ctx)
 
     def _heads(self, y_BTX: jax.Array, n_heads: int) -> jax.Array:
@@ -250,6 +253,10 @@ class SoftmaxAttention(nnx.Module):
     def cache_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
         nbytes = dtype_bytes or jnp.dtype(self.ctx.dtype).itemsize
         return (1 if self.v_proj is None else 2) * self.Hkv * self.hd * nbytes
+
+    def state_bytes(self) -> int:
+        """A KV cache only: no state of fixed size."""
+        return 0
 
     def flops_per_token(self, seq_len: int) -> float:
         """Matmul FLOPs: the projections that exist (3nd² -> 2nd² -> nd² as q and v share k's), the output

@@ -43,7 +43,7 @@ import pydantic
 from flax import nnx
 from pydantic import Field
 
-from attention.base import AuxLoss, MixerContext, Stat, current_train_step
+from attention.base import AuxLoss, Heatmap, MixerContext, Stat, StatsByLayer, StatsReport, current_train_step
 from attention.layers import normal, param, positions_from_segments
 
 # Floor of the annealed gate: log(1e-6) keeps a closed key's logit finite while it weighs like a dropped one.
@@ -58,7 +58,7 @@ class AnnealConfig(pydantic.BaseModel):
     steps: int = Field(ge=1)
 
 
-class SpkvConfig(pydantic.BaseModel):
+class SPKVConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True)
 
     window: int = Field(128, ge=1)  # recent keys every query reads ungated (including itself)
@@ -94,10 +94,10 @@ def _leaves_window(batch: int, T: int, window: int, segment_ids_BT: jax.Array | 
     return remaining_BT >= window
 
 
-class SpkvGate(nnx.Module):
+class SPKVGate(nnx.Module):
     """The utility predictor of one layer, its gate on the attention logits and its pruned decode cache."""
 
-    def __init__(self, cfg: SpkvConfig, ctx: MixerContext, n_kv_heads: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: SPKVConfig, ctx: MixerContext, n_kv_heads: int, *, rngs: nnx.Rngs):
         self.cfg, self.window, self.Hkv = cfg, cfg.window, n_kv_heads
         d, hidden = ctx.d_model, cfg.hidden or max(ctx.d_model // 4, 1)
         meta = dict(lr_mult=cfg.lr_mult, frozen_last_steps=cfg.anneal.steps if cfg.anneal else 0)
@@ -181,10 +181,10 @@ def occupancy(cache: dict) -> jax.Array:
     return jnp.sum(cache["pos"] >= 0, axis=1)
 
 
-def report(stats: dict[str, dict[str, Any]]) -> dict:
-    """Eval metrics from SP-KV statistics summed over batches, by block label ({} without SP-KV layers):
+def report(stats: StatsByLayer) -> StatsReport:
+    """Eval metrics from SP-KV statistics summed over batches, by block label (empty without SP-KV layers):
     spkv_density (all SP-KV layers and heads), spkv_density/<label>, spkv_density_heads {label: [per KV
-    head]} and spkv_compression (see the module docstring)."""
+    head]} and spkv_compression (see the module docstring); the per-head densities as a heatmap."""
     out: dict[str, Any] = {}
     heads: dict[str, list[float]] = {}
     kept_all = older_all = full_all = pruned_all = 0.0
@@ -200,8 +200,10 @@ def report(stats: dict[str, dict[str, Any]]) -> dict:
         full_all += keys * H
         pruned_all += (keys - older) * H + kept_H.sum()
     if not heads:
-        return {}
+        return StatsReport()
     out["spkv_density"] = float(kept_all / max(older_all, 1.0))
     out["spkv_compression"] = float(full_all / pruned_all)
     out["spkv_density_heads"] = heads
-    return out
+    heatmap = Heatmap(heads, title="SP-KV gate density (kept share of older keys)", xlabel="KV head")
+    summary = f"SP-KV density {out['spkv_density']:.3f} (cache {out['spkv_compression']:.2f}x smaller)"
+    return StatsReport(out, {"spkv_density_heads": heatmap}, [summary])

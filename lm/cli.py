@@ -37,10 +37,9 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(res))
     else:
-        pruned = f", SP-KV density {res['spkv_density']:.3f} (cache {res['spkv_compression']:.2f}x smaller)" \
-            if "spkv_density" in res else ""
         print(f"{res['run']} step {res['step']}: loss {res['eval_loss']:.4f} nats/token, "
-              f"ppl {res['eval_ppl']:.3f}, {res['eval_bpb']:.4f} bits/byte ({res['eval_tokens']} tokens){pruned}")
+              f"ppl {res['eval_ppl']:.3f}, {res['eval_bpb']:.4f} bits/byte ({res['eval_tokens']} tokens)"
+              + "".join(f", {clause}" for clause in res["summary"]))
     return 0
 
 

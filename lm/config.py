@@ -17,7 +17,7 @@ import pydantic
 import yaml
 from pydantic import Field
 
-from attention import MIXER_CONFIGS
+from attention import MIXERS
 from attention.base import MixerConfig, MixerContext
 
 
@@ -109,10 +109,10 @@ class ModelConfig(_Section):
                 continue
             raw = dict(raw or {})
             kind = raw.setdefault("kind", name)
-            if kind not in MIXER_CONFIGS:
-                raise ValueError(f"mixer {name!r} has unknown kind {kind!r}; known kinds: {', '.join(sorted(MIXER_CONFIGS))}")
+            if kind not in MIXERS:
+                raise ValueError(f"mixer {name!r} has unknown kind {kind!r}; known kinds: {', '.join(sorted(MIXERS))}")
             try:
-                out[name] = MIXER_CONFIGS[kind].model_validate(raw)
+                out[name] = MIXERS[kind].config.model_validate(raw)
             except pydantic.ValidationError as e:
                 # Re-raised with the mixer's name in each location, so errors read model.mixers.<name>.<key>.
                 raise pydantic.ValidationError.from_exception_data(
@@ -309,8 +309,8 @@ def _check_keys(raw: Any, cls: type[pydantic.BaseModel], prefix: str, origins: d
                 if not isinstance(mraw, dict):
                     continue
                 kind = mraw.get("kind", name)
-                if kind in MIXER_CONFIGS:
-                    _check_keys(mraw, MIXER_CONFIGS[kind], f"{dotted}.{name}.", origins, errors)
+                if kind in MIXERS:
+                    _check_keys(mraw, MIXERS[kind].config, f"{dotted}.{name}.", origins, errors)
 
 
 def _format_pydantic(e: pydantic.ValidationError, origins: dict) -> list[str]:

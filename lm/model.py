@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attention import MIXERS, ops
-from attention.base import AuxLoss, Stat
+from attention.base import AuxLoss, Stat, StatsByLayer, StatsReport
 from lm.config import Config
 from attention.layers import MLP, Embed, Linear, dense, make_norm, positions_from_segments
 
@@ -39,7 +39,7 @@ class Block(nnx.Module):
         self.name, mcfg = m.mixer_for_layer(layer_idx)
         self.label = f"layer{layer_idx}.{self.name}"
         self.norm1 = make_norm(m.norm, m.d_model, eps=m.norm_eps, bias=m.bias)
-        self.mixer = MIXERS[mcfg.kind](mcfg, ctx, rngs=rngs)
+        self.mixer = MIXERS[mcfg.kind].module(mcfg, ctx, rngs=rngs)
         self.norm2 = make_norm(m.norm, m.d_model, eps=m.norm_eps, bias=m.bias)
         self.mlp = MLP(m.d_model, m.mlp.hidden, kind=m.mlp.kind, bias=m.bias, std=m.init_std, out_std=ctx.out_std,
                        dtype=ctx.dtype, rngs=rngs)
@@ -132,13 +132,21 @@ class LM(nnx.Module):
         return total
 
     def cache_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
-        """KV-cache bytes per token summed over softmax-family layers (constant-state layers add 0)."""
-        return sum(b.mixer.cache_bytes_per_token(dtype_bytes) for b in self.blocks
-                   if hasattr(b.mixer, "cache_bytes_per_token"))
+        """KV-cache bytes per token summed over the layers (constant-state layers add 0)."""
+        return sum(b.mixer.cache_bytes_per_token(dtype_bytes) for b in self.blocks)
 
     def state_bytes(self) -> int:
-        """Fixed recurrent-state bytes per sequence summed over constant-state layers."""
-        return sum(b.mixer.state_bytes() for b in self.blocks if hasattr(b.mixer, "state_bytes"))
+        """Fixed-size decode state per sequence (recurrent states, conv windows) summed over the layers."""
+        return sum(b.mixer.state_bytes() for b in self.blocks)
+
+    def report_stats(self, stats: StatsByLayer) -> StatsReport:
+        """What the mixers' eval statistics (summed over batches, by block label) amount to: each distinct
+        reporter of the model's mixer classes runs once over all of them."""
+        reporters = dict.fromkeys(r for b in self.blocks for r in type(b.mixer).stat_reporters)
+        report = StatsReport()
+        for r in reporters:
+            report = report.merge(r(stats))
+        return report
 
 
 def pop_sown(model: LM) -> tuple[jax.Array | None, dict[str, dict[str, jax.Array]]]:

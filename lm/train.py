@@ -23,7 +23,7 @@ import optax
 import pydantic
 from rich.console import Console
 
-from attention import ops, spkv
+from attention import ops
 from attention.base import in_train_step
 from lm import data as lmdata
 from lm import flops as lmflops
@@ -31,6 +31,7 @@ from lm import sharding as shd
 from lm.checkpoint import Checkpointer
 from lm.config import Config, ConfigError, dump_config, load_config
 from lm.logging import MetricsFile, WandbRun, make_progress, new_run_id, save_heatmap
+from attention.base import StatsByLayer, StatsReport
 from lm.model import LM, ModelDef, Params, ParamMeta, abstract_model, count_params, init_model, pop_sown, token_losses
 from lm.optim import clip_by_norm, global_norm, keep_accepted, make_optimizer
 
@@ -185,7 +186,10 @@ def eval_batch_size(cfg: Config) -> int:
     return cfg.data.batch_size // cfg.train.grad_accum
 
 
-def run_eval_batches(eval_step, params, batches, batch_sh, bpb_factor: float | None) -> dict:
+def run_eval_batches(eval_step, params, batches, batch_sh, bpb_factor: float | None,
+                     report_stats: Callable[[StatsByLayer], StatsReport]) -> tuple[dict, StatsReport]:
+    """The eval record (loss, perplexity, accuracy, tokens, bits per byte, the mixers' metrics) and the
+    mixers' full report (heatmaps and summary clauses too)."""
     tot = cnt = cor = 0.0
     stats = None
     for b in batches:
@@ -198,8 +202,9 @@ def run_eval_batches(eval_step, params, batches, batch_sh, bpb_factor: float | N
            "eval_tokens": int(cnt)}
     if bpb_factor is not None:
         out["eval_bpb"] = loss * bpb_factor
-    out.update(spkv.report(stats or {}))
-    return out
+    report = report_stats(stats or {})
+    out.update(report.metrics)
+    return out, report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,15 +410,16 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
             jax.random.key_data(jax.random.PRNGKey(cfg.run.seed)))], "wandb_id": run_id, "config": cfg.to_dict()}
 
     def run_eval(step):
-        rec = {"step": step, **run_eval_batches(eval_step, state["params"], eval_set, batch_sh, bpb)}
+        res, report = run_eval_batches(eval_step, state["params"], eval_set, batch_sh, bpb,
+                                       model_for_costs.report_stats)
+        rec = {"step": step, **res}
         metrics_file.write(rec)
         wandb.log(rec, step)
-        if "spkv_density_heads" in rec:
-            png = save_heatmap(rec["spkv_density_heads"], run_dir / f"spkv_density_step{step}.png",
-                               title=f"SP-KV gate density (kept share of older keys), step {step}",
-                               xlabel="KV head")
-            wandb.log_image("spkv_density_heads", png, step)
-        return rec
+        for name, hm in report.heatmaps.items():
+            png = save_heatmap(hm.rows, run_dir / f"{name}_step{step}.png", title=f"{hm.title}, step {step}",
+                               xlabel=hm.xlabel)
+            wandb.log_image(name, png, step)
+        return rec, report
 
     status, message, last_eval = "finished", "", None
     stop_at = cfg.train.steps if max_steps_this_run is None else min(cfg.train.steps, start_step + max_steps_this_run)
@@ -468,16 +474,15 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
                     message = f"received {signal.Signals(stop.signum).name}: saved at step {step}, exiting"
                     break
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != stop_at:
-                    last_eval = run_eval(step)
+                    last_eval, _ = run_eval(step)
                 if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
                     ckpt.save(step, state, meta_dict(step), data_state)
         if status == "finished":
-            last_eval = run_eval(step)
+            last_eval, report = run_eval(step)
             bits = f", {last_eval['eval_bpb']:.4f} bits/byte" if "eval_bpb" in last_eval else ""
-            pruned = f", SP-KV density {last_eval['spkv_density']:.3f} (cache {last_eval['spkv_compression']:.2f}x " \
-                     f"smaller)" if "spkv_density" in last_eval else ""
             say(f"eval at step {step}: loss {last_eval['eval_loss']:.4f} nats/token{bits}, "
-                f"ppl {last_eval['eval_ppl']:.2f}, accuracy {last_eval['eval_acc']:.4f}{pruned}")
+                f"ppl {last_eval['eval_ppl']:.2f}, accuracy {last_eval['eval_acc']:.4f}"
+                + "".join(f", {clause}" for clause in report.summary))
         ckpt.save(step, state, meta_dict(step), data_state)
         wandb.summary({"final_step": step, **(last_eval or {})})
     finally:

@@ -118,7 +118,7 @@ def _precision(dtype):
 
 
 @dispatch.register("softmax_attention", "reference")
-def reference_softmax_attention(q, k, v, *, causal=True, sliding_window=None, local_window=None,
+def softmax_attention_reference(q, k, v, *, causal=True, sliding_window=None, local_window=None,
                                 key_log_gate=None, segment_ids=None, scale=None):
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
@@ -197,7 +197,7 @@ class _Plan:
 
 
 @dispatch.register("softmax_attention", "xla")
-def xla_softmax_attention(q, k, v, *, causal=True, sliding_window=None, local_window=None,
+def softmax_attention_xla(q, k, v, *, causal=True, sliding_window=None, local_window=None,
                           key_log_gate=None, segment_ids=None, scale=None, block_q=None, block_k=None):
     """Flash-style attention: per query block, a loop over only the kv blocks some mask leaves visible.
 

@@ -13,7 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
-from attention.kda import KdaConfig, KimiDeltaAttention
+from attention.kda import KDAConfig, KimiDeltaAttention
 from attention.layers import causal_conv
 from lm.config import ConfigError, OptimConfig, load_config
 from lm.model import init_model
@@ -26,7 +26,7 @@ TINY = "configs/tiny/kda.yaml"
 
 
 def _mixer(ctx=None, **cfg):
-    return KimiDeltaAttention(KdaConfig(**{"n_heads": 4, **cfg}), ctx or context(D), rngs=nnx.Rngs(0))
+    return KimiDeltaAttention(KDAConfig(**{"n_heads": 4, **cfg}), ctx or context(D), rngs=nnx.Rngs(0))
 
 
 def _x(seed=0, shape=(B, T, D)):
@@ -124,7 +124,7 @@ def test_flops_are_eq13_plus_what_xla_counts_for_the_rest():
     XLA counts once, i.e. projections, convs and elementwise work only (a missing low-rank pair would
     be 16% off; elementwise work the analytic count leaves out is 4%)."""
     d, Tf = 128, 256
-    m = KimiDeltaAttention(KdaConfig(n_heads=2), context(d, seq_len=Tf, impl="reference"), rngs=nnx.Rngs(0))
+    m = KimiDeltaAttention(KDAConfig(n_heads=2), context(d, seq_len=Tf, impl="reference"), rngs=nnx.Rngs(0))
     eq13 = 2 * (6 * 64**2 + 3 * 64 * 64 + 64**2)
     rest = xla_flops_per_token(m, jnp.zeros((1, Tf, d)))
     assert abs((m.flops_per_token(Tf) - eq13) / rest - 1) < 0.08, (m.flops_per_token(Tf), eq13, rest)

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from attention.ops import dispatch
-from attention.ops.softmax import (_Plan, decode_attention, reference_softmax_attention, softmax_attention,
-                                   xla_softmax_attention)
+from attention.ops.softmax import (_Plan, decode_attention, softmax_attention_reference, softmax_attention,
+                                   softmax_attention_xla)
 from tests.numerics import assert_close
 
 # Small tiles, so every case spans several query and key blocks and the skipping paths run.
@@ -54,8 +54,8 @@ def _segments(T, starts_per_row):
 @functools.partial(jax.jit, static_argnames=("impl", "share_kv", "opts"))
 def _run(impl, q, k, v, gate, do, segment_ids=None, *, share_kv=False, opts=()):
     """Output and the gradients of <o, do> w.r.t. q, k, v (None when v is k) and the gate."""
-    fn = {"reference": reference_softmax_attention,
-          "xla": functools.partial(xla_softmax_attention, block_q=BLOCK, block_k=BLOCK)}[impl]
+    fn = {"reference": softmax_attention_reference,
+          "xla": functools.partial(softmax_attention_xla, block_q=BLOCK, block_k=BLOCK)}[impl]
 
     def f(q, k, v, gate):
         return fn(q, k, k if share_kv else v, key_log_gate=gate, segment_ids=segment_ids, **dict(opts))
@@ -116,11 +116,11 @@ def test_reference_matches_hand_computed_two_tokens():
         (dict(causal=False), [mixed, mixed]),
     ]
     for kw, want in calls:
-        o = jax.jit(functools.partial(reference_softmax_attention, scale=1.0, **kw))(q, k, v)
+        o = jax.jit(functools.partial(softmax_attention_reference, scale=1.0, **kw))(q, k, v)
         np.testing.assert_allclose(np.asarray(o).ravel(), want, rtol=1e-6, err_msg=str(kw))
     # d o_1 / d logit_0 = w_0 (v_0 - o_1) = 0.1 * (2 - 5.6): only query 1 gates key 0, and nothing
     # gates key 1 (0 steps back), so d(o_0 + o_1)/d gate = (-0.36, 0).
-    for fn in (reference_softmax_attention, xla_softmax_attention):
+    for fn in (softmax_attention_reference, softmax_attention_xla):
         o, dgate = jax.jit(jax.value_and_grad(
             lambda g: fn(q, k, v, scale=1.0, key_log_gate=g, local_window=1).sum()))(gate)
         np.testing.assert_allclose(float(o), plain + gated, rtol=1e-6)
@@ -134,7 +134,7 @@ def test_reference_default_scale_and_gqa_head_mapping():
     q = jnp.asarray(rng.standard_normal((1, 3, 4, 16)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((1, 3, 2, 16)), jnp.float32)
     v = jnp.broadcast_to(jnp.array([10.0, 20.0])[None, None, :, None], (1, 3, 2, 1))
-    ref = jax.jit(reference_softmax_attention, static_argnames="scale")
+    ref = jax.jit(softmax_attention_reference, static_argnames="scale")
     np.testing.assert_allclose(np.asarray(ref(q, k, v))[0, :, :, 0], [[10, 10, 20, 20]] * 3, rtol=1e-6)
     assert_close(ref(q, k, k), ref(q, k, k, scale=16 ** -0.5), rel=0, name="scale=None is D**-0.5")
 
@@ -225,7 +225,7 @@ def test_no_score_matrix_is_materialised():
     q, k, v, gate, do = _inputs(T, T, 2, 2)
 
     def loss(q, k, v, gate):
-        o = xla_softmax_attention(q, k, v, key_log_gate=gate, local_window=8, block_q=32, block_k=32)
+        o = softmax_attention_xla(q, k, v, key_log_gate=gate, local_window=8, block_q=32, block_k=32)
         return jnp.sum(o * do)
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, gate)
@@ -271,9 +271,9 @@ def test_decode_matches_reference_with_per_head_valid_keys():
     def both(valid):
         closed = jnp.where(valid, 0.0, -jnp.inf)
         return ((decode_attention(q, k, v, valid),
-                 reference_softmax_attention(q, k, v, causal=False, key_log_gate=closed)),
+                 softmax_attention_reference(q, k, v, causal=False, key_log_gate=closed)),
                 (decode_attention(q, k, v, jnp.ones_like(valid), scale=0.3),
-                 reference_softmax_attention(q, k, v, causal=True, scale=0.3)))
+                 softmax_attention_reference(q, k, v, causal=True, scale=0.3)))
 
     (o, want), (o_all, want_all) = both(valid)
     assert o.shape == (B, 1, Hq, DV)

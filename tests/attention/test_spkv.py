@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attention.base import MixerContext, Stat, in_train_step
+from attention.base import MixerContext, Stat, StatsReport, in_train_step
 from attention.cca import CCAConfig, CCAttention
 from attention.softmax import SoftmaxAttention, SoftmaxConfig
-from attention.spkv import SpkvConfig, SpkvGate, anneal_alpha, occupancy, report
+from attention.spkv import SPKVConfig, SPKVGate, anneal_alpha, occupancy, report
 from lm.checkpoint import Checkpointer
 from lm.cli import build_parser
 from lm.config import ConfigError, OptimConfig, load_config
@@ -69,7 +69,7 @@ def _decode_all(m, x_BTD):
     return y_TBD.swapaxes(0, 1), cache
 
 
-def _pair(cfg, spkv: SpkvConfig):
+def _pair(cfg, spkv: SPKVConfig):
     """The mixer with SP-KV and the same mixer without it, sharing every other parameter."""
     cls = CCAttention if isinstance(cfg, CCAConfig) else SoftmaxAttention
     gated = cls(cfg.model_copy(update={"spkv": spkv}), _ctx(), rngs=nnx.Rngs(0))
@@ -94,7 +94,7 @@ MIXERS = {"softmax": SoftmaxConfig(n_heads=4, n_kv_heads=2), "cca": CCAConfig(n_
 def test_open_gates_are_vanilla_attention(name):
     """With the output bias at 30 every u is 1 - 1e-13: the soft training gate and the hard gate both leave
     attention as it was without SP-KV."""
-    gated, plain = _pair(MIXERS[name], SpkvConfig(window=W, init_bias=30.0))
+    gated, plain = _pair(MIXERS[name], SPKVConfig(window=W, init_bias=30.0))
     x = _x()
     vanilla = _forward(plain, x)
     assert_close(_train_forward(gated, x, 0, 10), vanilla, rel=1e-6, name=f"{name} soft")
@@ -105,7 +105,7 @@ def test_closed_gates_are_sliding_window_attention():
     """With the bias at -30 every key outside the window weighs exp(-30) (soft) or nothing (hard): the
     layer is sliding-window attention over the window."""
     cfg = MIXERS["softmax"]
-    gated, plain = _pair(cfg, SpkvConfig(window=W, init_bias=-30.0))
+    gated, plain = _pair(cfg, SPKVConfig(window=W, init_bias=-30.0))
     window = SoftmaxAttention(cfg.model_copy(update={"sliding_window": W}), _ctx(), rngs=nnx.Rngs(2))
     set_params(window, params_of(plain))
     x = _x()
@@ -125,7 +125,7 @@ def test_gate_values_soft_annealed_hard():
     """Per head a constant logit z (W2 = 0): log σ(z) while training, log max((1-α)σ(z) + α·1[σ(z) >= τ],
     1e-6) in the anneal, 0 / -inf outside a train step."""
     z = np.array([2.0, -0.5, 0.1])
-    gate = SpkvGate(SpkvConfig(window=W, threshold=0.45, anneal={"steps": 4}), _ctx(), 3, rngs=nnx.Rngs(0))
+    gate = SPKVGate(SPKVConfig(window=W, threshold=0.45, anneal={"steps": 4}), _ctx(), 3, rngs=nnx.Rngs(0))
     gate.w2[...] = jnp.zeros_like(gate.w2[...])
     gate.b2[...] = jnp.asarray(z, jnp.float32)
     x = _x()
@@ -158,7 +158,7 @@ DECODE_CASES = {
 def test_pruned_cache_decode_equals_hard_mask_forward(name):
     """Token by token through the pruned cache (ring of 4 + store) == the full forward with the 0/-inf gate,
     and each head's cache holds exactly the window plus its kept older keys."""
-    cfg = DECODE_CASES[name].model_copy(update={"spkv": SpkvConfig(window=W, init_bias=0.0)})
+    cfg = DECODE_CASES[name].model_copy(update={"spkv": SPKVConfig(window=W, init_bias=0.0)})
     cls = CCAttention if isinstance(cfg, CCAConfig) else SoftmaxAttention
     m = cls(cfg, _ctx(), rngs=nnx.Rngs(0))
     x = _x()
@@ -184,7 +184,7 @@ def test_density_and_compression_hand_made():
     Unpacked row: keys 0..7 leave the window (8 older), head 0 keeps 0 and 7. Packed row, documents of 7 and
     5 tokens: older keys are 0, 1, 2 and 7 (4), head 0 keeps 0 and 7.
     """
-    gate = SpkvGate(SpkvConfig(window=W), _ctx(), 2, rngs=nnx.Rngs(0))
+    gate = SPKVGate(SPKVConfig(window=W), _ctx(), 2, rngs=nnx.Rngs(0))
     for p in (gate.w1, gate.b1, gate.w2):
         p[...] = jnp.zeros_like(p[...])
     gate.w1[...] = gate.w1[...].at[0, 0].set(1.0)
@@ -202,14 +202,17 @@ def test_density_and_compression_hand_made():
     np.testing.assert_array_equal(packed["spkv_kept"], [2, 4])
     assert (plain["spkv_older"], packed["spkv_older"], plain["spkv_keys"]) == (8, 4, 12)
 
-    r = report({"layer0.softmax": plain, "layer1.softmax": packed})
+    rep = report({"layer0.softmax": plain, "layer1.softmax": packed})
+    r = rep.metrics
+    assert rep.heatmaps["spkv_density_heads"].rows == r["spkv_density_heads"]
+    assert rep.summary == [f"SP-KV density {r['spkv_density']:.3f} (cache {r['spkv_compression']:.2f}x smaller)"]
     assert r["spkv_density_heads"] == {"layer0.softmax": [0.25, 1.0], "layer1.softmax": [0.5, 1.0]}
     assert r["spkv_density/layer0.softmax"] == pytest.approx(10 / 16)
     assert r["spkv_density"] == pytest.approx((10 + 6) / (16 + 8))
     # Dense: 12 entries per head and layer. Pruned: the 4 (plain) or 8 (packed) keys that never leave the
     # window, plus the kept older keys.
     assert r["spkv_compression"] == pytest.approx((4 * 12) / ((4 + 2) + (4 + 8) + (8 + 2) + (8 + 4)))
-    assert report({"layer0.kda": {}}) == {}
+    assert report({"layer0.kda": {}}) == StatsReport()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,7 +311,7 @@ def test_init_from_anneal_freezing_and_logged_metrics(small_store, tmp_path, cap
     older = 32 - 8  # seq_len 32, window 8
     assert final["spkv_compression"] == pytest.approx(32 / (8 + final["spkv_density"] * older))
     assert all(r["aux_loss"] > 0 for r in rows if "loss" in r)
-    assert (res.run_dir / "spkv_density_step6.png").stat().st_size > 1000
+    assert (res.run_dir / "spkv_density_heads_step6.png").stat().st_size > 1000
 
 
 def test_config_errors():
