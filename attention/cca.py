@@ -43,7 +43,6 @@ from pydantic import Field
 
 from attention import ops
 from attention.base import MixerConfig, MixerContext, visible_keys_per_query
-from attention.ops.softmax import decode_attention
 from attention import spkv
 from attention.spkv import SPKVConfig, SPKVGate
 from attention.layers import Linear, apply_rope, l2_normalize, param, positions_from_segments
@@ -267,7 +266,7 @@ class CCAttention(nnx.Module):
         new["q_window"], new["k_window"] = q_win[:, 1:], k_win[:, 1:]
         if self.shift_from is not None:
             new["v_shift"] = v_B1W[:, 0, self.shift_from:].astype(cache["v_shift"].dtype)
-        o = decode_attention(q, new["k"], new["v"], valid, scale=self.d ** -0.5)
+        o = ops.softmax_decode(q, new["k"], new["v"], valid, scale=self.d ** -0.5, impl=self.ctx.impl)
         return self.o_proj(o.reshape(B, 1, self.Hq * self.d)), new
 
     # -- analytic costs (paper Table II) ------------------------------------------------------------

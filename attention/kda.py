@@ -30,7 +30,7 @@ from pydantic import Field
 
 from attention import ops
 from attention.base import HeadsMixerConfig, MixerContext
-from attention.ops.kda import CHUNK
+from attention.ops.kda.xla import CHUNK
 from attention.layers import Linear, RMSNorm, causal_conv, l2_normalize, param, positions_from_segments
 
 _F32 = jnp.float32
@@ -131,9 +131,8 @@ class KimiDeltaAttention(nnx.Module):
             qkv[n] = jax.nn.silu(causal_conv(raw, w[...], hist))
             new_cache[f"{n}_conv"] = jnp.concatenate([hist[:, 1:], raw.astype(hist.dtype)], axis=1)
         q, k, v, g, beta = self._inputs(x_B1D, qkv)
-        # One token is exactly one step of the op's recurrence; the chunked form would pad a chunk per token.
         o, new_cache["state"] = ops.kda(q, k, v, g, beta, scale=self.cfg.scale, initial_state=cache["state"],
-                                        output_final_state=True, impl="reference")
+                                        output_final_state=True, impl=self.ctx.impl)
         return self._output(o, x_B1D), new_cache
 
     def cache_bytes_per_token(self, dtype_bytes: int | None = None) -> int:

@@ -42,7 +42,7 @@ from pydantic import Field
 
 from attention import ops
 from attention.base import HeadsMixerConfig, MixerContext
-from attention.ops.lightning import block_size
+from attention.ops.lightning.xla import block_size
 from attention.layers import Linear, RMSNorm, rms_normalize
 
 FEATURE_MAPS = {
@@ -136,9 +136,8 @@ class LightningAttention(nnx.Module):
 
     def decode(self, x_B1D: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
         q, k, v = self._project(x_B1D)
-        # One token is exactly one step of the op's recurrence; a blocked form would pad a block per token.
         o, state = ops.lightning(q, k, v, self._log_decay(), scale=self.cfg.scale, initial_state=cache["state"],
-                                 output_final_state=True, impl="reference")
+                                 output_final_state=True, impl=self.ctx.impl)
         return self._output(o, x_B1D), {"state": state}
 
     def cache_bytes_per_token(self, dtype_bytes: int | None = None) -> int:

@@ -45,7 +45,6 @@ from pydantic import Field
 
 from attention import ops
 from attention.base import MixerConfig, MixerContext, visible_keys_per_query
-from attention.ops.softmax import decode_attention
 from attention import spkv
 from attention.spkv import SPKVConfig, SPKVGate
 from attention.layers import Linear, RMSNorm, apply_rope, normal, param
@@ -237,7 +236,8 @@ class SoftmaxAttention(nnx.Module):
             values = new_cache["v"]
         # Without spkv every head's slots hold the same positions, which is all pos2d needs.
         gate, _ = self._key_log_gate(pos_BSH[..., 0])
-        o = decode_attention(q, keys, values, valid, key_log_gate=gate, scale=self.cfg.scale)
+        o = ops.softmax_decode(q, keys, values, valid, key_log_gate=gate, scale=self.cfg.scale,
+                               impl=self.ctx.impl)
         return self.o_proj(o.reshape(B, 1, self.H * self.hd)), new_cache
 
     def _cached_keys(self, kc_BSHD: jax.Array, pos_BSH: jax.Array) -> jax.Array:

@@ -73,3 +73,9 @@ def doc_starts(segment_ids, B: int, T: int) -> jax.Array:
     if segment_ids is None:
         return jnp.zeros((B, T), bool)
     return jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
+
+
+def masked_exp(exponent, mask):
+    """exp(exponent) where mask, else 0; masked exponents never reach exp, so neither inf nor
+    inf*0 appears in the forward pass or in the gradients."""
+    return jnp.where(mask, jnp.exp(jnp.where(mask, exponent, 0.0)), 0.0)

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from attention.ops import dispatch
-from attention.ops.lightning import block_size, lightning, lightning_reference, lightning_xla
+from attention.ops.lightning import lightning
+from attention.ops.lightning.reference import lightning_reference
+from attention.ops.lightning.xla import block_size, lightning_xla
 from tests.numerics import assert_close
 
 # One head that never decays, one slow, one fast, one so fast that exp(-8 * block) underflows and

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import attention.softmax as softmax_mod
 from attention import ops
 from attention.base import MixerContext
 from attention.base import visible_keys_per_query
@@ -174,13 +173,13 @@ def test_shared_projection_is_one_array(share, monkeypatch):
         return fn(q, k, v, *args, **kw)
 
     monkeypatch.setattr(ops, "softmax_attention", functools.partial(spy, ops.softmax_attention))
-    monkeypatch.setattr(softmax_mod, "decode_attention", functools.partial(spy, softmax_mod.decode_attention))
+    monkeypatch.setattr(ops, "softmax_decode", functools.partial(spy, ops.softmax_decode))
     x = _x()
     mixer(x, positions=_positions())
     mixer.decode(x[:, :1], mixer.init_cache(B, T), 0)
     q_is_k, v_is_k = share in ("qk", "qkv"), share in ("kv", "qkv")
     assert seen["softmax_attention"] == (q_is_k, v_is_k)
-    assert seen["decode_attention"][1] == v_is_k  # keys and values are the one cached array
+    assert seen["softmax_decode"][1] == v_is_k  # keys and values are the one cached array
     assert len(mixer.init_cache(B, T)) == (1 if v_is_k else 2)
 
     # With RoPE the shared projection is still one array; the scores get a rotated copy of it.

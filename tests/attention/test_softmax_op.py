@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from attention.ops import dispatch
-from attention.ops.softmax import (_Plan, decode_attention, softmax_attention_reference, softmax_attention,
-                                   softmax_attention_xla)
+from attention.ops.softmax import softmax_attention, softmax_decode
+from attention.ops.softmax.reference import softmax_attention_reference
+from attention.ops.softmax.xla import _Plan, softmax_attention_xla
 from tests.numerics import assert_close
 
 # Small tiles, so every case spans several query and key blocks and the skipping paths run.
@@ -259,7 +260,8 @@ def test_bf16_inputs_against_fp32_reference():
 # --- decode -------------------------------------------------------------------------------------
 
 
-def test_decode_matches_reference_with_per_head_valid_keys():
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_decode_matches_reference_with_per_head_valid_keys(impl):
     S, Hq, Hkv = 40, 4, 2
     q, k, v, _, _ = _inputs(1, S, Hq, Hkv, seed=3)
     valid = np.random.default_rng(4).random((B, S, Hkv)) < 0.6
@@ -270,9 +272,9 @@ def test_decode_matches_reference_with_per_head_valid_keys():
     @jax.jit
     def both(valid):
         closed = jnp.where(valid, 0.0, -jnp.inf)
-        return ((decode_attention(q, k, v, valid),
+        return ((softmax_decode(q, k, v, valid, impl=impl),
                  softmax_attention_reference(q, k, v, causal=False, key_log_gate=closed)),
-                (decode_attention(q, k, v, jnp.ones_like(valid), scale=0.3),
+                (softmax_decode(q, k, v, jnp.ones_like(valid), scale=0.3, impl=impl),
                  softmax_attention_reference(q, k, v, causal=True, scale=0.3)))
 
     (o, want), (o_all, want_all) = both(valid)
@@ -282,12 +284,27 @@ def test_decode_matches_reference_with_per_head_valid_keys():
     assert_close(o_all, want_all, rel=1e-6, name="decode, all keys valid")
 
 
+def test_decode_bf16_cache_against_fp32_reference():
+    """The xla decode reads a bf16 cache as bf16 (no fp32 copy) and still lands within bf16 rounding."""
+    S, Hq, Hkv = 40, 4, 1
+    q, k, v, gate, _ = _inputs(1, S, Hq, Hkv, seed=5)
+    valid = jnp.asarray(np.random.default_rng(6).random((B, S, Hkv)) < 0.8)
+    bf = lambda x: x.astype(jnp.bfloat16)
+    got = softmax_decode(bf(q), bf(k), bf(v), valid, key_log_gate=gate, impl="xla")
+    want = softmax_decode(*(bf(x).astype(jnp.float32) for x in (q, k, v)), valid, key_log_gate=gate,
+                          impl="reference")
+    assert got.dtype == jnp.bfloat16
+    assert_close(got, want, rel=1e-2, name="bf16 decode")
+
+
 def test_decode_argument_errors():
     q, k, v, _, _ = _inputs(1, 8, 2, 1)
     with pytest.raises(ValueError, match="valid"):
-        decode_attention(q, k, v, jnp.ones((B, 8, 2), bool))
+        softmax_decode(q, k, v, jnp.ones((B, 8, 2), bool))
     with pytest.raises(ValueError, match="q must be"):
-        decode_attention(jnp.concatenate([q, q], axis=1), k, v, jnp.ones((B, 8, 1), bool))
+        softmax_decode(jnp.concatenate([q, q], axis=1), k, v, jnp.ones((B, 8, 1), bool))
+    with pytest.raises(dispatch.ImplUnavailable, match="pallas"):
+        softmax_decode(q, k, v, jnp.ones((B, 8, 1), bool), impl="pallas")
 
 
 # --- public op: validation and dispatch ----------------------------------------------------------

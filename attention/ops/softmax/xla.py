@@ -1,29 +1,16 @@
-"""Softmax attention: a dense oracle, a blocked online-softmax in jnp, and a KV-cache decode helper.
-
-Conventions shared by every implementation (see DESIGN.md, "Ops"):
-
-- Layout is time-major: q [B,T,Hq,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv]; Hq % Hkv == 0 and query head h
-  reads kv head h // (Hq // Hkv).
-- Positions are bottom-right aligned: query i sits at position S - T + i, key s at position s. This is
-  what makes causal prefill against a longer cache (T < S) line up with the newest keys.
-- Masks: causal keeps s <= t; sliding_window=W keeps 0 <= t - s < W; segment_ids keeps pairs in the
-  same document, where a document starts wherever the id changes (as in the kda and lightning ops,
-  so a reused id is still a new document).
-  A key_log_gate value is added to the logit of key s for query t when t - s >= local_window (every
-  key when local_window is None), the SP-KV soft write gate.
-- A query row that sees no key returns 0, with zero gradients, never NaN.
-"""
+"""Blocked online softmax in jnp (flash-attention style) that skips fully masked tiles, with a recomputing
+custom VJP; and the decode read of a KV cache in the cache's own dtype."""
 from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from attention.ops import dispatch
+from attention.ops.softmax.api import documents, matmul_precision, resolve_scale
 
 # (block_q, block_k) of the xla implementation. CPU: measured on 2 cores at B=8, Hq=8, D=64, fp32,
 # causal, T=512 and 2048; 64x64 beat 32x64, 64x32, 128x64, 64x128, 128x128 and 256-wide tiles.
@@ -31,133 +18,6 @@ from attention.ops import dispatch
 # in a core's L2, while narrower tiles make the matmuls too small. GPU and TPU entries are unmeasured
 # starting points.
 BLOCK_SIZES = {"cpu": (64, 64), "gpu": (128, 128), "tpu": (512, 512)}
-
-
-def softmax_attention(q, k, v, *, causal=True, sliding_window=None, local_window=None,
-                      key_log_gate=None, segment_ids=None, scale=None, impl="auto"):
-    """Multi-head softmax attention with GQA, windows, packed segments and the SP-KV key gate.
-
-    q [B,T,Hq,D]; k [B,S,Hkv,D]; v [B,S,Hkv,Dv] (v may be k itself) -> o [B,T,Hq,Dv] in q's dtype.
-    key_log_gate [B,S,Hkv] (<= 0, may be -inf); segment_ids [B,T] int (needs T == S);
-    scale=None means D**-0.5. Accumulation is fp32 whatever the input dtype.
-    """
-    _validate(q, k, v, causal=causal, sliding_window=sliding_window, local_window=local_window,
-              key_log_gate=key_log_gate, segment_ids=segment_ids, scale=scale)
-    fn = dispatch.resolve(
-        "softmax_attention", impl, dtype=jnp.dtype(q.dtype), q_shape=q.shape, k_shape=k.shape,
-        v_shape=v.shape, causal=causal, sliding_window=sliding_window, local_window=local_window,
-        has_key_log_gate=key_log_gate is not None, has_segment_ids=segment_ids is not None)
-    return fn(q, k, v, causal=causal, sliding_window=sliding_window, local_window=local_window,
-              key_log_gate=key_log_gate, segment_ids=segment_ids, scale=scale)
-
-
-def _validate(q, k, v, *, causal, sliding_window, local_window, key_log_gate, segment_ids, scale):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 4:
-            raise ValueError(f"{name} must be [batch, time, heads, dim]; got shape {tuple(x.shape)}")
-    B, T, Hq, D = q.shape
-    Bk, S, Hkv, Dk = k.shape
-    if T == 0 or S == 0:
-        raise ValueError(f"q and k need at least one time step; got T={T}, S={S}")
-    if Bk != B:
-        raise ValueError(f"k batch {Bk} != q batch {B} (q {tuple(q.shape)}, k {tuple(k.shape)})")
-    if Dk != D:
-        raise ValueError(f"k head dim {Dk} != q head dim {D} (q {tuple(q.shape)}, k {tuple(k.shape)})")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v shape {tuple(v.shape)} must match k {tuple(k.shape)} in batch, time and heads")
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be a bool; got {causal!r}")
-    if sliding_window is not None:
-        if not _is_int(sliding_window) or sliding_window < 1:
-            raise ValueError("sliding_window must be a positive int (keys with 0 <= t - s < W); "
-                             f"got {sliding_window!r}")
-        if not causal:
-            raise ValueError("sliding_window requires causal=True: the window is 0 <= t - s < W")
-    if local_window is not None:
-        if not _is_int(local_window) or local_window < 0:
-            raise ValueError(f"local_window must be an int >= 0; got {local_window!r}")
-        if key_log_gate is None:
-            raise ValueError("local_window only says which keys key_log_gate spares; pass key_log_gate too")
-    if key_log_gate is not None and tuple(key_log_gate.shape) != (B, S, Hkv):
-        raise ValueError(f"key_log_gate must be [batch, kv_time, kv_heads] = {(B, S, Hkv)}; "
-                         f"got {tuple(key_log_gate.shape)}")
-    if segment_ids is not None:
-        if tuple(segment_ids.shape) != (B, T):
-            raise ValueError(f"segment_ids must be [batch, time] = {(B, T)}; got {tuple(segment_ids.shape)}")
-        if T != S:
-            raise ValueError(f"segment_ids needs q and k of the same length; got T={T}, S={S}")
-        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(f"segment_ids must be integers; got dtype {segment_ids.dtype}")
-    if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)):
-        raise ValueError(f"scale must be a Python number or None; got {type(scale).__name__}")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _documents(segment_ids_BT):
-    """Document index of each token: 0, 1, 2, ... counting the places where the id changes."""
-    starts = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
-    return jnp.cumsum(jnp.pad(starts, ((0, 0), (1, 0))), axis=1, dtype=jnp.int32)
-
-
-def _scale(scale, head_dim: int) -> float:
-    return float(head_dim) ** -0.5 if scale is None else float(scale)
-
-
-def _precision(dtype):
-    # fp32 inputs mean fp32 products: keep GPU/TPU from silently dropping to tf32/bf16 passes.
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
-
-
-# ----------------------------------------------------------------------------------------------
-# reference: dense fp32, the oracle
-
-
-@dispatch.register("softmax_attention", "reference")
-def softmax_attention_reference(q, k, v, *, causal=True, sliding_window=None, local_window=None,
-                                key_log_gate=None, segment_ids=None, scale=None):
-    B, T, Hq, D = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
-    group = Hq // Hkv
-    f32 = jnp.float32
-    k_BSHD = jnp.repeat(k.astype(f32), group, axis=2)
-    v_BSHD = jnp.repeat(v.astype(f32), group, axis=2)
-    logits_BHTS = jnp.einsum("bthd,bshd->bhts", q.astype(f32), k_BSHD,
-                             precision=lax.Precision.HIGHEST) * _scale(scale, D)
-
-    t_T = jnp.arange(T)[:, None] + (S - T)
-    s_S = jnp.arange(S)[None, :]
-    visible_BTS = jnp.ones((1, T, S), bool)
-    if causal:
-        visible_BTS &= s_S <= t_T
-    if sliding_window is not None:
-        visible_BTS &= (t_T - s_S >= 0) & (t_T - s_S < sliding_window)
-    if segment_ids is not None:
-        doc_BT = _documents(segment_ids)
-        visible_BTS &= doc_BT[:, :, None] == doc_BT[:, None, :]
-    if key_log_gate is not None:
-        gate_BHS = jnp.repeat(key_log_gate.astype(f32), group, axis=2).transpose(0, 2, 1)
-        gated_TS = jnp.ones((T, S), bool) if local_window is None else t_T - s_S >= local_window
-        logits_BHTS += jnp.where(gated_TS, gate_BHS[:, :, None, :], 0.0)
-
-    visible_BHTS = visible_BTS[:, None]
-    masked = jnp.where(visible_BHTS, logits_BHTS, -jnp.inf)
-    row_max = jnp.max(masked, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    # The mask goes in before exp, so masked entries are exp(-inf) = 0 with a zero derivative.
-    e_BHTS = jnp.exp(jnp.where(visible_BHTS, logits_BHTS - row_max, -jnp.inf))
-    denom = jnp.sum(e_BHTS, axis=-1, keepdims=True)
-    p_BHTS = e_BHTS / jnp.where(denom > 0, denom, 1.0)
-    o_BTHD = jnp.einsum("bhts,bshd->bthd", p_BHTS, v_BSHD, precision=lax.Precision.HIGHEST)
-    return o_BTHD.astype(q.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# xla: blocked online softmax that skips masked tiles, with a recomputing custom VJP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +68,7 @@ def softmax_attention_xla(q, k, v, *, causal=True, sliding_window=None, local_wi
     plan = _Plan(t=T, s=S, block_q=min(block_q or default_q, T), block_k=min(block_k or default_k, S),
                  causal=causal, sliding_window=sliding_window,
                  local_window=local_window if key_log_gate is not None else None,
-                 scale=_scale(scale, D))
+                 scale=resolve_scale(scale, D))
     return _blocked_attention(plan, q, k, v, key_log_gate, segment_ids)
 
 
@@ -232,7 +92,7 @@ class _Blocked:
         self.gate = None if gate is None else self.k_blocks(gate.astype(jnp.float32)[..., None])[..., 0]
         self.q_doc = self.k_doc = self.overlap = None
         if seg is not None:
-            doc_BT = _documents(seg)
+            doc_BT = documents(seg)
             self.q_doc = _doc_blocks(doc_BT, plan.num_q_blocks, plan.block_q)
             self.k_doc = _doc_blocks(doc_BT, plan.num_k_blocks, plan.block_k)
             self.overlap = _document_overlap(self.q_doc, self.k_doc)
@@ -317,7 +177,7 @@ def _document_overlap(q_doc_NBQ, k_doc_NBK):
 
 def _dot(spec, a, b):
     """fp32-accumulating einsum; fp32 operands get full-precision products on every backend."""
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=_precision(a.dtype))
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=matmul_precision(a.dtype))
 
 
 def _forward(plan: _Plan, q, k, v, gate, seg):
@@ -424,41 +284,19 @@ def _blocked_attention_bwd(plan, res, do):
 _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
 
-# ----------------------------------------------------------------------------------------------
-# decode
-
-
-def decode_attention(q, k, v, valid, *, key_log_gate=None, scale=None):
-    """One query token against a KV cache: q [B,1,Hq,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv] -> [B,1,Hq,Dv].
-
-    valid [B,S,Hkv] bool marks the cached keys each kv head may read (pruned SP-KV caches keep
-    different keys per head). key_log_gate [B,S,Hkv] (<= 0) is added to the logit of every cached
-    key; the caller exempts keys inside any local window. Dense and fp32; a head with no valid key
-    returns 0.
-    """
-    if q.ndim != 4 or q.shape[1] != 1:
-        raise ValueError(f"q must be [batch, 1, heads, dim]; got shape {tuple(q.shape)}")
-    _validate(q, k, v, causal=False, sliding_window=None, local_window=None, key_log_gate=None,
-              segment_ids=None, scale=scale)
+@dispatch.register("softmax_decode", "xla")
+def softmax_decode_xla(q, k, v, valid, *, key_log_gate=None, scale=None):
+    """The cache is read in its own dtype (no fp32 copy of K and V) with fp32 accumulation; softmax in fp32."""
     B, _, Hq, D = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
-    if tuple(valid.shape) != (B, S, Hkv):
-        raise ValueError(f"valid must be [batch, kv_time, kv_heads] = {(B, S, Hkv)}; "
-                         f"got {tuple(valid.shape)}")
-    if key_log_gate is not None and tuple(key_log_gate.shape) != (B, S, Hkv):
-        raise ValueError(f"key_log_gate must be [batch, kv_time, kv_heads] = {(B, S, Hkv)}; "
-                         f"got {tuple(key_log_gate.shape)}")
+    Hkv = k.shape[2]
     f32 = jnp.float32
-    q_BHGD = q[:, 0].reshape(B, Hkv, Hq // Hkv, D).astype(f32)
-    s_BHGS = jnp.einsum("bhgd,bshd->bhgs", q_BHGD, k.astype(f32), precision=lax.Precision.HIGHEST)
-    valid_BH1S = valid.transpose(0, 2, 1)[:, :, None, :]
-    s_BHGS = s_BHGS * _scale(scale, D)
+    q_BHGD = q[:, 0].reshape(B, Hkv, Hq // Hkv, D)
+    s_BHGS = _dot("bhgd,bshd->bhgs", q_BHGD.astype(k.dtype), k) * resolve_scale(scale, D)
     if key_log_gate is not None:
         s_BHGS = s_BHGS + key_log_gate.astype(f32).transpose(0, 2, 1)[:, :, None, :]
-    s_BHGS = jnp.where(valid_BH1S, s_BHGS, -jnp.inf)
+    s_BHGS = jnp.where(valid.transpose(0, 2, 1)[:, :, None, :], s_BHGS, -jnp.inf)
     m = s_BHGS.max(-1, keepdims=True)
     p_BHGS = jnp.exp(s_BHGS - jnp.where(m == -jnp.inf, 0.0, m))
     denom = p_BHGS.sum(-1, keepdims=True)
-    o_BHGD = jnp.einsum("bhgs,bshd->bhgd", p_BHGS / jnp.where(denom > 0, denom, 1.0), v.astype(f32),
-                        precision=lax.Precision.HIGHEST)
+    o_BHGD = _dot("bhgs,bshd->bhgd", p_BHGS.astype(v.dtype), v) / jnp.where(denom > 0, denom, 1.0)
     return o_BHGD.reshape(B, 1, Hq, v.shape[-1]).astype(q.dtype)

@@ -1,25 +1,6 @@
-"""Kimi Delta Attention (KDA): delta-rule linear attention with per-channel forget gates.
-
-Per (batch, head) an fp32 state S [K, V] evolves token by token:
-
-    S <- diag(exp g_t) S                       decay first, one factor per key channel,
-    S <- S + beta_t k_t (v_t - S^T k_t)^T      then the delta write, its error read from the decayed state,
-    o_t = S^T (scale q_t)                      and the read sees the token just written.
-
-Same semantics as flash-linear-attention's naive_recurrent_kda. q and k are expected L2-normalised
-by the caller; the op does not normalise them. `scale=None` means K**-0.5.
-
-`segment_ids [B,T]` marks packed documents: a document starts wherever the id changes, and the state
-is zero just before it, so nothing crosses a boundary. `initial_state` is the state before t=0 and
-so belongs to the first document of each row only. A run of equal ids is one document.
-
-Implementations:
-- `reference`: the recurrence above, token by token, in a `lax.scan`.
-- `xla`: chunks of 64 tokens in the WY/UT form. Inside a chunk the pseudo-values
-  delta = (I + L)^-1 (beta v - beta (k exp G) S_in) come from one unit-lower-triangular inverse; a
-  `lax.scan` over chunks carries the state. Every decay exponent is a sum of gates over a causal
-  range, so it is <= 0 and large |g| underflows to zero instead of overflowing.
-"""
+"""KDA in chunks of 64 tokens (the WY/UT form): intra-chunk work as matmuls with one unit-lower-triangular
+inverse per chunk, a `lax.scan` over chunks for the fp32 state. Every decay exponent is a sum of gates over
+a causal range, so it is <= 0 and large |g| underflows to zero instead of overflowing."""
 from __future__ import annotations
 
 import functools
@@ -31,8 +12,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from attention.ops import dispatch
-from attention.ops.recurrent import (check_common, check_qkv, concrete, doc_starts, initial_state_or_zeros,
-                                     resolve_scale)
+from attention.ops.recurrent import doc_starts, initial_state_or_zeros, masked_exp, resolve_scale
 
 # fla's chunk; the body is matmul-shaped (C x C scores and inverse, C x (K+V) products) for the
 # Pallas port.
@@ -48,73 +28,6 @@ _F32 = jnp.float32
 # The xla form is checked against the reference at 1e-5; TF32 or one-pass bf16 dots (GPU/TPU
 # defaults for fp32) would break that and perturb the triangular inverse.
 _einsum = functools.partial(jnp.einsum, precision=lax.Precision.HIGHEST)
-
-
-def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-        segment_ids=None, impl="auto"):
-    """Kimi Delta Attention.
-
-    q, k [B,T,H,K]; v [B,T,H,V]; g [B,T,H,K] log decay (<= 0); beta [B,T,H];
-    initial_state [B,H,K,V] fp32; segment_ids [B,T] integers.
-    Returns (o [B,T,H,V] in v's dtype, final state [B,H,K,V] fp32 or None).
-    impl: reference | xla | pallas | auto (auto = xla until a Pallas kernel is registered).
-    """
-    _validate(q, k, v, g, beta, scale, initial_state, segment_ids)
-    fn = dispatch.resolve("kda", impl, q_shape=tuple(q.shape), v_shape=tuple(v.shape),
-                          dtype=jnp.dtype(v.dtype), segment_ids=segment_ids is not None,
-                          initial_state=initial_state is not None)
-    return fn(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-              output_final_state=output_final_state, segment_ids=segment_ids)
-
-
-
-
-def _validate(q, k, v, g, beta, scale, initial_state, segment_ids):
-    if jnp.ndim(g) != 4:
-        raise ValueError(f"kda: g must be [batch, time, heads, dim], got shape {jnp.shape(g)}")
-    B, T, H, K, V = shape = check_qkv("kda", q, k, v, g=g, beta=beta)
-    if g.shape != q.shape:
-        raise ValueError(f"kda: g shape {g.shape} must equal q shape {q.shape} (one log decay per key channel)")
-    if jnp.shape(beta) != (B, T, H):
-        raise ValueError(f"kda: beta must have shape {(B, T, H)} (one per token and head), got {jnp.shape(beta)}")
-    # Values can only be checked outside jit; under tracing the caller owns the sign.
-    g_np = concrete(g)
-    if g_np is not None:
-        g_np = g_np.astype(np.float32)
-        if not np.all(g_np <= 0):
-            raise ValueError("kda: g must be a log decay <= 0 and not NaN; "
-                             f"found max {np.nanmax(g_np):.3g}, NaN present: {bool(np.isnan(g_np).any())}")
-    check_common("kda", shape, scale, initial_state, segment_ids)
-
-
-@dispatch.register("kda", "reference")
-def kda_reference(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-                  segment_ids=None):
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    scale = resolve_scale(scale, K)
-
-    # Elementwise products and sums rather than dots: exact fp32 on every backend, whatever the
-    # default matmul precision is.
-    def step(S_BHKV, xs):
-        q_BHK, k_BHK, v_BHV, g_BHK, beta_BH, start_B = xs
-        S_BHKV = jnp.where(start_B[:, None, None, None], 0.0, S_BHKV)
-        S_BHKV = jnp.exp(g_BHK)[..., None] * S_BHKV
-        err_BHV = v_BHV - jnp.sum(k_BHK[..., None] * S_BHKV, axis=-2)
-        S_BHKV = S_BHKV + (beta_BH[..., None] * k_BHK)[..., None] * err_BHV[..., None, :]
-        o_BHV = jnp.sum((scale * q_BHK)[..., None] * S_BHKV, axis=-2)
-        return S_BHKV, o_BHV
-
-    xs = tuple(x.astype(_F32).swapaxes(0, 1) for x in (q, k, v, g, beta)) + (
-        doc_starts(segment_ids, B, T).swapaxes(0, 1),)
-    S_BHKV, o_TBHV = lax.scan(step, initial_state_or_zeros(initial_state, B, H, K, V), xs)
-    return o_TBHV.swapaxes(0, 1).astype(v.dtype), (S_BHKV if output_final_state else None)
-
-
-def _masked_exp(exponent, mask):
-    """exp(exponent) where mask, else 0; masked exponents never reach exp, so neither inf nor
-    inf*0 appears in the forward pass or in the gradients."""
-    return jnp.where(mask, jnp.exp(jnp.where(mask, exponent, 0.0)), 0.0)
 
 
 def _exclusive_suffix_sum(x, axis):
@@ -250,7 +163,9 @@ def kda_xla(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_st
             segment_ids=None):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    C = CHUNK
+    # A sequence shorter than a chunk (a decode step, T = 1) takes the next power of two instead of
+    # padding to a full chunk; the doubling in `_scores` and the inverse need a power of two.
+    C = min(CHUNK, 1 << (T - 1).bit_length())
     N = -(-T // C)
     pad = N * C - T
     scale = resolve_scale(scale, K)
@@ -281,7 +196,7 @@ def kda_xla(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_st
 
     Aqk_ZCC, U_ZCV, W_ZCK = _intra_chunk_grouped(q_ZCK, k_ZCK, v_ZCV, g_ZCK, beta_ZC, same_ZCC, carry_in_ZC)
 
-    kexit_ZCK = k_ZCK * _masked_exp(_exclusive_suffix_sum(g_ZCK, axis=1), to_exit_ZC[:, :, None])
+    kexit_ZCK = k_ZCK * masked_exp(_exclusive_suffix_sum(g_ZCK, axis=1), to_exit_ZC[:, :, None])
     decay_exit_ZK = jnp.where(carry_in_ZC[:, -1:], jnp.exp(jnp.sum(g_ZCK, axis=1)), 0.0)
 
     def scan_major(x):  # [B*H*N, ...] -> [N, B, H, ...]

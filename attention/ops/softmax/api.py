@@ -1,0 +1,130 @@
+"""Softmax attention, the contract: `softmax_attention` (training and prefill) and `softmax_decode` (new query
+tokens against a KV cache), their argument checks and dispatch. `reference.py` holds the dense oracles,
+`xla.py` the blocked online softmax and the cache read in the cache's own dtype.
+
+Conventions shared by every implementation:
+
+- Layout is time-major: q [B,T,Hq,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv]; Hq % Hkv == 0 and query head h
+  reads kv head h // (Hq // Hkv).
+- Positions are bottom-right aligned: query i sits at position S - T + i, key s at position s. This is
+  what makes causal prefill against a longer cache (T < S) line up with the newest keys.
+- Masks: causal keeps s <= t; sliding_window=W keeps 0 <= t - s < W; segment_ids keeps pairs in the
+  same document, where a document starts wherever the id changes (as in the kda and lightning ops,
+  so a reused id is still a new document).
+  A key_log_gate value is added to the logit of key s for query t when t - s >= local_window (every
+  key when local_window is None), the SP-KV soft write gate.
+- A query row that sees no key returns 0, with zero gradients, never NaN.
+"""
+from __future__ import annotations
+
+import numbers
+
+import jax.numpy as jnp
+from jax import lax
+
+from attention.ops import dispatch
+
+
+def softmax_attention(q, k, v, *, causal=True, sliding_window=None, local_window=None,
+                      key_log_gate=None, segment_ids=None, scale=None, impl="auto"):
+    """Multi-head softmax attention with GQA, windows, packed segments and the SP-KV key gate.
+
+    q [B,T,Hq,D]; k [B,S,Hkv,D]; v [B,S,Hkv,Dv] (v may be k itself) -> o [B,T,Hq,Dv] in q's dtype.
+    key_log_gate [B,S,Hkv] (<= 0, may be -inf); segment_ids [B,T] int (needs T == S);
+    scale=None means D**-0.5. Accumulation is fp32 whatever the input dtype.
+    """
+    _validate(q, k, v, causal=causal, sliding_window=sliding_window, local_window=local_window,
+              key_log_gate=key_log_gate, segment_ids=segment_ids, scale=scale)
+    fn = dispatch.resolve(
+        "softmax_attention", impl, dtype=jnp.dtype(q.dtype), q_shape=q.shape, k_shape=k.shape,
+        v_shape=v.shape, causal=causal, sliding_window=sliding_window, local_window=local_window,
+        has_key_log_gate=key_log_gate is not None, has_segment_ids=segment_ids is not None)
+    return fn(q, k, v, causal=causal, sliding_window=sliding_window, local_window=local_window,
+              key_log_gate=key_log_gate, segment_ids=segment_ids, scale=scale)
+
+
+def _validate(q, k, v, *, causal, sliding_window, local_window, key_log_gate, segment_ids, scale):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be [batch, time, heads, dim]; got shape {tuple(x.shape)}")
+    B, T, Hq, D = q.shape
+    Bk, S, Hkv, Dk = k.shape
+    if T == 0 or S == 0:
+        raise ValueError(f"q and k need at least one time step; got T={T}, S={S}")
+    if Bk != B:
+        raise ValueError(f"k batch {Bk} != q batch {B} (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    if Dk != D:
+        raise ValueError(f"k head dim {Dk} != q head dim {D} (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v shape {tuple(v.shape)} must match k {tuple(k.shape)} in batch, time and heads")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool; got {causal!r}")
+    if sliding_window is not None:
+        if not _is_int(sliding_window) or sliding_window < 1:
+            raise ValueError("sliding_window must be a positive int (keys with 0 <= t - s < W); "
+                             f"got {sliding_window!r}")
+        if not causal:
+            raise ValueError("sliding_window requires causal=True: the window is 0 <= t - s < W")
+    if local_window is not None:
+        if not _is_int(local_window) or local_window < 0:
+            raise ValueError(f"local_window must be an int >= 0; got {local_window!r}")
+        if key_log_gate is None:
+            raise ValueError("local_window only says which keys key_log_gate spares; pass key_log_gate too")
+    if key_log_gate is not None and tuple(key_log_gate.shape) != (B, S, Hkv):
+        raise ValueError(f"key_log_gate must be [batch, kv_time, kv_heads] = {(B, S, Hkv)}; "
+                         f"got {tuple(key_log_gate.shape)}")
+    if segment_ids is not None:
+        if tuple(segment_ids.shape) != (B, T):
+            raise ValueError(f"segment_ids must be [batch, time] = {(B, T)}; got {tuple(segment_ids.shape)}")
+        if T != S:
+            raise ValueError(f"segment_ids needs q and k of the same length; got T={T}, S={S}")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids must be integers; got dtype {segment_ids.dtype}")
+    if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)):
+        raise ValueError(f"scale must be a Python number or None; got {type(scale).__name__}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def documents(segment_ids_BT):
+    """Document index of each token: 0, 1, 2, ... counting the places where the id changes."""
+    starts = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
+    return jnp.cumsum(jnp.pad(starts, ((0, 0), (1, 0))), axis=1, dtype=jnp.int32)
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    return float(head_dim) ** -0.5 if scale is None else float(scale)
+
+
+def matmul_precision(dtype):
+    # fp32 inputs mean fp32 products: keep GPU/TPU from silently dropping to tf32/bf16 passes.
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+def softmax_decode(q, k, v, valid, *, key_log_gate=None, scale=None, impl="auto"):
+    """One query token against a KV cache: q [B,1,Hq,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv] -> [B,1,Hq,Dv].
+
+    valid [B,S,Hkv] bool marks the cached keys each kv head may read (pruned SP-KV caches keep
+    different keys per head). key_log_gate [B,S,Hkv] (<= 0) is added to the logit of every cached
+    key; the caller exempts keys inside any local window. Softmax statistics in fp32; a head with no
+    valid key returns 0.
+    """
+    if q.ndim != 4 or q.shape[1] != 1:
+        raise ValueError(f"q must be [batch, 1, heads, dim]; got shape {tuple(q.shape)}")
+    _validate(q, k, v, causal=False, sliding_window=None, local_window=None, key_log_gate=None,
+              segment_ids=None, scale=scale)
+    B, _, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    if tuple(valid.shape) != (B, S, Hkv):
+        raise ValueError(f"valid must be [batch, kv_time, kv_heads] = {(B, S, Hkv)}; "
+                         f"got {tuple(valid.shape)}")
+    if key_log_gate is not None and tuple(key_log_gate.shape) != (B, S, Hkv):
+        raise ValueError(f"key_log_gate must be [batch, kv_time, kv_heads] = {(B, S, Hkv)}; "
+                         f"got {tuple(key_log_gate.shape)}")
+    fn = dispatch.resolve("softmax_decode", impl, dtype=jnp.dtype(q.dtype), q_shape=q.shape, k_shape=k.shape,
+                          v_shape=v.shape, has_key_log_gate=key_log_gate is not None)
+    return fn(q, k, v, valid, key_log_gate=key_log_gate, scale=scale)
