@@ -54,6 +54,16 @@ def register(op: str, impl: str, *, supports: Callable[..., str | None] | None =
     return deco
 
 
+def ops() -> list[str]:
+    """Every op with a registered implementation."""
+    return sorted(_impls)
+
+
+def implementations(op: str) -> dict[str, Callable[..., Any]]:
+    """The registered implementations of `op` by name (reference, xla and, where a kernel exists, pallas)."""
+    return dict(_impls.get(op, {}))
+
+
 def backend() -> str:
     return jax.default_backend()
 

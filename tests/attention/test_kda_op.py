@@ -1,13 +1,9 @@
-"""attention.ops.kda: the reference recurrence against hand arithmetic and an independent numpy
-gated delta rule; the chunked xla form against the reference (outputs, final state, every gradient).
+"""attention.ops.kda beyond the parity table (tests/kernels/kda_cases.py): the reference recurrence against
+hand arithmetic and an independent numpy gated delta rule, the bf16 path, dispatch and argument errors.
 
-Compiles dominate the runtime, so the parity cases share shapes: one batch holds several
-scenarios, one per row (rows never interact, so each row's slice of every output and gradient is
-that scenario's own), and every fp32 check on those shapes reuses the same two compiled programs.
+The tests reuse the parity table's main case (one batch, one scenario per row) and its compiled reference.
 """
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,106 +13,23 @@ import pytest
 from attention.ops import dispatch
 from attention.ops.kda import kda
 from attention.ops.kda.xla import CHUNK
+from tests.kernels.kda_cases import GRADS, H, K, ROWS, T_MAIN, V, case_inputs, run_inputs
 from tests.numerics import assert_close
-
-H, K, V = 2, 16, 32
-T_MAIN = 130  # three chunks, the last one ragged
-ROWS = ("moderate", "strong", "documents", "spanning", "long_memory")
-GRADS = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
-
-
-def _unit(x):
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def _doc_ids(T, starts):
-    ids = np.zeros(T, np.int32)
-    for s in starts:
-        ids[s:] += 1
-    return ids
-
-
-def _main_inputs():
-    """One row per scenario, T=130, every row with an initial state and segment ids."""
-    rng = np.random.default_rng(0)
-    B = len(ROWS)
-    q = _unit(rng.standard_normal((B, T_MAIN, H, K)))
-    k = _unit(rng.standard_normal((B, T_MAIN, H, K)))
-    v = rng.standard_normal((B, T_MAIN, H, V))
-    beta = 1 / (1 + np.exp(-rng.standard_normal((B, T_MAIN, H))))
-    logsig = -np.logaddexp(0, -rng.standard_normal((B, T_MAIN, H, K)))  # log sigmoid, < 0
-    g = np.empty((B, T_MAIN, H, K))
-    g[0] = logsig[0]
-    # About -6 per token: a chunk's cumulative log decay reaches about -400, so exp(-Gamma) would
-    # overflow fp32 in any chunk-wide factorisation.
-    g[1] = -6.0 - 0.5 * np.abs(rng.standard_normal((T_MAIN, H, K)))
-    g[2] = logsig[2]
-    # Mixed: half the channels never decay (g = 0 exactly); the others mostly decay a little, with
-    # rare -20 spikes, so small gates follow large ones inside a chunk.
-    spikes = rng.random((T_MAIN, H, K)) < 0.05
-    g[3] = np.where(spikes, -20.0, 0.05 * logsig[3])
-    g[3][..., : K // 2] = 0.0
-    g[4] = logsig[4] / 16
-    seg = np.zeros((B, T_MAIN), np.int32)
-    # Boundaries exactly at chunk starts (64, 128), mid-chunk (30, 100) and one-token documents
-    # (100, 129).
-    seg[2] = _doc_ids(T_MAIN, [30, 64, 100, 101, 128, 129])
-    # Documents that start inside one chunk and run across the next chunk boundary.
-    seg[3] = _doc_ids(T_MAIN, [50, 120])
-    # Ids need not be unique or increasing: a run of equal ids is one document.
-    seg[4] = np.repeat([7, 3, 7, 7], [40, 33, 20, 37])
-    h0 = rng.standard_normal((B, H, K, V))
-    f32 = lambda x: jnp.asarray(x, jnp.float32)
-    return dict(q=f32(q), k=f32(k), v=f32(v), g=f32(g), beta=f32(beta), h0=f32(h0),
-                seg=jnp.asarray(seg), do=f32(rng.standard_normal((B, T_MAIN, H, V))),
-                dS=f32(rng.standard_normal((B, H, K, V))))
-
-
-@functools.partial(jax.jit, static_argnames=("impl", "final"))
-def _forward_and_grads(q, k, v, g, beta, h0, seg, do, dS, *, impl, final):
-    """o, final state and the gradients of sum(o*do) + sum(S*dS) w.r.t. every input."""
-    primals = (q, k, v, g, beta) + (() if h0 is None else (h0,))
-
-    def loss(*p):
-        h = p[5] if len(p) > 5 else None
-        o, S = kda(*p[:5], initial_state=h, output_final_state=final, segment_ids=seg, impl=impl)
-        value = jnp.sum(o.astype(jnp.float32) * do)
-        if final:
-            value = value + jnp.sum(S * dS)
-        return value, (o, S)
-
-    (_, (o, S)), grads = jax.value_and_grad(loss, argnums=tuple(range(len(primals))), has_aux=True)(*primals)
-    return o, S, dict(zip(GRADS, grads))
-
-
-def _run(inputs, impl, *, final=True, **overrides):
-    x = {**inputs, **overrides}
-    return _forward_and_grads(x["q"], x["k"], x["v"], x["g"], x["beta"], x["h0"], x["seg"], x["do"],
-                              x["dS"], impl=impl, final=final)
 
 
 @pytest.fixture(scope="module")
 def main_inputs():
-    return _main_inputs()
+    return case_inputs("main")
 
 
 @pytest.fixture(scope="module")
 def main_results(main_inputs):
-    return {impl: jax.device_get(_run(main_inputs, impl)) for impl in ("reference", "xla")}
+    return {"reference": jax.device_get(run_inputs(main_inputs, "reference"))}
 
 
 def test_strong_gates_would_overflow_a_chunkwide_factorisation(main_inputs):
     chunk_sums = np.asarray(main_inputs["g"][1, :CHUNK]).sum(axis=0)
     assert chunk_sums.max() < -300
-
-
-@pytest.mark.parametrize("row", range(len(ROWS)), ids=ROWS)
-def test_xla_matches_reference(main_results, row):
-    (o_r, S_r, d_r), (o_x, S_x, d_x) = main_results["reference"], main_results["xla"]
-    assert_close(o_x[row], o_r[row], rel=1e-5, name="o")
-    assert_close(S_x[row], S_r[row], rel=1e-5, name="final state")
-    for name in GRADS:
-        assert_close(d_x[name][row], d_r[name][row], rel=1e-5, name=name)
 
 
 def _delta_rule_np(q, k, v, alpha, beta, scale, S0):
@@ -158,7 +71,7 @@ def test_scalar_gate_is_the_gated_delta_rule(main_inputs):
     seg = jnp.zeros_like(main_inputs["seg"])  # same shapes as the parity run: no new compile
     x = {n: np.asarray(a, np.float64) for n, a in main_inputs.items()}
     for impl in ("reference", "xla"):
-        o, S, _ = jax.device_get(_run(main_inputs, impl, g=g, seg=seg))
+        o, S, _ = jax.device_get(run_inputs(main_inputs, impl, g=g, seg=seg))
         for row in (0, 3):
             for h in range(H):
                 sl = (row, slice(None), h)
@@ -188,23 +101,6 @@ def test_reference_two_tokens_by_hand():
     np.testing.assert_allclose(np.asarray(S)[0, 0, :, 0], [0.44, 0.92], rtol=1e-6)
 
 
-def test_without_state_or_segments_ragged():
-    """T=100 (ragged), no initial state, no segments, no final state requested."""
-    rng = np.random.default_rng(2)
-    B, T = 2, 100
-    f32 = lambda x: jnp.asarray(x, jnp.float32)
-    x = dict(q=f32(_unit(rng.standard_normal((B, T, H, K)))), k=f32(_unit(rng.standard_normal((B, T, H, K)))),
-             v=f32(rng.standard_normal((B, T, H, V))), g=f32(-np.logaddexp(0, -rng.standard_normal((B, T, H, K)))),
-             beta=f32(1 / (1 + np.exp(-rng.standard_normal((B, T, H))))), h0=None, seg=None,
-             do=f32(rng.standard_normal((B, T, H, V))), dS=None)
-    o_r, S_r, d_r = _run(x, "reference", final=False)
-    o_x, S_x, d_x = _run(x, "xla", final=False)
-    assert S_r is None and S_x is None
-    assert_close(o_x, o_r, rel=1e-5, name="o")
-    for name in GRADS[:-1]:
-        assert_close(d_x[name], d_r[name], rel=1e-5, name=name)
-
-
 def test_bf16_inputs_against_fp32_reference(main_inputs, main_results):
     """bf16 q, k, v, g, beta (state stays fp32) through xla, against the fp32 reference on the
     unrounded inputs. The op computes in fp32, so the error is the inputs' bf16 rounding (relative
@@ -213,7 +109,7 @@ def test_bf16_inputs_against_fp32_reference(main_inputs, main_results):
     (dg with the strong gates, where bf16 moves g = -6 by up to 1.6e-2 and dg itself is small).
     The bounds leave a 2.4x-3.3x margin."""
     bf16 = {n: main_inputs[n].astype(jnp.bfloat16) for n in ("q", "k", "v", "g", "beta")}
-    o, S, d = jax.device_get(_run(main_inputs, "xla", **bf16))
+    o, S, d = jax.device_get(run_inputs(main_inputs, "xla", **bf16))
     o_r, S_r, d_r = main_results["reference"]
     assert o.dtype == jnp.bfloat16 and S.dtype == jnp.float32
     for row in range(len(ROWS)):

@@ -1,8 +1,7 @@
-"""Lightning attention op: the reference against hand-computed and dense values, the xla form
-against the reference (outputs, final states, every gradient), bf16 inputs, argument errors."""
+"""Lightning attention op beyond the parity table (tests/kernels/lightning_cases.py): the reference against
+hand-computed and dense values, the public entry point, prefill in parts, bf16 inputs, argument errors."""
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -14,36 +13,8 @@ from attention.ops import dispatch
 from attention.ops.lightning import lightning
 from attention.ops.lightning.reference import lightning_reference
 from attention.ops.lightning.xla import block_size, lightning_xla
+from tests.kernels.lightning_cases import DECAYS, K, T_CASES, CASES, case_arrays, inputs, run, run_fn, segments
 from tests.numerics import assert_close
-
-# One head that never decays, one slow, one fast, one so fast that exp(-8 * block) underflows and
-# any exp(+lambda t) factoring would overflow within a dozen tokens.
-DECAYS = (0.0, -0.01, -1.0, -8.0)
-B, H, K, V = 2, len(DECAYS), 8, 6  # K != V so that a swapped state axis cannot pass
-
-
-def _inputs(T, seed=0, dtype=jnp.float32):
-    # numpy draws: jax.random would compile a threefry kernel per shape, seconds each on CPU
-    rng = np.random.default_rng(seed)
-
-    def normal(shape, dt=jnp.float32):
-        return jnp.asarray(rng.standard_normal(shape, np.float32), dt)
-
-    q, k = normal((B, T, H, K), dtype), normal((B, T, H, K), dtype)
-    v = normal((B, T, H, V), dtype)
-    return q, k, v, normal((B, H, K, V)), normal((B, T, H, V)), normal((B, H, K, V))
-
-
-def _segments(T, starts_per_row):
-    """segment_ids [B,T] whose documents start at the given positions (ids need not be unique)."""
-    rows = []
-    for starts in starts_per_row:
-        ids = np.zeros(T, np.int32)
-        for n, s in enumerate(starts):
-            ids[s:] = (n + 1) % 2  # alternating ids: a reused id is still a new document
-        rows.append(ids)
-    return jnp.asarray(np.stack(rows))
-
 
 def _dense(q, k, v, log_decay, scale, h0, segment_ids):
     """O(T^2) float64 formula: masked decay matrix exp(lambda (t-s)), plus the initial state's
@@ -76,19 +47,6 @@ def _dense(q, k, v, log_decay, scale, h0, segment_ids):
     return o, S
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "block"))
-def _run(fn, q, k, v, log_decay, h0, do, dS, segment_ids=None, block=None):
-    """Outputs, final state and the gradients of <o,do> + <S,dS> w.r.t. q, k, v, log_decay, h0.
-    Module-level jit, so cases of one shape share the reference's compilation."""
-    kw = {} if block is None else dict(block=block)
-
-    def f(q, k, v, log_decay, h0):
-        return fn(q, k, v, log_decay, initial_state=h0, output_final_state=True, segment_ids=segment_ids, **kw)
-
-    (o, S), vjp = jax.vjp(f, q, k, v, log_decay, h0)
-    return o, S, vjp((do.astype(o.dtype), dS))
-
-
 def test_reference_by_hand():
     # gamma = 1/2, scale 1, K=2, V=1. S0 = k0 v0 = [2,0]; S1 = S0/2 + k1 v1 = [5,4];
     # S2 = S1/2 + k2 v2 = [2.5,18]; o_t = q_t . S_t = 2, 4, 20.5.
@@ -114,48 +72,22 @@ def test_reference_by_hand():
         assert none is None and o.dtype == v.dtype
 
 
-T_CASES = 50
-CASES = {
-    # T ragged w.r.t. the block, with and without an initial state
-    "ragged": dict(block=16, h0=True),
-    "ragged_no_h0": dict(block=16, h0=False),
-    "single_block": dict(block=64, h0=True),
-    "whole_blocks": dict(block=10, h0=False),
-    "block_1": dict(block=1, h0=True),
-    # documents starting inside blocks (5, 21, 40), at block boundaries (16, 32), at the last
-    # token (49), and a row with one document; ids alternate, so equal ids recur
-    "segments": dict(block=16, h0=True, starts=[[5, 16, 21, 32, 40, 49], []]),
-    "segments_at_boundaries": dict(block=10, h0=False, starts=[[10, 20, 40], [1, 49]]),
-}
-
-
 @pytest.mark.parametrize("case", list(CASES))
-def test_xla_matches_reference_and_dense(case):
-    c = CASES[case]
-    q, k, v, h0, do, dS = _inputs(T_CASES, seed=len(case))
-    h0 = h0 if c["h0"] else None
-    seg = _segments(T_CASES, c["starts"]) if "starts" in c else None
-    ld = jnp.array(DECAYS)
-    ref = _run(lightning_reference, q, k, v, ld, h0, do, dS, segment_ids=seg)
-    got = _run(lightning_xla, q, k, v, ld, h0, do, dS, segment_ids=seg, block=c["block"])
-
+def test_reference_matches_dense(case):
+    """The oracle itself against the O(T^2) float64 formula on every parity case (tests/kernels)."""
+    q, k, v, ld, h0, _, _, seg = case_arrays(case)
+    o, S, _ = run("reference", case)
     o_dense, S_dense = _dense(q, k, v, ld, K ** -0.5, h0, seg)
-    assert_close(ref[0], o_dense, rel=1e-5, name="reference o vs dense")
-    assert_close(ref[1], S_dense, rel=1e-5, name="reference state vs dense")
-
-    assert_close(got[0], ref[0], rel=1e-5, name="o")
-    assert_close(got[1], ref[1], rel=1e-5, name="final state")
-    names = ["dq", "dk", "dv", "dlog_decay"] + ([] if h0 is None else ["dh0"])
-    for name, g, r in zip(names, got[2], ref[2]):
-        assert_close(g, r, rel=1e-5, name=name)
+    assert_close(o, o_dense, rel=1e-5, name="reference o vs dense")
+    assert_close(S, S_dense, rel=1e-5, name="reference state vs dense")
 
 
 def test_public_api_default_block():
     """Through `lightning`: auto picks xla (no kernel yet), the backend's block with a ragged tail,
     segments, an explicit scale; the choice is recorded."""
     T = block_size() + 13
-    q, k, v, h0, do, dS = _inputs(T, seed=7)
-    seg = _segments(T, [[3, block_size()], [T - 5]])
+    q, k, v, h0, do, dS = inputs(T, seed=7)
+    seg = segments(T, [[3, block_size()], [T - 5]])
     ld = jnp.array(DECAYS)
     kw = dict(scale=0.3, initial_state=h0, output_final_state=True, segment_ids=seg)
 
@@ -175,7 +107,7 @@ def test_prefill_in_two_parts():
     """Two xla calls, the first one's final state as the second one's initial state, continue the
     sequence exactly as one call does."""
     T = 40
-    q, k, v, h0, _, _ = _inputs(T, seed=3)
+    q, k, v, h0, _, _ = inputs(T, seed=3)
     ld = jnp.array(DECAYS)
     run = jax.jit(lambda q, k, v, h0: lightning_xla(q, k, v, ld, initial_state=h0, output_final_state=True, block=8))
     first, second = ((q[:, s], k[:, s], v[:, s]) for s in (slice(0, T // 2), slice(T // 2, T)))
@@ -186,17 +118,17 @@ def test_prefill_in_two_parts():
     assert_close(S2, S, rel=1e-5, name="final state")
 
 
-def test_bf16_inputs():
+def test_bf16inputs():
     """bf16 q,k,v against the fp32 reference on the same (bf16-rounded) values. All arithmetic is
     fp32, so the state is as exact as in fp32; o and the input gradients are rounded once to bf16
     (relative 2^-9 per element), hence rel-RMSE <= 4e-3 for those."""
-    q, k, v, h0, do, dS = _inputs(T_CASES, seed=5, dtype=jnp.bfloat16)
+    q, k, v, h0, do, dS = inputs(T_CASES, seed=5, dtype=jnp.bfloat16)
     do = do.astype(jnp.bfloat16).astype(jnp.float32)
-    seg = _segments(T_CASES, [[21], []])
+    seg = segments(T_CASES, [[21], []])
     ld = jnp.array(DECAYS)
-    o, S, grads = _run(lightning_xla, q, k, v, ld, h0, do, dS, segment_ids=seg, block=16)
+    o, S, grads = run_fn(lightning_xla, q, k, v, ld, h0, do, dS, segment_ids=seg, opts=(("block", 16),))
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    o_ref, S_ref, grads_ref = _run(lightning_reference, *f32, ld, h0, do, dS, segment_ids=seg)
+    o_ref, S_ref, grads_ref = run_fn(lightning_reference, *f32, ld, h0, do, dS, segment_ids=seg)
     assert o.dtype == jnp.bfloat16 and S.dtype == jnp.float32
     assert_close(o, o_ref, rel=4e-3, name="o")
     assert_close(S, S_ref, rel=1e-5, name="final state")

@@ -1,10 +1,8 @@
-"""Softmax attention op: the reference against hand-computed values, the blocked xla form against the
-reference (output and the gradients of q, k, v and key_log_gate), tile skipping, empty rows, bf16
-inputs, the decode helper, argument errors and dispatch.
+"""Softmax attention op beyond the parity table (tests/kernels/softmax_cases.py): the reference against
+hand-computed values, tile skipping, empty rows, bf16 inputs, decode, argument errors and dispatch.
 
-Compilation dominates the run time, so each parity case combines several features, and the tests
-that need special inputs (NaN poison, closed gates, bf16's fp32 oracle) reuse a parity case's shapes
-and options so that `_run`'s jit cache serves them.
+Tests that need special inputs (NaN poison, closed gates, bf16's fp32 oracle) reuse a parity case's shapes
+and options, so the table's jit cache serves them.
 """
 from __future__ import annotations
 
@@ -23,81 +21,8 @@ from attention.ops import dispatch
 from attention.ops.softmax import softmax_attention, softmax_decode
 from attention.ops.softmax.reference import softmax_attention_reference
 from attention.ops.softmax.xla import _Plan, softmax_attention_xla
+from tests.kernels.softmax_cases import B, DV, case_arrays, inputs, run as _run_case
 from tests.numerics import assert_close
-
-# Small tiles, so every case spans several query and key blocks and the skipping paths run.
-BLOCK = 16
-B, D, DV = 2, 8, 6  # D != DV so that a swapped v/k axis cannot pass
-
-
-def _inputs(T, S, Hq, Hkv, *, share_kv=False, seed=0):
-    """q, k, v, key_log_gate, do as fp32. numpy draws: jax.random would compile for every new shape."""
-    rng = np.random.default_rng(seed)
-    dv = D if share_kv else DV
-    q, k, v, do = (rng.standard_normal(shape, np.float32) for shape in
-                   ((B, T, Hq, D), (B, S, Hkv, D), (B, S, Hkv, DV), (B, T, Hq, dv)))
-    # log-sigmoid of wide logits, from about 0 to about -10, and every 7th key strongly closed.
-    gate = -np.logaddexp(0.0, -3.0 * rng.standard_normal((B, S, Hkv))).astype(np.float32)
-    gate[:, ::7] = -40.0
-    return tuple(jnp.asarray(x) for x in (q, k, v, gate, do))
-
-
-def _segments(T, starts_per_row):
-    """segment_ids [B,T] whose documents start at the given positions; ids alternate 0/1, so a reused
-    id must still count as a new document."""
-    ids = np.zeros((len(starts_per_row), T), np.int32)
-    for b, starts in enumerate(starts_per_row):
-        for n, s in enumerate(starts):
-            ids[b, s:] = (n + 1) % 2
-    return jnp.asarray(ids)
-
-
-@functools.partial(jax.jit, static_argnames=("impl", "share_kv", "opts"))
-def _run(impl, q, k, v, gate, do, segment_ids=None, *, share_kv=False, opts=()):
-    """Output and the gradients of <o, do> w.r.t. q, k, v (None when v is k) and the gate."""
-    fn = {"reference": softmax_attention_reference,
-          "xla": functools.partial(softmax_attention_xla, block_q=BLOCK, block_k=BLOCK)}[impl]
-
-    def f(q, k, v, gate):
-        return fn(q, k, k if share_kv else v, key_log_gate=gate, segment_ids=segment_ids, **dict(opts))
-
-    o, vjp = jax.vjp(f, q, k, v, gate)
-    dq, dk, dv, dgate = vjp(do.astype(o.dtype))
-    return o, dq, dk, None if share_kv else dv, None if gate is None else dgate
-
-
-# T, S, Hq, Hkv; gate; segment starts per batch row; v is k; the op's keyword options.
-CASES = {
-    # Logits of a few hundred: exp without the running max would overflow fp32.
-    "causal-mha-large-logits": dict(T=64, S=64, Hq=2, Hkv=2, scale=12.0),
-    "noncausal-gqa4-ragged-T<S": dict(T=77, S=130, Hq=8, Hkv=2, causal=False),
-    "mqa-gate-local-window": dict(T=77, S=77, Hq=4, Hkv=1, gate=True, local_window=24),
-    "v-is-k-sliding-window": dict(T=77, S=77, Hq=4, Hkv=2, share_kv=True, sliding_window=20),
-    "segments-gate-everywhere": dict(T=77, S=77, Hq=4, Hkv=2, gate=True,
-                                     segments=[[0, 5, 40, 41, 70], [0, 33]]),
-    "all-masks-v-is-k": dict(T=77, S=77, Hq=4, Hkv=1, segments=[[0, 30], [0, 18, 60]], sliding_window=24,
-                             gate=True, local_window=8, share_kv=True),
-    "T<S-window-gate": dict(T=24, S=70, Hq=2, Hkv=2, sliding_window=30, gate=True, local_window=10),
-    # Bottom-right aligned, the first 16 queries precede every key: rows with nothing to see.
-    "T>S-gate-local0": dict(T=40, S=24, Hq=2, Hkv=1, gate=True, local_window=0),
-}
-
-
-def _case(name, **replace):
-    """Inputs and `_run` arguments of a case; `replace` swaps in other q/k/v/gate arrays."""
-    c = dict(CASES[name])
-    T, S, Hq, Hkv = (c.pop(x) for x in ("T", "S", "Hq", "Hkv"))
-    gate, segments, share_kv = c.pop("gate", False), c.pop("segments", None), c.pop("share_kv", False)
-    q, k, v, g, do = _inputs(T, S, Hq, Hkv, share_kv=share_kv)
-    arrays = dict(q=q, k=k, v=v, gate=g if gate else None, do=do,
-                  segment_ids=None if segments is None else _segments(T, segments)) | replace
-    return arrays, dict(share_kv=share_kv, opts=tuple(sorted(c.items())))
-
-
-def _run_case(impl, name, **replace):
-    arrays, static = _case(name, **replace)
-    return _run(impl, **arrays, **static)
-
 
 # --- the reference itself ----------------------------------------------------------------------
 
@@ -140,16 +65,7 @@ def test_reference_default_scale_and_gqa_head_mapping():
     assert_close(ref(q, k, k), ref(q, k, k, scale=16 ** -0.5), rel=0, name="scale=None is D**-0.5")
 
 
-# --- xla against the reference -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_xla_matches_reference(name):
-    want = _run_case("reference", name)
-    got = _run_case("xla", name)
-    for what, a, e in zip(("o", "dq", "dk", "dv", "dgate"), got, want):
-        if e is not None:
-            assert_close(a, e, rel=1e-5, name=what)
+# --- behaviour beyond the parity table (tests/kernels) -------------------------------------------
 
 
 def test_rows_without_keys_give_zero_and_finite_gradients():
@@ -158,7 +74,7 @@ def test_rows_without_keys_give_zero_and_finite_gradients():
         np.testing.assert_array_equal(np.asarray(o)[:, :16], 0.0, err_msg=impl)
         np.testing.assert_array_equal(np.asarray(dq)[:, :16], 0.0, err_msg=impl)
         # A -inf gate on every key (hard-mask emulation, local_window=0) empties every row.
-        arrays, _ = _case("T>S-gate-local0")
+        arrays, _ = case_arrays("T>S-gate-local0")
         outs = _run_case(impl, "T>S-gate-local0", gate=jnp.full_like(arrays["gate"], -jnp.inf))
         for what, x in zip(("o", "dq", "dk", "dv", "dgate"), outs):
             np.testing.assert_array_equal(np.asarray(x), 0.0, err_msg=f"{impl} {what}")
@@ -174,7 +90,7 @@ def test_rows_without_keys_give_zero_and_finite_gradients():
 def test_masked_tiles_are_skipped_not_masked(name, poisoned_keys, clean_rows):
     # NaN keys/values poison every tile that loads them, fully masked or not (0 * NaN = NaN), so finite
     # rows prove that the xla form never computed those tiles, forward or backward.
-    arrays, _ = _case(name)
+    arrays, _ = case_arrays(name)
     S = arrays["k"].shape[1]
     poison = jnp.zeros((S,)).at[poisoned_keys].set(jnp.nan)[None, :, None, None]
     o, dq, *_ = _run_case("xla", name, k=arrays["k"] + poison, v=arrays["v"] + poison)
@@ -223,7 +139,7 @@ def test_kv_block_range_is_the_span_of_visible_blocks(t, s, block_q, block_k, ca
 
 def test_no_score_matrix_is_materialised():
     T = 128
-    q, k, v, gate, do = _inputs(T, T, 2, 2)
+    q, k, v, gate, do = inputs(T, T, 2, 2)
 
     def loss(q, k, v, gate):
         o = softmax_attention_xla(q, k, v, key_log_gate=gate, local_window=8, block_q=32, block_k=32)
@@ -248,7 +164,7 @@ def test_bf16_inputs_against_fp32_reference():
     # bf16 before its matmuls, as fast kernels do. Measured rel-RMSE: 1.8e-3 (o) to 3.1e-3 (dq); the
     # bf16 rounding of the outputs alone accounts for 1.5e-3 to 2.7e-3. Bound 1e-2.
     name = "mqa-gate-local-window"
-    arrays, _ = _case(name)
+    arrays, _ = case_arrays(name)
     as_bf16 = {x: arrays[x].astype(jnp.bfloat16) for x in ("q", "k", "v", "gate")}
     got = _run_case("xla", name, **as_bf16)
     want = _run_case("reference", name, **{x: a.astype(jnp.float32) for x, a in as_bf16.items()})
@@ -263,7 +179,7 @@ def test_bf16_inputs_against_fp32_reference():
 @pytest.mark.parametrize("impl", ["reference", "xla"])
 def test_decode_matches_reference_with_per_head_valid_keys(impl):
     S, Hq, Hkv = 40, 4, 2
-    q, k, v, _, _ = _inputs(1, S, Hq, Hkv, seed=3)
+    q, k, v, _, _ = inputs(1, S, Hq, Hkv, seed=3)
     valid = np.random.default_rng(4).random((B, S, Hkv)) < 0.6
     valid[1, :, 1] = False  # a head whose whole cache was pruned reads nothing
     valid = jnp.asarray(valid)
@@ -287,7 +203,7 @@ def test_decode_matches_reference_with_per_head_valid_keys(impl):
 def test_decode_bf16_cache_against_fp32_reference():
     """The xla decode reads a bf16 cache as bf16 (no fp32 copy) and still lands within bf16 rounding."""
     S, Hq, Hkv = 40, 4, 1
-    q, k, v, gate, _ = _inputs(1, S, Hq, Hkv, seed=5)
+    q, k, v, gate, _ = inputs(1, S, Hq, Hkv, seed=5)
     valid = jnp.asarray(np.random.default_rng(6).random((B, S, Hkv)) < 0.8)
     bf = lambda x: x.astype(jnp.bfloat16)
     got = softmax_decode(bf(q), bf(k), bf(v), valid, key_log_gate=gate, impl="xla")
@@ -298,7 +214,7 @@ def test_decode_bf16_cache_against_fp32_reference():
 
 
 def test_decode_argument_errors():
-    q, k, v, _, _ = _inputs(1, 8, 2, 1)
+    q, k, v, _, _ = inputs(1, 8, 2, 1)
     with pytest.raises(ValueError, match="valid"):
         softmax_decode(q, k, v, jnp.ones((B, 8, 2), bool))
     with pytest.raises(ValueError, match="q must be"):
@@ -309,7 +225,7 @@ def test_decode_argument_errors():
 
 # --- public op: validation and dispatch ----------------------------------------------------------
 
-_q, _k, _v, _gate, _ = _inputs(8, 8, 4, 2)
+_q, _k, _v, _gate, _ = inputs(8, 8, 4, 2)
 BAD_CALLS = {
     "q rank": (dict(q=_q[0]), "q must be"),
     "empty time": (dict(q=_q[:, :0]), "at least one time step"),
