@@ -18,7 +18,7 @@ import numpy as np
 
 from lm.config import load_config
 from lm.info import model_info
-from lm.logging import read_metrics
+from lm.tracking import read_metrics
 from lm.train import train
 
 

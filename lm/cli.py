@@ -16,10 +16,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lm.checkpoint import CheckpointError
     from lm.config import ConfigError
     from lm.data import DataError
-    from lm.logging import LoggingError
+    from lm.tracking import TrackingError
     from lm.train import RunError
 
-    return ConfigError, DataError, RunError, CheckpointError, LoggingError, ImplUnavailable
+    return ConfigError, DataError, RunError, CheckpointError, TrackingError, ImplUnavailable
 
 
 def cmd_train(args) -> int:
@@ -47,9 +47,8 @@ def cmd_generate(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from lm.eval import load_run
     from lm.generate import generate_ids
-    from lm.train import open_data
+    from lm.train import load_run, open_data
 
     cfg, setup, params, step = load_run(args.run_dir)
     tok = open_data(cfg).tokenizer()

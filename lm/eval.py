@@ -2,32 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import jax
 
-from lm.checkpoint import Checkpointer
-from lm.config import Config, load_config
-from lm.train import RunError, Setup, build, eval_batch_size, make_eval_step, open_data, run_eval_batches
-
-
-def load_run(run_dir: str | Path, overrides: list[str] = ()) -> tuple[Config, Setup, Any, int]:
-    """(config, setup, params, step) of the newest usable checkpoint of a run directory."""
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.exists():
-        raise RunError(f"{run_dir} is not a run directory (no config.yaml); give runs/<name> of a trained run")
-    cfg = load_config(cfg_path, list(overrides))
-    setup = build(cfg)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.ckpt_keep)
-    try:
-        restored = ckpt.restore_latest(setup.abstract_state())
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise RunError(f"{run_dir} has no checkpoint yet; train it first (attnlab train {cfg_path})")
-    step, state, _, _ = restored
-    return cfg, setup, state["params"], step
+from lm.train.rundir import load_run
+from lm.train.setup import eval_batch_size, open_data
+from lm.train.step import make_eval_step, run_eval_batches
 
 
 def evaluate(run_dir: str | Path, *, max_batches: int | None = None, overrides: list[str] = ()) -> dict:

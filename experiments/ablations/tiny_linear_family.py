@@ -44,7 +44,7 @@ def main(argv=None) -> None:
 
 def _train_tokens_per_s(run_dir: Path) -> float | None:
     """Median logged training throughput of a run (the first log line includes no compile time either)."""
-    from lm.logging import read_metrics
+    from lm.tracking import read_metrics
 
     tps = sorted(r["tokens_per_s"] for r in read_metrics(run_dir / "metrics.jsonl") if "tokens_per_s" in r)
     return tps[len(tps) // 2] if tps else None

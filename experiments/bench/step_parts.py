@@ -30,7 +30,8 @@ from lm.bench.ops import median_time
 from lm.bench.step import machine
 from lm.config import load_config
 from lm.model import token_losses
-from lm.train import build, make_train_step
+from lm.train.setup import build
+from lm.train.step import make_train_step
 
 
 def step_parts(config: str, overrides: list[str], reps: int = 3) -> dict:

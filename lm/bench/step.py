@@ -20,7 +20,8 @@ import numpy as np
 from lm import flops as lmflops
 from lm.config import load_config
 from lm.model import count_params
-from lm.train import build, make_train_step
+from lm.train.setup import build
+from lm.train.step import make_train_step
 
 
 def machine() -> dict:

@@ -23,9 +23,9 @@ from attention.spkv import SPKVConfig, SPKVGate, anneal_alpha, occupancy, report
 from lm.checkpoint import Checkpointer
 from lm.cli import build_parser
 from lm.config import ConfigError, OptimConfig, load_config
-from lm.logging import read_metrics
 from lm.model import abstract_model, init_model
 from lm.optim import make_optimizer
+from lm.tracking import read_metrics
 from lm.train import RunError, build, params_from_run, train
 from tests.lm.conftest import tiny_overrides
 from tests.attention.mixers import params_of, set_params

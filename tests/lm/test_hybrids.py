@@ -12,8 +12,8 @@ from attention.lightning import LightningAttention, decay_slopes
 from attention.softmax import SoftmaxAttention
 from lm.config import load_config
 from lm.generate import decode_logits
-from lm.logging import read_metrics
 from lm.model import init_model
+from lm.tracking import read_metrics
 from lm.train import train
 from tests.lm.conftest import tiny_overrides
 from tests.numerics import assert_close

@@ -13,7 +13,7 @@ import pytest
 
 from lm.checkpoint import Checkpointer
 from lm.config import load_config
-from lm.logging import read_metrics
+from lm.tracking import read_metrics
 from lm.train import build, make_train_step, train
 from tests.lm.conftest import tiny_overrides
 
@@ -203,7 +203,7 @@ import json, sys
 sys.path.insert(0, {str(ROOT)!r})
 from lm.config import load_config
 from lm.train import train
-from lm.logging import read_metrics
+from lm.tracking import read_metrics
 from tests.lm.conftest import tiny_overrides
 import jax
 over = tiny_overrides({str(small_store)!r}, {str(tmp_path)!r}, sys.argv[1], **{{"train.steps": 5, "data.batch_size": 8,
@@ -245,7 +245,7 @@ def test_wandb_offline_run_holds_the_losses(small_store, tmp_path):
 
 
 def test_resume_check_ignores_keys_added_since_and_names_real_changes(small_store, tmp_path):
-    from lm.train import _config_mismatch
+    from lm.train.rundir import _config_mismatch
 
     cfg = _cfg(small_store, tmp_path)
     saved = cfg.to_dict()

@@ -100,3 +100,18 @@ def test_the_check_catches_upward_edges():
     for rel, src, expect in cases:
         found = violations(ROOT / rel, src)
         assert any(expect in v for v in found), (rel, found)
+
+
+def test_training_never_imports_eval_and_eval_never_imports_the_loop():
+    """lm.eval builds on lm.train's setup, step and run-directory modules; lm.train does not import lm.eval."""
+    bad = []
+    for path in SOURCES:
+        mod = module_name(path)
+        for line, target in imports_of(path):
+            where = f"{path.relative_to(ROOT)}:{line} imports {target}"
+            in_train = mod == "lm.train" or mod.startswith("lm.train.")
+            if in_train and (target == "lm.eval" or target.startswith("lm.eval.")):
+                bad.append(where)
+            if mod == "lm.eval" and target in ("lm.train", "lm.train.loop"):
+                bad.append(where)
+    assert bad == []

@@ -4,7 +4,7 @@ import pytest
 from lm.data.synthetic.tasks import FIRST_TOKEN, SEP, mqar_batch, selective_copy_batch
 from lm.config import load_config
 from lm.data import DataError, open_dataset
-from lm.logging import read_metrics
+from lm.tracking import read_metrics
 from lm.train import train
 
 MQAR = dict(batch_size=16, seq_len=64, n_pairs=8, vocab_size=64)

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
-class LoggingError(RuntimeError):
+class TrackingError(RuntimeError):
     pass
 
 
@@ -77,12 +77,12 @@ class WandbRun:
         if cfg.mode == "disabled":
             return
         if cfg.mode == "online" and not _has_wandb_key():
-            raise LoggingError("wandb.mode=online but no W&B API key was found: set WANDB_API_KEY or run "
+            raise TrackingError("wandb.mode=online but no W&B API key was found: set WANDB_API_KEY or run "
                                "`wandb login`, or use --set wandb.mode=offline")
         try:
             import wandb
         except ImportError:
-            raise LoggingError("wandb is not installed: `pip install wandb`, or use --set wandb.mode=disabled") from None
+            raise TrackingError("wandb is not installed: `pip install wandb`, or use --set wandb.mode=disabled") from None
         os.environ.setdefault("WANDB_SILENT", "true")
         self.wandb = wandb
         self.run = wandb.init(

@@ -1,0 +1,340 @@
+"""The training loop: restore or start a run, compile its step, step with logging, evaluation and checkpoints
+at their intervals, and save at the end.
+
+The step is AOT-compiled before the loop, and the loop reads from the device only at log intervals. After
+`train.max_rejected` rejected steps in a row the run saves and stops. SIGTERM/SIGINT finish the current step,
+save and exit cleanly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from rich.console import Console
+
+from attention import ops
+from attention.base import StatsByLayer, StatsReport
+from lm import data as lmdata
+from lm import flops as lmflops
+from lm.checkpoint import Checkpointer
+from lm.config import Config, dump_config, load_config
+from lm.model import LM, count_params
+from lm.tracking import MetricsFile, WandbRun, make_progress, new_run_id, save_heatmap
+from lm.train.rundir import RunResult, check_same_run, checkpoint_meta, params_from_run, run_dir_of
+from lm.train.setup import Setup, build, eval_batch_size, open_data
+from lm.train.step import make_eval_step, make_train_step, run_eval_batches, to_device_batch
+
+
+def train_from_file(path: str, overrides: list[str], **kw) -> RunResult:
+    return train(load_config(path, overrides), **kw)
+
+
+def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: int | None = None,
+          init_from: str | Path | None = None) -> RunResult:
+    """Train (or resume) the run `run.out_dir/run.name`. `max_steps_this_run` stops early (tests).
+    `init_from` (a run directory) starts a fresh run from the parameters of its newest checkpoint that
+    match this model by path and shape; a resumed run ignores it."""
+    console = console or Console()
+    say = _printer(console)
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ds = open_data(cfg, log=say)
+    setup = build(cfg)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.ckpt_keep, warn=lambda m: say(f"warning: {m}"))
+    try:
+        start = _restore_or_init(setup, ds, ckpt, init_from, say)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        if start.step >= cfg.train.steps:
+            result = RunResult(run_dir, "already_finished", start.step, None, f"run {run_dir} already finished at "
+                               f"step {start.step} (train.steps={cfg.train.steps})")
+        else:
+            stop_at = cfg.train.steps if max_steps_this_run is None else min(cfg.train.steps,
+                                                                              start.step + max_steps_this_run)
+            result = _run(setup, ds, ckpt, start, stop_at, init_from, console)
+    finally:
+        ckpt.close()
+    if result.message:
+        say(result.message)
+    return result
+
+
+def _printer(console: Console) -> Callable[[str], None]:
+    """Plain lines: paths and numbers are not read as rich markup nor highlighted."""
+    return lambda msg: console.print(msg, highlight=False, markup=False)
+
+
+@dataclasses.dataclass
+class _Start:
+    """Where a run (re)starts: the step, the state, the train data positioned there, the W&B run id."""
+
+    step: int
+    state: dict
+    batches: Any
+    run_id: str
+    resumed: bool
+
+
+def _restore_or_init(setup: Setup, ds: lmdata.Dataset, ckpt: Checkpointer, init_from: str | Path | None,
+                     say: Callable[[str], None]) -> _Start:
+    """The newest checkpoint of the run if it has one (refused if it is of a different run), else a fresh
+    state, with the parameters of `init_from` where they match."""
+    cfg, run_dir = setup.cfg, run_dir_of(setup.cfg)
+    restored = ckpt.restore_latest(setup.abstract_state(), check_meta=lambda meta: check_same_run(run_dir, meta, cfg))
+    batches = ds.train_iterator(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, seed=cfg.run.seed,
+                                packed=cfg.data.packed, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+    if restored is not None:
+        step, state, meta, data_state = restored
+        batches.set_state(data_state)
+        say(f"resuming {run_dir} from step {step}"
+            + (f"; --init-from {init_from} applies only to a fresh run and is ignored" if init_from else ""))
+        return _Start(step, state, batches, meta.get("wandb_id") or new_run_id(), resumed=True)
+    state = jax.jit(setup.fresh_state, out_shardings=setup.state_sh)()
+    if init_from is not None:
+        state["params"] = params_from_run(state["params"], init_from, say)
+    return _Start(0, state, batches, new_run_id(), resumed=False)
+
+
+@dataclasses.dataclass
+class _Costs:
+    n_params: int
+    fwd_flops: float  # per token
+    train_flops: float  # per token
+    peak: float  # FLOP/s of all devices together
+    peak_note: str  # FLOP/s per device and where that number came from
+
+
+def _costs(setup: Setup, model: LM) -> _Costs:
+    cfg = setup.cfg
+    fwd = model.flops_per_token(cfg.data.seq_len)
+    peak, peak_src = lmflops.peak_flops(cfg.hardware.peak_tflops,
+                                        jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32)
+    return _Costs(count_params(setup.state_shapes["params"]), fwd, lmflops.train_flops_per_token(fwd),
+                  peak * setup.mesh.devices.size, f"{peak / 1e9:.1f} GFLOP/s per device ({peak_src})")
+
+
+def _compile(setup: Setup, state: dict, batches) -> tuple[Callable, Callable, dict, list, float]:
+    """(train step compiled for `state`, jitted eval step, the first batch on device, which implementation
+    each attention op got as (layer, op, chosen, reason), seconds it took)."""
+    step_fn = make_train_step(setup.cfg, setup.mdef, setup.tx, setup.schedule)
+    eval_fn = make_eval_step(setup.mdef)
+    ops.clear_choices()
+    t0 = time.perf_counter()
+    first = to_device_batch(next(batches), setup.batch_sh)
+    train_step = jax.jit(step_fn, in_shardings=(setup.state_sh, setup.batch_sh), out_shardings=(setup.state_sh, None),
+                         donate_argnums=(0,)).lower(state, first).compile()
+    compile_s = time.perf_counter() - t0
+    eval_step = jax.jit(eval_fn, in_shardings=(setup.param_sh, setup.batch_sh))
+    impls = [(label, c.op, c.chosen, c.reason) for label, c in ops.choices()]
+    return train_step, eval_step, first, impls, compile_s
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the loop works with once the step is compiled: the run's config, functions and outputs."""
+
+    setup: Setup
+    console: Console
+    run_id: str
+    ckpt: Checkpointer
+    train_step: Callable
+    eval_step: Callable
+    report_stats: Callable[[StatsByLayer], StatsReport]
+    eval_set: list
+    bpb_factor: float | None
+    costs: _Costs
+    metrics: MetricsFile
+    wandb: WandbRun
+
+    @property
+    def cfg(self) -> Config:
+        return self.setup.cfg
+
+    def say(self, msg: str) -> None:
+        _printer(self.console)(msg)
+
+    def save(self, pos: _Position) -> None:
+        self.ckpt.save(pos.step, pos.state, checkpoint_meta(self.cfg, pos.step, self.run_id), pos.data_state)
+
+    def evaluate(self, step: int, params) -> tuple[dict, StatsReport]:
+        """Eval on the held-out batches, recorded in metrics.jsonl and W&B, heatmaps saved as PNGs."""
+        res, report = run_eval_batches(self.eval_step, params, self.eval_set, self.setup.batch_sh, self.bpb_factor,
+                                       self.report_stats)
+        rec = {"step": step, **res}
+        self.metrics.write(rec)
+        self.wandb.log(rec, step)
+        run_dir = run_dir_of(self.cfg)
+        for name, hm in report.heatmaps.items():
+            png = save_heatmap(hm.rows, run_dir / f"{name}_step{step}.png", title=f"{hm.title}, step {step}",
+                               xlabel=hm.xlabel)
+            self.wandb.log_image(name, png, step)
+        return rec, report
+
+
+@dataclasses.dataclass
+class _Position:
+    """Where the loop is: the last step done, the state after it, the data iterator's state that goes with
+    it, and how the run stands."""
+
+    step: int
+    state: dict
+    data_state: dict
+    status: str = "finished"
+    message: str = ""
+    last_eval: dict | None = None
+
+
+def _run(setup: Setup, ds: lmdata.Dataset, ckpt: Checkpointer, start: _Start, stop_at: int,
+         init_from: str | Path | None, console: Console) -> RunResult:
+    """Compile, open the run's outputs, step to `stop_at`, evaluate and save."""
+    cfg, run_dir = setup.cfg, run_dir_of(setup.cfg)
+    train_step, eval_step, first, impls, compile_s = _compile(setup, start.state, start.batches)
+    model = setup.mdef.merge(setup.state_shapes["params"])  # abstract: for its costs and its stats report
+    costs = _costs(setup, model)
+    _announce(_printer(console), setup, costs, impls, compile_s)
+    wb_config = {**cfg.to_dict(), "n_params": costs.n_params, "flops_per_token": costs.fwd_flops,
+                 "kernel_impls": impls}
+    if init_from is not None and not start.resumed:
+        wb_config["init_from"] = str(init_from)
+    wandb = WandbRun(cfg.wandb, run_dir, start.run_id, wb_config)
+    metrics = MetricsFile(run_dir / "metrics.jsonl", start.step if start.resumed else None)
+    eval_set = ds.eval_batches(seq_len=cfg.data.seq_len, batch_size=eval_batch_size(cfg),
+                               max_batches=cfg.train.eval_steps, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+    run = _Run(setup, console, start.run_id, ckpt, train_step, eval_step, model.report_stats, eval_set,
+               ds.bits_per_byte_factor(), costs, metrics, wandb)
+    pos = _Position(start.step, start.state, start.batches.get_state())
+    try:
+        _train_steps(run, pos, start.batches, first, stop_at)
+        _finish(run, pos)
+    finally:
+        metrics.close()
+        wandb.finish()
+    return RunResult(run_dir, pos.status, pos.step, pos.last_eval, pos.message)
+
+
+def _announce(say: Callable[[str], None], setup: Setup, costs: _Costs, impls: list, compile_s: float) -> None:
+    say(f"model: {costs.n_params / 1e6:.2f}M params, {costs.fwd_flops / 1e6:.2f} MFLOP/token forward, "
+        f"{setup.mesh.devices.size} device(s) mesh={dict(setup.mesh.shape)}; step compiled in {compile_s:.1f}s")
+    say(f"peak: {costs.peak_note}")
+    for label, op, chosen, reason in impls:
+        say(f"  {label}: {op} -> {chosen} ({reason})")
+
+
+def _train_steps(run: _Run, pos: _Position, batches, batch: dict, stop_at: int) -> None:
+    """Steps from `pos` to `stop_at`, or until the run diverges or a signal arrives, logging, evaluating and
+    saving at their intervals; `pos` follows."""
+    cfg = run.cfg
+    pending: list[dict] = []
+    throughput = _Throughput(cfg.data.batch_size * cfg.data.seq_len, pos.step)
+    progress = make_progress(run.console)
+    with _StopFlag() as stop, progress:
+        task = progress.add_task(cfg.run.name, total=cfg.train.steps, completed=pos.step, info="")
+        while pos.step < stop_at:
+            pos.state, metrics = run.train_step(pos.state, batch)
+            pos.step += 1
+            pending.append(metrics)
+            pos.data_state = batches.get_state()  # after the batches consumed so far, before the prefetch below
+            if pos.step < stop_at:
+                batch = to_device_batch(next(batches), run.setup.batch_sh)
+            # One step behind: the device already runs this step while we read the previous one's counter.
+            if len(pending) >= 2 and int(pending[-2]["rejected_run"]) >= cfg.train.max_rejected:
+                pos.status = "diverged"
+            if pos.step % cfg.train.log_every == 0 or pos.step == stop_at or pos.status != "finished" or stop.signum:
+                rec, last = _log_interval(run, pos.step, pending, throughput)
+                progress.update(task, completed=pos.step, info=f"loss {rec['loss']:.4f}  {rec['tokens_per_s']:,.0f}"
+                                                               f" tok/s  mfu {rec['mfu'] * 100:.1f}%")
+                if int(last["rejected_run"]) >= cfg.train.max_rejected:
+                    pos.status = "diverged"
+                pending = []
+            if pos.status == "diverged":
+                pos.message = (f"stopped at step {pos.step}: {cfg.train.max_rejected} steps in a row had a non-finite "
+                               f"loss or gradient (or grad norm above train.skip_grad_norm); parameters are from the "
+                               f"last good step. Lower optim.lr or raise optim.warmup_steps, then resume.")
+                return
+            if stop.signum:
+                pos.status = "interrupted"
+                pos.message = f"received {signal.Signals(stop.signum).name}: saved at step {pos.step}, exiting"
+                return
+            if cfg.train.eval_every and pos.step % cfg.train.eval_every == 0 and pos.step != stop_at:
+                pos.last_eval, _ = run.evaluate(pos.step, pos.state["params"])
+            if cfg.train.ckpt_every and pos.step % cfg.train.ckpt_every == 0:
+                run.save(pos)
+
+
+def _log_interval(run: _Run, step: int, pending: list[dict], throughput: _Throughput) -> tuple[dict, dict]:
+    """Write the record of the steps since the last log (the latest step's values, the mean loss, throughput)
+    to metrics.jsonl and W&B, and to the console when it is not a terminal. Returns (the record, the latest
+    step's metrics on the host)."""
+    vals = jax.device_get(pending)
+    tps = throughput.tokens_per_s(step)
+    last = vals[-1]
+    rec = {"step": step, "loss": float(last["loss"]), "loss_avg": float(np.mean([float(v["loss"]) for v in vals])),
+           "lr": float(last["lr"]), "grad_norm": float(last["grad_norm"]), "tokens_per_s": tps,
+           "mfu": tps * run.costs.train_flops / run.costs.peak, "rejected_steps": int(last["rejected"])}
+    if "aux_loss" in last:
+        rec["aux_loss"] = float(last["aux_loss"])
+    run.metrics.write(rec)
+    run.wandb.log(rec, step)
+    if not run.console.is_terminal:
+        run.say(f"step {step}: loss {rec['loss']:.4f} lr {rec['lr']:.2e} gnorm {rec['grad_norm']:.3f} "
+                f"{tps:,.0f} tok/s mfu {rec['mfu'] * 100:.1f}%")
+    return rec, last
+
+
+def _finish(run: _Run, pos: _Position) -> None:
+    """The final eval (only when the run reached its last step) and checkpoint, and the W&B summary."""
+    if pos.status == "finished":
+        pos.last_eval, report = run.evaluate(pos.step, pos.state["params"])
+        ev = pos.last_eval
+        bits = f", {ev['eval_bpb']:.4f} bits/byte" if "eval_bpb" in ev else ""
+        run.say(f"eval at step {pos.step}: loss {ev['eval_loss']:.4f} nats/token{bits}, ppl {ev['eval_ppl']:.2f}, "
+                f"accuracy {ev['eval_acc']:.4f}" + "".join(f", {clause}" for clause in report.summary))
+    run.save(pos)
+    run.wandb.summary({"final_step": pos.step, **(pos.last_eval or {})})
+
+
+class _Throughput:
+    """Tokens per second since the previous reading."""
+
+    def __init__(self, tokens_per_step: int, step: int):
+        self.tokens_per_step = tokens_per_step
+        self.t, self.step = time.perf_counter(), step
+
+    def tokens_per_s(self, step: int) -> float:
+        now = time.perf_counter()
+        tps = self.tokens_per_step * (step - self.step) / max(now - self.t, 1e-9)
+        self.t, self.step = now, step
+        return tps
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.prev = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.prev[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test thread): no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.prev.items():
+            signal.signal(s, h)
+        return False

@@ -1,0 +1,143 @@
+"""The run directory `run.out_dir/run.name`: what a checkpoint records about its run, whether a config may resume
+it, reading back a trained run, and starting a new run from another run's parameters.
+
+Layout: config.yaml (the resolved config), metrics.jsonl (one JSON object per logged step), checkpoints/
+(params, optimizer state, step, data iterator, RNG, W&B id), wandb/ (W&B files), and the eval heatmap PNGs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import pydantic
+
+from lm.checkpoint import Checkpointer
+from lm.config import Config, load_config
+from lm.model import Params
+from lm.train.setup import Setup, build
+
+
+class RunError(RuntimeError):
+    """A run cannot start or continue; the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # "finished" | "interrupted" | "diverged" | "already_finished"
+    step: int
+    last_eval: dict | None
+    message: str = ""
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.run.out_dir) / cfg.run.name
+
+
+def checkpoint_meta(cfg: Config, step: int, run_id: str) -> dict:
+    """The JSON saved beside each checkpoint's arrays; `config` is what `check_same_run` compares on resume."""
+    return {"step": step, "seed": cfg.run.seed, "rng_key": [int(x) for x in np.asarray(
+        jax.random.key_data(jax.random.PRNGKey(cfg.run.seed)))], "wandb_id": run_id, "config": cfg.to_dict()}
+
+
+_RESUME_KEYS = ("model", "data.seq_len", "data.tokenizer", "data.source", "data.packed")
+
+
+def check_same_run(run_dir: Path, meta: dict, cfg: Config) -> None:
+    """Raise RunError if the checkpoint whose `meta` this is belongs to a run `cfg` cannot continue."""
+    problem = _config_mismatch(meta.get("config", {}), cfg)
+    if problem:
+        raise RunError(f"{run_dir} holds checkpoints of a different run ({problem}); "
+                       f"use a new run.name or remove {run_dir}")
+
+
+def _config_mismatch(saved: dict, cfg: Config) -> str | None:
+    """The first setting that makes a checkpoint's run differ from `cfg`, or None.
+
+    The saved config is re-validated first, so keys added to attnlab since (with their defaults) do not
+    count as differences.
+    """
+    try:
+        saved = Config.model_validate(saved).to_dict()
+    except pydantic.ValidationError as e:
+        return f"its saved config is not valid for this version: {str(e).splitlines()[1:3]}"
+    now = cfg.to_dict()
+    for key in _RESUME_KEYS:
+        a, b = saved, now
+        for part in key.split("."):
+            a, b = (a or {}).get(part), (b or {}).get(part)
+        diff = _first_difference(a, b, key)
+        if diff:
+            return diff
+    return None
+
+
+def _first_difference(a: Any, b: Any, where: str) -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            diff = _first_difference(a.get(k), b.get(k), f"{where}.{k}")
+            if diff:
+                return diff
+        return None
+    return None if a == b else f"{where}: checkpoint has {a!r}, config has {b!r}"
+
+
+def load_run(run_dir: str | Path, overrides: list[str] = ()) -> tuple[Config, Setup, Any, int]:
+    """(config, setup, params, step) of the newest usable checkpoint of a run directory."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise RunError(f"{run_dir} is not a run directory (no config.yaml); give runs/<name> of a trained run")
+    cfg = load_config(cfg_path, list(overrides))
+    setup = build(cfg)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.ckpt_keep)
+    try:
+        restored = ckpt.restore_latest(setup.abstract_state())
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise RunError(f"{run_dir} has no checkpoint yet; train it first (attnlab train {cfg_path})")
+    step, state, _, _ = restored
+    return cfg, setup, state["params"], step
+
+
+def params_from_run(params: Params, run_dir: str | Path, say: Callable[[str], None]) -> Params:
+    """`params` with every array whose path and shape match one in `run_dir`'s newest checkpoint loaded
+    from it; the rest keep their initial values. Says which were loaded and which not."""
+    _, _, source, source_step = load_run(run_dir)
+    source_by_path = {jax.tree_util.keystr(p, simple=True, separator="."): x
+                      for p, x in jax.tree_util.tree_flatten_with_path(source)[0]}
+    loaded, kept_init = [], []
+
+    def pick(path, x):
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        y = source_by_path.get(name)
+        if y is not None and y.shape == x.shape and y.dtype == x.dtype:
+            loaded.append(name)
+            return jax.device_put(y, x.sharding)
+        kept_init.append(name if y is None else f"{name} (checkpoint shape {tuple(y.shape)})")
+        return x
+
+    out = jax.tree_util.tree_map_with_path(pick, params)
+    if not loaded:
+        raise RunError(f"--init-from {run_dir}: no parameter of this model matches its checkpoint (step "
+                       f"{source_step}) by path and shape; give a run of the same architecture")
+    unused = sorted(set(source_by_path) - set(loaded))
+    n_loaded = sum(int(np.prod(source_by_path[n].shape)) for n in loaded)
+    say(f"init from {run_dir} step {source_step}: loaded {len(loaded)} of {len(loaded) + len(kept_init)} "
+        f"parameter arrays ({n_loaded:,} values); initialised fresh: {_layer_groups(kept_init) or 'none'}; "
+        f"in the checkpoint but unused: {_layer_groups(unused) or 'none'}")
+    return out
+
+
+def _layer_groups(names: list[str]) -> str:
+    """Parameter names with the layer index folded: blocks.*.mixer.k_proj.kernel (x4)."""
+    counts: dict[str, int] = {}
+    for n in names:
+        key = re.sub(r"^blocks\.\d+\.", "blocks.*.", n)
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(k if c == 1 else f"{k} (x{c})" for k, c in counts.items())
