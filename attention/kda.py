@@ -1,6 +1,7 @@
 """The `kda` mixer: Kimi Delta Attention (Kimi Linear, arXiv 2510.26692) over `ops.kda`.
 
-The layer of papers/kda.md §2 (FLA `layers/kda.py`, the vLLM layer of the released checkpoint):
+The layer of the Kimi Linear paper, §4 (as in FLA `layers/kda.py` and the vLLM layer of the released
+checkpoint):
 
     q, k, v = SiLU(conv_W(x Wq)), SiLU(conv_W(x Wk)), SiLU(conv_W(x Wv))   depthwise causal, W = 4
     q, k    = L2-normalised per head, in fp32, x / sqrt(sum x^2 + 1e-6)

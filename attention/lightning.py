@@ -26,7 +26,8 @@ model (hybrids included, as MiniMax does with L = 80):
   gets exactly lambda = 1: the +1e-5 leaves the last layer a decay of 1e-5 a_h, a running sum in all
   but name. With L = 1, l/(L-1) is taken as 0.
 
-Both rules are in the digest (papers/lightning.md §1, conventions A and B); HF transformers' MiniMax
+Rule `paper` follows TransNormerLLM (arXiv 2307.14995) and Lightning Attention-2 (arXiv 2401.04658);
+`alibi` follows their released code. HF transformers' MiniMax
 port uses a third one that differs from B for non-power-of-2 H and is not offered.
 """
 from __future__ import annotations

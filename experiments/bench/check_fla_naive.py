@@ -19,14 +19,13 @@ broadcast over K, so our dg is summed over K before the comparison.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from experiments.bench.peer_check import print_comparison, run_torch_side  # noqa: E402
+from experiments.bench.peer_check import load_module, pack, print_comparison, run_torch_side, unpack  # noqa: E402
 
 # name: (B, T, H, K, V, gate kind, scale, initial state?, document starts, dtype)
 CASES = {
@@ -55,38 +54,21 @@ def _make_inputs(name, spec, rng):
         "v": rng.standard_normal((B, T, H, V)), "g": g,
         "beta": 1 / (1 + np.exp(-rng.standard_normal((B, T, H)))),
         "do": rng.standard_normal((B, T, H, V)), "dS": rng.standard_normal((B, H, K, V)),
-        "starts": np.asarray((0,) + tuple(starts) + (T,), np.int64),
-        "scale": np.asarray(np.nan if scale is None else scale),
     }
-    if with_h0:
-        x["h0"] = rng.standard_normal((B, H, K, V))
-    return {f"{name}/{key}": np.asarray(val, np.float32 if val.dtype.kind == "f" else val.dtype)
-            for key, val in x.items()}
-
-
-def _case(arrays, name):
-    prefix = f"{name}/"
-    return {key[len(prefix):]: val for key, val in arrays.items() if key.startswith(prefix)}
-
-
-def _load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return pack(name, x, B=B, H=H, K=K, V=V, T=T, starts=starts, scale=scale, with_h0=with_h0, rng=rng)
 
 
 def _torch_side(kda_path, gdn_path, in_path, out_path):
     import torch
 
-    kda_naive = _load(kda_path, "fla_kda_naive")
-    gdn_naive = _load(gdn_path, "fla_gdn_naive") if gdn_path else None
+    kda_naive = load_module(kda_path, "fla_kda_naive")
+    gdn_naive = load_module(gdn_path, "fla_gdn_naive") if gdn_path else None
     arrays = dict(np.load(in_path))
     out = {}
     for name, (*_, gate, _scale, _h0, _starts, dtype) in CASES.items():
         if gate == "scalar" and gdn_naive is None:
             continue
-        c = _case(arrays, name)
+        c = unpack(arrays, name)
         tdtype = getattr(torch, dtype)
         q, k, v, g, beta = (torch.tensor(c[n]).to(tdtype).requires_grad_() for n in ("q", "k", "v", "g", "beta"))
         h0 = torch.tensor(c["h0"]).requires_grad_() if "h0" in c else None
@@ -121,7 +103,7 @@ def _jax_side(arrays, names):
     results = {}
     for name in names:
         *_, gate, _scale, _h0, _starts, dtype = CASES[name]
-        c = _case(arrays, name)
+        c = unpack(arrays, name)
         q, k, v, g, beta = (jnp.asarray(c[n], dtype) for n in ("q", "k", "v", "g", "beta"))
         if gate == "scalar":
             g = jnp.broadcast_to(g[..., None], q.shape)

@@ -16,14 +16,13 @@ side runs each document on its own (the initial state only for the first) and co
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from experiments.bench.peer_check import print_comparison, run_torch_side  # noqa: E402
+from experiments.bench.peer_check import load_module, pack, print_comparison, run_torch_side, unpack  # noqa: E402
 
 # name: (B, T, H, K, V, log_decay per head, scale, initial state?, document starts, dtype)
 CASES = {
@@ -41,30 +40,18 @@ def _make_inputs(name, spec, rng):
         "q": rng.standard_normal((B, T, H, K)), "k": rng.standard_normal((B, T, H, K)),
         "v": rng.standard_normal((B, T, H, V)), "do": rng.standard_normal((B, T, H, V)),
         "dS": rng.standard_normal((B, H, K, V)), "log_decay": np.asarray(ld),
-        "starts": np.asarray((0,) + tuple(starts) + (T,), np.int64),
-        "scale": np.asarray(np.nan if scale is None else scale),
     }
-    if with_h0:
-        x["h0"] = rng.standard_normal((B, H, K, V))
-    return {f"{name}/{key}": np.asarray(val, np.float32 if val.dtype.kind == "f" else val.dtype)
-            for key, val in x.items()}
-
-
-def _case(arrays, name):
-    prefix = f"{name}/"
-    return {key[len(prefix):]: val for key, val in arrays.items() if key.startswith(prefix)}
+    return pack(name, x, B=B, H=H, K=K, V=V, T=T, starts=starts, scale=scale, with_h0=with_h0, rng=rng)
 
 
 def _torch_side(naive_path, in_path, out_path):
     import torch
 
-    spec = importlib.util.spec_from_file_location("fla_simple_gla_naive", naive_path)
-    naive = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(naive)
+    naive = load_module(naive_path, "fla_simple_gla_naive")
     arrays = dict(np.load(in_path))
     out = {}
     for name, (*_, dtype) in CASES.items():
-        c = _case(arrays, name)
+        c = unpack(arrays, name)
         tdtype = getattr(torch, dtype)
         q, k, v = (torch.tensor(c[n]).to(tdtype).requires_grad_() for n in ("q", "k", "v"))
         h0 = torch.tensor(c["h0"]).requires_grad_() if "h0" in c else None
@@ -95,7 +82,7 @@ def _jax_side(arrays):
 
     results = {}
     for name, (*_, dtype) in CASES.items():
-        c = _case(arrays, name)
+        c = unpack(arrays, name)
         q, k, v = (jnp.asarray(c[n], dtype) for n in ("q", "k", "v"))
         h0 = jnp.asarray(c["h0"]) if "h0" in c else None
         scale = None if np.isnan(c["scale"]) else float(c["scale"])

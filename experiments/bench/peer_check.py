@@ -5,6 +5,7 @@ files; this module imports neither framework so both sides can load it.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import tempfile
@@ -38,3 +39,28 @@ def print_comparison(ours: dict, fla: dict, quantities: tuple[str, ...]) -> None
             rel = np.sqrt(np.mean(diff ** 2) / np.mean(ref ** 2))
             cells.append(f"{np.abs(diff).max():9.2e} {rel:9.2e}")
         print(f"{name:{width}s} {impl:9s} " + " ".join(cells))
+
+
+def pack(name: str, x: dict, *, B: int, H: int, K: int, V: int, T: int, starts, scale, with_h0: bool, rng) -> dict:
+    """One case's arrays, plus document starts, the scale (NaN: the default) and an initial state when asked,
+    under `name/` keys in float32 (integer arrays keep their type), ready for one .npz with every case."""
+    x = dict(x, starts=np.asarray((0,) + tuple(starts) + (T,), np.int64),
+             scale=np.asarray(np.nan if scale is None else scale))
+    if with_h0:
+        x["h0"] = rng.standard_normal((B, H, K, V))
+    return {f"{name}/{key}": np.asarray(val, np.float32 if val.dtype.kind == "f" else val.dtype)
+            for key, val in x.items()}
+
+
+def unpack(arrays: dict, name: str) -> dict:
+    """The arrays of case `name`, without the prefix."""
+    prefix = f"{name}/"
+    return {key[len(prefix):]: val for key, val in arrays.items() if key.startswith(prefix)}
+
+
+def load_module(path: str, name: str):
+    """A Python file (a peer's reference implementation) as a module, without installing its package."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
