@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import json
 import platform
+import sys
 from pathlib import Path
 
 import jax
@@ -92,9 +93,10 @@ def provenance() -> str:
             f"{datetime.date.today().isoformat()}")
 
 
-def report_head(title: str, module: str, args: str) -> str:
-    """The opening of a results file: title, the command that made it (`python -m module args`), machine
-    and versions."""
+def report_head(title: str, module: str) -> str:
+    """The opening of a results file: title, the command that made it (`python -m module` with this
+    process's arguments), machine and versions."""
+    args = " ".join(sys.argv[1:])
     return f"# {title}\n\nCommand: `python -m {module} {args}`\n\nMachine: {provenance()}.\n\n"
 
 

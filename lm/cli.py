@@ -100,15 +100,9 @@ def cmd_bench_step(args) -> int:
 
 
 def cmd_bench_ops(args) -> int:
-    from lm.bench.ops import main as ops_main
+    from lm.bench.ops import bench
 
-    argv = ["--T", *map(str, args.T), "--B", str(args.B), "--H", str(args.H), "--D", str(args.D),
-            "--dtype", args.dtype, "--impl", *args.impl, "--reps", str(args.reps)]
-    if args.json_out:
-        argv += ["--json", args.json_out]
-    if args.write:
-        argv += ["--write", args.write]
-    ops_main(argv)
+    bench(args, "attnlab " + " ".join(sys.argv[1:]))
     return 0
 
 
@@ -177,15 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs.set_defaults(fn=cmd_bench_step)
 
     bo = bsub.add_parser("ops", help="forward+backward time of each attention op against sequence length")
-    bo.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-    bo.add_argument("--B", type=int, default=1)
-    bo.add_argument("--H", type=int, default=8)
-    bo.add_argument("--D", type=int, default=64)
-    bo.add_argument("--dtype", default="float32")
-    bo.add_argument("--impl", nargs="+", default=["xla"])
-    bo.add_argument("--reps", type=int, default=5)
-    bo.add_argument("--json", dest="json_out", default=None, metavar="FILE.json")
-    bo.add_argument("--write", default=None, metavar="FILE.md", help="also write a results table to this file")
+    from lm.bench.ops import add_arguments as add_ops_arguments
+
+    add_ops_arguments(bo)
     bo.set_defaults(fn=cmd_bench_ops)
 
     dm = sub.add_parser("demo", help="train a config, evaluate it and compare with the corpus unigram entropy")

@@ -67,8 +67,7 @@ def write_report(records: list[dict], a) -> None:
                     f"{s['state_bytes_per_sequence']:,} | {tps} | {s['mean']:.4f}{spread} | {rel} |")
     tokens, seeds = records[0]["tokens"], sorted({r["seed"] for r in records})
     (RESULTS / "tiny_linear_family.md").write_text(
-        report_head("Linear-family variants at CPU scale, against softmax at equal tokens",
-                    "experiments.ablations.tiny_linear_family", f"--seeds {' '.join(map(str, a.seeds))} --steps {a.steps}") +
+        report_head("Linear-family variants at CPU scale, against softmax at equal tokens", "experiments.ablations.tiny_linear_family") +
         f"Every variant: configs/tiny/ (the softmax baseline's data, batch 16 x seq 256, schedule and budget: "
         f"{a.steps} steps = {tokens:,} tokens, seeds {seeds}), stdlib corpus, byte tokenizer. kda and lightning "
         f"use every layer for their mixer (4 layers, d_model 192, no positions); kimi_hybrid is 3 KDA : 1 NoPE "

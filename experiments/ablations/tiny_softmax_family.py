@@ -91,8 +91,7 @@ def write_report(records: list[dict], a) -> None:
             "|---|---|---|---|---|---|---|\n" + "\n".join(spkv_rows) + "\n")
     tokens, seeds = records[0]["tokens"], sorted({r["seed"] for r in records})
     (RESULTS / "tiny_softmax_family.md").write_text(
-        report_head("Softmax-family variants at CPU scale",
-                    "experiments.ablations.tiny_softmax_family", f"--seeds {' '.join(map(str, a.seeds))} --steps {a.steps}") +
+        report_head("Softmax-family variants at CPU scale", "experiments.ablations.tiny_softmax_family") +
         f"Every variant: the tiny family of configs/tiny/ (d_model 192, 4 layers), stdlib corpus with the byte "
         f"tokenizer, seq 256, batch 16, {a.steps} steps = {tokens:,} tokens, seeds {seeds}. Eval loss is nats per "
         f"byte on the held-out split (16 batches); ± is half the spread (max − min) over seeds. KV bytes are fp32 "

@@ -98,8 +98,7 @@ def write_report(records: list[dict], a, sweep: list[dict]) -> None:
         tau_rows.append(f"| {t['label']} | {t['tau']:.2f} | {t['spkv_density']:.3f} | {t['spkv_compression']:.2f}x | "
                         f"{t['eval_loss']:.4f} | {100 * (t['eval_loss'] / base - 1):+.2f}% |")
     (RESULTS / "tiny_spkv.md").write_text(
-        report_head("SP-KV on the tiny softmax model", "experiments.ablations.tiny_spkv",
-                    f"--seed {a.seed} --steps {a.steps} --taus {' '.join(map(str, a.taus))}") +
+        report_head("SP-KV on the tiny softmax model", "experiments.ablations.tiny_spkv") +
         "Model: configs/tiny/softmax.yaml (d_model 192, 4 layers, 8 heads, seq 256, batch 16) with SP-KV on "
         "every layer: local window 32, τ = 0.5, predictor d_model → 48 → 8 KV heads, anneal to the hard gate "
         "over the last quarter of the steps with the predictor frozen. Density is the share of keys outside "

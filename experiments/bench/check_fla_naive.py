@@ -25,7 +25,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from experiments.bench.peer_check import load_module, pack, print_comparison, run_torch_side, unpack  # noqa: E402
+from experiments.bench.peer_check import (call_options, load_module, pack, print_comparison,  # noqa: E402
+                                          run_torch_side, unpack)
 
 # name: (B, T, H, K, V, gate kind, scale, initial state?, document starts, dtype)
 CASES = {
@@ -107,12 +108,8 @@ def _jax_side(arrays, names):
         q, k, v, g, beta = (jnp.asarray(c[n], dtype) for n in ("q", "k", "v", "g", "beta"))
         if gate == "scalar":
             g = jnp.broadcast_to(g[..., None], q.shape)
-        h0 = jnp.asarray(c["h0"]) if "h0" in c else None
-        scale = None if np.isnan(c["scale"]) else float(c["scale"])
-        B, T = q.shape[:2]
-        seg = None
-        if len(c["starts"]) > 2:
-            seg = jnp.asarray(np.broadcast_to(np.searchsorted(c["starts"][1:-1], np.arange(T), side="right"), (B, T)))
+        h0, scale, seg = call_options(c, *q.shape[:2])
+        h0, seg = (None if x is None else jnp.asarray(x) for x in (h0, seg))
         for impl in ("reference", "xla"):
             def f(q, k, v, g, beta, h0, impl=impl):
                 return kda(q, k, v, g, beta, scale=scale, initial_state=h0, output_final_state=True,

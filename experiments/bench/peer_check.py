@@ -64,3 +64,14 @@ def load_module(path: str, name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def call_options(c: dict, B: int, T: int) -> tuple[np.ndarray | None, float | None, np.ndarray | None]:
+    """An unpacked case's initial state (or None), scale (None: the op's default) and segment ids [B,T]
+    (None for one document), as numpy arrays."""
+    h0 = c.get("h0")
+    scale = None if np.isnan(c["scale"]) else float(c["scale"])
+    seg = None
+    if len(c["starts"]) > 2:
+        seg = np.broadcast_to(np.searchsorted(c["starts"][1:-1], np.arange(T), side="right"), (B, T))
+    return h0, scale, seg

@@ -49,10 +49,8 @@ def write_report(records: list[dict], a) -> None:
         lines.append(f"| {m} | {first['params']:,} | " + " | ".join(cells) + " |" if first else f"| {m} | n/a |")
     _plot(acc, a, RESULTS / "mqar.png")
     steps = records[0]["steps"]
-    args = (f"--pairs {' '.join(map(str, a.pairs))} --seeds {' '.join(map(str, a.seeds))} --steps {a.steps} "
-            f"--seq-len {a.seq_len} --vocab {a.vocab}")
     (RESULTS / "mqar.md").write_text(
-        report_head("MQAR (multi-query associative recall) at CPU scale", "experiments.synthetic.mqar_sweep", args) +
+        report_head("MQAR (multi-query associative recall) at CPU scale", "experiments.synthetic.mqar_sweep") +
         f"Models: configs/mqar/*.yaml — 2 layers, d_model 64, 2 heads, seq {a.seq_len}, vocab {a.vocab} (keys from "
         f"the lower half, values from the upper), batch 32, {steps} steps, AdamW lr 3e-3 with cosine decay. The "
         f"hybrids are 1:1 at this depth (one linear layer, one softmax layer). Accuracy: argmax prediction of every "

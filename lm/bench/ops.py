@@ -89,8 +89,8 @@ def run(Ts, B, H, D, dtype, impls, reps) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark's options, shared by `python -m lm.bench.ops` and `attnlab bench ops`."""
     p.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     p.add_argument("--B", type=int, default=1)
     p.add_argument("--H", type=int, default=8)
@@ -98,16 +98,26 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--impl", nargs="+", default=["xla"])
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--json", default=None, help="write the rows here")
-    p.add_argument("--write", default=None, help="write a markdown table (with machine and versions) here")
-    a = p.parse_args(argv)
+    p.add_argument("--json", dest="json_out", default=None, metavar="FILE.json", help="write the rows here")
+    p.add_argument("--write", default=None, metavar="FILE.md",
+                   help="write a markdown table (with machine and versions) here")
+
+
+def bench(a: argparse.Namespace, command: str) -> None:
+    """Run the benchmark for parsed options `a`; `command` is recorded in the markdown table."""
     rows = run(a.T, a.B, a.H, a.D, jnp.dtype(a.dtype), a.impl, a.reps)
     info = machine()
-    if a.json:
-        with open(a.json, "w") as f:
+    if a.json_out:
+        with open(a.json_out, "w") as f:
             json.dump({**info, "rows": rows}, f, indent=1)
     if a.write:
-        write_markdown(Path(a.write), rows, info, " ".join(sys.argv[1:]) if argv is None else " ".join(argv))
+        write_markdown(Path(a.write), rows, info, command)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    add_arguments(p)
+    bench(p.parse_args(argv), " ".join(sys.argv[1:]) if argv is None else " ".join(argv))
 
 
 def write_markdown(path: Path, rows: list[dict], info: dict, args: str) -> None:
