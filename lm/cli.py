@@ -26,7 +26,7 @@ def cmd_train(args) -> int:
     from lm.config import load_config
     from lm.train import train
 
-    res = train(load_config(args.config, args.set), init_from=args.init_from)
+    res = train(load_config(args.config, args.set), init_from=args.init_from, restart=args.restart)
     return 3 if res.status == "diverged" else 0
 
 
@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-from", default=None, metavar="RUN_DIR",
                    help="start a fresh run from the parameters of RUN_DIR's newest checkpoint that match this "
                         "model by path and shape (e.g. adapt a baseline to SP-KV); ignored on resume")
+    t.add_argument("--restart", action="store_true",
+                   help="train again from step 0 a run directory that has history (metrics, corrupt checkpoints) "
+                        "but no usable checkpoint; its old metrics.jsonl is kept as metrics.<time>.jsonl")
     with_set(t)
     t.set_defaults(fn=cmd_train)
 

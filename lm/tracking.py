@@ -4,6 +4,12 @@ W&B is imported lazily (GPU images may not have it). `wandb.mode`: offline (defa
 runs/<name>/wandb, upload later with `wandb sync`), online (needs an API key in WANDB_API_KEY or from
 `wandb login`), disabled. The run id is stored in checkpoints so a resumed run continues the same
 W&B run. The API key is never read into our own logs or files.
+
+W&B buffers what it is given (its offline file grows in 32 KiB blocks), so a killed process loses the tail of
+its W&B history while metrics.jsonl, flushed line by line, keeps it. A W&B segment that ends cleanly records
+the last step it logged in wandb/logged_through; a resumed run replays from metrics.jsonl every record after
+that step, up to the step it resumes from, so W&B ends up with the whole history (W&B drops a step it already
+has, so what the killed segment did save is not doubled).
 """
 from __future__ import annotations
 
@@ -29,13 +35,13 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsFile:
-    """Append-only JSON lines; on resume, lines past the restored step are dropped (they get recomputed)."""
+    """Append-only JSON lines; on resume, lines past the restored step are dropped (those steps run again and
+    log again). A fresh run appends too: the run directory's history check keeps a fresh run from meeting an
+    old file."""
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
-        if resume_step is None:
-            path.write_text("")
-        elif path.exists():
+        if resume_step is not None and path.exists():
             kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
             path.write_text("".join(ln + "\n" for ln in kept))
         self.f = path.open("a")
@@ -74,6 +80,8 @@ class WandbRun:
     def __init__(self, cfg, run_dir: Path, run_id: str, config: dict):
         self.run = None
         self.mode = cfg.mode
+        self.ledger = run_dir / "wandb" / "logged_through"
+        self.last_step: int | None = None
         if cfg.mode == "disabled":
             return
         if cfg.mode == "online" and not _has_wandb_key():
@@ -93,6 +101,18 @@ class WandbRun:
     def log(self, record: dict, step: int) -> None:
         if self.run is not None:
             self.run.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
+            self.last_step = step if self.last_step is None else max(self.last_step, step)
+
+    def replay(self, records: list[dict], through_step: int) -> int:
+        """Log the metrics.jsonl `records` that W&B may have lost: those after the last step a cleanly finished
+        segment logged, up to `through_step`. Returns how many were logged."""
+        if self.run is None:
+            return 0
+        durable = int(self.ledger.read_text()) if self.ledger.is_file() else 0
+        lost = [r for r in records if durable < r.get("step", 0) <= through_step]
+        for r in lost:
+            self.log(r, r["step"])
+        return len(lost)
 
     def log_image(self, key: str, path: str | Path, step: int) -> None:
         if self.run is not None:
@@ -106,6 +126,10 @@ class WandbRun:
         if self.run is not None:
             self.run.finish()
             self.run = None
+            if self.last_step is not None:
+                tmp = self.ledger.with_suffix(".tmp")
+                tmp.write_text(str(self.last_step))
+                tmp.replace(self.ledger)
 
     @property
     def dir(self) -> str | None:

@@ -87,6 +87,17 @@ class TokenStore:
         return f"TokenStore({str(self.path)!r}, vocab_size={self.vocab_size}, tokens: {counts})"
 
 
+def is_token_store(path: str | Path) -> bool:
+    """Whether `path` is a token store, complete or damaged: a directory whose meta.json names this format.
+    Only such a directory may be replaced by `prepare(..., overwrite=True)`."""
+    meta_file = Path(path) / META
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
 def open_store(path: str | Path) -> TokenStore:
     """Open and verify a store: DataError if it is missing, incomplete or does not match its meta.json."""
     path = Path(path)
@@ -94,14 +105,15 @@ def open_store(path: str | Path) -> TokenStore:
         raise DataError(f"token store {path} does not exist; create it with `attnlab data prepare --out {path}`")
     meta_file = path / META
     if not meta_file.is_file():
-        raise DataError(f"token store {path} is incomplete or not a token store (no {META}); {prepare_hint(path)}")
+        raise DataError(f"{path} is not a token store (no {META}): give a directory made by `attnlab data prepare`")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"token store {path} is corrupted: {META} is not valid JSON ({exc}); "
-                        f"{prepare_hint(path)}") from exc
+        raise DataError(f"{path} is not a token store: its {META} is not valid JSON ({exc}); give a directory "
+                        f"made by `attnlab data prepare`") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise DataError(f"{path} is not a token store ({META} lacks format={FORMAT!r}); {prepare_hint(path)}")
+        raise DataError(f"{path} is not a token store ({META} lacks format={FORMAT!r}); give a directory made by "
+                        f"`attnlab data prepare`")
     try:
         hint = prepare_hint(path, meta["source"]["spec"], meta["tokenizer"]["spec"])
     except (KeyError, TypeError):

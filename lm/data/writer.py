@@ -20,7 +20,7 @@ from lm.data import sources as sources_lib
 from lm.data import tokenizers as tok_lib
 from lm.data.errors import DataError
 from lm.data.split import key_rank, split
-from lm.data.store import FORMAT, FORMAT_VERSION, META, TOKENIZER_FILE, open_store, token_dtype
+from lm.data.store import FORMAT, FORMAT_VERSION, META, TOKENIZER_FILE, is_token_store, open_store, token_dtype
 
 # Bounds BPE training time (about 6 s for the 10 MB stdlib corpus on 2 cores); larger corpora train on a
 # deterministic sample of their train documents.
@@ -112,21 +112,22 @@ def _tokenizer_request(kind: str, arg) -> str:
 
 
 def _existing_store_matches(out: Path, request: dict, overwrite: bool, source, tokenizer) -> bool:
+    """True when `out` already holds the store asked for; False when it may be written (absent, empty, or a
+    token store to replace with overwrite). Anything that is not a token store is never replaced."""
     if not out.exists():
         return False
     if out.is_dir() and not any(out.iterdir()):
         return False
-    if not out.is_dir():
-        if overwrite:
-            return False
-        raise DataError(f"{out} is a file, not a token store directory; choose another --out or pass overwrite")
+    if not is_token_store(out):
+        what = "a file" if not out.is_dir() else f"a directory that is not a token store (no {META} of one)"
+        raise DataError(f"{out} is {what}; prepare writes only to a new path, an empty directory or a token store "
+                        f"(which --overwrite replaces): choose another --out")
     try:
         store = open_store(out)
     except DataError as exc:
         if overwrite:
             return False
-        raise DataError(f"{out} exists but is not a usable token store ({exc}); "
-                        "remove it or pass overwrite to rebuild it") from exc
+        raise DataError(f"{out} is a damaged token store ({exc}); pass --overwrite to rebuild it") from exc
     if store.meta["request"] == request:
         return True
     if overwrite:
@@ -136,7 +137,7 @@ def _existing_store_matches(out: Path, request: dict, overwrite: bool, source, t
         f"{out} already holds a token store for source {_describe(old['source']['spec'])} / tokenizer "
         f"{old['tokenizer']['spec']} (val_fraction {old['split']['val_fraction']}, source fingerprint "
         f"{old['source']['fingerprint'][:12]}), not for {_describe(source)} / {tokenizer} (fingerprint "
-        f"{request['source_fingerprint'][:12]}); choose another --out or pass overwrite to replace it"
+        f"{request['source_fingerprint'][:12]}); choose another --out or pass --overwrite to replace it"
     )
 
 
@@ -226,7 +227,7 @@ def _install(tmp: Path, out: Path, request: dict, overwrite: bool) -> None:
             same = False
         if not same:
             raise DataError(f"{out} was created by another process during prepare and holds a different store; "
-                            "choose another --out or pass overwrite")
+                            "choose another --out or pass --overwrite")
         shutil.rmtree(tmp, ignore_errors=True)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

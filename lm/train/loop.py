@@ -25,8 +25,9 @@ from lm import flops as lmflops
 from lm.checkpoint import Checkpointer
 from lm.config import Config, dump_config, load_config
 from lm.model import LM, count_params
-from lm.tracking import MetricsFile, WandbRun, make_progress, new_run_id, save_heatmap
-from lm.train.rundir import RunResult, check_same_run, checkpoint_meta, params_from_run, run_dir_of
+from lm.tracking import MetricsFile, WandbRun, make_progress, new_run_id, read_metrics, save_heatmap
+from lm.train.rundir import (RunError, RunResult, check_same_run, checkpoint_meta, exclusive, history,
+                             params_from_run, run_dir_of, set_aside_history)
 from lm.train.setup import Setup, build, eval_batch_size, open_data
 from lm.train.step import make_eval_step, make_train_step, run_eval_batches, to_device_batch
 
@@ -36,32 +37,37 @@ def train_from_file(path: str, overrides: list[str], **kw) -> RunResult:
 
 
 def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: int | None = None,
-          init_from: str | Path | None = None) -> RunResult:
+          init_from: str | Path | None = None, restart: bool = False) -> RunResult:
     """Train (or resume) the run `run.out_dir/run.name`. `max_steps_this_run` stops early (tests).
     `init_from` (a run directory) starts a fresh run from the parameters of its newest checkpoint that
-    match this model by path and shape; a resumed run ignores it."""
+    match this model by path and shape; a resumed run ignores it. A run directory with history but no usable
+    checkpoint starts again from step 0 only with `restart` (its old metrics are kept beside)."""
     console = console or Console()
     say = _printer(console)
     run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ds = open_data(cfg, log=say)
-    setup = build(cfg)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.ckpt_keep, warn=lambda m: say(f"warning: {m}"))
-    try:
-        start = _restore_or_init(setup, ds, ckpt, init_from, say)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-        if start.step >= cfg.train.steps:
-            result = RunResult(run_dir, "already_finished", start.step, None, f"run {run_dir} already finished at "
-                               f"step {start.step} (train.steps={cfg.train.steps})")
-        else:
-            stop_at = cfg.train.steps if max_steps_this_run is None else min(cfg.train.steps,
-                                                                              start.step + max_steps_this_run)
-            result = _run(setup, ds, ckpt, start, stop_at, init_from, console)
-    finally:
-        ckpt.close()
+    with exclusive(run_dir):
+        ds = open_data(cfg, log=say)
+        setup = build(cfg)
+        ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.ckpt_keep, warn=lambda m: say(f"warning: {m}"))
+        try:
+            result = _train_locked(setup, ds, ckpt, init_from, restart, max_steps_this_run, console)
+        finally:
+            ckpt.close()
     if result.message:
         say(result.message)
     return result
+
+
+def _train_locked(setup: Setup, ds: lmdata.Dataset, ckpt: Checkpointer, init_from: str | Path | None,
+                  restart: bool, max_steps_this_run: int | None, console: Console) -> RunResult:
+    cfg, run_dir, say = setup.cfg, run_dir_of(setup.cfg), _printer(console)
+    start = _restore_or_init(setup, ds, ckpt, init_from, restart, say)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if start.step >= cfg.train.steps:
+        return RunResult(run_dir, "already_finished", start.step, None, f"run {run_dir} already finished at "
+                         f"step {start.step} (train.steps={cfg.train.steps})")
+    stop_at = cfg.train.steps if max_steps_this_run is None else min(cfg.train.steps, start.step + max_steps_this_run)
+    return _run(setup, ds, ckpt, start, stop_at, init_from, console)
 
 
 def _printer(console: Console) -> Callable[[str], None]:
@@ -81,9 +87,10 @@ class _Start:
 
 
 def _restore_or_init(setup: Setup, ds: lmdata.Dataset, ckpt: Checkpointer, init_from: str | Path | None,
-                     say: Callable[[str], None]) -> _Start:
+                     restart: bool, say: Callable[[str], None]) -> _Start:
     """The newest checkpoint of the run if it has one (refused if it is of a different run), else a fresh
-    state, with the parameters of `init_from` where they match."""
+    state, with the parameters of `init_from` where they match. A fresh state over a directory with history
+    needs `restart`."""
     cfg, run_dir = setup.cfg, run_dir_of(setup.cfg)
     restored = ckpt.restore_latest(setup.abstract_state(), check_meta=lambda meta: check_same_run(run_dir, meta, cfg))
     batches = ds.train_iterator(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, seed=cfg.run.seed,
@@ -95,6 +102,13 @@ def _restore_or_init(setup: Setup, ds: lmdata.Dataset, ckpt: Checkpointer, init_
         say(f"resuming {run_dir} from step {step}"
             + (f"; --init-from {init_from} applies only to a fresh run and is ignored" if init_from else ""))
         return _Start(step, state, batches, meta.get("wandb_id") or new_run_id(), resumed=True)
+    found = history(run_dir)
+    if found and not restart:
+        raise RunError(f"{run_dir} has history ({'; '.join(found)}) but no usable checkpoint to resume from; "
+                       f"to train it again from step 0 pass --restart (the old metrics are kept as "
+                       f"metrics.<time>.jsonl), or use another run.name")
+    if found:
+        say(f"restarting {run_dir} from step 0; earlier metrics kept in {set_aside_history(run_dir)}")
     state = jax.jit(setup.fresh_state, out_shardings=setup.state_sh)()
     if init_from is not None:
         state["params"] = params_from_run(state["params"], init_from, say)
@@ -203,6 +217,10 @@ def _run(setup: Setup, ds: lmdata.Dataset, ckpt: Checkpointer, start: _Start, st
     if init_from is not None and not start.resumed:
         wb_config["init_from"] = str(init_from)
     wandb = WandbRun(cfg.wandb, run_dir, start.run_id, wb_config)
+    if start.resumed and (run_dir / "metrics.jsonl").is_file():
+        replayed = wandb.replay(read_metrics(run_dir / "metrics.jsonl"), start.step)
+        if replayed:
+            _printer(console)(f"W&B: replayed {replayed} metrics records a killed segment may have lost")
     metrics = MetricsFile(run_dir / "metrics.jsonl", start.step if start.resumed else None)
     eval_set = ds.eval_batches(seq_len=cfg.data.seq_len, batch_size=eval_batch_size(cfg),
                                max_batches=cfg.train.eval_steps, process_index=jax.process_index(),

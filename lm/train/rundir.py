@@ -2,11 +2,16 @@
 it, reading back a trained run, and starting a new run from another run's parameters.
 
 Layout: config.yaml (the resolved config), metrics.jsonl (one JSON object per logged step), checkpoints/
-(params, optimizer state, step, data iterator, RNG, W&B id), wandb/ (W&B files), and the eval heatmap PNGs.
+(params, optimizer state, step, data iterator, RNG, W&B id), wandb/ (W&B files), the eval heatmap PNGs, and
+.lock, held by the one process that trains in the directory.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import fcntl
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +41,60 @@ class RunResult:
 
 def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.run.out_dir) / cfg.run.name
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive(run_dir: Path):
+    """Hold the run directory's lock for the block: one writer per run directory. The lock is an flock on
+    `run_dir/.lock`, so the kernel releases it when its holder exits in any way (a kill -9 included); the file
+    keeps the holder's pid and start time for the message a second writer gets. A directory this call created
+    is removed again if nothing but the lock was written to it (a run that failed before it began)."""
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise RunError(f"{run_dir} is in use by {holder}; wait for it to finish (or stop it), or train under "
+                           f"another run.name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} (attnlab train, started {datetime.datetime.now():%Y-%m-%d %H:%M:%S})"
+                  .encode(), 0)
+        yield
+    finally:
+        if created and os.listdir(run_dir) == [LOCK]:
+            os.unlink(run_dir / LOCK)
+            run_dir.rmdir()
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def history(run_dir: Path) -> list[str]:
+    """What a run directory holds from earlier training besides usable checkpoints: logged metrics, corrupt
+    checkpoints. A fresh start would overwrite that record, so it needs the user's say-so."""
+    found = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        lines = sum(1 for ln in metrics.read_text().splitlines() if ln.strip())
+        found.append(f"metrics.jsonl with {lines} records")
+    corrupt = run_dir / "checkpoints_corrupt"
+    if corrupt.is_dir() and any(corrupt.iterdir()):
+        found.append(f"{len(list(corrupt.iterdir()))} unusable checkpoint(s) in checkpoints_corrupt/")
+    return found
+
+
+def set_aside_history(run_dir: Path) -> Path | None:
+    """Before a deliberate restart: move metrics.jsonl to metrics.<time>.jsonl (kept, never deleted)."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    dst = run_dir / f"metrics.{datetime.datetime.now():%Y%m%d-%H%M%S}.jsonl"
+    metrics.rename(dst)
+    return dst
 
 
 def checkpoint_meta(cfg: Config, step: int, run_id: str) -> dict:

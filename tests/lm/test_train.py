@@ -106,6 +106,66 @@ def test_corrupted_newest_checkpoint_falls_back(small_store, tmp_path):
     assert any((tmp_path / "c" / "checkpoints_corrupt").iterdir())  # kept, not deleted
 
 
+def test_run_with_history_but_no_usable_checkpoint_needs_restart(small_store, tmp_path):
+    """Every checkpoint corrupt: the first call says so; calling again must not start over silently and must
+    never truncate metrics.jsonl; --restart starts from 0 and keeps the old metrics beside."""
+    from lm.checkpoint import CheckpointError
+    from lm.train import RunError
+
+    cfg = _cfg(small_store, tmp_path, "h", **{"train.ckpt_every": 4})
+    train(cfg, max_steps_this_run=8)
+    run = tmp_path / "h"
+    logged = (run / "metrics.jsonl").read_text()
+    for f in (run / "checkpoints").rglob("*"):
+        if f.is_file() and "state" in f.parts:
+            f.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="none of the checkpoints"):
+        train(cfg)
+    for _ in range(2):
+        with pytest.raises(RunError, match=r"has history \(metrics.jsonl with 9 records; 2 unusable checkpoint.*--restart"):
+            train(cfg)
+        assert (run / "metrics.jsonl").read_text() == logged
+    res = train(cfg, restart=True)
+    assert res.status == "finished" and res.step == 12
+    (kept,) = run.glob("metrics.2*.jsonl")
+    assert kept.read_text() == logged
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == list(range(1, 13))
+
+
+def test_second_writer_is_refused_with_the_owners_pid(small_store, tmp_path):
+    """While one process trains in a run directory, a second `attnlab train` on it exits at once, naming the
+    owner; the first one's files are untouched. The lock dies with its owner (here: kill -9)."""
+    cfg_args = [a for o in tiny_overrides(small_store, tmp_path, "locked", **{"train.steps": 100000}) for a in ("--set", o)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    owner = subprocess.Popen([sys.executable, "-m", "lm.cli", "train", TINY, *cfg_args], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        run = tmp_path / "locked"
+        deadline = time.time() + 120
+        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
+            assert owner.poll() is None and time.time() < deadline, owner.stdout.read() if owner.poll() else "slow"
+            time.sleep(0.2)
+        second = subprocess.run([sys.executable, "-m", "lm.cli", "train", TINY, *cfg_args], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert f"is in use by pid {owner.pid} (attnlab train" in second.stderr + second.stdout
+        assert owner.poll() is None, "the first writer must keep running"
+    finally:
+        owner.kill()
+        owner.wait()
+    # The owner died without cleaning up: the lock went with it, and the run resumes.
+    res = train(_cfg(small_store, tmp_path, "locked", **{"train.steps": 100000}), max_steps_this_run=2)
+    assert res.status == "finished" and res.step >= 2
+
+
+def test_failed_start_leaves_no_empty_run_directory(small_store, tmp_path):
+    from lm.data import DataError
+
+    with pytest.raises(DataError):
+        train(_cfg(small_store, tmp_path, "nodata", **{"data.source": str(tmp_path / "missing")}))
+    assert not (tmp_path / "nodata").exists()
+
+
 def test_grad_accum_matches_single_batch(small_store, tmp_path):
     one = _cfg(small_store, tmp_path, "g1", **{"train.steps": 3})
     two = _cfg(small_store, tmp_path, "g2", **{"train.steps": 3, "train.grad_accum": 2})
@@ -177,6 +237,32 @@ def test_sigkill_then_resume_reproduces_losses(small_store, tmp_path):
     assert p2.returncode == 0, out
     assert "resuming" in out
     assert _losses(tmp_path / "killed") == _losses(tmp_path / "ref")
+
+
+@pytest.mark.slow
+def test_wandb_history_survives_sigkill(small_store, tmp_path):
+    """kill -9 loses what W&B buffered; the resumed run replays it from metrics.jsonl, so the offline files
+    together hold every logged step with its logged value."""
+    from tests.lm.wandb_reader import history
+
+    os.environ.pop("WANDB_API_KEY", None)
+    args = ["train", TINY, *sum((["--set", o] for o in tiny_overrides(
+        small_store, tmp_path, "wbkill", **{"train.steps": 40, "train.ckpt_every": 5, "wandb.mode": "offline"})), [])]
+    p = _cli(args)
+    ck = tmp_path / "wbkill" / "checkpoints"
+    assert _wait_for(lambda: (ck / "15").exists() or p.poll() is not None), "no checkpoint appeared"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    out, _ = (p2 := _cli(args)).communicate(timeout=300)
+    assert p2.returncode == 0, out
+    assert "W&B: replayed" in out
+    logged: dict[int, float] = {}
+    for f in sorted((tmp_path / "wbkill" / "wandb").glob("offline-run-*/*.wandb")):
+        for row in history(f):
+            if "loss" in row:
+                logged.setdefault(int(row["_step"]), float(row["loss"]))
+    assert logged == pytest.approx(_losses(tmp_path / "wbkill"))
 
 
 @pytest.mark.slow

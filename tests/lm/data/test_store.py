@@ -70,7 +70,7 @@ def test_prepare_refuses_a_different_store_unless_overwrite(corpus, tmp_path):
     out = prepare(corpus, "byte", tmp_path / "store", log=None)
     other = tmp_path / "other"
     write_text_corpus(other, ["something else entirely"] * 3)
-    with pytest.raises(DataError, match="already holds a token store for source .* pass overwrite"):
+    with pytest.raises(DataError, match="already holds a token store for source .* pass --overwrite"):
         prepare(str(other), "byte", out, log=None)
     with pytest.raises(DataError, match="already holds"):
         prepare(corpus, "byte", out, val_fraction=0.1, log=None)
@@ -94,6 +94,37 @@ def test_crash_mid_write_leaves_no_store(corpus, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["txt"]
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_prepare_never_replaces_what_is_not_a_token_store(corpus, tmp_path, overwrite):
+    """A run directory, an ordinary file, a directory with an unrelated meta.json: refused with or without
+    --overwrite, byte for byte untouched, and the message does not suggest --overwrite as the fix."""
+    run = tmp_path / "runs" / "mine"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    plain = tmp_path / "notes.txt"
+    plain.write_text("keep me")
+    foreign = tmp_path / "other_tool"
+    foreign.mkdir()
+    (foreign / "meta.json").write_text('{"format": "something else"}')
+    for target in (run, plain, foreign):
+        before = {p: p.read_bytes() for p in [target, *target.rglob("*")] if p.is_file()}
+        with pytest.raises(DataError, match="choose another --out") as err:
+            prepare(corpus, "byte", target, overwrite=overwrite, log=None)
+        assert "pass --overwrite" not in str(err.value)
+        assert {p: p.read_bytes() for p in [target, *target.rglob("*")] if p.is_file()} == before
+    assert (run / "checkpoints").is_dir()
+
+
+def test_prepare_overwrites_a_damaged_token_store(byte_store, corpus, tmp_path):
+    broken = copy_store(byte_store, tmp_path / "broken")
+    (broken / "val.bin").unlink()
+    with pytest.raises(DataError, match="is a damaged token store .* pass --overwrite"):
+        prepare(corpus, "byte", broken, log=None)
+    prepare(corpus, "byte", broken, overwrite=True, log=None)
+    assert open_store(broken).n_tokens("val") > 0
+
+
 def test_leftover_temp_dir_and_empty_target_are_harmless(corpus, tmp_path):
     (tmp_path / ".store.tmp-dead").mkdir()
     (tmp_path / ".store.tmp-dead" / "train.bin").write_bytes(b"\0" * 10)
@@ -105,10 +136,10 @@ def test_leftover_temp_dir_and_empty_target_are_harmless(corpus, tmp_path):
 def test_store_without_meta(tmp_path):
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "train.bin").write_bytes(b"\0\0")
-    expected = r"token store .*half is incomplete or not a token store \(no meta.json\); re-run `attnlab data prepare`"
+    expected = r"half is not a token store \(no meta.json\): give a directory made by `attnlab data prepare`"
     with pytest.raises(DataError, match=expected):
         open_store(tmp_path / "half")
-    with pytest.raises(DataError, match="exists but is not a usable token store"):
+    with pytest.raises(DataError, match="a directory that is not a token store"):
         prepare("stdlib", "byte", tmp_path / "half", log=None)
     with pytest.raises(DataError, match="does not exist"):
         open_store(tmp_path / "missing")
