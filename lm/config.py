@@ -45,6 +45,7 @@ class TrainConfig(_Section):
     grad_accum: int = Field(1, ge=1)
     max_rejected: int = Field(5, ge=1)
     skip_grad_norm: Optional[float] = Field(None, gt=0)
+    diverge_ratio: float = Field(3.0, ge=0)
 
 
 class DataConfig(_Section):

@@ -36,6 +36,13 @@ class Dataset(Protocol):
 
     def tokenizer(self) -> Any: ...
 
+    def identity(self) -> dict:
+        """What identifies the data (and its tokenizer) a run trains on, as JSON: recorded in the run directory
+        and compared whenever the run is resumed, evaluated or sampled."""
+
+    def resolved_source(self) -> tuple[str, str]:
+        """(data.source, data.tokenizer) as actually used: a token store's absolute path and its tokenizer."""
+
 
 class StoreDataset:
     """A prepared token store (see lm/data/store.py)."""
@@ -57,6 +64,14 @@ class StoreDataset:
 
     def tokenizer(self):
         return self.store.tokenizer()
+
+    def identity(self) -> dict:
+        tok = self.store.meta["tokenizer"]
+        return {"kind": "token_store", "path": str(self.store.path.resolve()), "fingerprint": self.store.fingerprint,
+                "tokenizer": tok["spec"], "tokenizer_fingerprint": tok["fingerprint"], "vocab_size": self.vocab_size}
+
+    def resolved_source(self) -> tuple[str, str]:
+        return str(self.store.path.resolve()), self.store.meta["tokenizer"]["spec"]
 
 
 # name -> factory(task_settings: dict, seed: int) -> Dataset

@@ -7,7 +7,9 @@ save and exit cleanly.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import math
 import signal
 import time
 from pathlib import Path
@@ -27,8 +29,8 @@ from lm.config import Config, dump_config, load_config
 from lm.model import LM, count_params
 from lm.tracking import MetricsFile, WandbRun, make_progress, new_run_id, read_metrics, save_heatmap
 from lm.train.rundir import (RunError, RunResult, check_same_run, checkpoint_meta, exclusive, history,
-                             params_from_run, run_dir_of, set_aside_history)
-from lm.train.setup import Setup, build, eval_batch_size, open_data
+                             open_run_data, params_from_run, record_data, run_dir_of, set_aside_history)
+from lm.train.setup import Setup, build, eval_batch_size, resolved_config
 from lm.train.step import make_eval_step, make_train_step, run_eval_batches, to_device_batch
 
 
@@ -46,7 +48,8 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
     say = _printer(console)
     run_dir = run_dir_of(cfg)
     with exclusive(run_dir):
-        ds = open_data(cfg, log=say)
+        ds = open_run_data(run_dir, cfg, say)
+        cfg = resolved_config(cfg, ds)
         setup = build(cfg)
         ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.ckpt_keep, warn=lambda m: say(f"warning: {m}"))
         try:
@@ -63,6 +66,7 @@ def _train_locked(setup: Setup, ds: lmdata.Dataset, ckpt: Checkpointer, init_fro
     cfg, run_dir, say = setup.cfg, run_dir_of(setup.cfg), _printer(console)
     start = _restore_or_init(setup, ds, ckpt, init_from, restart, say)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
+    record_data(run_dir, ds.identity())
     if start.step >= cfg.train.steps:
         return RunResult(run_dir, "already_finished", start.step, None, f"run {run_dir} already finished at "
                          f"step {start.step} (train.steps={cfg.train.steps})")
@@ -202,6 +206,7 @@ class _Position:
     status: str = "finished"
     message: str = ""
     last_eval: dict | None = None
+    save: bool = True  # False once the state is known to be ruined: the last checkpoint must stay the newest
 
 
 def _run(setup: Setup, ds: lmdata.Dataset, ckpt: Checkpointer, start: _Start, stop_at: int,
@@ -252,6 +257,7 @@ def _train_steps(run: _Run, pos: _Position, batches, batch: dict, stop_at: int) 
     pending: list[dict] = []
     throughput = _Throughput(cfg.data.batch_size * cfg.data.seq_len, pos.step)
     progress = make_progress(run.console)
+    watch = _DivergenceWatch(cfg.train.diverge_ratio)
     with _StopFlag() as stop, progress:
         task = progress.add_task(cfg.run.name, total=cfg.train.steps, completed=pos.step, info="")
         while pos.step < stop_at:
@@ -264,7 +270,18 @@ def _train_steps(run: _Run, pos: _Position, batches, batch: dict, stop_at: int) 
             # One step behind: the device already runs this step while we read the previous one's counter.
             if len(pending) >= 2 and int(pending[-2]["rejected_run"]) >= cfg.train.max_rejected:
                 pos.status = "diverged"
-            if pos.step % cfg.train.log_every == 0 or pos.step == stop_at or pos.status != "finished" or stop.signum:
+            ckpt_due = bool(cfg.train.ckpt_every) and pos.step % cfg.train.ckpt_every == 0
+            log_due = pos.step % cfg.train.log_every == 0 or pos.step == stop_at or pos.status != "finished" \
+                or stop.signum
+            # Before any save, and at every log: is the loss still in its range? Ruined weights stay finite.
+            if pending and (log_due or ckpt_due) and watch.check(pos.step - len(pending) + 1, pending):
+                pos.status, pos.save = "diverged", False
+                pos.message = (f"stopped at step {pos.step}: {watch.why}; the run diverged. Its state was not saved: "
+                               f"the newest checkpoint ({_newest(run.ckpt)}) is from before. Resume from it with a "
+                               f"lower optim.lr or more optim.warmup_steps (train.diverge_ratio=0 turns this check off)")
+                _log_interval(run, pos.step, pending, throughput)
+                return
+            if log_due:
                 rec, last = _log_interval(run, pos.step, pending, throughput)
                 progress.update(task, completed=pos.step, info=f"loss {rec['loss']:.4f}  {rec['tokens_per_s']:,.0f}"
                                                                f" tok/s  mfu {rec['mfu'] * 100:.1f}%")
@@ -282,7 +299,7 @@ def _train_steps(run: _Run, pos: _Position, batches, batch: dict, stop_at: int) 
                 return
             if cfg.train.eval_every and pos.step % cfg.train.eval_every == 0 and pos.step != stop_at:
                 pos.last_eval, _ = run.evaluate(pos.step, pos.state["params"])
-            if cfg.train.ckpt_every and pos.step % cfg.train.ckpt_every == 0:
+            if ckpt_due:
                 run.save(pos)
 
 
@@ -314,8 +331,47 @@ def _finish(run: _Run, pos: _Position) -> None:
         bits = f", {ev['eval_bpb']:.4f} bits/byte" if "eval_bpb" in ev else ""
         run.say(f"eval at step {pos.step}: loss {ev['eval_loss']:.4f} nats/token{bits}, ppl {ev['eval_ppl']:.2f}, "
                 f"accuracy {ev['eval_acc']:.4f}" + "".join(f", {clause}" for clause in report.summary))
-    run.save(pos)
+    if pos.save:
+        run.save(pos)
     run.wandb.summary({"final_step": pos.step, **(pos.last_eval or {})})
+
+
+def _newest(ckpt: Checkpointer) -> str:
+    steps = ckpt.steps()
+    return f"step {steps[-1]}" if steps else "none yet"
+
+
+class _DivergenceWatch:
+    """Catches a run whose loss leaves its range before anything turns non-finite: a loss above `ratio` times
+    the mean of the last WINDOW finite losses (after MIN_SEEN of them). Non-finite losses are the rejected-step
+    guard's; they do not enter the mean."""
+
+    WINDOW, MIN_SEEN = 50, 2
+
+    def __init__(self, ratio: float):
+        self.ratio = ratio
+        self.recent: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
+        self.checked = 0  # the last step looked at
+        self.why = ""
+
+    def check(self, first_step: int, metrics: list[dict]) -> bool:
+        """Look at the losses of steps first_step, first_step + 1, ... (device metrics, fetched here); True
+        when one of them is out of range, with the reason in `why`."""
+        if not self.ratio:
+            return False
+        losses = [float(m["loss"]) for m in jax.device_get(metrics)]
+        for step, loss in enumerate(losses, start=first_step):
+            if step <= self.checked or not math.isfinite(loss):
+                continue
+            self.checked = step
+            if len(self.recent) >= self.MIN_SEEN:
+                mean = sum(self.recent) / len(self.recent)
+                if loss > self.ratio * mean:
+                    self.why = (f"the loss at step {step}, {loss:.4g}, is {loss / mean:.1f}x the mean of the last "
+                                f"{len(self.recent)} finite losses ({mean:.4g})")
+                    return True
+            self.recent.append(loss)
+        return False
 
 
 class _Throughput:

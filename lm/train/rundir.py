@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import json
 import os
 import re
 from pathlib import Path
@@ -23,7 +24,7 @@ import pydantic
 from lm.checkpoint import Checkpointer
 from lm.config import Config, load_config
 from lm.model import Params
-from lm.train.setup import Setup, build
+from lm.train.setup import Setup, build, open_data
 
 
 class RunError(RuntimeError):
@@ -103,7 +104,36 @@ def checkpoint_meta(cfg: Config, step: int, run_id: str) -> dict:
         jax.random.key_data(jax.random.PRNGKey(cfg.run.seed)))], "wandb_id": run_id, "config": cfg.to_dict()}
 
 
-_RESUME_KEYS = ("model", "data.seq_len", "data.tokenizer", "data.source", "data.packed")
+# The data itself is compared through its identity (data.json), not through data.source's spelling.
+_RESUME_KEYS = ("model", "data.seq_len", "data.packed")
+DATA_FILE = "data.json"
+
+
+def record_data(run_dir: Path, identity: dict) -> None:
+    """Write what identifies the run's data and tokenizer to run_dir/data.json (atomically)."""
+    tmp = run_dir / (DATA_FILE + ".tmp")
+    tmp.write_text(json.dumps(identity, indent=1))
+    tmp.replace(run_dir / DATA_FILE)
+
+
+def check_data(run_dir: Path, identity: dict) -> None:
+    """Raise RunError if the data the run would read now is not the data it trained on (a token store prepared
+    again with another tokenizer or corpus, another synthetic task): scores and samples would be silently wrong.
+    Runs made before data.json existed are not checked."""
+    path = run_dir / DATA_FILE
+    if not path.is_file():
+        return
+    was = json.loads(path.read_text())
+    keys = ("kind", "fingerprint", "tokenizer_fingerprint", "task", "settings", "vocab_size")
+    changed = [k for k in keys if was.get(k) != identity.get(k)]
+    if changed:
+        def show(d):
+            return (f"token store {d.get('path')} (tokenizer {d.get('tokenizer')}, fingerprint "
+                    f"{str(d.get('fingerprint'))[:12]})" if d.get("kind") == "token_store"
+                    else f"synthetic:{d.get('task')} {d.get('settings')}")
+        raise RunError(f"{run_dir} was trained on {show(was)}, but the data it would read now is {show(identity)} "
+                       f"({', '.join(changed)} differ); prepare the store again as it was, or point data.source at "
+                       f"the data the run used")
 
 
 def check_same_run(run_dir: Path, meta: dict, cfg: Config) -> None:
@@ -143,6 +173,11 @@ def _first_difference(a: Any, b: Any, where: str) -> str | None:
                 return diff
         return None
     return None if a == b else f"{where}: checkpoint has {a!r}, config has {b!r}"
+
+
+def open_run_data(run_dir: Path, cfg: Config, log: Callable[[str], None]):
+    """The dataset a trained run reads, checked to be the data it trained on (see `check_data`)."""
+    return open_data(cfg, log, check=lambda ds: check_data(run_dir, ds.identity()))
 
 
 def load_run(run_dir: str | Path, overrides: list[str] = ()) -> tuple[Config, Setup, Any, int]:

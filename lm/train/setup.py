@@ -16,12 +16,23 @@ from lm.model import ModelDef, abstract_model, init_model
 from lm.optim import make_optimizer
 
 
-def open_data(cfg: Config, log: Callable[[str], None] = print) -> lmdata.Dataset:
-    """The dataset `data.source` names (the default corpus is prepared on first use), checked against the model."""
+def open_data(cfg: Config, log: Callable[[str], None] = print,
+              check: Callable[[lmdata.Dataset], None] | None = None) -> lmdata.Dataset:
+    """The dataset `data.source` names (the default corpus is prepared on first use), checked against the model;
+    `check` runs first (a run's record of its data gives a clearer message than a vocab mismatch)."""
     ds = lmdata.open_dataset(cfg.data.source, tokenizer=cfg.data.tokenizer, data_dir=cfg.data.dir,
                              task=cfg.data.task, seed=cfg.run.seed, log=log)
+    if check is not None:
+        check(ds)
     lmdata.check_dataset_vocab(ds, cfg.model.vocab_size)
     return ds
+
+
+def resolved_config(cfg: Config, ds: lmdata.Dataset) -> Config:
+    """`cfg` with the data it actually uses: a token store's absolute path (so the run's config.yaml finds it
+    from any directory) and its real tokenizer (`data.tokenizer` is ignored when the source is a store)."""
+    source, tokenizer = ds.resolved_source()
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": source, "tokenizer": tokenizer})})
 
 
 def eval_batch_size(cfg: Config) -> int:

@@ -166,6 +166,26 @@ def test_failed_start_leaves_no_empty_run_directory(small_store, tmp_path):
     assert not (tmp_path / "nodata").exists()
 
 
+def test_divergence_is_caught_before_the_weights_are_saved(small_store, tmp_path):
+    """lr=10 ruins the weights within a few steps while every number stays finite (loss in the hundreds):
+    the run stops as diverged, never saves a state from after the loss left its range, and logs grad_norm
+    as a number or null."""
+    cfg = _cfg(small_store, tmp_path, "div", **{"optim.lr": 10.0, "optim.warmup_steps": 5, "train.steps": 60,
+                                                   "train.ckpt_every": 2})
+    res = train(cfg)
+    assert res.status == "diverged" and "lower optim.lr" in res.message
+    rows = [r for r in read_metrics(res.run_dir / "metrics.jsonl") if "loss" in r]
+    assert all(r["grad_norm"] is None or isinstance(r["grad_norm"], float) for r in rows)
+    bad = min(r["step"] for r in rows if r["loss"] > 3 * 5.0)
+    saved = sorted(int(d.name) for d in (res.run_dir / "checkpoints").iterdir() if d.name.isdigit())
+    assert saved and max(saved) < bad, (saved, bad)
+    assert f"the newest checkpoint (step {max(saved)})" in res.message
+    # Off switch: the same run with the check disabled trains on to the end.
+    off = train(_cfg(small_store, tmp_path, "div-off", **{"optim.lr": 10.0, "optim.warmup_steps": 5,
+                                                           "train.steps": 20, "train.diverge_ratio": 0}))
+    assert off.status == "finished"
+
+
 def test_grad_accum_matches_single_batch(small_store, tmp_path):
     one = _cfg(small_store, tmp_path, "g1", **{"train.steps": 3})
     two = _cfg(small_store, tmp_path, "g2", **{"train.steps": 3, "train.grad_accum": 2})
@@ -203,6 +223,9 @@ def test_run_stops_after_repeated_rejections(small_store, tmp_path):
     assert res.step < 50
     rows = [r for r in read_metrics(res.run_dir / "metrics.jsonl") if "loss" in r]
     assert rows[-1]["rejected_steps"] >= 3
+    # Non-finite values are JSON null, never the string "nan".
+    assert rows[-1]["grad_norm"] is None and rows[-1]["loss"] is None
+    assert '"nan"' not in (res.run_dir / "metrics.jsonl").read_text().lower()
     assert (res.run_dir / "checkpoints" / str(res.step)).exists()
 
 

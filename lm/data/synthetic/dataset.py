@@ -86,6 +86,12 @@ class SyntheticDataset:
     def tokenizer(self):
         return None
 
+    def identity(self) -> dict:
+        return {"kind": "synthetic", "task": self.task, "settings": self.settings, "vocab_size": self.vocab_size}
+
+    def resolved_source(self) -> tuple[str, str]:
+        return f"synthetic:{self.task}", "none"
+
 
 for _name in TASKS:
     register_synthetic(_name)(lambda settings, seed, _name=_name: SyntheticDataset(_name, settings, seed))
