@@ -56,6 +56,7 @@ class DataConfig(_Section):
     batch_size: int = Field(16, ge=1)
     packed: bool = False
     dir: str = "data"
+    val_fraction: float = Field(0.02, gt=0, lt=1)
 
 
 class OptimConfig(_Section):
@@ -349,7 +350,8 @@ def cross_checks(cfg: Config) -> list[str]:
     if d.batch_size % t.grad_accum:
         errs.append(f"train.grad_accum: {t.grad_accum} does not divide data.batch_size {d.batch_size}")
     if cfg.optim.warmup_steps > t.steps:
-        errs.append(f"optim.warmup_steps: {cfg.optim.warmup_steps} is larger than train.steps {t.steps}")
+        errs.append(f"optim.warmup_steps: {cfg.optim.warmup_steps} is larger than train.steps {t.steps}; lower it "
+                    f"too, e.g. --set optim.warmup_steps={t.steps // 10}")
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", cfg.run.name):
         errs.append(f"run.name: {cfg.run.name!r} may only contain letters, digits and _.+-")
     if cfg.mesh.data == 0 or cfg.mesh.data < -1:

@@ -3,11 +3,18 @@
 Forward FLOPs per token come from each mixer's `flops_per_token(seq_len)` plus the MLPs and the output
 head (`LM.flops_per_token`); a training step costs 3x the forward (forward + 2x backward). MFU is
 achieved FLOP/s divided by the peak: `hardware.peak_tflops` from the config, else a table of known
-accelerators (dense bf16), else on CPU a short matmul probe.
+accelerators (dense bf16), else on CPU a matmul probe measured once per machine and kept in
+~/.cache/attnlab/peak_flops.json (ATTNLAB_CACHE_DIR moves it; delete the file to measure again), so MFU does
+not swing with how busy the machine was when a run started.
 """
 from __future__ import annotations
 
+import datetime
+import json
+import os
+import platform
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +69,47 @@ def matmul_probe(n: int = 1024, dtype=jnp.float32, seconds: float = 1.0) -> floa
     return _probe_cache[key]
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("ATTNLAB_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "attnlab"
+    return Path(root) / "peak_flops.json"
+
+
+def cached_cpu_peak(dtype) -> tuple[float, str]:
+    """The CPU matmul peak for this machine, jax version and dtype: from the cache file, or measured (best of
+    a 2 s probe) and stored there."""
+    key = f"{cpu_model()} x{os.cpu_count()} | jax {jax.__version__} | {jnp.dtype(dtype).name}"
+    path = _cache_file()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        hit = cache[key]
+        return float(hit["flops"]), f"{jnp.dtype(dtype).name} matmul peak measured {hit['date']}, cached in {path}"
+    flops = matmul_probe(dtype=dtype, seconds=2.0)
+    cache[key] = {"flops": flops, "date": datetime.date.today().isoformat()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        tmp.replace(path)
+        where = f"cached in {path}"
+    except OSError as e:
+        where = f"not cached: {e.strerror}"
+    return flops, f"{jnp.dtype(dtype).name} matmul peak measured now (1024^3 probe), {where}"
+
+
 def peak_flops(peak_tflops: float | None = None, dtype=jnp.float32) -> tuple[float, str]:
     """(peak FLOP/s per device, where the number came from)."""
     if peak_tflops:
@@ -71,5 +119,5 @@ def peak_flops(peak_tflops: float | None = None, dtype=jnp.float32) -> tuple[flo
     if table is not None:
         return table, f"table ({dev.device_kind}, dense bf16)"
     if dev.platform == "cpu":
-        return matmul_probe(dtype=dtype), f"measured {jnp.dtype(dtype).name} matmul peak (1024^3 probe)"
+        return cached_cpu_peak(dtype)
     raise ValueError(f"no peak FLOP/s known for {dev.device_kind}; set hardware.peak_tflops in the config")

@@ -25,14 +25,7 @@ from lm.train.step import make_train_step
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = lmflops.cpu_model()
     dev = jax.devices()[0]
     return {"backend": jax.default_backend(), "device": getattr(dev, "device_kind", str(dev)),
             "n_devices": jax.device_count(), "cpu": cpu, "cpu_count": os.cpu_count(),

@@ -87,7 +87,7 @@ def register_synthetic(name: str):
 
 
 def open_dataset(source: str, *, tokenizer: str, data_dir: str | Path, task: dict | None = None, seed: int = 0,
-                 log: Callable[[str], None] | None = print) -> Dataset:
+                 val_fraction: float = 0.02, log: Callable[[str], None] | None = print) -> Dataset:
     if source.startswith("synthetic:"):
         import lm.data.synthetic  # noqa: F401  (registers the built-in tasks; it imports this package)
         name = source.split(":", 1)[1]
@@ -98,7 +98,7 @@ def open_dataset(source: str, *, tokenizer: str, data_dir: str | Path, task: dic
     if source == "stdlib":
         # prepare() reuses a matching store in well under a second and refuses one built from another corpus.
         path = default_store_path(data_dir, "stdlib", tokenizer)
-        return StoreDataset(open_store(prepare("stdlib", tokenizer, path, log=log)))
+        return StoreDataset(open_store(prepare("stdlib", tokenizer, path, val_fraction=val_fraction, log=log)))
     p = Path(source)
     if not p.exists():
         raise DataError(f"data.source {source!r} does not exist: give 'stdlib', 'synthetic:<task>' or a token store "

@@ -164,12 +164,14 @@ def eval_batches(store: TokenStore | str | Path, *, seq_len: int, batch_size: in
     n_windows = (n_tokens - 1) // seq_len
     if n_windows == 0:
         raise DataError(f"seq_len {seq_len} is longer than the val split of {store.path} ({n_tokens} tokens, a window "
-                        "needs seq_len + 1); lower seq_len or re-prepare with a larger val_fraction")
+                        "needs seq_len + 1); lower seq_len or hold out more: `attnlab data prepare ... --val-fraction 0.05 --overwrite` "
+                        "(data.val_fraction for the default corpus)")
     n_batches = n_windows // batch_size
     if n_batches == 0:
         raise DataError(f"the val split of {store.path} holds {n_windows} windows of seq_len {seq_len}, fewer than one "
                         f"batch of {batch_size}; lower the eval batch size or seq_len, "
-                        "or re-prepare with a larger val_fraction")
+                        "or hold out more: `attnlab data prepare ... --val-fraction 0.05 --overwrite` (data.val_fraction "
+                        "for the default corpus)")
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
     local = batch_size // count

@@ -28,8 +28,8 @@ from lm.checkpoint import Checkpointer
 from lm.config import Config, dump_config, load_config
 from lm.model import LM, count_params
 from lm.tracking import MetricsFile, WandbRun, make_progress, new_run_id, read_metrics, save_heatmap
-from lm.train.rundir import (RunError, RunResult, check_same_run, checkpoint_meta, exclusive, history,
-                             open_run_data, params_from_run, record_data, run_dir_of, set_aside_history)
+from lm.train.rundir import (RunError, RunResult, check_same_run, checkpoint_meta, config_changes, exclusive,
+                             history, open_run_data, params_from_run, record_data, run_dir_of, set_aside_history)
 from lm.train.setup import Setup, build, eval_batch_size, resolved_config
 from lm.train.step import make_eval_step, make_train_step, run_eval_batches, to_device_batch
 
@@ -50,10 +50,14 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
     with exclusive(run_dir):
         ds = open_run_data(run_dir, cfg, say)
         cfg = resolved_config(cfg, ds)
+        # The eval split is cut before anything compiles or is written: a corpus too small for it fails at once.
+        eval_set = ds.eval_batches(seq_len=cfg.data.seq_len, batch_size=eval_batch_size(cfg),
+                                   max_batches=cfg.train.eval_steps, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
         setup = build(cfg)
         ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.ckpt_keep, warn=lambda m: say(f"warning: {m}"))
         try:
-            result = _train_locked(setup, ds, ckpt, init_from, restart, max_steps_this_run, console)
+            result = _train_locked(setup, ds, eval_set, ckpt, init_from, restart, max_steps_this_run, console)
         finally:
             ckpt.close()
     if result.message:
@@ -61,8 +65,9 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
     return result
 
 
-def _train_locked(setup: Setup, ds: lmdata.Dataset, ckpt: Checkpointer, init_from: str | Path | None,
-                  restart: bool, max_steps_this_run: int | None, console: Console) -> RunResult:
+def _train_locked(setup: Setup, ds: lmdata.Dataset, eval_set: list, ckpt: Checkpointer,
+                  init_from: str | Path | None, restart: bool, max_steps_this_run: int | None,
+                  console: Console) -> RunResult:
     cfg, run_dir, say = setup.cfg, run_dir_of(setup.cfg), _printer(console)
     start = _restore_or_init(setup, ds, ckpt, init_from, restart, say)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -71,12 +76,22 @@ def _train_locked(setup: Setup, ds: lmdata.Dataset, ckpt: Checkpointer, init_fro
         return RunResult(run_dir, "already_finished", start.step, None, f"run {run_dir} already finished at "
                          f"step {start.step} (train.steps={cfg.train.steps})")
     stop_at = cfg.train.steps if max_steps_this_run is None else min(cfg.train.steps, start.step + max_steps_this_run)
-    return _run(setup, ds, ckpt, start, stop_at, init_from, console)
+    return _run(setup, ds, eval_set, ckpt, start, stop_at, init_from, console)
 
 
 def _printer(console: Console) -> Callable[[str], None]:
-    """Plain lines: paths and numbers are not read as rich markup nor highlighted."""
-    return lambda msg: console.print(msg, highlight=False, markup=False)
+    """Plain lines: paths and numbers are not read as rich markup nor highlighted, and long lines are not cut
+    at the console width (a log file or a pipe has none)."""
+    return lambda msg: console.print(msg, highlight=False, markup=False, soft_wrap=True)
+
+
+def impl_summary(impls: list[tuple[str, str, str, str]]) -> list[str]:
+    """One line per (op, implementation, reason) with the layers that got it, from (layer, op, chosen, reason)."""
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for label, op, chosen, reason in impls:
+        groups.setdefault((op, chosen, reason), []).append(label)
+    return [f"  {op} -> {chosen} in {len(labels)} layer(s) [{', '.join(labels)}]: {reason}"
+            for (op, chosen, reason), labels in groups.items()]
 
 
 @dataclasses.dataclass
@@ -105,6 +120,9 @@ def _restore_or_init(setup: Setup, ds: lmdata.Dataset, ckpt: Checkpointer, init_
         batches.set_state(data_state)
         say(f"resuming {run_dir} from step {step}"
             + (f"; --init-from {init_from} applies only to a fresh run and is ignored" if init_from else ""))
+        changes = config_changes(meta.get("config", {}), cfg)
+        if changes:
+            say(f"resuming with changed settings, which apply from step {step} on: {'; '.join(changes)}")
         return _Start(step, state, batches, meta.get("wandb_id") or new_run_id(), resumed=True)
     found = history(run_dir)
     if found and not restart:
@@ -209,7 +227,7 @@ class _Position:
     save: bool = True  # False once the state is known to be ruined: the last checkpoint must stay the newest
 
 
-def _run(setup: Setup, ds: lmdata.Dataset, ckpt: Checkpointer, start: _Start, stop_at: int,
+def _run(setup: Setup, ds: lmdata.Dataset, eval_set: list, ckpt: Checkpointer, start: _Start, stop_at: int,
          init_from: str | Path | None, console: Console) -> RunResult:
     """Compile, open the run's outputs, step to `stop_at`, evaluate and save."""
     cfg, run_dir = setup.cfg, run_dir_of(setup.cfg)
@@ -227,9 +245,6 @@ def _run(setup: Setup, ds: lmdata.Dataset, ckpt: Checkpointer, start: _Start, st
         if replayed:
             _printer(console)(f"W&B: replayed {replayed} metrics records a killed segment may have lost")
     metrics = MetricsFile(run_dir / "metrics.jsonl", start.step if start.resumed else None)
-    eval_set = ds.eval_batches(seq_len=cfg.data.seq_len, batch_size=eval_batch_size(cfg),
-                               max_batches=cfg.train.eval_steps, process_index=jax.process_index(),
-                               process_count=jax.process_count())
     run = _Run(setup, console, start.run_id, ckpt, train_step, eval_step, model.report_stats, eval_set,
                ds.bits_per_byte_factor(), costs, metrics, wandb)
     pos = _Position(start.step, start.state, start.batches.get_state())
@@ -246,8 +261,8 @@ def _announce(say: Callable[[str], None], setup: Setup, costs: _Costs, impls: li
     say(f"model: {costs.n_params / 1e6:.2f}M params, {costs.fwd_flops / 1e6:.2f} MFLOP/token forward, "
         f"{setup.mesh.devices.size} device(s) mesh={dict(setup.mesh.shape)}; step compiled in {compile_s:.1f}s")
     say(f"peak: {costs.peak_note}")
-    for label, op, chosen, reason in impls:
-        say(f"  {label}: {op} -> {chosen} ({reason})")
+    for line in impl_summary(impls):
+        say(line)
 
 
 def _train_steps(run: _Run, pos: _Position, batches, batch: dict, stop_at: int) -> None:

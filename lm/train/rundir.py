@@ -165,6 +165,27 @@ def _config_mismatch(saved: dict, cfg: Config) -> str | None:
     return None
 
 
+def config_changes(saved: dict, cfg: Config, sections: tuple[str, ...] = ("optim", "train", "data")) -> list[str]:
+    """Settings a resumed run changes against its checkpoint's config, as 'key: old -> new' (the schedule, the
+    run length and batch follow the new values from the resumed step on)."""
+    try:
+        saved = Config.model_validate(saved).to_dict()
+    except pydantic.ValidationError:
+        return []
+    now = cfg.to_dict()
+
+    def flat(d, prefix):
+        out = {}
+        for k, v in (d or {}).items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    old = {k: v for sec in sections for k, v in flat(saved.get(sec), f"{sec}.").items()}
+    new = {k: v for sec in sections for k, v in flat(now.get(sec), f"{sec}.").items()}
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and k not in ("data.source", "data.tokenizer")]
+
+
 def _first_difference(a: Any, b: Any, where: str) -> str | None:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):

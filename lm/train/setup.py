@@ -21,7 +21,7 @@ def open_data(cfg: Config, log: Callable[[str], None] = print,
     """The dataset `data.source` names (the default corpus is prepared on first use), checked against the model;
     `check` runs first (a run's record of its data gives a clearer message than a vocab mismatch)."""
     ds = lmdata.open_dataset(cfg.data.source, tokenizer=cfg.data.tokenizer, data_dir=cfg.data.dir,
-                             task=cfg.data.task, seed=cfg.run.seed, log=log)
+                             task=cfg.data.task, seed=cfg.run.seed, val_fraction=cfg.data.val_fraction, log=log)
     if check is not None:
         check(ds)
     lmdata.check_dataset_vocab(ds, cfg.model.vocab_size)

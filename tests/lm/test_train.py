@@ -73,6 +73,19 @@ def test_resume_is_bit_identical(small_store, tmp_path):
     assert _losses(tmp_path / "straight") == _losses(tmp_path / "resumed")
 
 
+def test_resume_says_which_settings_changed(small_store, tmp_path):
+    from rich.console import Console
+
+    train(_cfg(small_store, tmp_path, "chg", **{"train.steps": 4}))
+    console = Console(record=True, width=300)
+    train(_cfg(small_store, tmp_path, "chg", **{"train.steps": 6, "optim.lr": 1e-3}), console=console)
+    out = console.export_text()
+    assert "resuming with changed settings, which apply from step 4 on: optim.lr: 0.003 -> 0.001; " \
+           "train.steps: 4 -> 6" in out
+    # The implementation choices: one line per op and implementation, naming the layers.
+    assert "softmax_attention -> xla in 2 layer(s) [layer0.softmax, layer1.softmax]: no Pallas kernel" in out
+
+
 def test_finished_run_is_not_retrained(small_store, tmp_path):
     cfg = _cfg(small_store, tmp_path)
     train(cfg)
@@ -184,6 +197,23 @@ def test_divergence_is_caught_before_the_weights_are_saved(small_store, tmp_path
     off = train(_cfg(small_store, tmp_path, "div-off", **{"optim.lr": 10.0, "optim.warmup_steps": 5,
                                                            "train.steps": 20, "train.diverge_ratio": 0}))
     assert off.status == "finished"
+
+
+def test_corpus_too_small_for_eval_fails_before_compiling(tmp_path):
+    """A small own corpus: the eval split's size is checked before the step compiles or W&B starts, and the
+    message names the flag that fixes it."""
+    from lm import data as lmdata
+    from lm.data import DataError
+
+    txt = tmp_path / "txt"
+    txt.mkdir()
+    for i in range(60):
+        (txt / f"d{i}.txt").write_text(f"note {i}: " + "some words here " * 40)
+    store = lmdata.prepare([str(txt)], "byte", tmp_path / "store", log=lambda *_: None)
+    cfg = _cfg(store, tmp_path, "small", **{"data.seq_len": 256, "data.batch_size": 16, "wandb.mode": "offline"})
+    with pytest.raises(DataError, match="--val-fraction"):
+        train(cfg)
+    assert not (tmp_path / "small").exists(), "nothing compiled, nothing written: not even a W&B directory"
 
 
 def test_grad_accum_matches_single_batch(small_store, tmp_path):

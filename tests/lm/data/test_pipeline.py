@@ -187,7 +187,8 @@ def test_eval_batches(byte_store):
 def test_sequence_longer_than_a_split(byte_store):
     store = open_store(byte_store)
     n_val = store.n_tokens("val")
-    expected = f"seq_len {n_val} is longer than the val split .* lower seq_len or re-prepare with a larger val_fraction"
+    expected = (f"seq_len {n_val} is longer than the val split .* lower seq_len or hold out more: `attnlab data "
+                f"prepare ... --val-fraction 0.05 --overwrite`")
     with pytest.raises(DataError, match=expected):
         eval_batches(store, seq_len=n_val, batch_size=1, process_index=0, process_count=1)
     with pytest.raises(DataError, match="fewer than one batch of 64"):
