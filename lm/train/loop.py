@@ -29,7 +29,8 @@ from lm.config import Config, dump_config, load_config
 from lm.model import LM, count_params
 from lm.tracking import MetricsFile, WandbRun, make_progress, new_run_id, read_metrics, save_heatmap
 from lm.train.rundir import (RunError, RunResult, check_same_run, checkpoint_meta, config_changes, exclusive,
-                             history, open_run_data, params_from_run, record_data, run_dir_of, set_aside_history)
+                             history, library_logs, open_run_data, params_from_run, record_data, run_dir_of,
+                             set_aside_history)
 from lm.train.setup import Setup, build, eval_batch_size, resolved_config
 from lm.train.step import make_eval_step, make_train_step, run_eval_batches, to_device_batch
 
@@ -47,7 +48,7 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
     console = console or Console()
     say = _printer(console)
     run_dir = run_dir_of(cfg)
-    with exclusive(run_dir):
+    with exclusive(run_dir), library_logs(run_dir):
         ds = open_run_data(run_dir, cfg, say)
         cfg = resolved_config(cfg, ds)
         # The eval split is cut before anything compiles or is written: a corpus too small for it fails at once.

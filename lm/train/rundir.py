@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import fcntl
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -72,6 +73,32 @@ def exclusive(run_dir: Path):
             os.unlink(run_dir / LOCK)
             run_dir.rmdir()
         os.close(fd)  # closing the descriptor releases the flock
+
+
+@contextlib.contextmanager
+def library_logs(run_dir: Path, names: tuple[str, ...] = ("absl", "orbax", "jax._src.distributed")):
+    """Send what the libraries log (orbax's warnings and errors through absl, retries, tracebacks) to
+    run_dir/logs/libraries.log instead of the console, for the block: the run's own lines say what happened
+    and where; the details are in the file."""
+    logs = run_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    handler = logging.FileHandler(logs / "libraries.log", delay=True)  # no file until something is logged
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [(lg.propagate, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.propagate = False
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, (propagate, level) in zip(loggers, saved):
+            lg.removeHandler(handler)
+            lg.propagate, lg.level = propagate, level
+        handler.close()
+        if not any(logs.iterdir()):
+            logs.rmdir()
 
 
 def history(run_dir: Path) -> list[str]:
