@@ -65,12 +65,12 @@ class Pos2dConfig(pydantic.BaseModel):
 class SoftmaxConfig(MixerConfig):
     kind: Literal["softmax"] = "softmax"
     n_heads: int = 8
-    n_kv_heads: Optional[int] = None  # None: n_heads (MHA); 1: MQA; otherwise GQA
-    head_dim: Optional[int] = None  # None: d_model // n_heads
+    n_kv_heads: Optional[int] = Field(None, ge=1)  # None: n_heads (MHA); 1: MQA; otherwise GQA
+    head_dim: Optional[int] = Field(None, ge=1)  # None: d_model // n_heads
     pos: Optional[Literal["rope", "none"]] = None  # None: rope when the model uses rope, else none (NoPE layers)
     qk_norm: bool = False
     sliding_window: Optional[int] = None
-    scale: Optional[float] = None  # None: head_dim ** -0.5
+    scale: Optional[float] = Field(None, gt=0)  # None: head_dim ** -0.5
     share: Literal["none", "kv", "qk", "qkv"] = "none"
     pos2d: Pos2dConfig = Field(default_factory=Pos2dConfig)
     spkv: Optional[SPKVConfig] = None  # None: every key stays in the cache

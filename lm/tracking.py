@@ -17,6 +17,8 @@ import json
 import math
 import os
 import secrets
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,9 @@ class TrackingError(RuntimeError):
 
 
 def _clean(v: Any) -> Any:
+    """JSON has no NaN or infinity: a non-finite number is written as null."""
     if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
+        return None
     return v
 
 
@@ -93,10 +96,36 @@ class WandbRun:
             raise TrackingError("wandb is not installed: `pip install wandb`, or use --set wandb.mode=disabled") from None
         os.environ.setdefault("WANDB_SILENT", "true")
         self.wandb = wandb
-        self.run = wandb.init(
-            project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags) or None,
-            name=run_dir.name, id=run_id, resume="allow", mode=cfg.mode, dir=str(run_dir), config=config,
-        )
+        kwargs = dict(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags) or None,
+                      name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir), config=config)
+        if cfg.mode != "online":
+            self.run = wandb.init(mode=cfg.mode, **kwargs)
+            return
+        # An unreachable server must not stall the run: W&B's own default waits 90 s without a word. After 30 s
+        # ($WANDB_INIT_TIMEOUT overrides) the run continues offline, and `wandb sync` uploads it later.
+        try:
+            timeout = float(os.environ.get("WANDB_INIT_TIMEOUT") or 30.0)
+        except ValueError:
+            timeout = 30.0
+        try:
+            self.run = wandb.init(mode="online", settings=wandb.Settings(init_timeout=timeout), **kwargs)
+            return
+        except (wandb.errors.Error, TimeoutError) as e:
+            reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        self.mode = "offline"
+        # The failed online run may still hold its id in W&B's service process for a moment: tear it down and
+        # retry. If W&B cannot start at all, the run trains without it (metrics.jsonl has everything, and the
+        # next resume replays into W&B what this segment did not log).
+        for attempt in range(3):
+            wandb.teardown()
+            try:
+                self.run = wandb.init(mode="offline", **kwargs)
+                break
+            except (wandb.errors.Error, TimeoutError):
+                time.sleep(1.0 + attempt)
+        where = (f"continuing offline, upload later with `wandb sync {run_dir / 'wandb'}/offline-run-*`"
+                 if self.run is not None else "continuing without W&B (metrics.jsonl has every record)")
+        print(f"warning: W&B online init failed within {timeout:g} s ({reason}); {where}", file=sys.stderr, flush=True)
 
     def log(self, record: dict, step: int) -> None:
         if self.run is not None:

@@ -151,11 +151,24 @@ def from_json(text: str, spec: str, origin: str) -> HFTokenizer:
                         "point to a tokenizer.json") from exc
 
 
+def read_tokenizer_file(path: Path) -> str:
+    """The text of a tokenizer.json; DataError when it cannot be read or is not UTF-8 text (a binary file)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read tokenizer file {path}: {exc.strerror or exc}") from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not a JSON tokenizer file (byte {exc.start} is not UTF-8 text: it looks like a "
+                        "binary file); point --tokenizer to a Hugging Face tokenizer.json") from None
+
+
 def load(spec: str) -> Tokenizer:
     """A tokenizer that needs no training: "byte" or a tokenizer.json path."""
     kind, arg = parse_spec(spec)
     if kind == "byte":
         return ByteTokenizer()
     if kind == "file":
-        return from_json(arg.read_text(encoding="utf-8"), spec, str(arg))
+        return from_json(read_tokenizer_file(arg), spec, str(arg))
     raise DataError(f"tokenizer {spec!r} must be trained on a corpus; run `attnlab data prepare` with it first")

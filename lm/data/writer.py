@@ -1,11 +1,13 @@
 """Writing a token store: tokenize a corpus, split it, and move the finished store into place.
 
 A store is written into a temporary sibling directory and renamed to its path only when complete
-(meta.json last), so a reader never sees a half-written one, and a crash leaves nothing at the path.
+(meta.json last), so a reader never sees a half-written one, and a crash leaves nothing at the path. A write
+that fails for lack of space or permission removes the temporary directory and raises DataError saying why.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -59,8 +61,11 @@ def prepare(source: str | list[str], tokenizer: str, out: str | Path, *, overwri
     train_docs, val_docs, rule = split(docs, val_fraction)
     tok = _build_tokenizer(kind, arg, tokenizer, train_docs, log)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise _write_error(exc, out, None) or exc
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the finished store should read like any other directory
         split_meta = {name: _write_split(tmp, name, split_docs, tok)
@@ -88,14 +93,39 @@ def prepare(source: str | list[str], tokenizer: str, out: str | Path, *, overwri
         }
         _write_file(tmp / META, json.dumps(meta, indent=2).encode("utf-8"))
         _install(tmp, out, request, overwrite)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        error = _write_error(exc, out, tmp) if isinstance(exc, OSError) else None
+        if error is not None:
+            raise error from exc
         raise
     log(f"wrote token store {out}: vocab {tok.vocab_size}, "
         + ", ".join(f"{name} {m['n_tokens']:,} tokens / {m['n_documents']} documents / {m['n_bytes'] / 1e6:.2f} MB"
                     for name, m in split_meta.items())
         + f" in {time.perf_counter() - started:.1f} s")
     return out
+
+
+# Write failures the user can act on (space, quota, permissions); other OSErrors propagate as they are.
+_WRITE_ERRNOS = {
+    errno.ENOSPC: ("no space left on device", "free space"),
+    errno.EDQUOT: ("disk quota exceeded", "free space"),
+    errno.EROFS: ("read-only file system", "choose a writable --out"),
+    errno.EACCES: ("permission denied", "choose a writable --out"),
+    errno.EPERM: ("operation not permitted", "choose a writable --out"),
+}
+
+
+def _write_error(exc: OSError, out: Path, tmp: Path | None) -> DataError | None:
+    """DataError for a storage failure while writing the store at `out` (`tmp`: the temporary directory,
+    already removed), or None for any other error."""
+    if exc.errno not in _WRITE_ERRNOS:
+        return None
+    reason, advice = _WRITE_ERRNOS[exc.errno]
+    where = f" ({exc.filename})" if exc.filename else ""
+    left = "nothing was left behind" if tmp is None or not tmp.exists() else f"remove {tmp}"
+    return DataError(f"could not write token store {out}: {reason} ({errno.errorcode[exc.errno]}){where}; "
+                     f"{advice} and run prepare again ({left})")
 
 
 def _describe(spec) -> str:

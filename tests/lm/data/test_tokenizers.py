@@ -85,3 +85,12 @@ def test_load_tokenizer_json(bpe_store, tmp_path):
     assert store.tokenizer().fingerprint == open_store(bpe_store).tokenizer().fingerprint
     assert (out / "train.bin").read_bytes() == (bpe_store / "train.bin").read_bytes()
     assert (out / "tokenizer.json").read_bytes() == (bpe_store / "tokenizer.json").read_bytes()
+
+
+def test_binary_tokenizer_file_is_a_data_error(tmp_path):
+    """A binary file given as tokenizer.json names the file and says what it is not (no UnicodeDecodeError)."""
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(DataError, match=r"tokenizer\.json is not a JSON tokenizer file") as info:
+        load(str(path))
+    assert str(path) in str(info.value)
