@@ -33,36 +33,49 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from lm.eval import evaluate
 
-    res = evaluate(args.run_dir, max_batches=args.batches, overrides=args.set)
+    res = evaluate(args.run_dir, max_batches=args.batches, overrides=args.set, as_in_training=args.as_in_training)
     if args.json:
         print(json.dumps(res))
     else:
+        bits = f", {res['eval_bpb']:.4f} bits/byte" if "eval_bpb" in res else ""
         print(f"{res['run']} step {res['step']}: loss {res['eval_loss']:.4f} nats/token, "
-              f"ppl {res['eval_ppl']:.3f}, {res['eval_bpb']:.4f} bits/byte ({res['eval_tokens']} tokens)"
+              f"ppl {res['eval_ppl']:.3f}{bits}, accuracy {res['eval_acc']:.4f}"
               + "".join(f", {clause}" for clause in res["summary"]))
+        print(f"  {res['eval_tokens']:,} tokens in {res['batches']} batches: {res['scored']}")
     return 0
 
 
 def cmd_generate(args) -> int:
+    from pathlib import Path
+
     import jax
     import jax.numpy as jnp
 
-    from lm.generate import generate_ids
-    from lm.train import load_run, open_data
+    from lm.generate import GenerationError, generate_sliding, plan_length, sampling_settings
+    from lm.train import load_run
+    from lm.train.rundir import open_run_data
 
+    # The arguments first: a mistake there is reported before the run is loaded.
+    sampling = sampling_settings(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p)
+    if args.max_new_tokens < 1:
+        raise GenerationError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
     cfg, setup, params, step = load_run(args.run_dir)
-    tok = open_data(cfg).tokenizer()
+    tok = open_run_data(Path(args.run_dir), cfg, lambda message: print(message, file=sys.stderr)).tokenizer()
     if tok is None:
-        raise SystemExit(f"error: {args.run_dir} was trained on {cfg.data.source}, which has no tokenizer to "
-                         f"encode a text prompt")
+        raise GenerationError(f"{args.run_dir} was trained on {cfg.data.source}, which has no tokenizer to encode "
+                              f"a text prompt")
     ids = tok.encode(args.prompt)
     if not ids:
-        raise SystemExit("error: --prompt encodes to no tokens; give a non-empty prompt")
-    if args.max_new_tokens < 1:
-        raise SystemExit("error: --max-new-tokens must be at least 1")
+        raise GenerationError("--prompt encodes to no tokens; give a non-empty prompt")
+    plan = plan_length(cfg, n_prompt=len(ids), max_new_tokens=args.max_new_tokens, slide=args.slide,
+                       extrapolate=args.extrapolate)
+    if plan.note:
+        print(f"note: {plan.note}", file=sys.stderr)
     prompt = jnp.asarray([ids], jnp.int32)
-    out = generate_ids(setup.mdef, params, prompt, jax.random.PRNGKey(args.seed), max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    out = generate_sliding(setup.mdef, params, prompt, jax.random.PRNGKey(args.seed),
+                           max_new_tokens=args.max_new_tokens, window=plan.window or len(ids) + args.max_new_tokens,
+                           **sampling)
     print(tok.decode([int(x) for x in out[0]]))
     return 0
 
@@ -71,7 +84,7 @@ def cmd_data_prepare(args) -> int:
     from lm import data
 
     source = args.source[0] if args.source == ["stdlib"] else args.source
-    path = data.prepare(source, args.tokenizer, args.out, overwrite=args.overwrite)
+    path = data.prepare(source, args.tokenizer, args.out, overwrite=args.overwrite, val_fraction=args.val_fraction)
     store = data.open_store(path)
     print(f"{path}: vocab {store.vocab_size}, train {store.n_tokens('train'):,} tokens, "
           f"val {store.n_tokens('val'):,} tokens")
@@ -121,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config key, e.g. --set optim.lr=1e-3 (repeatable)")
 
     t = sub.add_parser("train", help="train (or resume) the run a config describes")
-    t.add_argument("config")
+    t.add_argument("config", help="the run's YAML config, e.g. configs/tiny/softmax.yaml")
     t.add_argument("--init-from", default=None, metavar="RUN_DIR",
                    help="start a fresh run from the parameters of RUN_DIR's newest checkpoint that match this "
                         "model by path and shape (e.g. adapt a baseline to SP-KV); ignored on resume")
@@ -132,20 +145,38 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="loss / perplexity / bits per byte of a run on its held-out split")
-    e.add_argument("run_dir")
-    e.add_argument("--batches", type=int, default=None, help="at most this many held-out batches")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("run_dir", help="a run directory, runs/<name>; its newest checkpoint is scored")
+    e.add_argument("--batches", type=int, default=None, metavar="N",
+                   help="score only the first N held-out batches (default: every full batch of the split)")
+    e.add_argument("--as-in-training", action="store_true",
+                   help="score the batches training's evals score (the first train.eval_steps), reproducing the "
+                        "last eval_loss in metrics.jsonl")
+    e.add_argument("--json", action="store_true", help="print the result as one JSON object")
     with_set(e)
     e.set_defaults(fn=cmd_eval)
 
     g = sub.add_parser("generate", help="sample text from a trained run")
-    g.add_argument("run_dir")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("run_dir", help="a run directory, runs/<name>; its newest checkpoint generates")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="tokens to generate (default 64); prompt and new tokens must fit the context the model "
+                        "was trained on (data.seq_len), unless --slide or --extrapolate")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature, greater than 0 (default 0.8); --greedy for the most likely token")
+    g.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="sample among the K most likely tokens, K >= 1 (default 40)")
+    g.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="sample among the most likely tokens whose probabilities add up to P, 0 < P <= 1 "
+                        "(default: off)")
+    g.add_argument("--greedy", action="store_true",
+                   help="take the most likely token at every step instead of sampling")
+    g.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default 0)")
+    g.add_argument("--slide", action="store_true",
+                   help="past data.seq_len tokens, generate in a sliding window of that length (when full, it "
+                        "goes on from its last half)")
+    g.add_argument("--extrapolate", action="store_true",
+                   help="past data.seq_len tokens, run the model at positions it never trained at (RoPE, NoPE; "
+                        "learned positions up to model.max_seq_len)")
     g.set_defaults(fn=cmd_generate)
 
     d = sub.add_parser("data", help="data preparation")
@@ -153,22 +184,25 @@ def build_parser() -> argparse.ArgumentParser:
     dp = dsub.add_parser("prepare", help="tokenize a corpus into a token store")
     dp.add_argument("--source", nargs="+", required=True, help="stdlib, or .txt/.jsonl/.parquet files, dirs, globs")
     dp.add_argument("--tokenizer", required=True, help="byte | bpe:N | path/to/tokenizer.json")
-    dp.add_argument("--out", required=True)
-    dp.add_argument("--overwrite", action="store_true")
+    dp.add_argument("--out", required=True, metavar="DIR", help="directory of the token store to write")
+    dp.add_argument("--overwrite", action="store_true",
+                    help="replace an existing token store at --out (never anything else)")
+    dp.add_argument("--val-fraction", type=float, default=0.02, metavar="F",
+                    help="share of the documents held out for eval (split by document, default 0.02)")
     dp.set_defaults(fn=cmd_data_prepare)
 
     i = sub.add_parser("info", help="parameters, FLOPs per token, KV-cache bytes per token (no training)")
-    i.add_argument("config")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("config", help="a YAML config, e.g. configs/tiny/softmax.yaml")
+    i.add_argument("--json", action="store_true", help="print the result as one JSON object")
     with_set(i)
     i.set_defaults(fn=cmd_info)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_cmd", required=True)
     bs = bsub.add_parser("step", help="train-step tokens/s and MFU of a config on synthetic tokens")
-    bs.add_argument("config")
-    bs.add_argument("--steps", type=int, default=5)
-    bs.add_argument("--json", action="store_true")
+    bs.add_argument("config", help="a YAML config, e.g. configs/bench/cpu_d512_l8.yaml")
+    bs.add_argument("--steps", type=int, default=5, help="timed steps after compilation (default 5)")
+    bs.add_argument("--json", action="store_true", help="print the result as one JSON object")
     bs.add_argument("--write", default=None, metavar="FILE.md", help="also write a results table to this file")
     with_set(bs)
     bs.set_defaults(fn=cmd_bench_step)
@@ -180,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     bo.set_defaults(fn=cmd_bench_ops)
 
     dm = sub.add_parser("demo", help="train a config, evaluate it and compare with the corpus unigram entropy")
-    dm.add_argument("config")
+    dm.add_argument("config", help="the YAML config to train, e.g. configs/tiny/softmax.yaml")
     with_set(dm)
     dm.set_defaults(fn=cmd_demo)
     return p
@@ -196,6 +230,22 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # A full disk or a directory that cannot be written is the user's to fix, not a traceback; any other
+        # OSError (a missing file the code should have checked, ...) is a bug and propagates.
+        import errno
+
+        advice = {errno.ENOSPC: "free space", errno.EDQUOT: "free space (or raise the quota)",
+                  errno.EROFS: "make it writable or use another directory",
+                  errno.EACCES: "check its permissions or use another directory",
+                  errno.EPERM: "check its permissions or use another directory"}.get(e.errno)
+        if advice is None:
+            raise
+        what = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "a file write"
+        reason = (e.strerror or os.strerror(e.errno)).lower()
+        print(f"error: {what}: {reason} ({errno.errorcode[e.errno]}); {advice} and run the command again",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

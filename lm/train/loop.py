@@ -125,13 +125,15 @@ def _restore_or_init(setup: Setup, ds: lmdata.Dataset, ckpt: Checkpointer, init_
         if changes:
             say(f"resuming with changed settings, which apply from step {step} on: {'; '.join(changes)}")
         return _Start(step, state, batches, meta.get("wandb_id") or new_run_id(), resumed=True)
-    found = history(run_dir)
-    if found and not restart:
+    found, lost_progress = history(run_dir)
+    if lost_progress and not restart:
         raise RunError(f"{run_dir} has history ({'; '.join(found)}) but no usable checkpoint to resume from; "
                        f"to train it again from step 0 pass --restart (the old metrics are kept as "
                        f"metrics.<time>.jsonl), or use another run.name")
     if found:
-        say(f"restarting {run_dir} from step 0; earlier metrics kept in {set_aside_history(run_dir)}")
+        say(f"starting {run_dir} from step 0 (no checkpoint was saved yet); its earlier metrics are kept in "
+            f"{set_aside_history(run_dir)}" if not lost_progress else
+            f"restarting {run_dir} from step 0; earlier metrics kept in {set_aside_history(run_dir)}")
     state = jax.jit(setup.fresh_state, out_shardings=setup.state_sh)()
     if init_from is not None:
         state["params"] = params_from_run(state["params"], init_from, say)

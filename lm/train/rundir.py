@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -101,22 +102,24 @@ def library_logs(run_dir: Path, names: tuple[str, ...] = ("absl", "orbax", "jax.
             logs.rmdir()
 
 
-def history(run_dir: Path) -> list[str]:
-    """What a run directory holds from earlier training besides usable checkpoints: logged metrics, corrupt
-    checkpoints. A fresh start would overwrite that record, so it needs the user's say-so."""
+def history(run_dir: Path) -> tuple[list[str], bool]:
+    """What a run directory holds from earlier training besides usable checkpoints (logged metrics, corrupt
+    checkpoints), and whether a fresh start would lose trained progress: only corrupt checkpoints mean that.
+    Metrics alone (a run killed before its first save) are steps that a fresh start computes again."""
     found = []
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
         lines = sum(1 for ln in metrics.read_text().splitlines() if ln.strip())
         found.append(f"metrics.jsonl with {lines} records")
     corrupt = run_dir / "checkpoints_corrupt"
-    if corrupt.is_dir() and any(corrupt.iterdir()):
+    lost_progress = corrupt.is_dir() and any(corrupt.iterdir())
+    if lost_progress:
         found.append(f"{len(list(corrupt.iterdir()))} unusable checkpoint(s) in checkpoints_corrupt/")
-    return found
+    return found, lost_progress
 
 
 def set_aside_history(run_dir: Path) -> Path | None:
-    """Before a deliberate restart: move metrics.jsonl to metrics.<time>.jsonl (kept, never deleted)."""
+    """Before a fresh start over history: move metrics.jsonl to metrics.<time>.jsonl (kept, never deleted)."""
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         return None
@@ -236,7 +239,11 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()) -> tuple[Config, Se
         raise RunError(f"{run_dir} is not a run directory (no config.yaml); give runs/<name> of a trained run")
     cfg = load_config(cfg_path, list(overrides))
     setup = build(cfg)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.ckpt_keep)
+    if not (run_dir / "checkpoints").is_dir():
+        raise RunError(f"{run_dir} has no checkpoint yet; train it first (attnlab train {cfg_path})")
+    # Read-only: evaluating or sampling a run changes nothing in its directory, corrupt checkpoints included.
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.ckpt_keep, read_only=True,
+                        warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     try:
         restored = ckpt.restore_latest(setup.abstract_state())
     finally:

@@ -74,3 +74,26 @@ def test_eval_from_another_directory_reads_the_runs_store_and_writes_nothing_the
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     assert list(elsewhere.iterdir()) == []
+
+
+def test_eval_changes_nothing_in_the_run_directory(small_store, tmp_path):
+    """eval (and generate, through the same load) reads a run; a corrupt newest checkpoint is skipped with a
+    warning and left where it is, and no file of the run directory is created, changed or moved."""
+    from lm.eval import evaluate
+
+    cfg = load_config(TINY, tiny_overrides(small_store, tmp_path, "ro", **{"train.steps": 4, "train.ckpt_every": 2}))
+    res = train(cfg)
+    for f in (res.run_dir / "checkpoints" / "4" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+
+    def snapshot():
+        return {p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+                for p in sorted(res.run_dir.rglob("*"))}
+
+    before = snapshot()
+    warnings = []
+    out = evaluate(res.run_dir, max_batches=1, log=warnings.append)
+    assert out["step"] == 2
+    assert snapshot() == before
+    assert not (res.run_dir / "checkpoints_corrupt").exists()

@@ -145,6 +145,20 @@ def test_run_with_history_but_no_usable_checkpoint_needs_restart(small_store, tm
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == list(range(1, 13))
 
 
+def test_killed_before_its_first_save_starts_again_without_a_flag(small_store, tmp_path):
+    """Metrics but no checkpoint ever (a kill before the first save): no trained progress is lost by starting
+    over, so the same command starts from step 0; the old metrics are kept beside, not truncated."""
+    cfg = _cfg(small_store, tmp_path, "early", **{"train.steps": 4})
+    run = tmp_path / "early"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.5}\n{"step": 2, "loss": 5.4}\n')
+    res = train(cfg)
+    assert res.status == "finished" and res.step == 4
+    (kept,) = run.glob("metrics.2*.jsonl")
+    assert kept.read_text() == '{"step": 1, "loss": 5.5}\n{"step": 2, "loss": 5.4}\n'
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+
+
 def test_second_writer_is_refused_with_the_owners_pid(small_store, tmp_path):
     """While one process trains in a run directory, a second `attnlab train` on it exits at once, naming the
     owner; the first one's files are untouched. The lock dies with its owner (here: kill -9)."""
