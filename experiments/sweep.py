@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from lm.config import load_config
+from lm.flops import cpu_model
 from lm.info import model_info
 from lm.tracking import read_metrics
 from lm.train import train
@@ -83,13 +84,7 @@ def summarize(records: list[dict], key: str = "eval_loss") -> dict[str, dict]:
 
 
 def provenance() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, backend {jax.default_backend()}; python {platform.python_version()}, jax {jax.__version__}; "
+    return (f"{cpu_model()}, backend {jax.default_backend()}; python {platform.python_version()}, jax {jax.__version__}; "
             f"{datetime.date.today().isoformat()}")
 
 
