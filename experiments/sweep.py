@@ -95,6 +95,11 @@ def report_head(title: str, module: str) -> str:
     return f"# {title}\n\nCommand: `python -m {module} {args}`\n\nMachine: {provenance()}.\n\n"
 
 
+def budget(records: list[dict], steps: int) -> str:
+    """'100 steps = 409,600 tokens, seeds [0, 1]': what every run of a sweep trained on."""
+    return f"{steps} steps = {records[0]['tokens']:,} tokens, seeds {sorted({r['seed'] for r in records})}"
+
+
 def save_records(records: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records, indent=1))

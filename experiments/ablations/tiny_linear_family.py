@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from experiments.sweep import Run, report_head, run_all, save_records, summarize
+from experiments.sweep import Run, budget, report_head, run_all, save_records, summarize
 
 VARIANTS = {
     "softmax": "configs/tiny/softmax.yaml",
@@ -65,11 +65,10 @@ def write_report(records: list[dict], a) -> None:
         tps = f"{sum(speed[label]) / len(speed[label]):,.0f}" if label in speed else "n/a"
         rows.append(f"| {label} | {s['params']:,} | {s['kv_cache_bytes_per_token']:,} | "
                     f"{s['state_bytes_per_sequence']:,} | {tps} | {s['mean']:.4f}{spread} | {rel} |")
-    tokens, seeds = records[0]["tokens"], sorted({r["seed"] for r in records})
     (RESULTS / "tiny_linear_family.md").write_text(
         report_head("Linear-family variants at CPU scale, against softmax at equal tokens", "experiments.ablations.tiny_linear_family") +
         f"Every variant: configs/tiny/ (the softmax baseline's data, batch 16 x seq 256, schedule and budget: "
-        f"{a.steps} steps = {tokens:,} tokens, seeds {seeds}), stdlib corpus, byte tokenizer. kda and lightning "
+        f"{budget(records, a.steps)}), stdlib corpus, byte tokenizer. kda and lightning "
         f"use every layer for their mixer (4 layers, d_model 192, no positions); kimi_hybrid is 3 KDA : 1 NoPE "
         f"softmax over 4 layers; minimax_hybrid is 7 lightning : 1 softmax over 8 layers at d_model 128. Eval "
         f"loss is nats per byte on the held-out split (16 batches). KV bytes are per token (softmax layers, "

@@ -13,7 +13,7 @@ import argparse
 import math
 from pathlib import Path
 
-from experiments.sweep import Run, report_head, run_all, save_records, summarize
+from experiments.sweep import Run, budget, report_head, run_all, save_records, summarize
 
 # label -> (config, the projection-sharing paper's name and 300M validation perplexity, or None)
 VARIANTS = {
@@ -89,11 +89,10 @@ def write_report(records: list[dict], a) -> None:
             "hard gate, i.e. what decoding with the pruned cache gives. Range over seeds.\n\n"
             "| variant | without SP-KV | density | cache compression | eval loss | without | change |\n"
             "|---|---|---|---|---|---|---|\n" + "\n".join(spkv_rows) + "\n")
-    tokens, seeds = records[0]["tokens"], sorted({r["seed"] for r in records})
     (RESULTS / "tiny_softmax_family.md").write_text(
         report_head("Softmax-family variants at CPU scale", "experiments.ablations.tiny_softmax_family") +
         f"Every variant: the tiny family of configs/tiny/ (d_model 192, 4 layers), stdlib corpus with the byte "
-        f"tokenizer, seq 256, batch 16, {a.steps} steps = {tokens:,} tokens, seeds {seeds}. Eval loss is nats per "
+        f"tokenizer, seq 256, batch 16, {budget(records, a.steps)}. Eval loss is nats per "
         f"byte on the held-out split (16 batches); ± is half the spread (max − min) over seeds. KV bytes are fp32 "
         f"per token over all layers; 'cut' is relative to the MHA baseline. The paper column is the "
         f"projection-sharing paper's 300M validation perplexity (SlimPajama, 10B tokens) and its change against "
