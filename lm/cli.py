@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.set_defaults(fn=cmd_bench_step)
 
     bo = bsub.add_parser("ops", help="forward+backward time of each attention op against sequence length")
-    from lm.bench.ops import add_arguments as add_ops_arguments
+    from lm.bench import add_ops_arguments
 
     add_ops_arguments(bo)
     bo.set_defaults(fn=cmd_bench_ops)

@@ -1,1 +1,20 @@
-"""Benchmarks behind `attnlab bench`: train-step tokens/s and MFU (step.py), op forward+backward timings (ops.py)."""
+"""Benchmarks behind `attnlab bench`: train-step tokens/s and MFU (step.py), op forward+backward timings (ops.py).
+
+This module stays light (no jax import): the CLI builds its parser from it on every command."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_ops_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark's options, shared by `python -m lm.bench.ops` and `attnlab bench ops`."""
+    p.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192], help="sequence lengths")
+    p.add_argument("--B", type=int, default=1, help="batch size")
+    p.add_argument("--H", type=int, default=8, help="heads (query heads; kv heads too: no GQA here)")
+    p.add_argument("--D", type=int, default=64, help="head dim")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
+    p.add_argument("--impl", nargs="+", default=["xla"], help="implementations to time: reference xla pallas")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")
+    p.add_argument("--json", dest="json_out", default=None, metavar="FILE.json", help="write the rows here")
+    p.add_argument("--write", default=None, metavar="FILE.md",
+                   help="write a markdown table (with machine and versions) here")

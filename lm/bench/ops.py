@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attention import ops
+from lm.bench import add_ops_arguments
 from lm.bench.step import machine
 
 
@@ -89,20 +90,6 @@ def run(Ts, B, H, D, dtype, impls, reps) -> list[dict]:
     return rows
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The benchmark's options, shared by `python -m lm.bench.ops` and `attnlab bench ops`."""
-    p.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192], help="sequence lengths")
-    p.add_argument("--B", type=int, default=1, help="batch size")
-    p.add_argument("--H", type=int, default=8, help="heads (query heads; kv heads too: no GQA here)")
-    p.add_argument("--D", type=int, default=64, help="head dim")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
-    p.add_argument("--impl", nargs="+", default=["xla"], help="implementations to time: reference xla pallas")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")
-    p.add_argument("--json", dest="json_out", default=None, metavar="FILE.json", help="write the rows here")
-    p.add_argument("--write", default=None, metavar="FILE.md",
-                   help="write a markdown table (with machine and versions) here")
-
-
 def bench(a: argparse.Namespace, command: str) -> None:
     """Run the benchmark for parsed options `a`; `command` is recorded in the markdown table."""
     rows = run(a.T, a.B, a.H, a.D, jnp.dtype(a.dtype), a.impl, a.reps)
@@ -116,7 +103,7 @@ def bench(a: argparse.Namespace, command: str) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    add_arguments(p)
+    add_ops_arguments(p)
     bench(p.parse_args(argv), " ".join(sys.argv[1:]) if argv is None else " ".join(argv))
 
 
