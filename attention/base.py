@@ -4,7 +4,8 @@ and the channels between a mixer and the train step.
 A mixer is a Flax NNX module with one config class (a subclass of `MixerConfig`), registered under its
 kind in `attention.MIXERS`. `Mixer` below is the protocol, checked when the model builds a layer
 (`check_mixer`): training/prefill `__call__`, incremental `init_cache`/`decode`, the analytic costs
-`cache_bytes_per_token`, `state_bytes` and `flops_per_token`, and `stat_reporters`.
+`cache_bytes_per_token`, `state_bytes` and `flops_per_token`, `schedule_values` (where a training schedule stands,
+logged with the step's metrics) and `stat_reporters`.
 
 Beyond its output, a mixer exchanges three things with the training loop, none of which names a mixer
 kind (so mixers that need none of them ignore them):
@@ -170,6 +171,10 @@ class Mixer(Protocol):
     def flops_per_token(self, seq_len: int) -> float:
         """Analytic forward FLOPs per token at sequence length seq_len."""
 
+    def schedule_values(self, step: int, total: int) -> dict[str, float]:
+        """Where the mixer's training schedule stands at 0-based step `step` of `total` (logged with the step's
+        metrics; e.g. SP-KV's gate ramp), {} for a mixer without one."""
+
 
 def check_mixer(cls: type) -> None:
     """Raise TypeError naming what `cls` lacks of the `Mixer` protocol: a member, a keyword argument the
@@ -195,4 +200,4 @@ def _arguments(fn) -> tuple[int, list[str]]:
 # name -> (positional arguments the model passes, keyword arguments it passes by name)
 _PROTOCOL_METHODS = {name: _arguments(getattr(Mixer, name))
                      for name in ("__call__", "init_cache", "decode", "cache_bytes_per_token", "state_bytes",
-                                  "flops_per_token")}
+                                  "flops_per_token", "schedule_values")}

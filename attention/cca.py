@@ -271,6 +271,9 @@ class CCAttention(nnx.Module):
 
     # -- analytic costs (paper Table II) ------------------------------------------------------------
 
+    def schedule_values(self, step: int, total: int) -> dict[str, float]:
+        return {} if self.spkv is None else self.spkv.schedule_values(step, total)
+
     def cache_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
         """k^ and v: 2 n_kv d values per token."""
         return 2 * self.Hkv * self.d * (dtype_bytes or jnp.dtype(self.ctx.dtype).itemsize)

@@ -136,6 +136,9 @@ class KimiDeltaAttention(nnx.Module):
                                         output_final_state=True, impl=self.ctx.impl)
         return self._output(o, x_B1D), new_cache
 
+    def schedule_values(self, step: int, total: int) -> dict[str, float]:
+        return {}
+
     def cache_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
         """Constant state: nothing grows with the sequence."""
         return 0

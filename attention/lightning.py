@@ -141,6 +141,9 @@ class LightningAttention(nnx.Module):
                                  output_final_state=True, impl=self.ctx.impl)
         return self._output(o, x_B1D), {"state": state}
 
+    def schedule_values(self, step: int, total: int) -> dict[str, float]:
+        return {}
+
     def cache_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
         """Constant state: nothing grows with the sequence."""
         return 0

@@ -250,6 +250,9 @@ class SoftmaxAttention(nnx.Module):
         flat = self._for_logits(kc_BSHD.reshape(B, S * H, 1, D), self.k_norm, pos_BSH.reshape(B, S * H))
         return flat.reshape(B, S, H, D)
 
+    def schedule_values(self, step: int, total: int) -> dict[str, float]:
+        return {} if self.spkv is None else self.spkv.schedule_values(step, total)
+
     def cache_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
         nbytes = dtype_bytes or jnp.dtype(self.ctx.dtype).itemsize
         return (1 if self.v_proj is None else 2) * self.Hkv * self.hd * nbytes

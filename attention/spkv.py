@@ -10,8 +10,12 @@ Query t reads key s unchanged while t - s < window; further back the key's logit
 `ops.softmax_attention`'s key_log_gate and local_window). Under GQA a KV head's gate serves its query heads.
 
     training                  g = log σ(z)                              soft: gradients say "use it more / less"
-    anneal (last N steps)     g = log max((1-α)·u + α·1[u ≥ τ], 1e-6)    α = 1/N ... 1; predictor frozen
+    ramp (R steps)            g = log max((1-α)·u + α·1[u ≥ τ], 1e-6)    α = 1/R ... 1; predictor frozen
+    hard (rest of the freeze) g = 0 if u ≥ τ else -inf                  predictor frozen, the inference mask
     inference                 g = 0 if u ≥ τ else -inf                  exactly what the pruned cache computes
+
+The freeze covers the last `anneal.freeze_steps` steps and the ramp its first `anneal.ramp_steps` (the paper:
+the last 25% of training and 500 steps), so the model trains under the mask it will be evaluated with.
 
 Outside a train step (eval, generation, a mixer called on its own) the gate is the hard one, so eval losses
 are the losses a pruned cache gives. The next-token loss alone closes gates; `density_reg` > 0 adds
@@ -51,11 +55,33 @@ MIN_GATE = 1e-6
 
 
 class AnnealConfig(pydantic.BaseModel):
-    """Threshold-aware hard gating: the last `steps` steps of the run move the gate from soft to hard."""
+    """Threshold-aware hard gating (TAHG). In the last `freeze_steps` steps of the run the predictor is frozen;
+    over the first `ramp_steps` of them the gate moves linearly from the soft log(u) to the hard 0/-inf mask,
+    and the model then trains on under exactly the mask that eval and the pruned cache use. The paper freezes
+    the last 25% and ramps over 500 steps. `steps: N` is shorthand for freeze_steps = ramp_steps = N (the ramp
+    then ends on the run's last step)."""
 
     model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True)
 
-    steps: int = Field(ge=1)
+    freeze_steps: int = Field(ge=1)
+    ramp_steps: int = Field(ge=1)
+    steps: Optional[int] = Field(None, ge=1)  # shorthand: freeze_steps = ramp_steps = steps
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("steps") is not None:
+            if data.get("freeze_steps") is not None or data.get("ramp_steps") is not None:
+                raise ValueError("give steps (both spans) or freeze_steps and ramp_steps, not both")
+            data = {**data, "freeze_steps": data["steps"], "ramp_steps": data["steps"]}
+        return data
+
+    @pydantic.model_validator(mode="after")
+    def _ramp_inside_freeze(self) -> "AnnealConfig":
+        if self.ramp_steps > self.freeze_steps:
+            raise ValueError(f"ramp_steps {self.ramp_steps} is longer than freeze_steps {self.freeze_steps}: the "
+                             f"gate hardens while the predictor is frozen, so the ramp must fit in that span")
+        return self
 
 
 class SPKVConfig(pydantic.BaseModel):
@@ -74,15 +100,17 @@ class SPKVConfig(pydantic.BaseModel):
         if self.window >= ctx.seq_len:
             errs.append(f"spkv.window: {self.window} leaves no key outside the window at data.seq_len "
                         f"{ctx.seq_len}, so nothing could be pruned; use a window below {ctx.seq_len}")
-        if self.anneal is not None and ctx.train_steps is not None and self.anneal.steps > ctx.train_steps:
-            errs.append(f"spkv.anneal.steps: {self.anneal.steps} is more than train.steps {ctx.train_steps}; "
-                        f"anneal over the last part of the run (e.g. {max(ctx.train_steps // 4, 1)})")
+        if self.anneal is not None and ctx.train_steps is not None and self.anneal.freeze_steps > ctx.train_steps:
+            errs.append(f"spkv.anneal.freeze_steps: {self.anneal.freeze_steps} is more than train.steps "
+                        f"{ctx.train_steps}; freeze the last part of the run (e.g. {max(ctx.train_steps // 4, 1)})")
         return errs
 
 
-def anneal_alpha(step: jax.Array, total: int, anneal_steps: int) -> jax.Array:
-    """α of 0-based step `step`: 0 before the last `anneal_steps` steps, then 1/N, 2/N, ..., 1 at the last."""
-    return jnp.clip((step + 1 - (total - anneal_steps)) / anneal_steps, 0.0, 1.0).astype(jnp.float32)
+def anneal_alpha(step: jax.Array, total: int, freeze_steps: int, ramp_steps: int) -> jax.Array:
+    """α of 0-based step `step`: 0 before the last `freeze_steps` steps, then 1/R, 2/R, ..., 1 over the first R =
+    `ramp_steps` of them, and 1 (the hard mask) from there to the end."""
+    start = total - freeze_steps
+    return jnp.clip((step + 1 - start) / ramp_steps, 0.0, 1.0).astype(jnp.float32)
 
 
 def _leaves_window(batch: int, T: int, window: int, segment_ids_BT: jax.Array | None) -> jax.Array:
@@ -100,7 +128,7 @@ class SPKVGate(nnx.Module):
     def __init__(self, cfg: SPKVConfig, ctx: MixerContext, n_kv_heads: int, *, rngs: nnx.Rngs):
         self.cfg, self.window, self.Hkv = cfg, cfg.window, n_kv_heads
         d, hidden = ctx.d_model, cfg.hidden or max(ctx.d_model // 4, 1)
-        meta = dict(lr_mult=cfg.lr_mult, frozen_last_steps=cfg.anneal.steps if cfg.anneal else 0)
+        meta = dict(lr_mult=cfg.lr_mult, frozen_last_steps=cfg.anneal.freeze_steps if cfg.anneal else 0)
         self.w1 = param(rngs, normal(ctx.init_std), (d, hidden), ("embed", None), **meta)
         self.b1 = param(None, jnp.zeros((hidden,)), (hidden,), (None,), decay=False, **meta)
         self.w2 = param(rngs, normal(ctx.init_std), (hidden, n_kv_heads), (None, "kv_heads"), **meta)
@@ -121,14 +149,17 @@ class SPKVGate(nnx.Module):
         z = self.logits(x_BTD)
         keep = z >= self.logit_threshold
         train_step = current_train_step()
+        hard = jnp.where(keep, 0.0, -jnp.inf)
         if train_step is None:
-            gate = jnp.where(keep, 0.0, -jnp.inf)
+            gate = hard
         else:
             gate = jax.nn.log_sigmoid(z)
             if self.cfg.anneal is not None:
-                alpha = anneal_alpha(train_step.step, train_step.total, self.cfg.anneal.steps)
+                alpha = self._alpha(train_step.step, train_step.total)
                 u_hat = (1.0 - alpha) * jax.nn.sigmoid(z) + alpha * keep
-                gate = jnp.where(alpha > 0, jnp.log(jnp.maximum(u_hat, MIN_GATE)), gate)
+                annealed = jnp.log(jnp.maximum(u_hat, MIN_GATE))
+                # Once the ramp is done, training sees exactly the inference mask (-inf, not log 1e-6).
+                gate = jnp.where(alpha >= 1, hard, jnp.where(alpha > 0, annealed, gate))
         older_BT = _leaves_window(B, T, self.window, segment_ids)
         self.sow(Stat, "spkv_kept", jnp.sum(keep & older_BT[..., None], axis=(0, 1)))
         self.sow(Stat, "spkv_older", jnp.sum(older_BT))
@@ -138,6 +169,14 @@ class SPKVGate(nnx.Module):
             mean_u = jnp.sum(jax.nn.sigmoid(z) * older) / jnp.maximum(jnp.sum(older) * self.Hkv, 1.0)
             self.sow(AuxLoss, "spkv_density", self.cfg.density_reg * mean_u)
         return gate
+
+    def _alpha(self, step, total: int):
+        a = self.cfg.anneal
+        return anneal_alpha(step, total, a.freeze_steps, a.ramp_steps)
+
+    def schedule_values(self, step: int, total: int) -> dict[str, float]:
+        """The gate's place on its schedule at 0-based step `step`: 0 soft, 1 the hard mask."""
+        return {} if self.cfg.anneal is None else {"spkv_ramp": float(self._alpha(step, total))}
 
     # -- pruned decode cache ------------------------------------------------------------------------
 

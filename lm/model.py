@@ -139,6 +139,13 @@ class LM(nnx.Module):
         """Fixed-size decode state per sequence (recurrent states, conv windows) summed over the layers."""
         return sum(b.mixer.state_bytes() for b in self.blocks)
 
+    def schedule_values(self, step: int, total: int) -> dict[str, float]:
+        """The mixers' schedule values at 0-based step `step` (a value shared by layers is logged once)."""
+        out: dict[str, float] = {}
+        for b in self.blocks:
+            out.update(b.mixer.schedule_values(step, total))
+        return out
+
     def report_stats(self, stats: StatsByLayer) -> StatsReport:
         """What the mixers' eval statistics (summed over batches, by block label) amount to: each distinct
         reporter of the model's mixer classes runs once over all of them."""

@@ -4,7 +4,8 @@
 
 Two recipes, each against the same model without SP-KV at the same tokens:
 
-- from scratch: configs/tiny/spkv.yaml trained for --steps (window 32, anneal over the last quarter),
+- from scratch: configs/tiny/spkv.yaml trained for --steps (window 32; the last quarter frozen, its first 40%
+  ramping the gate to the hard mask, the rest trained under it),
   with the paper's predictor settings (init_bias 5, lr_mult 5) and with the knobs that set density
   (init_bias, lr_mult, density_reg), against the tiny softmax run of the same budget;
 - adapted (the paper's main recipe): the finished softmax run continued for another --steps with SP-KV
@@ -45,7 +46,10 @@ def main(argv=None) -> None:
     # The same common overrides as tiny_softmax_family, so its softmax and spkv runs are shared.
     common = (f"train.steps={a.steps}", f"optim.warmup_steps={min(30, a.steps // 10)}", "train.ckpt_every=0",
               "wandb.mode=disabled", "train.log_every=50")
-    anneal = (f"{P}.anneal.steps={max(a.steps // 4, 1)}",)
+    # The paper's schedule, scaled: the predictor frozen for the last quarter, the gate hardened over the first
+    # 40% of that span, and the rest trained under the exact hard mask.
+    freeze = max(a.steps // 4, 1)
+    anneal = (f"{P}.anneal.freeze_steps={freeze}", f"{P}.anneal.ramp_steps={max(freeze * 2 // 5, 1)}")
     base_dir = str(Path(a.out) / f"softmax-s{a.seed}")
     runs = [Run("softmax", SOFTMAX, (), a.seed)]
     runs += [Run(label, SPKV, anneal + extra, a.seed) for label, extra in SCRATCH.items()]
@@ -100,8 +104,9 @@ def write_report(records: list[dict], a, sweep: list[dict]) -> None:
     (RESULTS / "tiny_spkv.md").write_text(
         report_head("SP-KV on the tiny softmax model", "experiments.ablations.tiny_spkv") +
         "Model: configs/tiny/softmax.yaml (d_model 192, 4 layers, 8 heads, seq 256, batch 16) with SP-KV on "
-        "every layer: local window 32, τ = 0.5, predictor d_model → 48 → 8 KV heads, anneal to the hard gate "
-        "over the last quarter of the steps with the predictor frozen. Density is the share of keys outside "
+        "every layer: local window 32, τ = 0.5, predictor d_model → 48 → 8 KV heads. The predictor is frozen for "
+        "the last quarter of the steps; over the first 40% of that span the gate ramps to the hard mask, and the "
+        "rest trains under exactly the mask eval and the pruned cache use. Density is the share of keys outside "
         "the window with u ≥ τ over every layer and KV head of the eval split; compression is the dense "
         "cache's entries over the pruned cache's at the end of each 256-token sequence (at most 8x here). "
         "Eval losses of SP-KV runs use the hard gate, which is what decoding with the pruned cache computes "

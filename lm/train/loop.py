@@ -185,6 +185,7 @@ class _Run:
     train_step: Callable
     eval_step: Callable
     report_stats: Callable[[StatsByLayer], StatsReport]
+    schedule_values: Callable[[int, int], dict[str, float]]
     eval_set: list
     bpb_factor: float | None
     costs: _Costs
@@ -248,8 +249,8 @@ def _run(setup: Setup, ds: lmdata.Dataset, eval_set: list, ckpt: Checkpointer, s
         if replayed:
             _printer(console)(f"W&B: replayed {replayed} metrics records a killed segment may have lost")
     metrics = MetricsFile(run_dir / "metrics.jsonl", start.step if start.resumed else None)
-    run = _Run(setup, console, start.run_id, ckpt, train_step, eval_step, model.report_stats, eval_set,
-               ds.bits_per_byte_factor(), costs, metrics, wandb)
+    run = _Run(setup, console, start.run_id, ckpt, train_step, eval_step, model.report_stats, model.schedule_values,
+               eval_set, ds.bits_per_byte_factor(), costs, metrics, wandb)
     pos = _Position(start.step, start.state, start.batches.get_state())
     try:
         _train_steps(run, pos, start.batches, first, stop_at)
@@ -333,6 +334,7 @@ def _log_interval(run: _Run, step: int, pending: list[dict], throughput: _Throug
            "mfu": tps * run.costs.train_flops / run.costs.peak, "rejected_steps": int(last["rejected"])}
     if "aux_loss" in last:
         rec["aux_loss"] = float(last["aux_loss"])
+    rec.update(run.schedule_values(step - 1, run.cfg.train.steps))  # the mixers' schedules at the last step
     run.metrics.write(rec)
     run.wandb.log(rec, step)
     if not run.console.is_terminal:

@@ -13,6 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pydantic
 import pytest
 from flax import nnx
 
@@ -116,28 +117,43 @@ def test_closed_gates_are_sliding_window_attention():
 
 
 def test_anneal_schedule():
-    """α is 0 until the last N steps, then N equal steps to exactly 1 at the run's last step."""
-    alphas = [float(anneal_alpha(jnp.int32(s), 10, 4)) for s in range(10)]
-    assert alphas == [0, 0, 0, 0, 0, 0, 0.25, 0.5, 0.75, 1.0]
+    """α is 0 until the freeze starts (the last F steps), rises in R equal steps to 1, and stays 1: the model
+    trains its last F - R steps under the hard mask. `steps: N` means F = R = N (the ramp ends on the last step)."""
+    alphas = [float(anneal_alpha(jnp.int32(s), 12, 6, 4)) for s in range(12)]
+    assert alphas == [0, 0, 0, 0, 0, 0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [float(anneal_alpha(jnp.int32(s), 10, 4, 4)) for s in range(10)] == [0, 0, 0, 0, 0, 0, .25, .5, .75, 1.]
+    shorthand = SPKVConfig(anneal={"steps": 62}).anneal
+    assert (shorthand.freeze_steps, shorthand.ramp_steps) == (62, 62)
+    with pytest.raises(pydantic.ValidationError, match="ramp_steps 8 is longer than freeze_steps 4"):
+        SPKVConfig(anneal={"freeze_steps": 4, "ramp_steps": 8})
+    with pytest.raises(pydantic.ValidationError, match="not both"):
+        SPKVConfig(anneal={"steps": 4, "ramp_steps": 2})
 
 
-def test_gate_values_soft_annealed_hard():
+def test_gate_values_soft_ramp_hard():
     """Per head a constant logit z (W2 = 0): log σ(z) while training, log max((1-α)σ(z) + α·1[σ(z) >= τ],
-    1e-6) in the anneal, 0 / -inf outside a train step."""
+    1e-6) during the ramp, and once the ramp is done exactly the 0 / -inf mask that eval and the pruned cache
+    use, inside a train step as outside one."""
     z = np.array([2.0, -0.5, 0.1])
-    gate = SPKVGate(SPKVConfig(window=W, threshold=0.45, anneal={"steps": 4}), _ctx(), 3, rngs=nnx.Rngs(0))
+    gate = SPKVGate(SPKVConfig(window=W, threshold=0.45, anneal={"freeze_steps": 6, "ramp_steps": 4}), _ctx(), 3,
+                    rngs=nnx.Rngs(0))
     gate.w2[...] = jnp.zeros_like(gate.w2[...])
     gate.b2[...] = jnp.asarray(z, jnp.float32)
     x = _x()
     u = 1 / (1 + np.exp(-z))
     keep = u >= 0.45
-    for step, alpha in ((3, 0.0), (6, 0.25), (8, 0.75), (9, 1.0)):
-        with in_train_step(jnp.int32(step), 10):
+    hard = np.asarray(gate(x))
+    assert (hard[..., keep] == 0).all() and np.isneginf(hard[..., ~keep]).all()
+    for step, alpha in ((5, 0.0), (6, 0.25), (8, 0.75)):
+        with in_train_step(jnp.int32(step), 12):
             g = np.asarray(gate(x))
         expected = np.log(u) if alpha == 0 else np.log(np.maximum((1 - alpha) * u + alpha * keep, 1e-6))
         assert_close(g, np.broadcast_to(expected, g.shape), rel=1e-6, name=f"step {step}")
-    hard = np.asarray(gate(x))
-    assert (hard[..., keep] == 0).all() and np.isneginf(hard[..., ~keep]).all()
+        assert gate.schedule_values(step, 12) == {"spkv_ramp": alpha}
+    for step in (9, 10, 11):  # the ramp is over: the exact inference mask, -inf included
+        with in_train_step(jnp.int32(step), 12):
+            np.testing.assert_array_equal(np.asarray(gate(x)), hard)
+        assert gate.schedule_values(step, 12) == {"spkv_ramp": 1.0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +236,8 @@ def test_density_and_compression_hand_made():
 
 
 def _spkv_overrides(store, run_dir, name, **extra) -> list[str]:
-    spkv = {"model.mixers.softmax.spkv.window": 8, "model.mixers.softmax.spkv.anneal.steps": 3,
+    spkv = {"model.mixers.softmax.spkv.window": 8, "model.mixers.softmax.spkv.anneal.freeze_steps": 3,
+            "model.mixers.softmax.spkv.anneal.ramp_steps": 2,
             "model.mixers.softmax.spkv.density_reg": 0.1, "train.steps": 6, "optim.warmup_steps": 0}
     return tiny_overrides(store, run_dir, name, **{**spkv, **extra})
 
@@ -264,9 +281,10 @@ def _split(tree) -> tuple[dict, dict]:
 
 def test_init_from_anneal_freezing_and_logged_metrics(small_store, tmp_path, capsys):
     """A baseline trains 2 steps. The SP-KV model starts from it (matching arrays loaded, predictor at init)
-    and trains 6 steps with anneal.steps 3, stopping after 3: the predictor (parameters and Adam moments)
-    has trained by then and stays bit-identical through steps 3-5, weight decay included, while every
-    other array keeps changing. The eval lines carry density, compression and a heatmap."""
+    and trains 6 steps with the last 3 frozen and a 2-step ramp, stopping after 3: the predictor (parameters and
+    Adam moments) has trained by then and stays bit-identical through steps 3-5, weight decay included, while
+    every other array keeps changing. Every step logs the ramp; the eval lines carry density, compression and a
+    heatmap."""
     base = train(load_config("configs/tiny/softmax.yaml", tiny_overrides(small_store, tmp_path, "base", **{
         "train.steps": 2})))
     cfg = load_config("configs/tiny/spkv.yaml", _spkv_overrides(small_store, tmp_path, "spkv"))
@@ -311,6 +329,7 @@ def test_init_from_anneal_freezing_and_logged_metrics(small_store, tmp_path, cap
     older = 32 - 8  # seq_len 32, window 8
     assert final["spkv_compression"] == pytest.approx(32 / (8 + final["spkv_density"] * older))
     assert all(r["aux_loss"] > 0 for r in rows if "loss" in r)
+    assert [r["spkv_ramp"] for r in rows if "loss" in r] == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
     assert (res.run_dir / "spkv_density_heads_step6.png").stat().st_size > 1000
 
 
@@ -320,11 +339,12 @@ def test_config_errors():
         load_config("configs/tiny/spkv.yaml", ["model.mixers.softmax.spkv.windw=3"])
     with pytest.raises(ConfigError, match=r"spkv\.window: 256 leaves no key outside the window"):
         load_config("configs/tiny/spkv.yaml", ["model.mixers.softmax.spkv.window=256"])
-    with pytest.raises(ConfigError, match=r"spkv\.anneal\.steps: 400 is more than train\.steps 250"):
-        load_config("configs/tiny/spkv.yaml", ["model.mixers.softmax.spkv.anneal.steps=400"])
+    with pytest.raises(ConfigError, match=r"spkv\.anneal\.freeze_steps: 400 is more than train\.steps 250"):
+        load_config("configs/tiny/spkv.yaml", ["model.mixers.softmax.spkv.anneal.freeze_steps=400"])
     with pytest.raises(ConfigError, match=r"spkv: cannot be combined with sliding_window"):
         load_config("configs/tiny/spkv.yaml", ["model.mixers.softmax.sliding_window=64"])
     assert load_config("configs/tiny/spkv.yaml", ["model.mixers.softmax.spkv=null"]).model.mixers["softmax"].spkv \
         is None
     assert math.isclose(load_config("configs/tiny/spkv.yaml").model.mixers["softmax"].spkv.init_bias, 5.0)
-    assert load_config("configs/tiny/spkv_cca.yaml").model.mixers["cca"].spkv.anneal.steps == 62
+    anneal = load_config("configs/tiny/spkv_cca.yaml").model.mixers["cca"].spkv.anneal
+    assert (anneal.freeze_steps, anneal.ramp_steps) == (62, 25)
