@@ -96,6 +96,7 @@ class ModelConfig(_Section):
     init_std: float = Field(0.02, gt=0)
     depth_scaled_init: bool = True  # residual-branch output projections get init_std / sqrt(2 * n_layers)
     dropout: float = Field(0.0, ge=0, lt=1)  # residual dropout on each block's mixer and MLP outputs
+    embed_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the embeddings (0 in the projection-sharing paper)
     dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "block", "mixer"] = "none"
 

@@ -78,6 +78,7 @@ class LM(nnx.Module):
                                                          std=m.init_std, dtype=self.dtype, rngs=rngs)
         self.remat = m.remat
         self.dropout = m.dropout
+        self.embed_dropout = m.embed_dropout
 
     def _embed(self, tokens_BT, positions_BT):
         x = self.embed(tokens_BT)
@@ -98,8 +99,9 @@ class LM(nnx.Module):
         if positions is None:
             positions = positions_from_segments(segment_ids) if segment_ids is not None else \
                 jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        rngs = jax.random.split(rng, len(self.blocks) + 1) if rng is not None and self.dropout > 0 else None
-        x = _dropout(self._embed(tokens_BT, positions), self.dropout, None if rngs is None else rngs[-1])
+        use_rng = rng is not None and (self.dropout > 0 or self.embed_dropout > 0)
+        rngs = jax.random.split(rng, len(self.blocks) + 1) if use_rng else None
+        x = _dropout(self._embed(tokens_BT, positions), self.embed_dropout, None if rngs is None else rngs[-1])
         for i, block in enumerate(self.blocks):
             r = None if rngs is None else rngs[i]
             if self.remat == "block":

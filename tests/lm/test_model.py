@@ -116,6 +116,31 @@ def test_dropout_only_with_rng():
     assert_close(g(params, toks), g(params, toks), rel=0, name="eval is deterministic")
 
 
+def test_embedding_dropout_is_its_own_setting():
+    """model.dropout is residual dropout only: with it alone the embeddings reach the first block undropped
+    (the projection-sharing paper's setting); model.embed_dropout drops them."""
+    toks = _tokens()
+    seen = {}
+    for name, over in (("residual", ["model.dropout=0.5"]), ("embed", ["model.embed_dropout=0.5"])):
+        cfg, mdef, params = _model(over)
+        model = mdef.merge(params)
+        original = type(model.blocks[0]).__call__
+
+        def spy(block, x, *a, _name=name, **kw):
+            seen.setdefault(_name, x)
+            return original(block, x, *a, **kw)
+
+        type(model.blocks[0]).__call__ = spy
+        try:
+            model(toks, rng=jax.random.PRNGKey(0))
+        finally:
+            type(model.blocks[0]).__call__ = original
+        seen[name + "_clean"] = model._embed(toks, jnp.broadcast_to(jnp.arange(toks.shape[1]), toks.shape))
+    assert_close(seen["residual"], seen["residual_clean"], rel=0, name="no embedding dropout by default")
+    dropped = np.asarray(seen["embed"]) == 0
+    assert 0.3 < dropped.mean() < 0.7, "about half the embedding entries dropped"
+
+
 def test_param_metadata():
     _, mdef, _ = _model(GPT2)
     meta = mdef.meta()
