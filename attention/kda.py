@@ -32,7 +32,7 @@ from pydantic import Field
 from attention import ops
 from attention.base import HeadsMixerConfig, MixerContext
 from attention.ops.kda.xla import CHUNK
-from attention.layers import Linear, RMSNorm, causal_conv, l2_normalize, param, positions_from_segments
+from attention.layers import Linear, RMSNorm, causal_conv, l2_normalize, normal, param, positions_from_segments
 
 _F32 = jnp.float32
 _L2_EPS = 1e-6  # inside the sqrt, as FLA's in-kernel l2norm
@@ -48,6 +48,10 @@ class KDAConfig(HeadsMixerConfig):
     conv_size: int = Field(4, ge=2)  # depthwise causal short conv on q, k, v
     scale: Optional[float] = Field(None, gt=0)  # None: head_dim ** -0.5
     norm_eps: Optional[float] = Field(None, gt=0)  # output RMSNorm eps; None: model.norm_eps
+    # Short-conv weights at init: "uniform" is PyTorch's Conv1d default for a depthwise kernel,
+    # U(-1/sqrt(W), 1/sqrt(W)), what fla's KDA layer gets on its own; "normal" is N(0, model.init_std), what
+    # fla's model init (`_init_weights`, every nn.Conv1d) then overwrites it with in a full fla model.
+    conv_init: Literal["uniform", "normal"] = "uniform"
 
 
 def _uniform(lo: float, hi: float):
@@ -76,8 +80,8 @@ class KimiDeltaAttention(nnx.Module):
         self.q_proj = Linear(d, width, axes=("embed", "heads"), **lin)
         self.k_proj = Linear(d, width, axes=("embed", "heads"), **lin)
         self.v_proj = Linear(d, width, axes=("embed", "heads"), **lin)
-        # PyTorch's Conv1d default for a depthwise kernel: U(-1/sqrt(W), 1/sqrt(W)).
-        conv = lambda: param(rngs, _uniform(-W ** -0.5, W ** -0.5), (W, width), (None, "heads"))
+        conv_init = _uniform(-W ** -0.5, W ** -0.5) if cfg.conv_init == "uniform" else normal(ctx.init_std)
+        conv = lambda: param(rngs, conv_init, (W, width), (None, "heads"))
         self.q_conv, self.k_conv, self.v_conv = conv(), conv(), conv()
         self.f_a = Linear(d, hd, axes=("embed", None), **lin)
         self.f_b = Linear(hd, width, axes=(None, "heads"), **lin)

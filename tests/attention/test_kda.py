@@ -118,6 +118,16 @@ def test_init_and_never_decay():
     assert float(jnp.max(jnp.abs(new["q_proj"]["kernel"] - mixer["q_proj"]["kernel"]))) > 0
 
 
+def test_conv_init_options():
+    """uniform: PyTorch's Conv1d default U(+-1/sqrt(W)); normal: N(0, model.init_std) as fla's model init."""
+    W = 4
+    uni = np.asarray(_mixer(n_heads=8).q_conv[...])
+    assert uni.shape[0] == W and np.abs(uni).max() <= W ** -0.5 and np.abs(uni).max() > 0.8 * W ** -0.5
+    nor = np.asarray(_mixer(n_heads=8, conv_init="normal").q_conv[...])
+    std = context(D).init_std
+    assert abs(nor.std() - std) < 0.15 * std and np.abs(nor).max() > 2 * std  # Gaussian tails, not a box
+
+
 def test_flops_are_eq13_plus_what_xla_counts_for_the_rest():
     """The op term is the paper's Eq. 13 per head, 6 dh^2 + 3 C dh + C^2 at C = 64; the rest is
     checked against XLA's count of the forward with the token-by-token reference op, whose loop body
