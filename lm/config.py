@@ -57,6 +57,9 @@ class DataConfig(_Section):
     packed: bool = False
     dir: str = "data"
     val_fraction: float = Field(0.02, gt=0, lt=1)
+    rows: Literal["windows", "documents"] = "windows"
+    pad_id: Optional[int] = Field(None, ge=0)
+    score_padding: bool = True
 
 
 class OptimConfig(_Section):
@@ -348,6 +351,11 @@ def cross_checks(cfg: Config) -> list[str]:
                     errs.append(f"model.mixers.{name}.{msg}")
     if m.pos == "learned" and d.seq_len > m.max_seq_len:
         errs.append(f"data.seq_len: {d.seq_len} exceeds model.max_seq_len {m.max_seq_len} (learned positions)")
+    if d.rows == "documents" and d.pad_id is None:
+        errs.append("data.pad_id: data.rows=documents pads each document to data.seq_len + 1; give the pad (EOS) "
+                    "token's id, e.g. 50256 for GPT-2")
+    if d.pad_id is not None and d.pad_id >= m.vocab_size:
+        errs.append(f"data.pad_id: {d.pad_id} is outside model.vocab_size {m.vocab_size}")
     if d.batch_size % t.grad_accum:
         errs.append(f"train.grad_accum: {t.grad_accum} does not divide data.batch_size {d.batch_size}")
     if cfg.optim.warmup_steps > t.steps:

@@ -13,7 +13,7 @@ from typing import Callable
 import jax
 
 from lm.train.rundir import RunError, load_run, open_run_data
-from lm.train.setup import eval_batch_size
+from lm.train.setup import data_rows, eval_batch_size
 from lm.train.step import make_eval_step, run_eval_batches
 
 
@@ -33,7 +33,8 @@ def evaluate(run_dir: str | Path, *, max_batches: int | None = None, overrides: 
     if as_in_training:
         max_batches = cfg.train.eval_steps
     batches = ds.eval_batches(seq_len=cfg.data.seq_len, batch_size=eval_batch_size(cfg), max_batches=max_batches,
-                              process_index=jax.process_index(), process_count=jax.process_count())
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              rows=data_rows(cfg))
     eval_step = jax.jit(make_eval_step(setup.mdef), in_shardings=(setup.param_sh, setup.batch_sh))
     res, report = run_eval_batches(eval_step, params, batches, setup.batch_sh, ds.bits_per_byte_factor(),
                                    setup.mdef.merge(params).report_stats)

@@ -12,7 +12,7 @@ Every user-fixable problem raises DataError with a one-line message saying what 
 
 from lm.data.dataset import SYNTHETIC, Dataset, StoreDataset, check_dataset_vocab, open_dataset, register_synthetic
 from lm.data.errors import DataError
-from lm.data.pipeline import TrainIterator, eval_batches, loss_mask, train_iterator
+from lm.data.pipeline import WINDOWS, Rows, TrainIterator, eval_batches, loss_mask, train_iterator
 from lm.data.store import TokenStore, check_vocab, default_store_path, open_store
 from lm.data.tokenizers import Tokenizer
 from lm.data.writer import prepare
@@ -27,7 +27,9 @@ __all__ = [
     "DataError",
     "TokenStore",
     "Tokenizer",
+    "Rows",
     "TrainIterator",
+    "WINDOWS",
     "check_vocab",
     "default_store_path",
     "eval_batches",

@@ -26,10 +26,10 @@ class Dataset(Protocol):
     description: str
 
     def train_iterator(self, *, seq_len: int, batch_size: int, seed: int, packed: bool, process_index: int,
-                       process_count: int) -> Any: ...
+                       process_count: int, rows: pipeline.Rows = pipeline.WINDOWS) -> Any: ...
 
     def eval_batches(self, *, seq_len: int, batch_size: int, max_batches: int | None, process_index: int = 0,
-                     process_count: int = 1) -> list[dict]: ...
+                     process_count: int = 1, rows: pipeline.Rows = pipeline.WINDOWS) -> list[dict]: ...
 
     def bits_per_byte_factor(self) -> float | None:
         """Multiply a mean loss in nats/token by this for bits per byte; None when text bytes do not apply."""
@@ -55,9 +55,10 @@ class StoreDataset:
     def train_iterator(self, **kw):
         return pipeline.train_iterator(self.store, **kw)
 
-    def eval_batches(self, *, seq_len, batch_size, max_batches, process_index=0, process_count=1):
+    def eval_batches(self, *, seq_len, batch_size, max_batches, process_index=0, process_count=1,
+                     rows=pipeline.WINDOWS):
         return pipeline.eval_batches(self.store, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches,
-                                     process_index=process_index, process_count=process_count)
+                                     process_index=process_index, process_count=process_count, rows=rows)
 
     def bits_per_byte_factor(self) -> float:
         return self.store.n_tokens("val") / max(self.store.n_bytes("val"), 1) / math.log(2)

@@ -15,6 +15,11 @@ exactly the predictions of a document's first token from the previous document's
 Unpacked batches carry no ids: the model then reads across document boundaries, as in plain
 concatenated-text pretraining.
 
+Document rows (rows=Rows("documents", pad_id, score_padding)): the projection-sharing paper's protocol. Each
+row is one document: its first seq_len + 1 tokens, padded with `pad_id` (EOS in the paper); training draws
+documents in a seeded order per epoch, eval takes the val documents in order. With score_padding the
+padding targets are scored as the paper did; without it `loss_mask` leaves them out.
+
 Sharding contract. `batch_size` is the global batch. Global batch j depends only on (store, seed,
 seq_len, batch_size), never on the number of processes; process p of P receives rows
 [p * B/P, (p + 1) * B/P) of it. So processes get disjoint rows, their rows concatenated in process
@@ -26,6 +31,7 @@ refuses a state saved with other settings instead of silently resuming a differe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -36,6 +42,30 @@ from lm.data.errors import DataError
 from lm.data.store import TokenStore, open_store
 
 STATE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """How a batch row is cut from the token stream: `windows` of the concatenated documents (the default), or
+    `documents`, one per row, cut to seq_len + 1 and padded with `pad_id`, the padding scored or masked."""
+
+    kind: str = "windows"
+    pad_id: int | None = None
+    score_padding: bool = True
+
+    def __post_init__(self):
+        if self.kind not in ("windows", "documents"):
+            raise DataError(f"data.rows must be windows or documents, got {self.kind!r}")
+        if self.kind == "documents" and self.pad_id is None:
+            raise DataError("data.rows=documents pads each document to seq_len + 1: set data.pad_id (the EOS id of "
+                            "the tokenizer, e.g. 50256 for GPT-2)")
+
+    def settings(self) -> dict:
+        return {} if self.kind == "windows" else {"rows": self.kind, "pad_id": self.pad_id,
+                                                  "score_padding": self.score_padding}
+
+
+WINDOWS = Rows()
 
 
 def loss_mask(segment_ids):
@@ -65,6 +95,26 @@ class _Windows:
         return batch
 
 
+class _Documents:
+    """Rows of whole documents of one split: each document's first seq_len + 1 tokens, then `pad_id`."""
+
+    def __init__(self, store: TokenStore, split: str, seq_len: int, rows: Rows):
+        self._tokens = store.split(split)
+        self._offsets = store.doc_offsets(split)
+        self._width, self._rows = seq_len + 1, rows
+
+    def __call__(self, docs) -> dict[str, np.ndarray]:
+        docs = np.asarray(docs, dtype=np.int64)
+        tokens = np.full((len(docs), self._width), self._rows.pad_id, np.int32)
+        lengths = np.minimum(self._offsets[docs + 1] - self._offsets[docs], self._width)
+        for row, (doc, n) in enumerate(zip(docs, lengths)):
+            tokens[row, :n] = self._tokens[self._offsets[doc]:self._offsets[doc] + n]
+        batch = {"tokens": tokens}
+        if not self._rows.score_padding:  # target t is tokens[:, t + 1]: real while t + 1 < the document's length
+            batch["loss_mask"] = np.arange(1, self._width)[None, :] < lengths[:, None]
+        return batch
+
+
 class TrainIterator(grain.DatasetIterator):
     """Endless training batches; a grain iterator, so grain's orbax checkpoint handler can save it too."""
 
@@ -79,8 +129,10 @@ class TrainIterator(grain.DatasetIterator):
         return {"version": STATE_VERSION, **self._settings, "grain": self._parent.get_state()}
 
     def set_state(self, state: dict) -> None:
-        saved = {k: state.get(k) for k in ("version", *self._settings)}
-        expected = {"version": STATE_VERSION, **self._settings}
+        # Every setting either side has: a state saved with a setting this iterator lacks is another stream too.
+        keys = dict.fromkeys(["version", *self._settings, *(k for k in state if k != "grain")])
+        now = {"version": STATE_VERSION, **self._settings}
+        saved, expected = ({k: d.get(k) for k in keys} for d in (state, now))
         if saved != expected or "grain" not in state:
             diff = ", ".join(f"{k}: saved {saved[k]!r}, now {v!r}" for k, v in expected.items() if saved[k] != v)
             raise DataError(f"data iterator state does not match this run ({diff or 'no grain state'}); resume with "
@@ -117,13 +169,30 @@ def _process_slot(process_index, process_count, batch_size: int) -> tuple[int, i
 
 
 def train_iterator(store: TokenStore | str | Path, *, seq_len: int, batch_size: int, seed: int, packed: bool = False,
-                   process_index: int | None = None, process_count: int | None = None) -> TrainIterator:
-    """Endless batches {"tokens": int32 [batch_size / process_count, seq_len + 1]} (+ "segment_ids" when packed)."""
+                   process_index: int | None = None, process_count: int | None = None,
+                   rows: Rows = WINDOWS) -> TrainIterator:
+    """Endless batches {"tokens": int32 [batch_size / process_count, seq_len + 1]} (+ "segment_ids" when packed,
+    + "loss_mask" for document rows with masked padding)."""
     store = _as_store(store)
     _positive(seq_len=seq_len, batch_size=batch_size)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise DataError(f"seed must be an integer, got {seed!r}")
     index, count = _process_slot(process_index, process_count, batch_size)
+    settings = {"store": store.fingerprint, "seed": int(seed), "seq_len": seq_len, "batch_size": batch_size,
+                "packed": bool(packed), **rows.settings()}
+    if rows.kind == "documents":
+        if packed:
+            raise DataError("data.rows=documents puts one document in each row: there is nothing to pack; set "
+                            "data.packed=false")
+        n_docs = len(store.doc_offsets("train")) - 1
+        ds = (grain.MapDataset.range(n_docs)
+              .shuffle(seed=_derive_seed(seed, "shuffle"))
+              .repeat()
+              .batch(batch_size // count, drop_remainder=True)
+              .slice(slice(index, None, count))
+              .map(_Documents(store, "train", seq_len, rows)))
+        return TrainIterator(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).__iter__(),
+                             settings)
     n_tokens = store.n_tokens("train")
     n_windows = n_tokens // seq_len - 1
     if n_windows < 1:
@@ -142,24 +211,33 @@ def train_iterator(store: TokenStore | str | Path, *, seq_len: int, batch_size: 
           .map(_Windows(store, "train", seq_len, packed)))
     # A batch takes well under a millisecond to gather while the device runs the previous step: threads buy nothing.
     parent = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).__iter__()
-    settings = {"store": store.fingerprint, "seed": int(seed), "seq_len": seq_len, "batch_size": batch_size,
-                "packed": bool(packed)}
     return TrainIterator(parent, settings)
 
 
 def eval_batches(store: TokenStore | str | Path, *, seq_len: int, batch_size: int, max_batches: int | None = None,
                  packed: bool = False, process_index: int | None = None,
-                 process_count: int | None = None) -> list[dict[str, np.ndarray]]:
+                 process_count: int | None = None, rows: Rows = WINDOWS) -> list[dict[str, np.ndarray]]:
     """Non-overlapping windows over the val split, in order: every val token is predicted at most once.
 
     Windows start at multiples of seq_len (each window's last token is the next one's first), the
-    ragged tail and a last partial batch are dropped; sharded across processes like training.
+    ragged tail and a last partial batch are dropped; sharded across processes like training. Document rows:
+    the val documents in order, one per row, a last partial batch dropped.
     """
     store = _as_store(store)
     _positive(seq_len=seq_len, batch_size=batch_size)
     if max_batches is not None:
         _positive(max_batches=max_batches)
     index, count = _process_slot(process_index, process_count, batch_size)
+    local = batch_size // count
+    if rows.kind == "documents":
+        n_batches = (len(store.doc_offsets("val")) - 1) // batch_size
+        if n_batches == 0:
+            raise DataError(f"the val split of {store.path} has fewer documents than one eval batch of {batch_size}; "
+                            f"lower the batch size or hold out more (`attnlab data prepare ... --val-fraction`)")
+        n_batches = n_batches if max_batches is None else min(n_batches, max_batches)
+        docs = np.arange(n_batches * batch_size, dtype=np.int64).reshape(n_batches, batch_size)
+        gather = _Documents(store, "val", seq_len, rows)
+        return [gather(row[index * local:(index + 1) * local]) for row in docs]
     n_tokens = store.n_tokens("val")
     n_windows = (n_tokens - 1) // seq_len
     if n_windows == 0:
@@ -174,7 +252,6 @@ def eval_batches(store: TokenStore | str | Path, *, seq_len: int, batch_size: in
                         "for the default corpus)")
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
-    local = batch_size // count
     starts = (np.arange(n_batches * batch_size, dtype=np.int64) * seq_len).reshape(n_batches, batch_size)
     gather = _Windows(store, "val", seq_len, packed)
     return [gather(row[index * local:(index + 1) * local]) for row in starts]

@@ -31,7 +31,7 @@ from lm.tracking import MetricsFile, WandbRun, make_progress, new_run_id, read_m
 from lm.train.rundir import (RunError, RunResult, check_same_run, checkpoint_meta, config_changes, exclusive,
                              history, library_logs, open_run_data, params_from_run, record_data, run_dir_of,
                              set_aside_history)
-from lm.train.setup import Setup, build, eval_batch_size, resolved_config
+from lm.train.setup import Setup, build, data_rows, eval_batch_size, resolved_config
 from lm.train.step import make_eval_step, make_train_step, run_eval_batches, to_device_batch
 
 
@@ -54,7 +54,7 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
         # The eval split is cut before anything compiles or is written: a corpus too small for it fails at once.
         eval_set = ds.eval_batches(seq_len=cfg.data.seq_len, batch_size=eval_batch_size(cfg),
                                    max_batches=cfg.train.eval_steps, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
+                                   process_count=jax.process_count(), rows=data_rows(cfg))
         setup = build(cfg)
         ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.ckpt_keep, warn=lambda m: say(f"warning: {m}"))
         try:
@@ -115,7 +115,7 @@ def _restore_or_init(setup: Setup, ds: lmdata.Dataset, ckpt: Checkpointer, init_
     restored = ckpt.restore_latest(setup.abstract_state(), check_meta=lambda meta: check_same_run(run_dir, meta, cfg))
     batches = ds.train_iterator(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, seed=cfg.run.seed,
                                 packed=cfg.data.packed, process_index=jax.process_index(),
-                                process_count=jax.process_count())
+                                process_count=jax.process_count(), rows=data_rows(cfg))
     if restored is not None:
         step, state, meta, data_state = restored
         batches.set_state(data_state)

@@ -35,6 +35,11 @@ def resolved_config(cfg: Config, ds: lmdata.Dataset) -> Config:
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": source, "tokenizer": tokenizer})})
 
 
+def data_rows(cfg: Config) -> lmdata.Rows:
+    """How batch rows are cut (data.rows, data.pad_id, data.score_padding)."""
+    return lmdata.Rows(cfg.data.rows, cfg.data.pad_id, cfg.data.score_padding)
+
+
 def eval_batch_size(cfg: Config) -> int:
     """Eval runs one micro-batch at a time: a step's full batch may only fit as grad_accum micro-batches."""
     return cfg.data.batch_size // cfg.train.grad_accum

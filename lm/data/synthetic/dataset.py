@@ -10,6 +10,7 @@ import inspect
 
 from lm.data.synthetic.tasks import TASKS
 from lm.data import DataError, register_synthetic
+from lm.data.pipeline import WINDOWS
 
 _EVAL_SALT = 1_000_003
 
@@ -69,14 +70,21 @@ class SyntheticDataset:
         make(self.seed, 0)  # fail at start, not mid-run, on impossible settings
         return make
 
-    def train_iterator(self, *, seq_len, batch_size, seed, packed=False, process_index=0, process_count=1):
+    def _windows_only(self, rows) -> None:
+        if rows.kind != "windows":
+            raise DataError(f"synthetic:{self.task} makes its own rows; data.rows=documents applies to token stores")
+
+    def train_iterator(self, *, seq_len, batch_size, seed, packed=False, process_index=0, process_count=1,
+                       rows=WINDOWS):
+        self._windows_only(rows)
         if packed:
             raise DataError(f"synthetic:{self.task} has no documents to pack; set data.packed=false")
         if batch_size % process_count:
             raise DataError(f"data.batch_size {batch_size} is not divisible by {process_count} processes")
         return _Iterator(self._maker(batch_size, seq_len), seed, 0, process_index, process_count)
 
-    def eval_batches(self, *, seq_len, batch_size, max_batches, process_index=0, process_count=1):
+    def eval_batches(self, *, seq_len, batch_size, max_batches, process_index=0, process_count=1, rows=WINDOWS):
+        self._windows_only(rows)
         it = _Iterator(self._maker(batch_size, seq_len), self.seed + _EVAL_SALT, 0, process_index, process_count)
         return [next(it) for _ in range(max_batches or 8)]
 

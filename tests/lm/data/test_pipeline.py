@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from lm.data import DataError, eval_batches, loss_mask, open_store, train_iterator
+from lm.data import DataError, Rows, eval_batches, loss_mask, open_store, train_iterator
 
 SEQ = 16
 
@@ -212,3 +212,62 @@ def test_grain_checkpoint_handler_saves_the_iterator(byte_store, tmp_path):
     fresh = it_for(byte_store, seed=5)
     manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
     assert_same(take(fresh, 2), expected)
+
+
+# --- document rows (the projection-sharing paper's protocol) ----------------------------------------------
+
+
+def _doc(store, split, d):
+    off = store.doc_offsets(split)
+    return np.asarray(store.split(split)[off[d]:off[d + 1]], np.int64)
+
+
+@pytest.mark.parametrize("score_padding", [True, False])
+def test_document_rows_cut_pad_and_score_or_mask(byte_store, score_padding):
+    """Each row is one document: its first seq_len + 1 tokens, then the pad id; every train document appears
+    once per epoch; with score_padding off, loss_mask leaves exactly the padding targets out."""
+    store = open_store(byte_store)
+    lengths = np.diff(store.doc_offsets("train"))
+    L = int(np.median(lengths))  # some documents are longer than a row, some shorter
+    assert lengths.min() < L + 1 < lengths.max()
+    rows = Rows("documents", pad_id=7, score_padding=score_padding)
+    n_docs = len(lengths)
+    it = train_iterator(store, seq_len=L, batch_size=2, seed=3, process_index=0, process_count=1, rows=rows)
+    seen = []
+    for batch in take(it, n_docs // 2):
+        for r, row in enumerate(batch["tokens"]):
+            match = [d for d in range(n_docs) if np.array_equal(row[:min(lengths[d], L + 1)],
+                                                                _doc(store, "train", d)[:L + 1])
+                     and (row[min(lengths[d], L + 1):] == 7).all()]
+            assert match, "a row must be one document's head, then padding"
+            d = match[0]
+            seen.append(d)
+            n = min(lengths[d], L + 1)
+            if score_padding:
+                assert "loss_mask" not in batch
+            else:
+                np.testing.assert_array_equal(batch["loss_mask"][r], np.arange(1, L + 1) < n)
+    assert sorted(seen) == sorted(set(seen)), "no document twice within an epoch"
+    evals = eval_batches(store, seq_len=L, batch_size=2, process_index=0, process_count=1, rows=rows)
+    np.testing.assert_array_equal(evals[0]["tokens"][1, :min(L + 1, np.diff(store.doc_offsets("val"))[1])],
+                                  _doc(store, "val", 1)[:L + 1])
+
+
+def test_document_rows_resume_and_refuse(byte_store):
+    store = open_store(byte_store)
+    rows = Rows("documents", pad_id=0)
+    a = train_iterator(store, seq_len=64, batch_size=2, seed=1, process_index=0, process_count=1, rows=rows)
+    take(a, 3)
+    state = a.get_state()
+    expected = take(a, 2)
+    b = train_iterator(store, seq_len=64, batch_size=2, seed=1, process_index=0, process_count=1, rows=rows)
+    b.set_state(state)
+    assert_same(take(b, 2), expected)
+    windows = train_iterator(store, seq_len=64, batch_size=2, seed=1, process_index=0, process_count=1)
+    with pytest.raises(DataError, match="does not match this run"):
+        windows.set_state(state)
+    with pytest.raises(DataError, match="set data.pad_id"):
+        Rows("documents")
+    with pytest.raises(DataError, match="nothing to pack"):
+        train_iterator(store, seq_len=64, batch_size=2, seed=1, packed=True, process_index=0, process_count=1,
+                       rows=rows)
