@@ -38,6 +38,8 @@ CASES = {
     "ccgqa_k3": (CCAConfig(n_heads=4, n_kv_heads=2, head_dim=8, k0=3, k1=2, temp_clamp=0.1), True),
     "mqa_split_shift": (CCAConfig(n_heads=4, n_kv_heads=1, head_dim=8, k0=2, k1=3, conv_bias=False,
                                   rope_fraction=1.0), False),
+    # the conv-confound control (configs/tiny/cca_noconv.yaml): both convs off
+    "no_convs": (CCAConfig(n_heads=4, n_kv_heads=2, head_dim=8, k0=0, k1=0), True),
 }
 
 
@@ -158,12 +160,31 @@ def _reference(p, cfg: CCAConfig, ctx: MixerContext, x, positions):
 # math and decode
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# The numpy reference writes out Listing 1, convs included; without convs the layer is checked against the
+# conv-free layer below.
+@pytest.mark.parametrize("name", [n for n in CASES if n != "no_convs"])
 def test_matches_numpy_reference(name):
     cfg, ctx, m = _case(name)
     x = _x()
     y = _forward(m, x, _arange(), None)
     assert_close(y, _reference(params_of(m), cfg, ctx, x, _arange()), rel=1e-5, name=name)
+
+
+def test_without_convs_q_and_k_are_the_latents():
+    """k0 = k1 = 0 (configs/tiny/cca_noconv.yaml): no conv parameters, and the layer equals the reference with
+    identity convs, i.e. zero-bias single-tap convs whose weights are the identity."""
+    cfg, ctx, m = _case("no_convs")
+    p = params_of(m)
+    assert "q_conv" not in p and "k_conv" not in p
+    Hq, Hkv, d = cfg.n_heads, cfg.kv_heads(), cfg.head_dim
+    ident = dict(p, q_conv={"w0": np.ones((1, Hq, d)), "b0": np.zeros((Hq, d)),
+                            "w1": np.broadcast_to(np.eye(d), (1, Hq, d, d)), "b1": np.zeros((Hq, d))},
+                 k_conv={"w0": np.ones((1, Hkv, d)), "b0": np.zeros((Hkv, d)),
+                         "w1": np.broadcast_to(np.eye(d), (1, Hkv, d, d)), "b1": np.zeros((Hkv, d))})
+    x = _x()
+    as_listing = cfg.model_copy(update={"k0": 1, "k1": 1})
+    assert_close(_forward(m, x, _arange(), None), _reference(ident, as_listing, ctx, x, _arange()), rel=1e-5,
+                 name="no convs = identity convs")
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -112,3 +112,15 @@ def test_cli_reports_config_errors_without_traceback():
     assert out.returncode == 2
     assert "error:" in out.stderr and "optim.lr" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_conv_confound_controls_match_their_baselines():
+    """configs/tiny/kda_matched.yaml has the softmax baseline's parameter count (within 0.01%);
+    cca_noconv.yaml is cca.yaml without conv weights."""
+    from lm.info import model_info
+
+    params = {n: model_info(load_config(f"configs/tiny/{n}.yaml"))["params"]
+              for n in ("softmax", "kda", "kda_matched", "cca", "cca_noconv")}
+    assert abs(params["kda_matched"] - params["softmax"]) <= 1e-4 * params["softmax"]
+    assert params["kda"] - params["softmax"] > 80_000
+    assert params["cca"] - params["cca_noconv"] == 19_968
