@@ -287,21 +287,28 @@ def _wait_for(pred, timeout=120.0):
     return False
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_reproduces_losses(small_store, tmp_path):
-    ref = _cfg(small_store, tmp_path, "ref", **{"train.steps": 40})
-    train(ref)
+def _kill_after_checkpoint_then_resume(store, tmp_path, name, kill_after: int, **extra) -> str:
+    """`attnlab train` (40 steps, a checkpoint every 5) killed with SIGKILL once checkpoint `kill_after`
+    exists, then the same command again to the end; returns the second run's output."""
     args = ["train", TINY, *sum((["--set", o] for o in tiny_overrides(
-        small_store, tmp_path, "killed", **{"train.steps": 40, "train.ckpt_every": 5})), [])]
+        store, tmp_path, name, **{"train.steps": 40, "train.ckpt_every": 5, **extra})), [])]
     p = _cli(args)
-    ck = tmp_path / "killed" / "checkpoints"
-    assert _wait_for(lambda: (ck / "10").exists() or p.poll() is not None), "no checkpoint appeared"
+    ck = tmp_path / name / "checkpoints"
+    assert _wait_for(lambda: (ck / str(kill_after)).exists() or p.poll() is not None), "no checkpoint appeared"
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     p2 = _cli(args)
     out, _ = p2.communicate(timeout=300)
     assert p2.returncode == 0, out
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_losses(small_store, tmp_path):
+    ref = _cfg(small_store, tmp_path, "ref", **{"train.steps": 40})
+    train(ref)
+    out = _kill_after_checkpoint_then_resume(small_store, tmp_path, "killed", 10)
     assert "resuming" in out
     assert _losses(tmp_path / "killed") == _losses(tmp_path / "ref")
 
@@ -313,16 +320,7 @@ def test_wandb_history_survives_sigkill(small_store, tmp_path):
     from tests.lm.wandb_reader import history
 
     os.environ.pop("WANDB_API_KEY", None)
-    args = ["train", TINY, *sum((["--set", o] for o in tiny_overrides(
-        small_store, tmp_path, "wbkill", **{"train.steps": 40, "train.ckpt_every": 5, "wandb.mode": "offline"})), [])]
-    p = _cli(args)
-    ck = tmp_path / "wbkill" / "checkpoints"
-    assert _wait_for(lambda: (ck / "15").exists() or p.poll() is not None), "no checkpoint appeared"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    out, _ = (p2 := _cli(args)).communicate(timeout=300)
-    assert p2.returncode == 0, out
+    out = _kill_after_checkpoint_then_resume(small_store, tmp_path, "wbkill", 15, **{"wandb.mode": "offline"})
     assert "W&B: replayed" in out
     logged: dict[int, float] = {}
     for f in sorted((tmp_path / "wbkill" / "wandb").glob("offline-run-*/*.wandb")):
