@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 import jax
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
-from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
 TARGETS = ("cpu", "gpu", "tpu")
 # Backend and lowering-platform names for the same target.
@@ -94,7 +94,10 @@ def lower(fn: Callable[..., Any], *args: Any, platform: str, **kwargs: Any) -> j
     name = normalize(platform)
     if name == "cpu":
         raise ValueError("lower() is for tpu or gpu; on the CPU kernels run in interpret mode")
-    mesh = AbstractMesh((1,), ("lowering",), abstract_device=LOWERING_DEVICES[name])
+    # Auto axes, as a plain single-device jit has: under Explicit axes every aval carries a sharding, and the
+    # Triton lowering of multi-axis reductions in jax 0.11.2 then fails on a spec of the wrong rank.
+    mesh = AbstractMesh((1,), ("lowering",), axis_types=(AxisType.Auto,),
+                        abstract_device=LOWERING_DEVICES[name])
     with targeting(name), use_abstract_mesh(mesh):
         return jax.jit(fn, static_argnames=tuple(kwargs)).trace(*args, **kwargs).lower(
             lowering_platforms=(_LOWERING_PLATFORMS[name],))

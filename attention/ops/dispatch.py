@@ -4,8 +4,9 @@ Every op registers its implementations here. `resolve` picks one:
 
 - an explicit impl must exist and, for pallas, its `supports(...)` check must pass; otherwise
   `ImplUnavailable` is raised with the reason;
-- "auto" takes pallas when a kernel is registered and supports the call, else xla, and records the
-  choice and the reason so the run can log it (see `choices()`).
+- "auto" takes pallas when a kernel is registered and supports the call on a GPU or TPU, else xla, and
+  records the choice and the reason so the run can log it (see `choices()`). On the CPU auto never takes
+  pallas: kernels run there only interpreted (what the tests check), far slower than xla.
 
 Choices are recorded at trace time (ops are called inside jit), keyed by op and a caller label.
 """
@@ -84,6 +85,9 @@ def resolve(op: str, impl: str, **call_info: Any) -> Callable[..., Any]:
         raise ImplUnavailable(f"op {op!r} has no registered implementation")
     if impl == "auto":
         why_not = _pallas_reason(op, call_info)
+        if why_not is None and backend() == "cpu":
+            why_not = "on the CPU Pallas kernels run only interpreted (for tests); xla is faster"
+
         chosen = "pallas" if why_not is None else "xla"
         reason = "pallas kernel supports this call" if why_not is None else why_not
     else:

@@ -19,7 +19,7 @@ OP = "softmax_attention"
 OUTPUTS = ("o", "dq", "dk", "dv", "dgate")
 # Options an implementation takes in tests only: small tiles, so every case spans several query and key
 # blocks and the tile-skipping paths run.
-TEST_OPTIONS = {"xla": dict(block_q=16, block_k=16)}
+TEST_OPTIONS = {"xla": dict(block_q=16, block_k=16), "pallas": dict(block_q=16, block_k=16)}
 
 
 @functools.cache

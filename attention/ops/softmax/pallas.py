@@ -1,0 +1,32 @@
+"""The Pallas flash-attention kernel (`kernels_pallas.flash`) as the `pallas` implementation of
+`softmax_attention`: on the CPU it runs in interpret mode (what the tests check), on GPU it is compiled by
+Triton and on TPU by Mosaic. One array passed as both k and v (`v is k`) is read once per tile by the kernel,
+which returns dk + dv as k's gradient."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from attention.ops import dispatch
+from attention.ops.softmax.api import documents
+from kernels_pallas.flash import flash_attention
+
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def supports(*, backend, dtype, **_):
+    """None when the kernel serves the call, else why not."""
+    if jnp.dtype(dtype) not in {jnp.dtype(d) for d in DTYPES}:
+        return f"the flash kernel takes float32, bfloat16 or float16 inputs, not {jnp.dtype(dtype).name}"
+    return None
+
+
+@dispatch.register("softmax_attention", "pallas", supports=supports)
+def softmax_attention_pallas(q, k, v, *, causal=True, sliding_window=None, local_window=None,
+                             key_log_gate=None, segment_ids=None, scale=None, block_q=None, block_k=None,
+                             interpret=None):
+    """block_q / block_k override the kernel's per-target tiles (tests use small ones); interpret=None
+    interprets exactly on the CPU."""
+    return flash_attention(q, k, None if v is k else v, causal=causal, sliding_window=sliding_window,
+                           local_window=local_window, key_log_gate=key_log_gate,
+                           doc_ids=None if segment_ids is None else documents(segment_ids), scale=scale,
+                           block_q=block_q, block_k=block_k, interpret=interpret)

@@ -1,0 +1,154 @@
+"""Flash-attention backward, two kernels that recompute the probabilities from the saved lse:
+
+- dq: grid (batch, query head, query block), a loop over the visible key blocks (as the forward);
+- dk/dv (and the key gate's gradient): grid (batch, kv head, key block), a loop over the query heads of the
+  group and, for each, over the query blocks that see the key block. Each kv head's gradients are summed in
+  one kernel instance, with no repeated K/V and no atomics. When one array is both key and value, the kernel
+  reads one tile for both and writes dk + dv once.
+
+dS = P * (dP - delta) is the gradient of the logit, delta = rowsum(dO * O) in fp32; dq and dk carry the
+softmax scale, the gate's gradient is dS summed over the query rows it applies to.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels_pallas.flash import tiles
+from kernels_pallas.flash.forward import _unpack, compiler_params, row_specs
+from kernels_pallas.flash.tiles import Plan
+
+
+def _dq_kernel(*refs, plan: Plan):
+    (q_ref, k_ref, v_ref, gate_ref, q_doc_ref, k_doc_ref), (do_ref, lse_ref, delta_ref, dq_ref) = \
+        _unpack(plan, refs)
+    i = pl.program_id(2)
+    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+    q_doc = None if q_doc_ref is None else q_doc_ref[...]
+    bk = plan.block_k
+
+    def body(j, dq):
+        keys = pl.ds(pl.multiple_of(j * bk, bk), bk)
+        k_doc = None if k_doc_ref is None else k_doc_ref[:, keys]
+
+        def work(dq):
+            k = k_ref[keys, :]
+            v = k if plan.kv_shared else v_ref[keys, :]
+            gate = None if gate_ref is None else gate_ref[:, keys]
+            s, _ = tiles.logits(plan, q, k, i, j, gate, q_doc, k_doc)
+            p = jnp.exp(s - lse)
+            ds = p * (tiles.dot(do, v, contract=(1, 1)) - delta)
+            return dq + tiles.dot(ds.astype(k.dtype), k)
+
+        return tiles.when_documents_meet(q_doc, k_doc, work, dq)
+
+    dq = lax.fori_loop(*plan.kv_range(i), body, jnp.zeros(dq_ref.shape, jnp.float32))
+    dq_ref[...] = (dq * plan.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(*refs, plan: Plan):
+    (q_ref, k_ref, v_ref, gate_ref, q_doc_ref, k_doc_ref), outs = _unpack(plan, refs)
+    do_ref, lse_ref, delta_ref, *outs = outs
+    dk_ref = outs.pop(0)
+    dv_ref = None if plan.kv_shared else outs.pop(0)
+    dgate_ref = outs.pop(0) if plan.has_gate else None
+    j = pl.program_id(2)
+    k = k_ref[...]
+    v = k if plan.kv_shared else v_ref[...]
+    gate = None if gate_ref is None else gate_ref[...]
+    k_doc = None if k_doc_ref is None else k_doc_ref[...]
+    bq = plan.block_q
+    lo, hi = plan.q_range(j)
+
+    def query_block(g, i, carry):
+        rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
+        q_doc = None if q_doc_ref is None else q_doc_ref[rows, :]
+
+        def work(carry):
+            dk, dv, dgate = carry
+            q, do = q_ref[g, rows, :], do_ref[g, rows, :]
+            s, gated = tiles.logits(plan, q, k, i, j, gate, q_doc, k_doc)
+            p = jnp.exp(s - lse_ref[g, rows, :])
+            dv = dv + tiles.dot(p.astype(do.dtype), do, contract=(0, 0))
+            ds = p * (tiles.dot(do, v, contract=(1, 1)) - delta_ref[g, rows, :])
+            dk = dk + tiles.dot(ds.astype(q.dtype), q, contract=(0, 0))
+            if dgate is not None:
+                gated_ds = ds if gated is None else jnp.where(gated, ds, 0.0)
+                dgate = dgate + jnp.sum(gated_ds, axis=0, keepdims=True)
+            return dk, dv, dgate
+
+        return tiles.when_documents_meet(q_doc, k_doc, work, carry)
+
+    def head(g, carry):
+        return lax.fori_loop(lo, hi, functools.partial(query_block, g), carry)
+
+    init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32),
+            None if gate is None else jnp.zeros(gate.shape, jnp.float32))
+    dk, dv, dgate = lax.fori_loop(0, plan.group, head, init)
+    dk = dk * plan.scale
+    if plan.kv_shared:
+        dk_ref[...] = (dk + dv).astype(dk_ref.dtype)
+    else:
+        dk_ref[...] = dk.astype(dk_ref.dtype)
+        dv_ref[...] = dv.astype(dv_ref.dtype)
+    if dgate_ref is not None:
+        dgate_ref[...] = dgate
+
+
+def _column_specs(plan: Plan, d: int, dv: int):
+    """Block specs of (q, k, [v], [gate], [q_doc, k_doc]) for a grid (batch, kv head, key block): all query
+    rows of the group's heads, one key block."""
+    G, bk = plan.group, plan.block_k
+    specs = [pl.BlockSpec((None, G, plan.t_pad, d), lambda b, h, j: (b, h, 0, 0)),
+             pl.BlockSpec((None, None, bk, d), lambda b, h, j: (b, h, j, 0))]
+    if not plan.kv_shared:
+        specs.append(pl.BlockSpec((None, None, bk, dv), lambda b, h, j: (b, h, j, 0)))
+    if plan.has_gate:
+        specs.append(pl.BlockSpec((None, None, 1, bk), lambda b, h, j: (b, h, 0, j)))
+    if plan.has_segments:
+        specs += [pl.BlockSpec((None, plan.t_pad, 1), lambda b, h, j: (b, 0, 0)),
+                  pl.BlockSpec((None, 1, bk), lambda b, h, j: (b, 0, j))]
+    return specs
+
+
+def backward(plan: Plan, q, k, v, gate, q_doc, k_doc, o, lse, do):
+    """Gradients (dq, dk, dv, dgate) in the input dtypes (dv None when v is None: it is added into dk;
+    dgate fp32 [B,Hkv,1,Sp] or None)."""
+    B, Hq, Tp, D = q.shape
+    Hkv, Sp = k.shape[1], k.shape[2]
+    Dv = D if v is None else v.shape[-1]
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
+    inputs = [x for x in (q, k, v, gate, q_doc, k_doc) if x is not None]
+    bq = plan.block_q
+    row = lambda width: pl.BlockSpec((None, None, bq, width), lambda b, h, i: (b, h, i, 0))  # noqa: E731
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, plan=plan), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(B, Hq, plan.num_q_blocks), in_specs=row_specs(plan, D, Dv) + [row(Dv), row(1), row(1)],
+        out_specs=row(D), interpret=plan.interpret, compiler_params=compiler_params(plan), name="flash_dq",
+    )(*inputs, do, lse, delta)
+
+    G, bk = plan.group, plan.block_k
+    whole = lambda width: pl.BlockSpec((None, G, Tp, width), lambda b, h, j: (b, h, 0, 0))  # noqa: E731
+    column = lambda width: pl.BlockSpec((None, None, bk, width), lambda b, h, j: (b, h, j, 0))  # noqa: E731
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype)]
+    out_specs = [column(D)]
+    if v is not None:
+        out_shape.append(jax.ShapeDtypeStruct(v.shape, v.dtype))
+        out_specs.append(column(Dv))
+    if gate is not None:
+        out_shape.append(jax.ShapeDtypeStruct((B, Hkv, 1, Sp), jnp.float32))
+        out_specs.append(pl.BlockSpec((None, None, 1, bk), lambda b, h, j: (b, h, 0, j)))
+    outs = pl.pallas_call(
+        functools.partial(_dkv_kernel, plan=plan), out_shape=out_shape, grid=(B, Hkv, plan.num_k_blocks),
+        in_specs=_column_specs(plan, D, Dv) + [whole(Dv), whole(1), whole(1)], out_specs=out_specs,
+        interpret=plan.interpret, compiler_params=compiler_params(plan), name="flash_dkv",
+    )(*inputs, do, lse, delta)
+    outs = list(outs)
+    dk = outs.pop(0)
+    dv = None if v is None else outs.pop(0)
+    dgate = outs.pop(0) if gate is not None else None
+    return dq, dk, dv, dgate

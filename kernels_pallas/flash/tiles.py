@@ -1,0 +1,113 @@
+"""The pieces every flash kernel shares: the static plan of one call, loop bounds that skip fully masked tiles,
+the masked logits of one (query block, key block) tile, and fp32-accumulating dots.
+
+Positions are bottom-right aligned as in `softmax_attention`: query row r sits at position S - T + r, key column
+c at position c. The plan is static (hashable), so it is a `custom_vjp` non-differentiable argument and a jit key.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from jax import lax
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything static about one call: true and padded lengths, tiles, which masks and inputs exist."""
+
+    t: int                      # query length before padding
+    s: int                      # key length before padding
+    t_pad: int                  # padded to a multiple of block_q
+    s_pad: int                  # padded to a multiple of block_k
+    block_q: int
+    block_k: int
+    group: int                  # query heads per kv head
+    scale: float
+    causal: bool
+    sliding_window: int | None
+    local_window: int | None    # with a gate: keys with t - s < local_window are spared (None: gate every key)
+    has_gate: bool
+    has_segments: bool
+    kv_shared: bool             # one array is both key and value
+    interpret: bool
+    num_warps: int
+    num_stages: int
+
+    @property
+    def offset(self) -> int:
+        return self.s - self.t
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.t_pad // self.block_q
+
+    @property
+    def num_k_blocks(self) -> int:
+        return self.s_pad // self.block_k
+
+    def kv_range(self, i):
+        """[lo, hi) of the key blocks that causal and window masks leave visible to query block i."""
+        first = self.offset + i * self.block_q
+        last = self.offset + jnp.minimum((i + 1) * self.block_q, self.t) - 1
+        key_hi = jnp.minimum(self.s, last + 1) if self.causal else jnp.int32(self.s)
+        key_lo = jnp.maximum(0, first - self.sliding_window + 1) if self.sliding_window else jnp.int32(0)
+        lo = lax.div(key_lo, self.block_k)
+        hi = lax.div(key_hi + self.block_k - 1, self.block_k)
+        return lo, jnp.where(key_hi > key_lo, hi, lo)
+
+    def q_range(self, j):
+        """[lo, hi) of the query blocks that causal and window masks let see some key of key block j."""
+        first = j * self.block_k
+        last = jnp.minimum((j + 1) * self.block_k, self.s) - 1
+        q_lo = jnp.maximum(0, first - self.offset) if self.causal else jnp.int32(0)
+        q_hi = (jnp.minimum(self.t, last + self.sliding_window - self.offset) if self.sliding_window
+                else jnp.int32(self.t))
+        lo = lax.div(q_lo, self.block_q)
+        hi = lax.div(q_hi + self.block_q - 1, self.block_q)
+        return lo, jnp.where(q_hi > q_lo, hi, lo)
+
+
+def when_documents_meet(q_doc, k_doc, work, carry):
+    """work(carry) if some query of the tile shares a document with some key, else carry unchanged: tiles
+    between different documents are skipped, not masked. q_doc [bq, 1], k_doc [1, bk] are sorted document
+    indices (None: no documents, always work)."""
+    if q_doc is None:
+        return work(carry)
+    meet = (jnp.min(q_doc) <= jnp.max(k_doc)) & (jnp.min(k_doc) <= jnp.max(q_doc))
+    return lax.cond(meet, work, lambda c: c, carry)
+
+
+def dot(a, b, *, contract=(1, 0)):
+    """a @ b contracting a's axis contract[0] with b's axis contract[1], fp32 accumulation; fp32 operands get
+    full-precision products (no TF32 or bf16 passes)."""
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
+    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                           preferred_element_type=jnp.float32, precision=precision)
+
+
+def logits(plan: Plan, q, k, i, j, gate=None, q_doc=None, k_doc=None):
+    """Masked fp32 logits [bq, bk] of tile (i, j) and the gated-key mask (None when the gate covers every key).
+
+    q [bq, D], k [bk, D]; gate [1, bk] fp32; q_doc [bq, 1] and k_doc [1, bk] document indices. Masked entries are
+    -inf, so exp gives an exact 0 with a zero derivative.
+    """
+    s = dot(q, k, contract=(1, 1)) * plan.scale
+    q_pos = plan.offset + i * plan.block_q + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+    k_pos = j * plan.block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    rel = q_pos - k_pos
+    gated = None
+    if gate is not None:
+        if plan.local_window is None:
+            s = s + gate
+        else:
+            gated = rel >= plan.local_window
+            s = s + jnp.where(gated, gate, 0.0)
+    visible = k_pos < plan.s
+    if plan.causal:
+        visible &= rel >= 0
+    if plan.sliding_window is not None:
+        visible &= rel < plan.sliding_window
+    if q_doc is not None:
+        visible &= q_doc == k_doc
+    return jnp.where(visible, s, -jnp.inf), gated
