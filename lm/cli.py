@@ -1,4 +1,4 @@
-"""The `attnlab` command line: train, eval, generate, data prepare, info, bench, demo.
+"""The `attnlab` command line: train, eval, generate, data prepare, info, bench, kernels lower, demo.
 
 Problems with the user's input (config, data, checkpoints, arguments) are printed as one-line
 `error:` messages with exit status 2; a run stopped because its steps kept failing exits with 3.
@@ -11,6 +11,10 @@ import os
 import sys
 
 
+class UsageError(ValueError):
+    """A command-line argument that names nothing known."""
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from attention.ops.dispatch import ImplUnavailable
     from lm.checkpoint import CheckpointError
@@ -19,7 +23,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lm.tracking import TrackingError
     from lm.train import RunError
 
-    return ConfigError, DataError, RunError, CheckpointError, TrackingError, ImplUnavailable
+    return ConfigError, DataError, RunError, CheckpointError, TrackingError, ImplUnavailable, UsageError
 
 
 def cmd_train(args) -> int:
@@ -119,6 +123,26 @@ def cmd_bench_ops(args) -> int:
     return 0
 
 
+def cmd_kernels_lower(args) -> int:
+    from kernels_pallas import catalog
+
+    if args.kernel is not None and args.kernel not in catalog.kernels():
+        raise UsageError(f"unknown kernel {args.kernel!r}; the catalogue holds {', '.join(catalog.kernels())}")
+    failed = 0
+    for r in catalog.lower_all(args.platform, only=args.kernel):
+        failed += not r["ok"]
+        if args.json:
+            print(json.dumps(r), flush=True)
+        else:
+            status = "ok  " if r["ok"] else "FAIL"
+            detail = f"{r['pallas_calls']} pallas calls" if r["ok"] else r["error"]
+            print(f"{status} {r['platform']} {r['kernel']:<8} {r['shape']:<40} {r['seconds']:5.2f}s  {detail}",
+                  flush=True)
+    if failed:
+        print(f"{failed} kernel shape(s) failed to lower for {args.platform}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_demo(args) -> int:
     from lm.demo import demo
 
@@ -213,6 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_ops_arguments(bo)
     bo.set_defaults(fn=cmd_bench_ops)
 
+    k = sub.add_parser("kernels", help="Pallas kernel tools")
+    ksub = k.add_subparsers(dest="kernels_cmd", required=True)
+    kl = ksub.add_parser("lower", help="lower every Pallas kernel (forward and backward) for a TPU or GPU, on "
+                                       "any machine, at representative shapes; one line per kernel and shape")
+    kl.add_argument("--platform", required=True, choices=("tpu", "cuda", "gpu"),
+                    help="tpu: Mosaic lowering (TPU v5p rules); cuda/gpu: Triton lowering (H200)")
+    kl.add_argument("--kernel", default=None, help="only this kernel family (e.g. flash)")
+    kl.add_argument("--json", action="store_true", help="one JSON object per line")
+    kl.set_defaults(fn=cmd_kernels_lower)
+
     dm = sub.add_parser("demo", help="train a config, evaluate it and compare with the corpus unigram entropy")
     dm.add_argument("config", help="the YAML config to train, e.g. configs/tiny/softmax.yaml")
     with_set(dm)
@@ -231,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of our output went away (`| head`): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:
         # A full disk or a directory that cannot be written is the user's to fix, not a traceback; any other
         # OSError (a missing file the code should have checked, ...) is a bug and propagates.

@@ -1,0 +1,96 @@
+"""Every Pallas kernel at representative shapes, for lowering on any machine (`attnlab kernels lower`).
+
+Each entry is one kernel family at one shape and feature set; lowering it runs the real Pallas -> Mosaic (TPU) or
+Pallas -> Triton (GPU) lowering of its forward and backward kernels (the gradient is taken, so the backward
+kernels lower too). A kernel that breaks a target's rules (TPU's (8, 128) blocks, Triton's power-of-two shapes,
+an unsupported primitive) fails here, on the CPU machine, not in a cluster job.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas import platform
+from kernels_pallas.flash import flash_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    kernel: str                      # the family: flash, ...
+    shape: str                       # what this entry covers, one line
+    fn: Callable[..., Any]           # fn(*args) -> gradients (forward and backward kernels)
+    args: tuple[jax.ShapeDtypeStruct, ...]
+
+
+def _flash_case(dtype, d: int, variant: str) -> Case:
+    B, T, Hq = 1, 2048, 8
+    Hkv, window, local, gate, docs, shared, causal = 2, None, None, False, False, False, True
+    if variant == "mha":
+        Hkv = Hq
+    elif variant == "mha-noncausal-ragged":
+        Hkv, T, causal = Hq, 1000, False
+    elif variant == "gqa4-k=v-window":
+        shared, window = True, 512
+    elif variant == "gqa4-gate-local":
+        gate, local = True, 64
+    elif variant == "mqa-segments-gate":
+        Hkv, docs, gate = 1, True, True
+    S = jax.ShapeDtypeStruct
+    args = [S((B, T, Hq, d), dtype), S((B, T, Hkv, d), dtype)]
+    args += [] if shared else [S((B, T, Hkv, d), dtype)]
+    args += [S((B, T, Hkv), jnp.float32)] if gate else []
+    args += [S((B, T), jnp.int32)] if docs else []
+
+    def fn(*xs):
+        xs = list(xs)
+        q, k = xs.pop(0), xs.pop(0)
+        v = None if shared else xs.pop(0)
+        g = xs.pop(0) if gate else None
+        ids = xs.pop(0) if docs else None
+
+        def loss(q, k, v, g):
+            o = flash_attention(q, k, v, causal=causal, sliding_window=window, local_window=local,
+                                key_log_gate=g, doc_ids=ids)
+            return jnp.sum(o.astype(jnp.float32))
+
+        return jax.grad(loss, argnums=(0, 1, 2, 3), allow_int=True)(q, k, v, g)
+
+    name = f"{jnp.dtype(dtype).name} d{d} T{T} {variant}"
+    return Case("flash", name, fn, tuple(args))
+
+
+FLASH_VARIANTS = ("mha", "mha-noncausal-ragged", "gqa4-k=v-window", "gqa4-gate-local", "mqa-segments-gate")
+
+
+def cases() -> list[Case]:
+    return [_flash_case(dt, d, v) for dt in (jnp.float32, jnp.bfloat16) for d in (64, 128) for v in FLASH_VARIANTS]
+
+
+def kernels() -> list[str]:
+    return sorted({c.kernel for c in cases()})
+
+
+def lower_all(target: str, only: str | None = None) -> Iterator[dict[str, Any]]:
+    """Lower every catalogued case for `target` ('tpu', 'gpu' or 'cuda'); one result dict per case:
+    kernel, shape, platform, ok, seconds, pallas_calls (kernels in the lowered program), error."""
+    name = platform.normalize(target)
+    marker = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton"}[name]
+    for case in cases():
+        if only is not None and case.kernel != only:
+            continue
+        t0 = time.perf_counter()
+        result = dict(kernel=case.kernel, shape=case.shape, platform=name, ok=False, pallas_calls=0, error=None)
+        try:
+            text = platform.lower(case.fn, *case.args, platform=name).as_text()
+            result["pallas_calls"] = text.count(marker)
+            result["ok"] = result["pallas_calls"] > 0
+            if not result["ok"]:
+                result["error"] = f"the lowered program holds no {marker} call: the kernel did not lower as Pallas"
+        except Exception as e:  # noqa: BLE001  (every failure is the result being reported)
+            result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+        result["seconds"] = round(time.perf_counter() - t0, 2)
+        yield result
