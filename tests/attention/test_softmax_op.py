@@ -178,7 +178,7 @@ def test_bf16_inputs_against_fp32_reference(impl):
 # --- decode -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
 def test_decode_matches_reference_with_per_head_valid_keys(impl):
     S, Hq, Hkv = 40, 4, 2
     q, k, v, _, _ = inputs(1, S, Hq, Hkv, seed=3)
@@ -202,13 +202,14 @@ def test_decode_matches_reference_with_per_head_valid_keys(impl):
     assert_close(o_all, want_all, rel=1e-6, name="decode, all keys valid")
 
 
-def test_decode_bf16_cache_against_fp32_reference():
-    """The xla decode reads a bf16 cache as bf16 (no fp32 copy) and still lands within bf16 rounding."""
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_decode_bf16_cache_against_fp32_reference(impl):
+    """The fast decodes read a bf16 cache as bf16 (no fp32 copy) and still land within bf16 rounding."""
     S, Hq, Hkv = 40, 4, 1
     q, k, v, gate, _ = inputs(1, S, Hq, Hkv, seed=5)
     valid = jnp.asarray(np.random.default_rng(6).random((B, S, Hkv)) < 0.8)
     bf = lambda x: x.astype(jnp.bfloat16)
-    got = softmax_decode(bf(q), bf(k), bf(v), valid, key_log_gate=gate, impl="xla")
+    got = softmax_decode(bf(q), bf(k), bf(v), valid, key_log_gate=gate, impl=impl)
     want = softmax_decode(*(bf(x).astype(jnp.float32) for x in (q, k, v)), valid, key_log_gate=gate,
                           impl="reference")
     assert got.dtype == jnp.bfloat16
@@ -221,8 +222,6 @@ def test_decode_argument_errors():
         softmax_decode(q, k, v, jnp.ones((B, 8, 2), bool))
     with pytest.raises(ValueError, match="q must be"):
         softmax_decode(jnp.concatenate([q, q], axis=1), k, v, jnp.ones((B, 8, 1), bool))
-    with pytest.raises(dispatch.ImplUnavailable, match="pallas"):
-        softmax_decode(q, k, v, jnp.ones((B, 8, 1), bool), impl="pallas")
 
 
 # --- public op: validation and dispatch ----------------------------------------------------------

@@ -16,6 +16,11 @@ B, D, DV = 2, 8, 6
 
 # S: cache length; Hq, Hkv: heads; keep: share of valid cache entries; gate: a key_log_gate; v_is_k: the
 # cache holds one array as keys and values (K=V sharing).
+# Options an implementation takes in tests only: small key tiles and several splits of the cache; heads
+# sharing a block (the TPU layout for narrow heads) in one case.
+TEST_OPTIONS = {"pallas": dict(block_k=8, splits=3)}
+CASE_OPTIONS = {"gqa-pruned-one-head-empty": {"pallas": dict(heads_per_block=2)}}
+
 CASES = {
     "gqa-pruned-one-head-empty": dict(S=40, Hq=4, Hkv=2, keep=0.6, empty_head=True),
     "mqa-gate": dict(S=37, Hq=4, Hkv=1, keep=0.8, gate=True),
@@ -38,13 +43,16 @@ def case_arrays(case):
     return q, k, v, jnp.asarray(valid), gate
 
 
-@functools.partial(jax.jit, static_argnames=("fn",))
-def _run(fn, q, k, v, valid, gate):
-    return fn(q, k, v, valid, key_log_gate=gate)
+@functools.partial(jax.jit, static_argnames=("fn", "v_is_k", "opts"))
+def _run(fn, q, k, v, valid, gate, v_is_k=False, opts=()):
+    # K=V passes k itself as v inside the trace (two jit arguments would be two tracers).
+    return fn(q, k, k if v_is_k else v, valid, key_log_gate=gate, **dict(opts))
 
 
 def run(impl, case):
-    return _run(dispatch.implementations(OP)[impl], *case_arrays(case))
+    opts = TEST_OPTIONS.get(impl, {}) | CASE_OPTIONS.get(case, {}).get(impl, {})
+    return _run(dispatch.implementations(OP)[impl], *case_arrays(case), v_is_k=CASES[case].get("v_is_k", False),
+                opts=tuple(sorted(opts.items())))
 
 
 def compare(got, want, case):

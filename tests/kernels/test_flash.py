@@ -6,6 +6,7 @@ from __future__ import annotations
 import hypothesis
 import hypothesis.strategies as st
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -69,3 +70,47 @@ def test_default_tiles_and_head_dim_64():
     want = jax.jit(lambda: grads(softmax_attention_reference))()
     for what, a, e in zip(("o", "dq", "dk", "dv"), got, want):
         assert_close(a, e, rel=1e-5, name=what)
+
+
+def _pallas_operands(fn, *args):
+    """Operand shapes of every pallas_call in fn's program (forward and, under grad, backward)."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                found.append([tuple(x.aval.shape) for x in eqn.invars])
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_k_equals_v_is_one_operand_in_every_kernel():
+    """One array as key and value: every kernel (forward, dq, dk/dv, decode) takes it once, so each tile
+    is loaded once; separate k and v are two operands."""
+    from attention.ops.softmax.pallas import softmax_attention_pallas, softmax_decode_pallas
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((1, 32, 4, 8), np.float32))
+    k = jnp.asarray(rng.standard_normal((1, 32, 2, 8), np.float32))
+    v = k + 1.0
+
+    def train(q, k, v):
+        return jax.grad(lambda q, k, v: softmax_attention_pallas(q, k, v).sum(), argnums=(0, 1, 2))(q, k, v)
+
+    def train_shared(q, k):
+        return jax.grad(lambda q, k: softmax_attention_pallas(q, k, k).sum(), argnums=(0, 1))(q, k)
+
+    def count(calls):  # operands shaped as k or v, heads first: [B, Hkv, S, D]
+        return [c.count((1, 2, 32, 8)) for c in calls]
+
+    assert count(_pallas_operands(train_shared, q, k)) == [1, 1, 1]
+    assert count(_pallas_operands(train, q, k, v)) == [2, 2, 2]
+    valid = jnp.ones((1, 32, 2), bool)
+    flat = (1, 32, 16)  # the cache viewed as [B, S, Hkv * D]
+    decode_shared = _pallas_operands(lambda q, k: softmax_decode_pallas(q, k, k, valid), q[:, :1], k)
+    decode_split = _pallas_operands(lambda q, k, v: softmax_decode_pallas(q, k, v, valid), q[:, :1], k, v)
+    assert [c.count(flat) for c in decode_shared] == [1]
+    assert [c.count(flat) for c in decode_split] == [2]

@@ -1,14 +1,14 @@
-"""The Pallas flash-attention kernel (`kernels_pallas.flash`) as the `pallas` implementation of
-`softmax_attention`: on the CPU it runs in interpret mode (what the tests check), on GPU it is compiled by
+"""The Pallas flash-attention kernels (`kernels_pallas.flash`) as the `pallas` implementations of
+`softmax_attention` and `softmax_decode`: on the CPU it runs in interpret mode (what the tests check), on GPU it is compiled by
 Triton and on TPU by Mosaic. One array passed as both k and v (`v is k`) is read once per tile by the kernel,
-which returns dk + dv as k's gradient."""
+which returns dk + dv as k's gradient; in decode, a K=V cache is read once."""
 from __future__ import annotations
 
 import jax.numpy as jnp
 
 from attention.ops import dispatch
 from attention.ops.softmax.api import documents
-from kernels_pallas.flash import flash_attention
+from kernels_pallas.flash import flash_attention, flash_decode
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -30,3 +30,14 @@ def softmax_attention_pallas(q, k, v, *, causal=True, sliding_window=None, local
                            local_window=local_window, key_log_gate=key_log_gate,
                            doc_ids=None if segment_ids is None else documents(segment_ids), scale=scale,
                            block_q=block_q, block_k=block_k, interpret=interpret)
+
+
+@dispatch.register("softmax_decode", "pallas", supports=supports)
+def softmax_decode_pallas(q, k, v, valid, *, key_log_gate=None, scale=None, block_k=None, splits=None,
+                          heads_per_block=None, interpret=None):
+    """The cache is read in place ([B,S,Hkv,D], its own dtype); validity and the gate become one additive
+    fp32 bias per key and head. block_k / splits / heads_per_block override the kernel's choices (tests)."""
+    gate = jnp.zeros(valid.shape, jnp.float32) if key_log_gate is None else key_log_gate.astype(jnp.float32)
+    bias = jnp.where(valid, gate, -jnp.inf)
+    return flash_decode(q, k, None if v is k else v, bias, scale=scale, block_k=block_k, splits=splits,
+                        heads_per_block=heads_per_block, interpret=interpret)

@@ -1,0 +1,123 @@
+"""Flash decode: one new query token per sequence against a KV cache, read in place in its own layout and dtype.
+
+- The cache stays time-major ([B, S, Hkv, D], as the mixers keep it) and is viewed as [B, S, Hkv * D] (a free
+  reshape): kv head h is the column block h, so no transpose or copy of the cache is ever made.
+- All query heads of a GQA group form one tile ([G, D], padded to the target's smallest dot), so each key tile
+  is read once per kv head, not once per query head.
+- One array as both key and value (K=V) is read once per tile.
+- Split-K: grid (batch, kv head, split); each split scans its stretch of S in key tiles with an online softmax
+  and writes a normalised partial output and its log-sum-exp; the wrapper combines the splits. Splits give a
+  long cache enough parallel programs when batch x kv heads is small.
+- `bias` [B, Hkv, 1, S] fp32 carries validity (-inf) and the SP-KV key gate, so a pruned cache (ring + store,
+  different keys per head) is read in place, masked, without a gather.
+
+A stretch or tile past S is masked by position (its reads are padding), and values there are zeroed, since 0 x
+NaN is NaN.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels_pallas import platform
+from kernels_pallas.flash import tiles
+
+# (key tile, largest number of splits, num_warps) per target; a split is at least 4 key tiles.
+DECODE_BLOCKS = {"cpu": (128, 4, 4), "gpu": (64, 32, 4), "tpu": (128, 8, 4)}
+# The fewest query rows of a tile: Triton's dots need 16, TPU's sublanes 8.
+MIN_ROWS = {"cpu": 1, "gpu": 16, "tpu": 8}
+
+
+def _decode_kernel(q_ref, k_ref, *refs, kv_shared, s_len, block_k, chunk, scale, heads, d, dv):
+    """`heads` kv heads per program (1, except on a TPU whose head dim is no multiple of 128: there a block
+    must span every head's columns); head hh reads columns [hh * d, (hh + 1) * d) of its block."""
+    v_ref = k_ref if kv_shared else refs[0]
+    bias_ref, o_ref, lse_ref = refs[-3:]
+    split = pl.program_id(2)
+    # Tiles of this split that start before S.
+    n_tiles = jnp.minimum(chunk // block_k, lax.div(s_len - split * chunk + block_k - 1, block_k))
+    for hh in range(heads):
+        q = q_ref[hh]
+
+        def body(t, carry, hh=hh, q=q):
+            m, l, acc = carry
+            keys = pl.ds(pl.multiple_of(t * block_k, block_k), block_k)
+            pos = split * chunk + t * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+            inside = pos < s_len
+            k = k_ref[keys, pl.ds(hh * d, d)]
+            v = k if kv_shared else v_ref[keys, pl.ds(hh * dv, dv)]
+            v = jnp.where(inside.reshape(block_k, 1), v, jnp.zeros_like(v))
+            s = tiles.dot(q, k, contract=(1, 1)) * scale + bias_ref[hh, :, keys]
+            s = jnp.where(inside, s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            p = jnp.exp(s - m_safe)
+            alpha = jnp.exp(m - m_safe)
+            acc = alpha * acc + tiles.dot(p.astype(v.dtype), v)
+            return m_new, alpha * l + jnp.sum(p, axis=1, keepdims=True), acc
+
+        rows = q.shape[0]
+        init = (jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
+                jnp.zeros((rows, dv), jnp.float32))
+        m, l, acc = lax.fori_loop(0, n_tiles, body, init)
+        seen = l > 0
+        l_safe = jnp.where(seen, l, 1.0)
+        o_ref[hh] = acc / l_safe
+        # -inf for a split that saw no key: its weight in the combine is exp(-inf) = 0.
+        lse_ref[hh] = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
+
+
+def flash_decode(q, k, v=None, bias=None, *, scale=None, block_k=None, splits=None, heads_per_block=None,
+                 interpret=None):
+    """q [B, 1, Hq, D]; k [B, S, Hkv, D] and v [B, S, Hkv, Dv] (v None: k is also the value); bias [B, S, Hkv]
+    fp32 added to each logit (-inf: not readable by that head; None: every key) -> [B, 1, Hq, Dv] in q's dtype.
+    A head that can read no key returns 0. block_k, splits and heads_per_block override the target's choices
+    (tests)."""
+    tgt = platform.target()
+    pref_k, max_splits, warps = DECODE_BLOCKS[tgt]
+    B, _, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    Dv = D if v is None else v.shape[-1]
+    G = Hq // Hkv
+    rows = max(MIN_ROWS[tgt], 1 << max(0, (G - 1).bit_length()) if tgt != "cpu" else G)
+    bk = block_k or min(pref_k, max(8, 1 << max(0, (S - 1).bit_length())))
+    n_tiles = -(-S // bk)
+    n_split = splits or max(1, min(max_splits, n_tiles // 4))
+    chunk = -(-n_tiles // n_split) * bk
+    n_split = -(-S // chunk)
+    scale = float(D) ** -0.5 if scale is None else float(scale)
+
+    q_rows = jnp.pad(q[:, 0].reshape(B, Hkv, G, D).astype(k.dtype), ((0, 0), (0, 0), (0, rows - G), (0, 0)))
+    if bias is None:
+        bias = jnp.zeros((B, S, Hkv), jnp.float32)
+    bias_rows = jnp.swapaxes(bias.astype(jnp.float32), 1, 2)[:, :, None, :]
+    # A TPU block's last dim must be a multiple of 128 lanes or the whole row: narrower heads share a block.
+    hb = heads_per_block or (Hkv if tgt == "tpu" and (D % 128 or Dv % 128) else 1)
+    inputs = [q_rows, k.reshape(B, S, Hkv * D)] + ([] if v is None else [v.reshape(B, S, Hkv * Dv)])
+    specs = [pl.BlockSpec((None, hb, rows, D), lambda b, h, c: (b, h, 0, 0)),
+             pl.BlockSpec((None, chunk, hb * D), lambda b, h, c: (b, c, h))]
+    if v is not None:
+        specs.append(pl.BlockSpec((None, chunk, hb * Dv), lambda b, h, c: (b, c, h)))
+    specs.append(pl.BlockSpec((None, hb, 1, chunk), lambda b, h, c: (b, h, 0, c)))
+    out_shape = (jax.ShapeDtypeStruct((B, Hkv, n_split, rows, Dv), jnp.float32),
+                 jax.ShapeDtypeStruct((B, Hkv, n_split, rows, 1), jnp.float32))
+    out_specs = (pl.BlockSpec((None, hb, None, rows, Dv), lambda b, h, c: (b, h, c, 0, 0)),
+                 pl.BlockSpec((None, hb, None, rows, 1), lambda b, h, c: (b, h, c, 0, 0)))
+    kernel = functools.partial(_decode_kernel, kv_shared=v is None, s_len=S, block_k=bk, chunk=chunk, scale=scale,
+                               heads=hb, d=D, dv=Dv)
+    o_parts, lse_parts = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(B, Hkv // hb, n_split), in_specs=specs, out_specs=out_specs,
+        interpret=platform.resolve_interpret(interpret), name="flash_decode",
+        compiler_params=platform.compiler_params(gpu=dict(num_warps=warps, num_stages=2),
+                                                 tpu=dict(dimension_semantics=("parallel",) * 3)),
+    )(*inputs, bias_rows)
+    # Combine the splits: weights exp(lse_c - max lse), all zero for a head that read nothing.
+    m = jnp.max(lse_parts, axis=2, keepdims=True)
+    w = jnp.exp(lse_parts - jnp.where(m == -jnp.inf, 0.0, m))
+    total = jnp.sum(w, axis=2)
+    o = jnp.sum(w * o_parts, axis=2) / jnp.where(total > 0, total, 1.0)
+    return o[:, :, :G].reshape(B, 1, Hq, Dv).astype(q.dtype)
