@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import platform
-from kernels_pallas.flash import flash_attention
+from kernels_pallas.flash import flash_attention, flash_decode
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    kernel: str                      # the family: flash, ...
+    kernel: str                      # the family: flash (training, fwd+bwd), decode, ...
     shape: str                       # what this entry covers, one line
     fn: Callable[..., Any]           # fn(*args) -> gradients (forward and backward kernels)
     args: tuple[jax.ShapeDtypeStruct, ...]
@@ -66,8 +66,32 @@ def _flash_case(dtype, d: int, variant: str) -> Case:
 FLASH_VARIANTS = ("mha", "mha-noncausal-ragged", "gqa4-k=v-window", "gqa4-gate-local", "mqa-segments-gate")
 
 
+def _decode_case(dtype, d: int, variant: str) -> Case:
+    B, Hq, Hkv, S, shared = 4, 32, 8, 8192, False
+    if variant == "gqa4-k=v-ragged":
+        S, shared = 5000, True
+    elif variant == "mqa":
+        Hkv = 1
+    spec = jax.ShapeDtypeStruct
+    args = [spec((B, 1, Hq, d), dtype), spec((B, S, Hkv, d), dtype)]
+    args += [] if shared else [spec((B, S, Hkv, d), dtype)]
+    args.append(spec((B, S, Hkv), jnp.float32))
+
+    def fn(*xs):
+        q, k, *rest = xs
+        v = None if shared else rest.pop(0)
+        return flash_decode(q, k, v, rest[0])
+
+    return Case("decode", f"{jnp.dtype(dtype).name} d{d} S{S} {variant}", fn, tuple(args))
+
+
+DECODE_VARIANTS = ("gqa4", "gqa4-k=v-ragged", "mqa")
+
+
 def cases() -> list[Case]:
-    return [_flash_case(dt, d, v) for dt in (jnp.float32, jnp.bfloat16) for d in (64, 128) for v in FLASH_VARIANTS]
+    grid = [(dt, d) for dt in (jnp.float32, jnp.bfloat16) for d in (64, 128)]
+    return ([_flash_case(dt, d, v) for dt, d in grid for v in FLASH_VARIANTS]
+            + [_decode_case(dt, d, v) for dt, d in grid for v in DECODE_VARIANTS])
 
 
 def kernels() -> list[str]:

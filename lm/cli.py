@@ -123,6 +123,13 @@ def cmd_bench_ops(args) -> int:
     return 0
 
 
+def cmd_bench_decode(args) -> int:
+    from lm.bench.decode import bench
+
+    bench(args, "attnlab " + " ".join(sys.argv[1:]))
+    return 0
+
+
 def cmd_kernels_lower(args) -> int:
     from kernels_pallas import catalog
 
@@ -246,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     kl.add_argument("--kernel", default=None, help="only this kernel family (e.g. flash)")
     kl.add_argument("--json", action="store_true", help="one JSON object per line")
     kl.set_defaults(fn=cmd_kernels_lower)
+
+    bd = bsub.add_parser("decode", help="decode-step time and memory bandwidth of softmax_decode, K,V and K=V")
+    from lm.bench import add_decode_arguments
+
+    add_decode_arguments(bd)
+    bd.set_defaults(fn=cmd_bench_decode)
 
     dm = sub.add_parser("demo", help="train a config, evaluate it and compare with the corpus unigram entropy")
     dm.add_argument("config", help="the YAML config to train, e.g. configs/tiny/softmax.yaml")

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check, in one run of at most ~8 minutes:
-#   1. op parity tests (reference vs xla vs pallas, fp32 at highest matmul precision) on the GPU;
-#   2. forward+backward timings of our ops against cuDNN / XLA attention (bf16);
-#   3. train-step tokens/s and MFU of the CPU bench config and of a ~300M config (bf16, XLA path).
-# Usage: bash experiments/bench/gpu_suite.sh OUT_DIR   (writes 7 files: the device tool returns at most 8)
+#   1. kernel and op parity on the GPU: every Pallas kernel compiled by Triton against the reference ops
+#      (fp32 at highest matmul precision), and the softmax-family mixers on impl=pallas;
+#   2. flash attention forward+backward (bf16, causal, GQA 16/4 heads, head dim 64 and 128, T = 1k..16k) against
+#      jax.nn.dot_product_attention (cuDNN and XLA) and our xla op;
+#   3. decode: time and achieved HBM bandwidth, K,V against K=V, S = 4k..64k, xla against pallas;
+#   4. train-step tokens/s and MFU of the ~300M config, impl=xla against impl=pallas (bf16).
+# Usage: bash experiments/bench/gpu_suite.sh OUT_DIR   (writes 8 files: the device tool returns at most 8)
 # Python packages the GPU image lacks (grain, pydantic, ...) may be carried as cp312 wheels in .whl/.
 set -uo pipefail
 OUT=${1:?usage: gpu_suite.sh OUT_DIR}
@@ -24,20 +27,28 @@ log() { echo "[$(date +%T)] $*" | tee -a "$OUT/suite.log"; }
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-log "1/3 op parity on GPU"
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout 200 python3 -m pytest -q -p no:cacheprovider tests/attention tests/kernels \
-  -x --durations=5 > "$OUT/parity.txt" 2>&1
+log "1/4 kernel and op parity on GPU"
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 130 python3 -m pytest -q -p no:cacheprovider tests/kernels \
+  tests/attention/test_softmax_op.py tests/attention/test_mixers_pallas.py --durations=5 > "$OUT/parity.txt" 2>&1
 echo "exit $?" >> "$OUT/parity.txt"; tail -5 "$OUT/parity.txt"
 
-log "2/3 op timings (bf16, fwd+bwd)"
-timeout 120 python3 -m lm.bench.ops --dtype bfloat16 --B 4 --H 16 --D 64 --T 1024 4096 16384 \
-  --reps 5 --json "$OUT/ops.json" > "$OUT/ops.txt" 2>&1
-echo "exit $?" >> "$OUT/ops.txt"; tail -3 "$OUT/ops.txt"
+log "2/4 flash attention fwd+bwd against cuDNN and XLA (bf16, causal, GQA 16/4)"
+for D in 64 128; do
+  timeout 65 python3 -m lm.bench.ops --ops softmax --impl xla pallas --dtype bfloat16 --B 2 --H 16 --Hkv 4 \
+    --D "$D" --T 1024 4096 16384 --reps 5 --json "$OUT/ops_d$D.json" >> "$OUT/suite.log" 2>&1
+  echo "ops d$D exit $?" | tee -a "$OUT/suite.log"
+done
 
-log "3/3 train steps"
-timeout 90 python3 -m lm.cli bench step configs/bench/cpu_d512_l8.yaml --steps 10 --json \
-  --set model.dtype=bfloat16 > "$OUT/step_d512_bf16.json" 2>> "$OUT/suite.log"
-timeout 150 python3 -m lm.cli bench step configs/bench/gpu_300m.yaml --steps 10 --json \
-  > "$OUT/step_300m.json" 2>> "$OUT/suite.log"
+log "3/4 decode time and bandwidth (bf16, 32/8 heads, d128)"
+timeout 45 python3 -m lm.bench.decode --S 4096 16384 65536 --B 8 --Hq 32 --Hkv 8 --D 128 --impl xla pallas \
+  --json "$OUT/decode.json" >> "$OUT/suite.log" 2>&1
+echo "decode exit $?" | tee -a "$OUT/suite.log"
+
+log "4/4 train steps, ~300M config"
+for IMPL in xla pallas; do
+  timeout 75 python3 -m lm.cli bench step configs/bench/gpu_300m.yaml --steps 10 --json \
+    --set kernels.impl=$IMPL > "$OUT/step_300m_$IMPL.json" 2>> "$OUT/suite.log"
+  echo "step $IMPL exit $?" | tee -a "$OUT/suite.log"
+done
 tail -c 600 "$OUT"/step_*.json
 log "done"

@@ -56,9 +56,10 @@ def flash_attention(q, k, v=None, *, causal=True, sliding_window=None, local_win
                 sliding_window=sliding_window, local_window=local_window if key_log_gate is not None else None,
                 has_gate=key_log_gate is not None, has_segments=doc_ids is not None, kv_shared=v is None,
                 interpret=platform.resolve_interpret(interpret), num_warps=warps, num_stages=stages)
-    # Triton wants power-of-two tiles: zero head-dim padding changes no dot product, and extra v columns are cut.
-    d_pad = _pow2_at_least(D) if tgt == "gpu" else D
-    dv_pad = _pow2_at_least(Dv) if tgt == "gpu" else Dv
+    # Triton wants power-of-two tiles of at least 16 along a dot's contraction: zero head-dim padding changes no
+    # dot product, and extra v columns are cut. (The layout change copies q, k, v anyway.)
+    d_pad = max(16, _pow2_at_least(D)) if tgt == "gpu" else D
+    dv_pad = max(16, _pow2_at_least(Dv)) if tgt == "gpu" else Dv
 
     def heads_first(x, length, width):
         x = jnp.swapaxes(x, 1, 2)

@@ -41,9 +41,11 @@ def _fwd_bwd(f):
     return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(3))))
 
 
-def softmax_cases(B, T, H, D, dtype, impls):
+def softmax_cases(B, T, H, D, dtype, impls, Hkv=None):
     key = jax.random.PRNGKey(0)
-    q, k, v = (jax.random.normal(jax.random.fold_in(key, i), (B, T, H, D), dtype) for i in range(3))
+    Hkv = Hkv or H
+    q, k, v = (jax.random.normal(jax.random.fold_in(key, i), (B, T, h, D), dtype)
+               for i, h in enumerate((H, Hkv, Hkv)))
     cases = {f"softmax_attention[{impl}]": lambda q, k, v, impl=impl: ops.softmax_attention(q, k, v, impl=impl)
              for impl in impls}
     if jax.default_backend() == "gpu":
@@ -75,15 +77,16 @@ def linear_cases(B, T, H, D, dtype, impls):
     return cases
 
 
-def run(Ts, B, H, D, dtype, impls, reps) -> list[dict]:
+def run(Ts, B, H, D, dtype, impls, reps, Hkv=None, families=("softmax", "linear")) -> list[dict]:
     rows = []
+    makers = {"softmax": lambda *a: softmax_cases(*a, Hkv=Hkv), "linear": linear_cases}
     for T in Ts:
-        for make in (softmax_cases, linear_cases):
-            for name, (f, args) in make(B, T, H, D, dtype, impls).items():
+        for family in families:
+            for name, (f, args) in makers[family](B, T, H, D, dtype, impls).items():
                 try:
                     sec = median_time(_fwd_bwd(f), args, reps)
-                    rows.append({"op": name, "T": T, "B": B, "H": H, "D": D, "dtype": jnp.dtype(dtype).name,
-                                 "fwd_bwd_ms": sec * 1e3})
+                    rows.append({"op": name, "T": T, "B": B, "H": H, "Hkv": Hkv or H, "D": D,
+                                 "dtype": jnp.dtype(dtype).name, "fwd_bwd_ms": sec * 1e3})
                 except Exception as e:  # a baseline the backend lacks is reported, not fatal
                     rows.append({"op": name, "T": T, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
                 print(json.dumps(rows[-1]), flush=True)
@@ -92,7 +95,7 @@ def run(Ts, B, H, D, dtype, impls, reps) -> list[dict]:
 
 def bench(a: argparse.Namespace, command: str) -> None:
     """Run the benchmark for parsed options `a`; `command` is recorded in the markdown table."""
-    rows = run(a.T, a.B, a.H, a.D, jnp.dtype(a.dtype), a.impl, a.reps)
+    rows = run(a.T, a.B, a.H, a.D, jnp.dtype(a.dtype), a.impl, a.reps, Hkv=a.Hkv, families=a.ops)
     info = machine()
     if a.json_out:
         with open(a.json_out, "w") as f:

@@ -12,13 +12,13 @@ from attention.ops import dispatch
 from tests.numerics import assert_close
 
 OP = "softmax_decode"
-B, D, DV = 2, 8, 6
+B, D, DV = 2, 16, 32  # powers of two >= 16, as the decode kernel needs on a GPU; D != DV
 
 # S: cache length; Hq, Hkv: heads; keep: share of valid cache entries; gate: a key_log_gate; v_is_k: the
 # cache holds one array as keys and values (K=V sharing).
 # Options an implementation takes in tests only: small key tiles and several splits of the cache; heads
 # sharing a block (the TPU layout for narrow heads) in one case.
-TEST_OPTIONS = {"pallas": dict(block_k=8, splits=3)}
+TEST_OPTIONS = {"pallas": dict(block_k=16, splits=3)}
 CASE_OPTIONS = {"gqa-pruned-one-head-empty": {"pallas": dict(heads_per_block=2)}}
 
 CASES = {

@@ -114,3 +114,17 @@ def test_k_equals_v_is_one_operand_in_every_kernel():
     decode_split = _pallas_operands(lambda q, k, v: softmax_decode_pallas(q, k, v, valid), q[:, :1], k, v)
     assert [c.count(flat) for c in decode_shared] == [1]
     assert [c.count(flat) for c in decode_split] == [2]
+
+
+def test_decode_on_a_gpu_refuses_head_dims_it_cannot_read_in_place():
+    from attention.ops.softmax.pallas import supports_decode
+
+    call = dict(dtype=jnp.bfloat16, q_shape=(1, 1, 8, 24), has_key_log_gate=False)
+    assert supports_decode(backend="gpu", k_shape=(1, 64, 2, 64), v_shape=(1, 64, 2, 128), **call) is None
+    assert "power-of-two head dims >= 16; got 24 (keys)" in supports_decode(
+        backend="gpu", k_shape=(1, 64, 2, 24), v_shape=(1, 64, 2, 24), **call)
+    # Interpreted on the CPU and on a TPU (blocks span the heads' columns) any head dim is read in place.
+    for backend in ("cpu", "tpu"):
+        assert supports_decode(backend=backend, k_shape=(1, 64, 2, 24), v_shape=(1, 64, 2, 24), **call) is None
+    assert "not int32" in supports_decode(backend="gpu", dtype=jnp.int32, k_shape=(1, 64, 2, 64),
+                                          v_shape=(1, 64, 2, 64), q_shape=(1, 1, 8, 64))

@@ -28,6 +28,7 @@ def test_catalogue_covers_dtypes_head_dims_and_features():
     shapes = " ".join(c.shape for c in CASES)
     for needed in ("float32", "bfloat16", "d64", "d128", "gqa4", "k=v", "gate", "window", "segments", "ragged"):
         assert needed in shapes, f"no catalogued shape covers {needed}"
+    assert {c.kernel for c in CASES} >= {"flash", "decode"}
 
 
 def test_cli_prints_one_line_per_kernel_and_shape(capsys):

@@ -182,7 +182,8 @@ def test_readme_lists_every_subcommand():
     readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
     usage = readme[readme.index("## Using it"):readme.index("Experiments (")]
     for name, _ in _parsers(build_parser()):
-        if name.count(" ") == 1 or name in ("attnlab data prepare", "attnlab bench step", "attnlab bench ops"):
+        if name.count(" ") == 1 or name in ("attnlab data prepare", "attnlab bench step", "attnlab bench ops",
+                                                 "attnlab bench decode", "attnlab kernels lower"):
             assert f"\n{name} " in usage, name
 
 
@@ -246,3 +247,15 @@ def test_bench_step_json(capsys):
     for key in ("tokens_per_s", "mfu", "matmul_peak_gflops", "step_s_median", "jax", "date"):
         assert key in res
     assert res["tokens_per_step"] == 32 and 0 < res["mfu"] < 1.5
+
+
+def test_bench_decode_json(tmp_path):
+    out = tmp_path / "decode.json"
+    assert main(["bench", "decode", "--S", "40", "--B", "1", "--Hq", "4", "--Hkv", "2", "--D", "16", "--dtype",
+                 "float32", "--impl", "xla", "pallas", "--reps", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["op"], r["kv"]) for r in rows] == [(f"softmax_decode[{i}]", kv) for i in ("xla", "pallas")
+                                                  for kv in ("K,V", "K=V")]
+    assert all(r["ms"] > 0 and r["GBps"] > 0 for r in rows)
+    # K=V reads one cache array instead of two.
+    assert rows[1]["cache_bytes"] * 2 == rows[0]["cache_bytes"] == 40 * 2 * 16 * 4 * 2

@@ -14,10 +14,22 @@ DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def supports(*, backend, dtype, **_):
-    """None when the kernel serves the call, else why not."""
+    """None when the flash kernel serves the call, else why not."""
     if jnp.dtype(dtype) not in {jnp.dtype(d) for d in DTYPES}:
         return f"the flash kernel takes float32, bfloat16 or float16 inputs, not {jnp.dtype(dtype).name}"
     return None
+
+
+def supports_decode(*, backend, dtype, k_shape, v_shape, **info):
+    """The decode kernel reads the cache in place, so it cannot pad head dims: on a GPU (Triton) they must be
+    powers of two of at least 16."""
+    why = supports(backend=backend, dtype=dtype, **info)
+    if why is None and backend == "gpu":
+        bad = [d for d in (k_shape[-1], v_shape[-1]) if d < 16 or d & (d - 1)]
+        if bad:
+            why = (f"the decode kernel reads the cache in place and Triton needs power-of-two head dims >= 16; "
+                   f"got {k_shape[-1]} (keys) and {v_shape[-1]} (values)")
+    return why
 
 
 @dispatch.register("softmax_attention", "pallas", supports=supports)
@@ -32,7 +44,7 @@ def softmax_attention_pallas(q, k, v, *, causal=True, sliding_window=None, local
                            block_q=block_q, block_k=block_k, interpret=interpret)
 
 
-@dispatch.register("softmax_decode", "pallas", supports=supports)
+@dispatch.register("softmax_decode", "pallas", supports=supports_decode)
 def softmax_decode_pallas(q, k, v, valid, *, key_log_gate=None, scale=None, block_k=None, splits=None,
                           heads_per_block=None, interpret=None):
     """The cache is read in place ([B,S,Hkv,D], its own dtype); validity and the gate become one additive
