@@ -15,8 +15,9 @@ Sharing is tensor reuse: the shared projection is one array, passed as both k an
 supports `v is k`) whenever nothing position-dependent touches the logit side. The paper's models use
 learned absolute positions, where that is the whole story. With RoPE (or qk_norm), the value is the
 un-rotated, un-normed shared projection and the scores use a rotated (normed) copy of it, so values
-never depend on position; decoding therefore caches the un-rotated projection and rotates the cached
-keys again at each step (O(S·d), as cheap as reading them).
+never depend on position; decoding therefore caches the un-rotated projection and asks the decode op to
+derive the keys from it (norm, then RoPE at each slot's position). The Pallas decode kernel does that per
+tile while it reads the cache, so one read serves as key and value; the xla path writes a transformed copy.
 
 `pos2d` (the "(X)+" variants, share qk|qkv): a fixed map P[i,j] = concat(sincos(i) in m//2 channels,
 sincos(j) in m - m//2) mixed into the scaled scores by learned per-layer weights w [m], shared across
@@ -230,25 +231,27 @@ class SoftmaxAttention(nnx.Module):
             pos_BSH = new_cache["pos"]
             valid = pos_BSH >= 0
         keys = values = new_cache["k"]
+        derive = {}
         if self.v_proj is None:
-            keys = self._cached_keys(keys, pos_BSH)
+            derive = self._derived_keys(pos_BSH)
         else:
             values = new_cache["v"]
         # Without spkv every head's slots hold the same positions, which is all pos2d needs.
         gate, _ = self._key_log_gate(pos_BSH[..., 0])
         o = ops.softmax_decode(q, keys, values, valid, key_log_gate=gate, scale=self.cfg.scale,
-                               impl=self.ctx.impl)
+                               impl=self.ctx.impl, **derive)
         return self.o_proj(o.reshape(B, 1, self.H * self.hd)), new_cache
 
-    def _cached_keys(self, kc_BSHD: jax.Array, pos_BSH: jax.Array) -> jax.Array:
-        """The scores' keys of cached K=V projections. A dense cache's slot holds one position for all heads
-        (and without norm or RoPE the keys are the cached array itself); a pruned cache keeps different
-        tokens per head, so heads fold into time for RoPE's per-row positions."""
-        if self.spkv is None:
-            return self._for_logits(kc_BSHD, self.k_norm, pos_BSH[..., 0])
-        B, S, H, D = kc_BSHD.shape
-        flat = self._for_logits(kc_BSHD.reshape(B, S * H, 1, D), self.k_norm, pos_BSH.reshape(B, S * H))
-        return flat.reshape(B, S, H, D)
+    def _derived_keys(self, pos_BSH: jax.Array) -> dict:
+        """How the op derives the scores' keys from a K=V cache, which holds the raw shared projection (the
+        values): qk-norm, then RoPE at each slot's own position (a pruned cache keeps different positions per
+        head). The op reads the one cached array for both; the Pallas kernel derives keys per tile, in fp32."""
+        derive = {}
+        if self.k_norm is not None:
+            derive |= dict(key_norm_scale=self.k_norm.scale[...], key_norm_eps=self.k_norm.eps)
+        if self.use_rope:
+            derive |= dict(key_rope_theta=self.ctx.rope_theta, key_positions=pos_BSH)
+        return derive
 
     def schedule_values(self, step: int, total: int) -> dict[str, float]:
         return {} if self.spkv is None else self.spkv.schedule_values(step, total)

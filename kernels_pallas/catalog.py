@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import platform
-from kernels_pallas.flash import flash_attention, flash_decode
+from kernels_pallas.flash import KeyTransform, flash_attention, flash_decode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,25 +67,32 @@ FLASH_VARIANTS = ("mha", "mha-noncausal-ragged", "gqa4-k=v-window", "gqa4-gate-l
 
 
 def _decode_case(dtype, d: int, variant: str) -> Case:
-    B, Hq, Hkv, S, shared = 4, 32, 8, 8192, False
+    B, Hq, Hkv, S, shared, derive = 4, 32, 8, 8192, False, False
     if variant == "gqa4-k=v-ragged":
         S, shared = 5000, True
+    elif variant == "gqa4-k=v-norm-rope":
+        shared, derive = True, True
     elif variant == "mqa":
         Hkv = 1
     spec = jax.ShapeDtypeStruct
     args = [spec((B, 1, Hq, d), dtype), spec((B, S, Hkv, d), dtype)]
     args += [] if shared else [spec((B, S, Hkv, d), dtype)]
     args.append(spec((B, S, Hkv), jnp.float32))
+    args += [spec((d,), jnp.float32), spec((B, S, Hkv), jnp.int32)] if derive else []
 
     def fn(*xs):
         q, k, *rest = xs
         v = None if shared else rest.pop(0)
-        return flash_decode(q, k, v, rest[0])
+        if not derive:
+            return flash_decode(q, k, v, rest[0])
+        bias, norm_scale, pos = rest
+        return flash_decode(q, k, v, bias, key_transform=KeyTransform(norm_eps=1e-5, rope_theta=1e4),
+                            key_norm_scale=norm_scale, key_positions=pos)
 
     return Case("decode", f"{jnp.dtype(dtype).name} d{d} S{S} {variant}", fn, tuple(args))
 
 
-DECODE_VARIANTS = ("gqa4", "gqa4-k=v-ragged", "mqa")
+DECODE_VARIANTS = ("gqa4", "gqa4-k=v-ragged", "gqa4-k=v-norm-rope", "mqa")
 
 
 def cases() -> list[Case]:

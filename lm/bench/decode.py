@@ -1,8 +1,9 @@
-"""Decode-step attention time and achieved memory bandwidth, per implementation, with and without K=V.
+"""Decode-step attention time and achieved memory bandwidth, per implementation: K,V; K=V; K=V with RoPE keys.
 
 `attnlab bench decode --S 4096 16384 65536 --impl xla pallas --json out.json` times `softmax_decode` (one
 new token per sequence against a full cache of S keys) and counts the bytes a decode step must read: the cache
-(K and V, or the one K=V array) plus the fp32 validity/gate row. Bandwidth = bytes / median time; on a GPU it is
+(K and V, or the one K=V array) plus the fp32 validity/gate row. "K=V+rope" is the projection-sharing paper's
+setting with RoPE: the cache holds the raw shared projection and the keys are rotated per slot position. Bandwidth = bytes / median time; on a GPU it is
 also given as a share of the device's peak HBM bandwidth.
 """
 from __future__ import annotations
@@ -36,16 +37,21 @@ def run(Ss, B, Hq, Hkv, D, dtype, impls, reps) -> list[dict]:
         k = jax.random.normal(jax.random.fold_in(key, 1), (B, S, Hkv, D), dtype)
         v = jax.random.normal(jax.random.fold_in(key, 2), (B, S, Hkv, D), dtype)
         valid = jnp.ones((B, S, Hkv), bool)
+        pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :, None], (B, S, Hkv))
         for impl in impls:
-            for shared in (False, True):
+            for mode in ("K,V", "K=V", "K=V+rope"):
+                shared = mode != "K,V"
+                # Positions are an argument: constants closed over would let XLA fold the rotation tables.
+                theta = 1e4 if mode == "K=V+rope" else None
                 if shared:
-                    f = jax.jit(lambda q, k, valid, impl=impl: ops.softmax_decode(q, k, k, valid, impl=impl))
-                    args = (q, k, valid)
+                    f = jax.jit(lambda q, k, valid, pos, impl=impl, theta=theta: ops.softmax_decode(
+                        q, k, k, valid, impl=impl, key_rope_theta=theta, key_positions=pos))
+                    args = (q, k, valid, pos)
                 else:
                     f = jax.jit(lambda q, k, v, valid, impl=impl: ops.softmax_decode(q, k, v, valid, impl=impl))
                     args = (q, k, v, valid)
                 cache_bytes = (1 if shared else 2) * B * S * Hkv * D * jnp.dtype(dtype).itemsize
-                row = {"op": f"softmax_decode[{impl}]", "kv": "K=V" if shared else "K,V", "S": S, "B": B,
+                row = {"op": f"softmax_decode[{impl}]", "kv": mode, "S": S, "B": B,
                        "Hq": Hq, "Hkv": Hkv, "D": D, "dtype": jnp.dtype(dtype).name, "cache_bytes": cache_bytes}
                 try:
                     sec = median_time(f, args, reps)

@@ -222,6 +222,11 @@ def test_decode_argument_errors():
         softmax_decode(q, k, v, jnp.ones((B, 8, 2), bool))
     with pytest.raises(ValueError, match="q must be"):
         softmax_decode(jnp.concatenate([q, q], axis=1), k, v, jnp.ones((B, 8, 1), bool))
+    ok = jnp.ones((B, 8, 1), bool)
+    with pytest.raises(ValueError, match="key_norm_scale must be"):
+        softmax_decode(q, k, v, ok, key_norm_scale=jnp.ones(3))
+    with pytest.raises(ValueError, match="key_rope_theta needs key_positions"):
+        softmax_decode(q, k, v, ok, key_rope_theta=1e4)
 
 
 # --- public op: validation and dispatch ----------------------------------------------------------

@@ -15,7 +15,7 @@ OP = "softmax_decode"
 B, D, DV = 2, 16, 32  # powers of two >= 16, as the decode kernel needs on a GPU; D != DV
 
 # S: cache length; Hq, Hkv: heads; keep: share of valid cache entries; gate: a key_log_gate; v_is_k: the
-# cache holds one array as keys and values (K=V sharing).
+# cache holds one array as keys and values (K=V sharing); norm / rope: keys derived from the cache.
 # Options an implementation takes in tests only: small key tiles and several splits of the cache; heads
 # sharing a block (the TPU layout for narrow heads) in one case.
 TEST_OPTIONS = {"pallas": dict(block_k=16, splits=3)}
@@ -25,6 +25,10 @@ CASES = {
     "gqa-pruned-one-head-empty": dict(S=40, Hq=4, Hkv=2, keep=0.6, empty_head=True),
     "mqa-gate": dict(S=37, Hq=4, Hkv=1, keep=0.8, gate=True),
     "mha-v-is-k-full": dict(S=16, Hq=2, Hkv=2, keep=1.0, v_is_k=True),
+    # A K=V cache of raw shared projections: keys are normed and rotated at each slot's position (pruned caches
+    # hold different positions per head; large positions make the angles large).
+    "gqa-v-is-k-norm-rope-pruned": dict(S=45, Hq=4, Hkv=2, keep=0.7, v_is_k=True, norm=True, rope=True),
+    "mqa-rope-gate": dict(S=33, Hq=4, Hkv=1, keep=0.9, gate=True, rope=True),
 }
 
 
@@ -40,19 +44,28 @@ def case_arrays(case):
         valid[1, :, 1] = False
     gate = jnp.asarray(-np.logaddexp(0.0, -3.0 * rng.standard_normal((B, S, Hkv))), jnp.float32) \
         if c.get("gate") else None
-    return q, k, v, jnp.asarray(valid), gate
+    transform = {}
+    if c.get("norm"):
+        transform |= dict(key_norm_scale=jnp.asarray(rng.uniform(0.5, 1.5, D), jnp.float32), key_norm_eps=1e-5)
+    if c.get("rope"):
+        transform |= dict(key_rope_theta=10000.0, key_positions=jnp.asarray(rng.integers(0, 50_000, (B, S, Hkv)),
+                                                                         jnp.int32))
+    return q, k, v, jnp.asarray(valid), gate, transform
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "v_is_k", "opts"))
-def _run(fn, q, k, v, valid, gate, v_is_k=False, opts=()):
-    # K=V passes k itself as v inside the trace (two jit arguments would be two tracers).
-    return fn(q, k, k if v_is_k else v, valid, key_log_gate=gate, **dict(opts))
+def _run(fn, q, k, v, valid, gate, transform, v_is_k=False, opts=()):
+    # K=V passes k itself as v inside the trace (two jit arguments would be two tracers). The transform's
+    # numbers (theta, eps) are static options, its arrays arguments.
+    return fn(q, k, k if v_is_k else v, valid, key_log_gate=gate, **transform, **dict(opts))
 
 
 def run(impl, case):
-    opts = TEST_OPTIONS.get(impl, {}) | CASE_OPTIONS.get(case, {}).get(impl, {})
-    return _run(dispatch.implementations(OP)[impl], *case_arrays(case), v_is_k=CASES[case].get("v_is_k", False),
-                opts=tuple(sorted(opts.items())))
+    *arrays, transform = case_arrays(case)
+    numbers = {name: x for name, x in transform.items() if isinstance(x, float)}
+    opts = TEST_OPTIONS.get(impl, {}) | CASE_OPTIONS.get(case, {}).get(impl, {}) | numbers
+    return _run(dispatch.implementations(OP)[impl], *arrays, {n: x for n, x in transform.items() if n not in numbers},
+                v_is_k=CASES[case].get("v_is_k", False), opts=tuple(sorted(opts.items())))
 
 
 def compare(got, want, case):

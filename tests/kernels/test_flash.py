@@ -128,3 +128,21 @@ def test_decode_on_a_gpu_refuses_head_dims_it_cannot_read_in_place():
         assert supports_decode(backend=backend, k_shape=(1, 64, 2, 24), v_shape=(1, 64, 2, 24), **call) is None
     assert "not int32" in supports_decode(backend="gpu", dtype=jnp.int32, k_shape=(1, 64, 2, 64),
                                           v_shape=(1, 64, 2, 64), q_shape=(1, 1, 8, 64))
+
+
+def test_k_equals_v_decode_with_rope_and_norm_is_still_one_operand():
+    """The paper's Q-K=V with RoPE and qk-norm: the cache holds the raw projection and the kernel derives the
+    keys per tile, so the cache is still one operand (no rotated copy written and read again)."""
+    from attention.ops.softmax.pallas import softmax_decode_pallas
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((1, 1, 4, 8), np.float32))
+    k = jnp.asarray(rng.standard_normal((1, 32, 2, 8), np.float32))
+    valid, pos = jnp.ones((1, 32, 2), bool), jnp.zeros((1, 32, 2), jnp.int32)
+
+    def decode(q, k):
+        return softmax_decode_pallas(q, k, k, valid, key_norm_scale=jnp.ones(8), key_rope_theta=1e4,
+                                     key_positions=pos)
+
+    calls = _pallas_operands(decode, q, k)
+    assert [c.count((1, 32, 16)) for c in calls] == [1]

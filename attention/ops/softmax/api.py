@@ -105,13 +105,19 @@ def matmul_precision(dtype):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
-def softmax_decode(q, k, v, valid, *, key_log_gate=None, scale=None, impl="auto"):
+def softmax_decode(q, k, v, valid, *, key_log_gate=None, scale=None, key_norm_scale=None, key_norm_eps=1e-5,
+                   key_rope_theta=None, key_positions=None, impl="auto"):
     """One query token against a KV cache: q [B,1,Hq,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv] -> [B,1,Hq,Dv].
 
     valid [B,S,Hkv] bool marks the cached keys each kv head may read (pruned SP-KV caches keep
     different keys per head). key_log_gate [B,S,Hkv] (<= 0) is added to the logit of every cached
     key; the caller exempts keys inside any local window. Softmax statistics in fp32; a head with no
     valid key returns 0.
+
+    The scores' keys may be derived from the cached k (a K=V cache holds the raw shared projection, which is
+    the value): RMS-normalised with scale key_norm_scale [D] (eps key_norm_eps), then rotated by RoPE
+    (key_rope_theta, half-split pairs) at key_positions [B,S,Hkv] int, in fp32 (`transform_keys`). Values are
+    the cached v as stored, so passing k itself as v reads one array for both.
     """
     if q.ndim != 4 or q.shape[1] != 1:
         raise ValueError(f"q must be [batch, 1, heads, dim]; got shape {tuple(q.shape)}")
@@ -125,6 +131,32 @@ def softmax_decode(q, k, v, valid, *, key_log_gate=None, scale=None, impl="auto"
     if key_log_gate is not None and tuple(key_log_gate.shape) != (B, S, Hkv):
         raise ValueError(f"key_log_gate must be [batch, kv_time, kv_heads] = {(B, S, Hkv)}; "
                          f"got {tuple(key_log_gate.shape)}")
+    if key_norm_scale is not None and tuple(key_norm_scale.shape) != (D,):
+        raise ValueError(f"key_norm_scale must be [head_dim] = ({D},); got {tuple(key_norm_scale.shape)}")
+    if key_rope_theta is not None:
+        if key_positions is None or tuple(key_positions.shape) != (B, S, Hkv):
+            got = None if key_positions is None else tuple(key_positions.shape)
+            raise ValueError(f"key_rope_theta needs key_positions [batch, kv_time, kv_heads] = {(B, S, Hkv)}; "
+                             f"got {got}")
+        if D % 2:
+            raise ValueError(f"RoPE pairs channels i and i + D/2: head dim {D} must be even")
     fn = dispatch.resolve("softmax_decode", impl, dtype=jnp.dtype(q.dtype), q_shape=q.shape, k_shape=k.shape,
                           v_shape=v.shape, has_key_log_gate=key_log_gate is not None)
-    return fn(q, k, v, valid, key_log_gate=key_log_gate, scale=scale)
+    return fn(q, k, v, valid, key_log_gate=key_log_gate, scale=scale, key_norm_scale=key_norm_scale,
+              key_norm_eps=key_norm_eps, key_rope_theta=key_rope_theta, key_positions=key_positions)
+
+
+def transform_keys(k, *, key_norm_scale=None, key_norm_eps=1e-5, key_rope_theta=None, key_positions=None):
+    """The scores' keys [B,S,Hkv,D] fp32 from cached k: rms_norm(k) * key_norm_scale, then RoPE at
+    key_positions (half-split pairs: channel i with i + D/2), each step only when asked for."""
+    x = k.astype(jnp.float32)
+    if key_norm_scale is not None:
+        x = x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + key_norm_eps) * key_norm_scale
+    if key_rope_theta is not None:
+        D = x.shape[-1]
+        inv_freq = 1.0 / (key_rope_theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+        angle = key_positions.astype(jnp.float32)[..., None] * inv_freq
+        cos, sin = jnp.cos(angle), jnp.sin(angle)
+        x1, x2 = x[..., :D // 2], x[..., D // 2:]
+        x = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return x

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from attention.ops import dispatch
-from attention.ops.softmax.api import documents, matmul_precision, resolve_scale
+from attention.ops.softmax.api import documents, matmul_precision, resolve_scale, transform_keys
 
 # (block_q, block_k) of the xla implementation. CPU: measured on 2 cores at B=8, Hq=8, D=64, fp32,
 # causal, T=512 and 2048; 64x64 beat 32x64, 64x32, 128x64, 64x128, 128x128 and 256-wide tiles.
@@ -285,8 +285,13 @@ _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
 
 @dispatch.register("softmax_decode", "xla")
-def softmax_decode_xla(q, k, v, valid, *, key_log_gate=None, scale=None):
-    """The cache is read in its own dtype (no fp32 copy of K and V) with fp32 accumulation; softmax in fp32."""
+def softmax_decode_xla(q, k, v, valid, *, key_log_gate=None, scale=None, key_norm_scale=None, key_norm_eps=1e-5,
+                       key_rope_theta=None, key_positions=None):
+    """The cache is read in its own dtype (no fp32 copy of K and V) with fp32 accumulation; softmax in fp32.
+    Derived keys (norm, RoPE) are a transformed copy of the cache in its dtype, made before the read."""
+    if key_norm_scale is not None or key_rope_theta is not None:
+        k = transform_keys(k, key_norm_scale=key_norm_scale, key_norm_eps=key_norm_eps,
+                           key_rope_theta=key_rope_theta, key_positions=key_positions).astype(k.dtype)
     B, _, Hq, D = q.shape
     Hkv = k.shape[2]
     f32 = jnp.float32
