@@ -7,7 +7,8 @@
 #   3. decode: time and achieved HBM bandwidth, K,V against K=V, S = 4k..64k, xla against pallas;
 #   4. train-step tokens/s and MFU of the ~300M config, impl=xla against impl=pallas (bf16).
 # Usage: bash experiments/bench/gpu_suite.sh OUT_DIR   (writes 8 files: the device tool returns at most 8)
-# Python packages the GPU image lacks (grain, pydantic, ...) may be carried as cp312 wheels in .whl/.
+# Python packages the GPU image lacks (grain, pydantic, ...) travel as cp312 wheels in .whl/: run
+# experiments/bench/gpu_wheels.sh on the CPU machine first and carry .whl with the run.
 set -uo pipefail
 OUT=${1:?usage: gpu_suite.sh OUT_DIR}
 mkdir -p "$OUT"

@@ -163,8 +163,8 @@ def test_no_score_matrix_is_materialised():
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_bf16_inputs_against_fp32_reference(impl):
     # bf16 keeps 8 significant bits (unit roundoff 2**-9 ~ 2e-3), and both fast forms round P and dS to
-    # bf16 before their matmuls. Measured rel-RMSE (xla): 1.8e-3 (o) to 3.1e-3 (dq); the bf16 rounding of
-    # the outputs alone accounts for 1.5e-3 to 2.7e-3. Bound 1e-2.
+    # bf16 before their matmuls. Measured rel-RMSE, xla and pallas alike: o 1.8e-3, dq 3.1e-3, dk 2.9e-3,
+    # dv 3.1e-3, gate 2.4e-3; the bf16 rounding of the outputs alone accounts for 1.5e-3 to 2.7e-3. Bound 1e-2.
     name = "mqa-gate-local-window"
     arrays, _ = case_arrays(name)
     as_bf16 = {x: arrays[x].astype(jnp.bfloat16) for x in ("q", "k", "v", "gate")}
@@ -261,7 +261,7 @@ def test_argument_errors(case):
         softmax_attention(kw.pop("q"), kw.pop("k"), kw.pop("v"), **kw)
 
 
-def test_auto_takes_xla_on_the_cpu_and_says_why():
+def test_auto_takes_xla_on_the_cpu_and_pallas_elsewhere_and_says_why():
     dispatch.clear_choices()
 
     @jax.jit
@@ -272,6 +272,8 @@ def test_auto_takes_xla_on_the_cpu_and_says_why():
 
     auto, ref = both(_q, _k, _v)
     recorded = dict(dispatch.choices())["layer0.softmax"]
-    assert (recorded.op, recorded.requested, recorded.chosen) == ("softmax_attention", "auto", "xla")
-    assert "interpreted" in recorded.reason
+    on_cpu = jax.default_backend() == "cpu"
+    assert (recorded.op, recorded.requested, recorded.chosen) == ("softmax_attention", "auto",
+                                                                  "xla" if on_cpu else "pallas")
+    assert ("interpreted" if on_cpu else "supports this call") in recorded.reason
     assert_close(auto, ref, rel=1e-5, name="auto")

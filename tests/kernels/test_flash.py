@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attention.ops.softmax.reference import softmax_attention_reference
+from kernels_pallas import platform
 from kernels_pallas.flash import BLOCKS, flash_attention
 from kernels_pallas.flash.tiles import Plan
 from tests.numerics import assert_close
@@ -83,7 +84,9 @@ def _pallas_operands(fn, *args):
             for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 walk(sub)
 
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    # Traced for the CPU target on any machine, so the shapes are the unpadded ones.
+    with platform.targeting("cpu"):
+        walk(jax.make_jaxpr(fn)(*args).jaxpr)
     return found
 
 

@@ -37,6 +37,10 @@ def _xy(rows=32, cols=128):
     return tuple(jnp.asarray(rng.standard_normal((rows, cols), np.float32)) for _ in range(2))
 
 
+on_cpu = pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU machine's own target")
+
+
+@on_cpu
 def test_interpret_on_cpu_matches_jnp():
     assert platform.target() == "cpu" and platform.resolve_interpret(None)
     x, y = _xy(cols=256)
@@ -45,6 +49,7 @@ def test_interpret_on_cpu_matches_jnp():
         np.testing.assert_allclose(np.asarray(out), np.asarray(2 * x + y), rtol=1e-6)
 
 
+@on_cpu
 def test_targeting_picks_interpret_params_and_blocks():
     assert platform.compiler_params(gpu=dict(num_warps=4)) is None
     with platform.targeting("cuda") as t:
