@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from kernels_pallas import platform
 from kernels_pallas.flash import KeyTransform, flash_attention, flash_decode
+from kernels_pallas.lightning import lightning_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,10 +96,33 @@ def _decode_case(dtype, d: int, variant: str) -> Case:
 DECODE_VARIANTS = ("gqa4", "gqa4-k=v-ragged", "gqa4-k=v-norm-rope", "mqa")
 
 
+def _lightning_case(dtype, d: int, variant: str) -> Case:
+    B, T, H = 1, 2048, 8
+    docs = variant == "segments-h0"
+    if variant == "ragged":
+        T = 1000
+    spec = jax.ShapeDtypeStruct
+    args = [spec((B, T, H, d), dtype)] * 3 + [spec((H,), jnp.float32), spec((B, H, d, d), jnp.float32)]
+    args += [spec((B, T), jnp.int32)] if docs else []
+
+    def fn(q, k, v, lam, h0, *ids):
+        def loss(q, k, v, lam, h0):
+            o, final = lightning_attention(q, k, v, lam, initial_state=h0, doc_ids=ids[0] if ids else None)
+            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+
+        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, lam, h0)
+
+    return Case("lightning", f"{jnp.dtype(dtype).name} d{d} T{T} {variant}", fn, tuple(args))
+
+
+LIGHTNING_VARIANTS = ("plain", "ragged", "segments-h0")
+
+
 def cases() -> list[Case]:
     grid = [(dt, d) for dt in (jnp.float32, jnp.bfloat16) for d in (64, 128)]
     return ([_flash_case(dt, d, v) for dt, d in grid for v in FLASH_VARIANTS]
-            + [_decode_case(dt, d, v) for dt, d in grid for v in DECODE_VARIANTS])
+            + [_decode_case(dt, d, v) for dt, d in grid for v in DECODE_VARIANTS]
+            + [_lightning_case(dt, d, v) for dt, d in grid for v in LIGHTNING_VARIANTS])
 
 
 def kernels() -> list[str]:

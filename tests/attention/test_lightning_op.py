@@ -11,6 +11,7 @@ import pytest
 
 from attention.ops import dispatch
 from attention.ops.lightning import lightning
+from attention.ops.lightning.pallas import lightning_pallas
 from attention.ops.lightning.reference import lightning_reference
 from attention.ops.lightning.xla import block_size, lightning_xla
 from tests.kernels.lightning_cases import DECAYS, K, T_CASES, CASES, case_arrays, inputs, run, run_fn, segments
@@ -63,7 +64,7 @@ def test_reference_by_hand():
         # a document starts at t=1: S1 = k1 v1 = [4,4], S2 = [2,18], h0 stays in document 0
         (dict(initial_state=h0, segment_ids=jnp.array([[3, 5, 5]])), [2.5, 4.0, 20.0], [2.0, 18.0]),
     ]
-    for fn in (lightning_reference, lightning_xla):
+    for fn in (lightning_reference, lightning_xla, lightning_pallas):
         for kw, o_want, S_want in cases:
             o, S = fn(q, k, v, ld, scale=1.0, output_final_state=True, **kw)
             np.testing.assert_allclose(np.asarray(o).ravel(), o_want, rtol=1e-6)
@@ -97,7 +98,7 @@ def test_public_api_default_block():
     dispatch.clear_choices()
     o, S = call("auto", **kw)
     (choice,) = [c for _, c in dispatch.choices() if c.op == "lightning"]
-    assert choice.chosen == "xla" and "no Pallas kernel" in choice.reason
+    assert choice.chosen == ("xla" if jax.default_backend() == "cpu" else "pallas")
     o_ref, S_ref = call("reference", **kw)
     assert_close(o, o_ref, rel=1e-5, name="o")
     assert_close(S, S_ref, rel=1e-5, name="final state")
@@ -118,24 +119,34 @@ def test_prefill_in_two_parts():
     assert_close(S2, S, rel=1e-5, name="final state")
 
 
-def test_bf16inputs():
-    """bf16 q,k,v against the fp32 reference on the same (bf16-rounded) values. All arithmetic is
-    fp32, so the state is as exact as in fp32; o and the input gradients are rounded once to bf16
-    (relative 2^-9 per element), hence rel-RMSE <= 4e-3 for those."""
+# impl -> (its function and test options, bounds on the rel-RMSE of (state, dlog_decay) in bf16).
+# xla keeps every product in fp32, so the state and the decay's gradient stay fp32-exact. The kernel feeds
+# its matmuls bf16 operands as tensor cores want (the intra-chunk weights, the decayed keys that build the
+# state), accumulating in fp32: measured rel-RMSE state 9.5e-4, dlog_decay 3.2e-3, o and input gradients
+# 1.9e-3 to 2.1e-3 (xla: 1.6e-3 to 1.7e-3).
+BF16 = {"xla": (lightning_xla, (("block", 16),), 1e-5, 1e-5),
+        "pallas": (lightning_pallas, (("chunk", 16),), 3e-3, 1e-2)}
+
+
+@pytest.mark.parametrize("impl", list(BF16))
+def test_bf16inputs(impl):
+    """bf16 q,k,v against the fp32 reference on the same (bf16-rounded) values. o and the input gradients are
+    rounded once to bf16 (relative 2^-9 per element), hence rel-RMSE <= 4e-3 for those."""
+    fn, opts, state_bound, decay_bound = BF16[impl]
     q, k, v, h0, do, dS = inputs(T_CASES, seed=5, dtype=jnp.bfloat16)
     do = do.astype(jnp.bfloat16).astype(jnp.float32)
     seg = segments(T_CASES, [[21], []])
     ld = jnp.array(DECAYS)
-    o, S, grads = run_fn(lightning_xla, q, k, v, ld, h0, do, dS, segment_ids=seg, opts=(("block", 16),))
+    o, S, grads = run_fn(fn, q, k, v, ld, h0, do, dS, segment_ids=seg, opts=opts)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     o_ref, S_ref, grads_ref = run_fn(lightning_reference, *f32, ld, h0, do, dS, segment_ids=seg)
     assert o.dtype == jnp.bfloat16 and S.dtype == jnp.float32
     assert_close(o, o_ref, rel=4e-3, name="o")
-    assert_close(S, S_ref, rel=1e-5, name="final state")
+    assert_close(S, S_ref, rel=state_bound, name="final state")
     for name, g, r in zip(["dq", "dk", "dv"], grads[:3], grads_ref[:3]):
         assert g.dtype == jnp.bfloat16
         assert_close(g, r, rel=4e-3, name=name)
-    assert_close(grads[3], grads_ref[3], rel=1e-5, name="dlog_decay")
+    assert_close(grads[3], grads_ref[3], rel=decay_bound, name="dlog_decay")
     assert_close(grads[4], grads_ref[4], rel=1e-5, name="dh0")
 
 
@@ -172,7 +183,11 @@ def test_argument_errors(match, kw):
         lightning(**kw)
 
 
-def test_explicit_pallas_is_unavailable():
-    q = jnp.zeros((1, 5, 2, 4))
-    with pytest.raises(dispatch.ImplUnavailable, match="no Pallas kernel"):
-        lightning(q, q, q, jnp.zeros(2), impl="pallas")
+def test_auto_takes_xla_on_the_cpu_and_explicit_pallas_runs():
+    q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5, 2, 4)), jnp.float32)
+    dispatch.clear_choices()
+    auto, _ = lightning(q, q, q, jnp.full(2, -0.1), impl="auto")
+    chosen = dict(dispatch.choices())[""]
+    assert chosen.chosen == ("xla" if jax.default_backend() == "cpu" else "pallas")
+    explicit, _ = lightning(q, q, q, jnp.full(2, -0.1), impl="pallas")
+    assert_close(explicit, auto, rel=1e-5, name="pallas against auto")

@@ -1,6 +1,7 @@
-"""The softmax-family mixers with impl="pallas" (the flash kernels, interpreted on the CPU) equal the same
-mixers on the dense reference op: the full forward with and without packed documents, and the token-by-token
-decode from a fresh cache (dense, K=V, GQA, window, SP-KV's pruned cache, CCA's latent attention)."""
+"""Mixers with impl="pallas" (the kernels, interpreted on the CPU) equal the same mixers on the reference ops:
+the full forward with and without packed documents, and the token-by-token decode from a fresh cache or state
+(softmax: dense, K=V with qk-norm and RoPE, GQA, window, SP-KV's pruned cache; CCA's latent attention;
+lightning)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -8,9 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from attention import MIXERS
 from attention.base import MixerContext
-from attention.cca import CCAConfig, CCAttention
-from attention.softmax import SoftmaxAttention, SoftmaxConfig
+from attention.cca import CCAConfig
+from attention.softmax import SoftmaxConfig
 from attention.spkv import SPKVConfig
 from tests.attention.mixers import decode_all
 from tests.numerics import assert_close
@@ -24,14 +26,14 @@ CASES = {
     "gqa-spkv-pruned-cache": SoftmaxConfig(n_heads=4, n_kv_heads=2, spkv=SPKVConfig(window=4, init_bias=0.0)),
     "cca-gqa": CCAConfig(n_heads=4, n_kv_heads=2, head_dim=8),
     "cca-spkv": CCAConfig(n_heads=4, n_kv_heads=1, head_dim=8, spkv=SPKVConfig(window=4, init_bias=0.0)),
+    "lightning": MIXERS["lightning"].config(kind="lightning", n_heads=4),
 }
 
 
 def _mixer(cfg, impl):
     ctx = MixerContext(d_model=E, n_layers=2, layer_idx=0, seq_len=32, pos="rope", rope_theta=100.0, bias=False,
                        norm_eps=1e-5, init_std=0.2, out_std=0.2, dtype=jnp.float32, impl=impl)
-    cls = CCAttention if isinstance(cfg, CCAConfig) else SoftmaxAttention
-    return cls(cfg, ctx, rngs=nnx.Rngs(0))
+    return MIXERS[cfg.kind].module(cfg, ctx, rngs=nnx.Rngs(0))
 
 
 @nnx.jit

@@ -46,7 +46,13 @@ def segments(T, starts_per_row):
 
 
 # Per implementation: case -> keyword options for the call (tests only).
-TEST_OPTIONS = {"xla": lambda c: dict(block=c["block"])}
+def _kernel_chunk(block: int) -> int:
+    """The case's block as a kernel chunk: any length interpreted on the CPU; Triton and Mosaic need powers of
+    two of at least 16."""
+    return block if jax.default_backend() == "cpu" else max(16, 1 << max(0, (block - 1).bit_length()))
+
+
+TEST_OPTIONS = {"xla": lambda c: dict(block=c["block"]), "pallas": lambda c: dict(chunk=_kernel_chunk(c["block"]))}
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "opts"))
