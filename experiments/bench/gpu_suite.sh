@@ -3,7 +3,8 @@
 #   1. kernel and op parity on the GPU: every Pallas kernel compiled by Triton against the reference ops
 #      (fp32 at highest matmul precision), and the softmax-family mixers on impl=pallas;
 #   2. flash attention forward+backward (bf16, causal, GQA 16/4 heads, head dim 64 and 128, T = 1k..16k) against
-#      jax.nn.dot_product_attention (cuDNN and XLA) and our xla op;
+#      jax.nn.dot_product_attention (cuDNN and XLA) and our xla op; at head dim 128 also kda and lightning,
+#      xla against pallas;
 #   3. decode: time and achieved HBM bandwidth, K,V against K=V, S = 4k..64k, xla against pallas;
 #   4. train-step tokens/s and MFU of the ~300M config, impl=xla against impl=pallas (bf16).
 # Usage: bash experiments/bench/gpu_suite.sh OUT_DIR   (writes 8 files: the device tool returns at most 8)
@@ -34,11 +35,13 @@ JAX_DEFAULT_MATMUL_PRECISION=highest timeout 130 python3 -m pytest -q -p no:cach
 echo "exit $?" >> "$OUT/parity.txt"; tail -5 "$OUT/parity.txt"
 
 log "2/4 flash attention fwd+bwd against cuDNN and XLA (bf16, causal, GQA 16/4)"
-for D in 64 128; do
-  timeout 65 python3 -m lm.bench.ops --ops softmax --impl xla pallas --dtype bfloat16 --B 2 --H 16 --Hkv 4 \
-    --D "$D" --T 1024 4096 16384 --reps 5 --json "$OUT/ops_d$D.json" >> "$OUT/suite.log" 2>&1
-  echo "ops d$D exit $?" | tee -a "$OUT/suite.log"
-done
+timeout 60 python3 -m lm.bench.ops --ops softmax --impl xla pallas --dtype bfloat16 --B 2 --H 16 --Hkv 4 \
+  --D 64 --T 1024 4096 16384 --reps 5 --json "$OUT/ops_d64.json" >> "$OUT/suite.log" 2>&1
+echo "ops d64 exit $?" | tee -a "$OUT/suite.log"
+# d128 adds the linear ops (kda, lightning: xla against pallas; kda has no kernel yet and says so).
+timeout 90 python3 -m lm.bench.ops --ops softmax linear --impl xla pallas --dtype bfloat16 --B 2 --H 16 --Hkv 4 \
+  --D 128 --T 1024 4096 16384 --reps 5 --json "$OUT/ops_d128.json" >> "$OUT/suite.log" 2>&1
+echo "ops d128 exit $?" | tee -a "$OUT/suite.log"
 
 log "3/4 decode time and bandwidth (bf16, 32/8 heads, d128)"
 timeout 45 python3 -m lm.bench.decode --S 4096 16384 65536 --B 8 --Hq 32 --Hkv 8 --D 128 --impl xla pallas \
@@ -47,7 +50,7 @@ echo "decode exit $?" | tee -a "$OUT/suite.log"
 
 log "4/4 train steps, ~300M config"
 for IMPL in xla pallas; do
-  timeout 75 python3 -m lm.cli bench step configs/bench/gpu_300m.yaml --steps 10 --json \
+  timeout 65 python3 -m lm.cli bench step configs/bench/gpu_300m.yaml --steps 10 --json \
     --set kernels.impl=$IMPL > "$OUT/step_300m_$IMPL.json" 2>> "$OUT/suite.log"
   echo "step $IMPL exit $?" | tee -a "$OUT/suite.log"
 done
