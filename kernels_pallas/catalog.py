@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from kernels_pallas import platform
 from kernels_pallas.flash import KeyTransform, flash_attention, flash_decode
+from kernels_pallas.kda import kda_forward
 from kernels_pallas.lightning import lightning_attention
 
 
@@ -118,11 +119,29 @@ def _lightning_case(dtype, d: int, variant: str) -> Case:
 LIGHTNING_VARIANTS = ("plain", "ragged", "segments-h0")
 
 
+def _kda_case(dtype, d: int, variant: str) -> Case:
+    """The forward kernel only (its gradient is not a kernel yet)."""
+    B, T, H = 1, 2048, 8
+    docs = variant == "segments-h0"
+    if variant == "ragged":
+        T = 1000
+    spec = jax.ShapeDtypeStruct
+    args = [spec((B, T, H, d), dtype)] * 3 + [spec((B, T, H, d), jnp.float32), spec((B, T, H), dtype),
+                                              spec((B, H, d, d), jnp.float32)]
+    args += [spec((B, T), jnp.int32)] if docs else []
+
+    def fn(q, k, v, g, beta, h0, *ids):
+        return kda_forward(q, k, v, g, beta, initial_state=h0, doc_ids=ids[0] if ids else None)
+
+    return Case("kda", f"{jnp.dtype(dtype).name} d{d} T{T} {variant} (forward)", fn, tuple(args))
+
+
 def cases() -> list[Case]:
     grid = [(dt, d) for dt in (jnp.float32, jnp.bfloat16) for d in (64, 128)]
     return ([_flash_case(dt, d, v) for dt, d in grid for v in FLASH_VARIANTS]
             + [_decode_case(dt, d, v) for dt, d in grid for v in DECODE_VARIANTS]
-            + [_lightning_case(dt, d, v) for dt, d in grid for v in LIGHTNING_VARIANTS])
+            + [_lightning_case(dt, d, v) for dt, d in grid for v in LIGHTNING_VARIANTS]
+            + [_kda_case(dt, d, v) for dt, d in grid for v in LIGHTNING_VARIANTS])
 
 
 def kernels() -> list[str]:

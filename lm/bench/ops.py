@@ -107,7 +107,7 @@ def bench(a: argparse.Namespace, command: str) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     add_ops_arguments(p)
-    bench(p.parse_args(argv), " ".join(sys.argv[1:]) if argv is None else " ".join(argv))
+    bench(p.parse_args(argv), "python -m lm.bench.ops " + " ".join(sys.argv[1:] if argv is None else argv))
 
 
 def write_markdown(path: Path, rows: list[dict], info: dict, args: str) -> None:
@@ -129,7 +129,7 @@ def write_markdown(path: Path, rows: list[dict], info: dict, args: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         f"# Attention ops: forward+backward time (ms) against sequence length\n\n"
-        f"Command: `attnlab bench ops {args}`\n\n"
+        f"Command: `{args}`\n\n"
         f"Machine: {info['cpu']} ({info['cpu_count']} cores), backend {info['backend']} ({info['device']}); "
         f"python {info['python']}, jax {info['jax']}; {info['date']}.\n\n"
         f"Median of the timed repetitions after a warm-up; gradients with respect to q, k and v. "

@@ -1,7 +1,7 @@
 """Mixers with impl="pallas" (the kernels, interpreted on the CPU) equal the same mixers on the reference ops:
 the full forward with and without packed documents, and the token-by-token decode from a fresh cache or state
 (softmax: dense, K=V with qk-norm and RoPE, GQA, window, SP-KV's pruned cache; CCA's latent attention;
-lightning)."""
+lightning; kda, whose kernel is forward only)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ CASES = {
     "cca-gqa": CCAConfig(n_heads=4, n_kv_heads=2, head_dim=8),
     "cca-spkv": CCAConfig(n_heads=4, n_kv_heads=1, head_dim=8, spkv=SPKVConfig(window=4, init_bias=0.0)),
     "lightning": MIXERS["lightning"].config(kind="lightning", n_heads=4),
+    "kda": MIXERS["kda"].config(kind="kda", n_heads=4),
 }
 
 

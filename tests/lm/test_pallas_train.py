@@ -1,4 +1,4 @@
-"""impl=pallas (the kernels, interpreted on the CPU) trains tiny configs (softmax family, lightning), shrunk, with
+"""impl=pallas (the kernels, interpreted on the CPU) trains tiny configs (softmax family, lightning, kda), shrunk, with
 the same losses as impl=xla from the same seed and batches: the kernels' forward and backward inside the real
 train and eval steps. The full-size run is `experiments/kernels/train_parity.py`."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from lm.train import train
 from tests.lm.conftest import tiny_overrides
 
 # config -> its mixer's name in the file (shrunk to 2 heads of head dim 16; GQA/K=V/SP-KV/CCA kept).
-CONFIGS = {"share_kv": "softmax", "spkv": "softmax", "cca": "cca", "lightning": "lightning"}
+CONFIGS = {"share_kv": "softmax", "spkv": "softmax", "cca": "cca", "lightning": "lightning", "kda": "kda"}
 
 
 def _losses(name, impl, store, tmp_path):
