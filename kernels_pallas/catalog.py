@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from kernels_pallas import platform
 from kernels_pallas.flash import KeyTransform, flash_attention, flash_decode
-from kernels_pallas.kda import kda_forward
+from kernels_pallas.kda import kda_attention
 from kernels_pallas.lightning import lightning_attention
 
 
@@ -120,7 +120,6 @@ LIGHTNING_VARIANTS = ("plain", "ragged", "segments-h0")
 
 
 def _kda_case(dtype, d: int, variant: str) -> Case:
-    """The forward kernel only (its gradient is not a kernel yet)."""
     B, T, H = 1, 2048, 8
     docs = variant == "segments-h0"
     if variant == "ragged":
@@ -131,9 +130,13 @@ def _kda_case(dtype, d: int, variant: str) -> Case:
     args += [spec((B, T), jnp.int32)] if docs else []
 
     def fn(q, k, v, g, beta, h0, *ids):
-        return kda_forward(q, k, v, g, beta, initial_state=h0, doc_ids=ids[0] if ids else None)
+        def loss(q, k, v, g, beta, h0):
+            o, final = kda_attention(q, k, v, g, beta, initial_state=h0, doc_ids=ids[0] if ids else None)
+            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
 
-    return Case("kda", f"{jnp.dtype(dtype).name} d{d} T{T} {variant} (forward)", fn, tuple(args))
+        return jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))(q, k, v, g, beta, h0)
+
+    return Case("kda", f"{jnp.dtype(dtype).name} d{d} T{T} {variant}", fn, tuple(args))
 
 
 def cases() -> list[Case]:

@@ -36,17 +36,14 @@ class Choice:
 _impls: dict[str, dict[str, Callable[..., Any]]] = {}
 # op -> function(**call_info) -> None when the pallas kernel supports the call, else a reason string.
 _pallas_supports: dict[str, Callable[..., str | None]] = {}
-# op -> why `auto` must not take its pallas kernel even where it runs (explicit impl="pallas" still can).
-_not_for_auto: dict[str, str] = {}
 _choices: dict[tuple[str, str], Choice] = {}
 _lock = threading.Lock()
 _label = threading.local()
 
 
-def register(op: str, impl: str, *, supports: Callable[..., str | None] | None = None,
-             not_for_auto: str | None = None):
+def register(op: str, impl: str, *, supports: Callable[..., str | None] | None = None):
     """Decorator: register `fn` as implementation `impl` of `op`. A pallas kernel's `supports(**call_info)`
-    says which calls it serves; `not_for_auto` (a reason) keeps `auto` from choosing it at all."""
+    says which calls it serves."""
     if impl not in ("reference", "xla", "pallas"):
         raise ValueError(f"cannot register impl {impl!r}; use reference, xla or pallas")
 
@@ -54,8 +51,6 @@ def register(op: str, impl: str, *, supports: Callable[..., str | None] | None =
         _impls.setdefault(op, {})[impl] = fn
         if impl == "pallas":
             _pallas_supports[op] = supports or (lambda **_: None)
-            if not_for_auto:
-                _not_for_auto[op] = not_for_auto
         return fn
 
     return deco
@@ -93,8 +88,6 @@ def resolve(op: str, impl: str, **call_info: Any) -> Callable[..., Any]:
         why_not = _pallas_reason(op, call_info)
         if why_not is None and backend() == "cpu":
             why_not = "on the CPU Pallas kernels run only interpreted (for tests); xla is faster"
-        if why_not is None and op in _not_for_auto:
-            why_not = _not_for_auto[op]
 
         chosen = "pallas" if why_not is None else "xla"
         reason = "pallas kernel supports this call" if why_not is None else why_not
