@@ -48,7 +48,7 @@ from attention import ops
 from attention.base import MixerConfig, MixerContext, visible_keys_per_query
 from attention import spkv
 from attention.spkv import SPKVConfig, SPKVGate
-from attention.layers import Linear, RMSNorm, apply_rope, normal, param
+from attention.layers import Linear, RMSNorm, apply_rope, causal_conv, normal, param, positions_from_segments
 
 # The paper's init for the 2D-position mixing weights, independent of model.init_std.
 POS2D_INIT_STD = 0.02
@@ -75,6 +75,10 @@ class SoftmaxConfig(MixerConfig):
     share: Literal["none", "kv", "qk", "qkv"] = "none"
     pos2d: Pos2dConfig = Field(default_factory=Pos2dConfig)
     spkv: Optional[SPKVConfig] = None  # None: every key stays in the cache
+    # A control for the convolutional variants (KDA, CCA): the depthwise causal short conv of width W and SiLU
+    # that KDA puts on its q, k and v projections, here on softmax attention's. None: off.
+    short_conv: Optional[int] = Field(None, ge=2)
+    short_conv_init: Literal["uniform", "normal"] = "uniform"  # as KDAConfig.conv_init
 
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
@@ -109,6 +113,9 @@ class SoftmaxConfig(MixerConfig):
         if self.pos2d.enabled and not self.query_is_key():
             errs.append(f"pos2d.enabled: the 2D positional term is for the symmetric variants (share: qk or qkv), "
                         f"got share: {self.share}; set share or pos2d.enabled: false")
+        if self.short_conv is not None and (self.share != "none" or self.spkv is not None):
+            errs.append("short_conv: the conv control is for separate projections without SP-KV; "
+                        f"got share: {self.share}, spkv: {'set' if self.spkv is not None else 'null'}")
         if self.spkv is not None:
             errs += self.spkv.check(ctx)
             if self.pos2d.enabled:
@@ -151,16 +158,39 @@ class SoftmaxAttention(nnx.Module):
             if cfg.pos2d.enabled else None
         self.spkv = SPKVGate(cfg.spkv, ctx, Hkv, rngs=rngs) if cfg.spkv is not None else None
         self.use_rope = cfg.rope(ctx)
+        self.convs = self._short_convs(cfg, ctx, rngs) if cfg.short_conv is not None else None
+
+    def _short_convs(self, cfg: SoftmaxConfig, ctx: MixerContext, rngs: nnx.Rngs) -> nnx.Dict:
+        """Depthwise conv weights [W, width] for q, k and v, initialised as KDAConfig.conv_init describes."""
+        W = cfg.short_conv
+        init = (lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -W ** -0.5, W ** -0.5)) \
+            if cfg.short_conv_init == "uniform" else normal(ctx.init_std)
+        return nnx.Dict({name: param(rngs, init, (W, n * self.hd), (None, axis)) for name, n, axis in
+                         (("q", self.H, "heads"), ("k", self.Hkv, "kv_heads"), ("v", self.Hkv, "kv_heads"))})
 
     def _heads(self, y_BTX: jax.Array, n_heads: int) -> jax.Array:
         return y_BTX.reshape(*y_BTX.shape[:2], n_heads, self.hd)
 
-    def _project(self, x_BTD: jax.Array):
-        """Per-head (q, k, v) before qk-norm and RoPE; a shared one is k_proj's output itself."""
-        k = self._heads(self.k_proj(x_BTD), self.Hkv)
-        q = k if self.q_proj is None else self._heads(self.q_proj(x_BTD), self.H)
-        v = k if self.v_proj is None else self._heads(self.v_proj(x_BTD), self.Hkv)
-        return q, k, v
+    def _project(self, x_BTD: jax.Array, history: dict | None = None, doc_pos: jax.Array | None = None):
+        """Per-head (q, k, v) before qk-norm and RoPE; a shared one is k_proj's output itself. With short_conv
+        each projection goes through its causal conv and SiLU first; `history` holds the last W-1 raw
+        projections before x (zeros when None), `doc_pos` each token's position in its document (a tap never
+        reads across a document start). Returns (q, k, v, the new history or None)."""
+        if self.convs is None:
+            k = self._heads(self.k_proj(x_BTD), self.Hkv)
+            q = k if self.q_proj is None else self._heads(self.q_proj(x_BTD), self.H)
+            v = k if self.v_proj is None else self._heads(self.v_proj(x_BTD), self.Hkv)
+            return q, k, v, None
+        out, new_history = {}, {}
+        for name, proj in (("q", self.q_proj), ("k", self.k_proj), ("v", self.v_proj)):
+            raw = proj(x_BTD)
+            w = self.convs[name][...]
+            hist = jnp.zeros((raw.shape[0], w.shape[0] - 1, raw.shape[2]), raw.dtype) if history is None \
+                else history[name]
+            new_history[name] = jnp.concatenate([hist, raw.astype(hist.dtype)], axis=1)[:, -(w.shape[0] - 1):]
+            out[name] = jax.nn.silu(causal_conv(raw, w, hist, doc_pos)).astype(raw.dtype)
+        return (self._heads(out["q"], self.H), self._heads(out["k"], self.Hkv), self._heads(out["v"], self.Hkv),
+                new_history)
 
     def _for_logits(self, x_BTHD: jax.Array, norm: RMSNorm | None, positions_BT: jax.Array) -> jax.Array:
         """What the scores see of a query or key: qk-norm, then RoPE (values never come through here)."""
@@ -194,7 +224,8 @@ class SoftmaxAttention(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         B, T, _ = x_BTD.shape
-        q_raw, k_raw, v = self._project(x_BTD)
+        doc_pos = None if segment_ids is None or self.convs is None else positions_from_segments(segment_ids)
+        q_raw, k_raw, v, _ = self._project(x_BTD, doc_pos=doc_pos)
         q, k = self._logit_qk(q_raw, k_raw, positions)
         gate, local_window = self._key_log_gate(positions, x_BTD, segment_ids)
         o = ops.softmax_attention(q, k, v, causal=True, sliding_window=self.cfg.sliding_window,
@@ -206,12 +237,16 @@ class SoftmaxAttention(nnx.Module):
         dims = {"k": self.hd} if self.v_proj is None else {"k": self.hd, "v": self.hd}
         if self.spkv is not None:
             return self.spkv.init_cache(batch, max_len, dims, dtype)
-        return {name: jnp.zeros((batch, max_len, self.Hkv, dim), dtype) for name, dim in dims.items()}
+        cache = {name: jnp.zeros((batch, max_len, self.Hkv, dim), dtype) for name, dim in dims.items()}
+        if self.convs is not None:
+            cache["conv"] = {name: jnp.zeros((batch, w.shape[0] - 1, w.shape[1]), dtype)
+                             for name, w in self.convs.items()}
+        return cache
 
     def decode(self, x_B1D: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
         B = x_B1D.shape[0]
         pos_B1 = jnp.full((B, 1), position, jnp.int32)
-        q_raw, k_raw, v_raw = self._project(x_B1D)
+        q_raw, k_raw, v_raw, conv_history = self._project(x_B1D, cache.get("conv"))
         q, k = self._logit_qk(q_raw, k_raw, pos_B1)
         # K=V: the cache holds the projection before norm/RoPE, i.e. the value; keys are derived from it.
         entries = {"k": k_raw} if self.v_proj is None else {"k": k, "v": v_raw}
@@ -226,6 +261,8 @@ class SoftmaxAttention(nnx.Module):
                 valid_S &= s > position - self.cfg.sliding_window
             pos_BSH = jnp.broadcast_to(s[None, :, None], (B, S, self.Hkv))
             valid = jnp.broadcast_to(valid_S[None, :, None], (B, S, self.Hkv))
+            if conv_history is not None:
+                new_cache["conv"] = conv_history
         else:
             new_cache = self.spkv.append(cache, x_B1D, entries, position)
             pos_BSH = new_cache["pos"]
@@ -261,8 +298,11 @@ class SoftmaxAttention(nnx.Module):
         return (1 if self.v_proj is None else 2) * self.Hkv * self.hd * nbytes
 
     def state_bytes(self) -> int:
-        """A KV cache only: no state of fixed size."""
-        return 0
+        """A KV cache, plus with short_conv the last W-1 raw q, k, v projections (fixed size)."""
+        if self.convs is None:
+            return 0
+        width = sum(w.shape[1] for w in self.convs.values())
+        return (self.cfg.short_conv - 1) * width * jnp.dtype(self.ctx.dtype).itemsize
 
     def flops_per_token(self, seq_len: int) -> float:
         """Matmul FLOPs: the projections that exist (3nd² -> 2nd² -> nd² as q and v share k's), the output
@@ -272,6 +312,8 @@ class SoftmaxAttention(nnx.Module):
         proj_out = (0 if self.q_proj is None else H * hd) + Hkv * hd + (0 if self.v_proj is None else Hkv * hd)
         visible = visible_keys_per_query(seq_len, self.cfg.sliding_window)
         flops = 2 * d * proj_out + 2 * H * hd * d + 4 * H * hd * visible
+        if self.convs is not None:
+            flops += 2 * self.cfg.short_conv * proj_out
         if self.pos2d_w is not None:
             m_col = self.cfg.pos2d.channels - self.cfg.pos2d.channels // 2
             flops += H * hd + 2 * m_col + H * visible

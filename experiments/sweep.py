@@ -83,6 +83,27 @@ def summarize(records: list[dict], key: str = "eval_loss") -> dict[str, dict]:
     return out
 
 
+def paired(records: list[dict], baseline: str, key: str = "eval_loss") -> dict[str, dict]:
+    """Per label, its difference from `baseline` seed by seed (same seed, same data order): the mean, the
+    range over seeds and the count, and whether the range holds 0 (a tie: the seeds disagree on the sign)."""
+    by = {(r["label"], r["seed"]): r[key] for r in records}
+    base = {seed: v for (label, seed), v in by.items() if label == baseline}
+    out: dict[str, dict] = {}
+    for label in dict.fromkeys(r["label"] for r in records):
+        d = np.asarray([by[(label, seed)] - base[seed] for seed in sorted(base) if (label, seed) in by], np.float64)
+        if label == baseline or not d.size:
+            continue
+        out[label] = dict(mean=float(d.mean()), lo=float(d.min()), hi=float(d.max()), n=int(d.size),
+                          tie=bool(d.min() <= 0 <= d.max()), rel=float(d.mean() / np.mean(list(base.values()))))
+    return out
+
+
+def paired_cell(p: dict) -> str:
+    """'−0.0123 [−0.0150, −0.0101] (−0.45%)', or the same marked 'tie' when the seeds disagree on the sign."""
+    cell = f"{p['mean']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}] ({100 * p['rel']:+.2f}%)"
+    return cell + (" tie" if p["tie"] else "")
+
+
 def provenance() -> str:
     return (f"{cpu_model()}, backend {jax.default_backend()}; python {platform.python_version()}, jax {jax.__version__}; "
             f"{datetime.date.today().isoformat()}")
