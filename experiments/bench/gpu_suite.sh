@@ -6,7 +6,8 @@
 #      jax.nn.dot_product_attention (cuDNN and XLA) and our xla op; at head dim 128 also kda and lightning,
 #      xla against pallas;
 #   3. decode: time and achieved HBM bandwidth, K,V against K=V, S = 4k..64k, xla against pallas;
-#   4. train-step tokens/s and MFU of the ~300M config, impl=xla against impl=pallas (bf16).
+#   4. flash-linear-attention's chunk_kda and chunk_simple_gla (PyTorch, Triton) at the linear ops' shapes;
+#   5. train-step tokens/s and MFU of the ~300M config, impl=xla against impl=pallas (bf16).
 # Usage: bash experiments/bench/gpu_suite.sh OUT_DIR   (writes 8 files: the device tool returns at most 8)
 # Python packages the GPU image lacks (grain, pydantic, ...) travel as cp312 wheels in .whl/: run
 # experiments/bench/gpu_wheels.sh on the CPU machine first and carry .whl with the run.
@@ -26,31 +27,36 @@ log() { echo "[$(date +%T)] $*" | tee -a "$OUT/suite.log"; }
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c 'import jax, flax, optax, sys; print("python", sys.version.split()[0], "jax", jax.__version__,
               "flax", flax.__version__, "optax", optax.__version__, jax.devices())'
-} > "$OUT/machine.txt" 2>&1
-cat "$OUT/machine.txt"
+} > "$OUT/suite.log" 2>&1
+cat "$OUT/suite.log"
 
-log "1/4 kernel and op parity on GPU"
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout 130 python3 -m pytest -q -p no:cacheprovider tests/kernels \
+log "1/5 kernel and op parity on GPU"
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 110 python3 -m pytest -q -p no:cacheprovider tests/kernels \
   tests/attention/test_softmax_op.py tests/attention/test_mixers_pallas.py --durations=5 > "$OUT/parity.txt" 2>&1
 echo "exit $?" >> "$OUT/parity.txt"; tail -5 "$OUT/parity.txt"
 
-log "2/4 flash attention fwd+bwd against cuDNN and XLA (bf16, causal, GQA 16/4)"
-timeout 60 python3 -m lm.bench.ops --ops softmax --impl xla pallas --dtype bfloat16 --B 2 --H 16 --Hkv 4 \
+log "2/5 flash attention fwd+bwd against cuDNN and XLA (bf16, causal, GQA 16/4)"
+timeout 55 python3 -m lm.bench.ops --ops softmax --impl xla pallas --dtype bfloat16 --B 2 --H 16 --Hkv 4 \
   --D 64 --T 1024 4096 16384 --reps 5 --json "$OUT/ops_d64.json" >> "$OUT/suite.log" 2>&1
 echo "ops d64 exit $?" | tee -a "$OUT/suite.log"
 # d128 adds the linear ops (kda, lightning: xla against pallas; kda has no kernel yet and says so).
-timeout 90 python3 -m lm.bench.ops --ops softmax linear --impl xla pallas --dtype bfloat16 --B 2 --H 16 --Hkv 4 \
+timeout 80 python3 -m lm.bench.ops --ops softmax linear --impl xla pallas --dtype bfloat16 --B 2 --H 16 --Hkv 4 \
   --D 128 --T 1024 4096 16384 --reps 5 --json "$OUT/ops_d128.json" >> "$OUT/suite.log" 2>&1
 echo "ops d128 exit $?" | tee -a "$OUT/suite.log"
 
-log "3/4 decode time and bandwidth (bf16, 32/8 heads, d128)"
-timeout 45 python3 -m lm.bench.decode --S 4096 16384 65536 --B 8 --Hq 32 --Hkv 8 --D 128 --impl xla pallas \
+log "3/5 decode time and bandwidth (bf16, 32/8 heads, d128)"
+timeout 40 python3 -m lm.bench.decode --S 4096 16384 65536 --B 8 --Hq 32 --Hkv 8 --D 128 --impl xla pallas \
   --json "$OUT/decode.json" >> "$OUT/suite.log" 2>&1
 echo "decode exit $?" | tee -a "$OUT/suite.log"
 
-log "4/4 train steps, ~300M config"
+log "4/5 flash-linear-attention's kda and simple_gla kernels (same shapes as ops_d128)"
+timeout 45 python3 experiments/bench/fla_linear_gpu.py --T 1024 4096 16384 --B 2 --H 16 --D 128 \
+  --json "$OUT/fla_linear.json" >> "$OUT/suite.log" 2>&1
+echo "fla exit $?" | tee -a "$OUT/suite.log"
+
+log "5/5 train steps, ~300M config"
 for IMPL in xla pallas; do
-  timeout 65 python3 -m lm.cli bench step configs/bench/gpu_300m.yaml --steps 10 --json \
+  timeout 60 python3 -m lm.cli bench step configs/bench/gpu_300m.yaml --steps 10 --json \
     --set kernels.impl=$IMPL > "$OUT/step_300m_$IMPL.json" 2>> "$OUT/suite.log"
   echo "step $IMPL exit $?" | tee -a "$OUT/suite.log"
 done

@@ -12,7 +12,9 @@ pkgs=$("$PY" - <<'PY'
 from importlib.metadata import version
 names = ["pydantic", "pydantic-core", "annotated-types", "typing-inspection", "grain", "array-record",
          "portpicker"]
-print(" ".join(f"{n}=={version(n)}" for n in names))
+# fla-core: flash-linear-attention's kernels (pure Python; torch and triton are in the image), for the suite's
+# comparison with our linear kernels.
+print(" ".join([f"{n}=={version(n)}" for n in names] + ["fla-core==0.6.0"]))
 PY
 )
 for pkg in $pkgs; do
