@@ -1,4 +1,4 @@
-"""The `attnlab` command line: train, eval, generate, data prepare, info, bench, kernels lower, demo.
+"""The `attnlab` command line: train, eval, generate, data prepare, info, bench, plan, kernels lower, demo.
 
 Problems with the user's input (config, data, checkpoints, arguments) are printed as one-line
 `error:` messages with exit status 2; a run stopped because its steps kept failing exits with 3.
@@ -130,6 +130,18 @@ def cmd_bench_decode(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from lm.plan import plan
+
+    res = plan(args.config, args.set, args.mesh_axes)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
+    return 0
+
+
 def cmd_kernels_lower(args) -> int:
     from kernels_pallas import catalog
 
@@ -244,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_ops_arguments(bo)
     bo.set_defaults(fn=cmd_bench_ops)
 
+    pl_ = sub.add_parser("plan", help="compile the train step for abstract shapes on a mesh and report per-device "
+                                      "memory and compiled FLOPs (nothing is materialised)")
+    pl_.add_argument("config", help="a YAML config, e.g. configs/paper_qkv/300m/qkv.yaml")
+    pl_.add_argument("--mesh", default=None, metavar="data=N,fsdp=N,tensor=N",
+                     help="mesh axes (default: the config's); on a CPU the devices are simulated")
+    pl_.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    with_set(pl_)
+    pl_.set_defaults(fn=cmd_plan)
+
     k = sub.add_parser("kernels", help="Pallas kernel tools")
     ksub = k.add_subparsers(dest="kernels_cmd", required=True)
     kl = ksub.add_parser("lower", help="lower every Pallas kernel (forward and backward) for a TPU or GPU, on "
@@ -267,9 +288,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _simulate_devices(args) -> None:
+    """`plan --mesh` on a CPU: as many host devices as the mesh needs, set before jax starts."""
+    from lm.plan import devices_needed, parse_mesh
+
+    args.mesh_axes = parse_mesh(args.mesh)
+    n = devices_needed(args.mesh_axes)
+    if n > 1 and "jax" not in sys.modules:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.cmd == "plan":
+        try:
+            _simulate_devices(args)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     from lm.runtime import enable_compile_cache
 
     enable_compile_cache()
