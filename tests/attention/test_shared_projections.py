@@ -183,7 +183,7 @@ def test_shared_projection_is_one_array(share, monkeypatch):
     assert len(mixer.init_cache(B, T)) == (1 if v_is_k else 2)
 
     # With RoPE the shared projection is still one array; the scores get a rotated copy of it.
-    q, k, v = _mixer(pos="rope", share=share, impl="reference")._project(x)
+    q, k, v, _ = _mixer(pos="rope", share=share, impl="reference")._project(x)
     assert (q is k, v is k) == (q_is_k, v_is_k)
 
 
