@@ -56,6 +56,21 @@ def register(op: str, impl: str, *, supports: Callable[..., str | None] | None =
     return deco
 
 
+KERNEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def float_inputs(kernel: str) -> Callable[..., str | None]:
+    """A `supports` check for a kernel that takes float32, bfloat16 or float16 inputs."""
+
+    def supports(*, dtype, **_):
+        name = jax.numpy.dtype(dtype).name
+        if name in KERNEL_DTYPES:
+            return None
+        return f"the {kernel} kernel takes {', '.join(KERNEL_DTYPES)} inputs, not {name}"
+
+    return supports
+
+
 def ops() -> list[str]:
     """Every op with a registered implementation."""
     return sorted(_impls)

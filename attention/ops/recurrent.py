@@ -75,6 +75,13 @@ def doc_starts(segment_ids, B: int, T: int) -> jax.Array:
     return jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
 
 
+def doc_index(segment_ids, B: int, T: int) -> jax.Array | None:
+    """[B,T] int32 document index of each token (0 for the first, +1 at each start), or None without ids."""
+    if segment_ids is None:
+        return None
+    return jnp.cumsum(doc_starts(segment_ids, B, T), axis=1, dtype=jnp.int32)
+
+
 def masked_exp(exponent, mask):
     """exp(exponent) where mask, else 0; masked exponents never reach exp, so neither inf nor
     inf*0 appears in the forward pass or in the gradients."""

@@ -100,12 +100,7 @@ def _decode_kernel(*refs, kv_shared, transform, s_len, block_k, chunk, scale, he
             if k_sin is not None:
                 s = s - tiles.dot(qr, k_sin, contract=(1, 1))
             s = jnp.where(inside, s * scale + bias_ref[hh, :, keys], -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            p = jnp.exp(s - m_safe)
-            alpha = jnp.exp(m - m_safe)
-            acc = alpha * acc + tiles.dot(p.astype(v.dtype), v)
-            return m_new, alpha * l + jnp.sum(p, axis=1, keepdims=True), acc
+            return tiles.online_softmax_step(m, l, acc, s, v)
 
         rows = q.shape[0]
         init = (jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.zeros((rows, 1), jnp.float32),

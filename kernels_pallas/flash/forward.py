@@ -43,13 +43,7 @@ def _forward_kernel(*refs, plan: Plan):
             v = k if plan.kv_shared else v_ref[keys, :]
             gate = None if gate_ref is None else gate_ref[:, keys]
             s, _ = tiles.logits(plan, q, k, i, j, gate, q_doc, k_doc)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-            # A row that has seen no visible key keeps max -inf; shift it by 0 so exp stays exp(-inf) = 0.
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            p = jnp.exp(s - m_safe)
-            alpha = jnp.exp(m - m_safe)
-            acc = alpha * acc + tiles.dot(p.astype(v.dtype), v)
-            return m_new, alpha * l + jnp.sum(p, axis=1, keepdims=True), acc
+            return tiles.online_softmax_step(m, l, acc, s, v)
 
         return tiles.when_documents_meet(q_doc, k_doc, work, carry)
 

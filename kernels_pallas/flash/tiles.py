@@ -68,6 +68,17 @@ class Plan:
         return lo, jnp.where(q_hi > q_lo, hi, lo)
 
 
+def online_softmax_step(m, l, acc, s, v):
+    """One key tile of the online softmax: running row max m [R,1], row sum l [R,1] and output acc [R,Dv] (fp32)
+    updated with logits s [R,bk] (-inf where masked) and values v [bk,Dv]. A row that has seen no visible key
+    keeps max -inf; it is shifted by 0 so exp stays exp(-inf) = 0."""
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - m_safe)
+    alpha = jnp.exp(m - m_safe)
+    return m_new, alpha * l + jnp.sum(p, axis=1, keepdims=True), alpha * acc + dot(p.astype(v.dtype), v)
+
+
 def when_documents_meet(q_doc, k_doc, work, carry):
     """work(carry) if some query of the tile shares a document with some key, else carry unchanged: tiles
     between different documents are skipped, not masked. q_doc [bq, 1], k_doc [1, bk] are sorted document

@@ -11,9 +11,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas import platform
+from kernels_pallas.chunked import document_columns, heads_first, make_plan
+from kernels_pallas.chunked import initial_state as initial_state_or_zeros
 from kernels_pallas.kda.backward import backward
-from kernels_pallas.kda.chunk import Plan
 from kernels_pallas.kda.forward import forward
 
 # (chunk, num_warps) per target: fla's chunk of 64 everywhere; unmeasured on GPU and TPU.
@@ -25,25 +25,13 @@ def kda_attention(q, k, v, g, beta, *, scale=None, initial_state=None, doc_ids=N
     """q, k, g [B,T,H,K]; v [B,T,H,V]; beta [B,T,H]; initial_state [B,H,K,V] or None; doc_ids [B,T] document
     indices (0 for the first, counting up at each start) or None -> (o [B,T,H,V] in v's dtype, final state
     [B,H,K,V] fp32), differentiable in q, k, v, g, beta and the initial state. Inputs are checked by the op."""
-    tgt = platform.target()
-    pref, warps = CHUNKS[tgt]
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    C = chunk or min(pref, max(MIN_CHUNK[tgt], 1 << max(0, (T - 1).bit_length())))
-    plan = Plan(t=T, t_pad=-(-T // C) * C, chunk=C, scale=float(K) ** -0.5 if scale is None else float(scale),
-                has_segments=doc_ids is not None, interpret=platform.resolve_interpret(interpret), num_warps=warps)
-
-    def heads_first(x):
-        return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, plan.t_pad - T), (0, 0)))
-
-    h0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
-    doc = prev = None
-    if doc_ids is not None:
-        ids = jnp.pad(doc_ids.astype(jnp.int32), ((0, 0), (0, plan.t_pad - T)), mode="edge")
-        doc, prev = ids[:, :, None], jnp.pad(ids[:, :-1], ((0, 0), (1, 0)))[:, :, None]
-    o, final = _kda(plan, heads_first(q), heads_first(k), heads_first(v), heads_first(g),
-                    heads_first(beta[..., None]), h0, doc, prev)
-    return jnp.swapaxes(o[:, :, :T], 1, 2), final
+    plan = make_plan(q, chunks=CHUNKS, min_chunk=MIN_CHUNK, chunk=chunk, scale=scale,
+                     has_segments=doc_ids is not None, interpret=interpret)
+    B, _, H, K = q.shape
+    h0 = initial_state_or_zeros(initial_state, B, H, K, v.shape[-1])
+    doc, prev = document_columns(plan, doc_ids)
+    o, final = _kda(plan, *(heads_first(plan, x) for x in (q, k, v, g, beta[..., None])), h0, doc, prev)
+    return jnp.swapaxes(o[:, :, :plan.t], 1, 2), final
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

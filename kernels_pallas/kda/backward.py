@@ -16,8 +16,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas import platform
-from kernels_pallas.kda.chunk import (Plan, _masked, chunk_quantities, cumulative, dot,
-                                      solve_unit_lower_transposed, score_grads)
+from kernels_pallas.chunked import Plan, dot
+from kernels_pallas.kda.chunk import (chunk_quantities, cumulative, masked, score_grads,
+                                      solve_unit_lower_transposed)
 
 
 def _kernel(*refs, plan: Plan):
@@ -54,14 +55,14 @@ def _kernel(*refs, plan: Plan):
         d_bv = solve_unit_lower_transposed(c.beta * c.akk, d_delta)
         d_bk = solve_unit_lower_transposed(c.beta * c.akk, -dot(d_delta, S, contract=(1, 1)))
         d_L = jnp.where(pairs_kk, -(dot(d_bv, c.U, contract=(1, 1)) + dot(d_bk, c.W, contract=(1, 1))), 0.0)
-        d_k_in = _masked(c.carry_in, c.beta * d_bk)
+        d_k_in = masked(c.carry_in, c.beta * d_bk)
 
         # Through the decayed scores and the exponentials.
         dq_a, dk_row, dk_col, dG_scores = score_grads(c.q, c.k, c.G, d_aqk, c.beta * d_L)
         e_g = jnp.exp(c.G)
         e_suffix = jnp.exp(cumulative(c.g, reverse=True))
-        dq = dq_a + _masked(c.carry_in, d_q_in * e_g)
-        dk = dk_row + dk_col + d_k_in * e_g + _masked(c.to_exit, d_k_exit * e_suffix)
+        dq = dq_a + masked(c.carry_in, d_q_in * e_g)
+        dk = dk_row + dk_col + d_k_in * e_g + masked(c.to_exit, d_k_exit * e_suffix)
         dv = c.beta * d_bv
         dbeta = (jnp.sum(d_bv * c.v, axis=1, keepdims=True) + jnp.sum(d_bk * c.k_in, axis=1, keepdims=True)
                  + jnp.sum(d_L * c.akk, axis=1, keepdims=True))

@@ -19,27 +19,7 @@ import dataclasses
 import jax.numpy as jnp
 from jax import lax
 
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    t: int              # tokens before padding
-    t_pad: int
-    chunk: int
-    scale: float
-    has_segments: bool
-    interpret: bool
-    num_warps: int
-
-    @property
-    def num_chunks(self) -> int:
-        return self.t_pad // self.chunk
-
-
-def dot(a, b, *, contract=(1, 0)):
-    """fp32-accumulating a @ b over a's axis contract[0] and b's axis contract[1], full-precision products."""
-    return lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32),
-                           (((contract[0],), (contract[1],)), ((), ())),
-                           preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+from kernels_pallas.chunked import Plan, dot
 
 
 def _iota(shape, axis):
@@ -167,7 +147,7 @@ class Chunk:
     decay: jnp.ndarray      # [1, K] exp(all gates of the chunk), where the incoming state reaches its end
 
 
-def _masked(mask, x):
+def masked(mask, x):
     return x if mask is None else jnp.where(mask, x, 0.0)
 
 
@@ -190,10 +170,10 @@ def chunk_quantities(plan: Plan, n, q, k, v, g, beta, doc=None, prev=None) -> Ch
     G = cumulative(g)
     aqk, akk = scores(q, k, G, same)
     L = beta * akk
-    k_in = _masked(carry_in, k * jnp.exp(G))
+    k_in = masked(carry_in, k * jnp.exp(G))
     U = solve_unit_lower(L, beta * v)
     W = solve_unit_lower(L, beta * k_in)
     return Chunk(q=q, k=k, v=v, g=g, beta=beta, G=G, same=same, carry_in=carry_in, to_exit=to_exit,
-                 through=through, aqk=aqk, akk=akk, U=U, W=W, q_in=_masked(carry_in, q * jnp.exp(G)), k_in=k_in,
-                 k_exit=_masked(to_exit, k * jnp.exp(cumulative(g, reverse=True))),
+                 through=through, aqk=aqk, akk=akk, U=U, W=W, q_in=masked(carry_in, q * jnp.exp(G)), k_in=k_in,
+                 k_exit=masked(to_exit, k * jnp.exp(cumulative(g, reverse=True))),
                  decay=jnp.where(through, jnp.exp(row_of(G, C - 1)), 0.0))     # padded gates are 0

@@ -11,7 +11,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas import platform
-from kernels_pallas.kda.chunk import Plan, chunk_quantities, dot
+from kernels_pallas.chunked import Plan, dot
+from kernels_pallas.kda.chunk import chunk_quantities
 
 def _kernel(*refs, plan: Plan, save_states: bool):
     refs = list(refs)

@@ -18,8 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas import platform
-from kernels_pallas.lightning.chunk import Plan
+from kernels_pallas.chunked import document_columns, heads_first, make_plan
+from kernels_pallas.chunked import initial_state as initial_state_or_zeros
 from kernels_pallas.lightning.kernels import backward, forward
 
 # (chunk, num_warps) per target. cpu: interpret mode; gpu: fla's chunk; tpu: a full lane tile. gpu and tpu
@@ -34,26 +34,14 @@ def lightning_attention(q, k, v, log_decay, *, scale=None, initial_state=None, d
     """q, k [B,T,H,K]; v [B,T,H,V]; log_decay [H] (<= 0); initial_state [B,H,K,V] or None; doc_ids [B,T] int
     document indices (0 for the first document, counting up at each start; None: one document).
     Returns (o [B,T,H,V] in v's dtype, final state [B,H,K,V] fp32). Inputs are checked by the op's API."""
-    tgt = platform.target()
-    pref, warps = CHUNKS[tgt]
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    C = chunk or min(pref, max(MIN_CHUNK[tgt], 1 << max(0, (T - 1).bit_length())))
-    plan = Plan(t=T, t_pad=-(-T // C) * C, chunk=C, scale=float(K) ** -0.5 if scale is None else float(scale),
-                has_segments=doc_ids is not None, interpret=platform.resolve_interpret(interpret), num_warps=warps)
-
-    def heads_first(x):
-        return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, plan.t_pad - T), (0, 0)))
-
-    h0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
-    doc = prev = None
-    if doc_ids is not None:
-        ids = jnp.pad(doc_ids.astype(jnp.int32), ((0, 0), (0, plan.t_pad - T)), mode="edge")
-        doc = ids[:, :, None]
-        prev = jnp.pad(ids[:, :-1], ((0, 0), (1, 0)))[:, :, None]
-    o, final = _lightning(plan, heads_first(q), heads_first(k), heads_first(v), jnp.asarray(log_decay, jnp.float32),
-                          h0, doc, prev)
-    return jnp.swapaxes(o[:, :, :T], 1, 2), final
+    plan = make_plan(q, chunks=CHUNKS, min_chunk=MIN_CHUNK, chunk=chunk, scale=scale,
+                     has_segments=doc_ids is not None, interpret=interpret)
+    B, _, H, K = q.shape
+    h0 = initial_state_or_zeros(initial_state, B, H, K, v.shape[-1])
+    doc, prev = document_columns(plan, doc_ids)
+    o, final = _lightning(plan, heads_first(plan, q), heads_first(plan, k), heads_first(plan, v),
+                          jnp.asarray(log_decay, jnp.float32), h0, doc, prev)
+    return jnp.swapaxes(o[:, :, :plan.t], 1, 2), final
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -1,4 +1,4 @@
-"""What the lightning kernels share: the static plan of a call and the decays of one chunk.
+"""The decays of one lightning chunk (the plan and the dot are `kernels_pallas.chunked`'s).
 
 Positions are absolute (token t of the padded row); document indices `doc` count the document starts at or
 before each token (0 for the first document, which the initial state belongs to), and `prev` is the document
@@ -12,28 +12,7 @@ import dataclasses
 import jax.numpy as jnp
 from jax import lax
 
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    t: int              # tokens before padding
-    t_pad: int          # padded to whole chunks
-    chunk: int
-    scale: float
-    has_segments: bool
-    interpret: bool
-    num_warps: int
-
-    @property
-    def num_chunks(self) -> int:
-        return self.t_pad // self.chunk
-
-
-def dot(a, b, *, contract=(1, 0)):
-    """fp32-accumulating a @ b over a's axis contract[0] and b's axis contract[1]; fp32 operands get
-    full-precision products."""
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
-    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                           preferred_element_type=jnp.float32, precision=precision)
+from kernels_pallas.chunked import Plan
 
 
 @dataclasses.dataclass

@@ -17,7 +17,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas import platform
-from kernels_pallas.lightning.chunk import Plan, decays, dot
+from kernels_pallas.chunked import Plan, dot
+from kernels_pallas.lightning.chunk import decays
 
 
 def _doc_cols(plan, doc_ref, prev_ref, rows):

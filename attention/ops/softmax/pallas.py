@@ -1,6 +1,6 @@
 """The Pallas flash-attention kernels (`kernels_pallas.flash`) as the `pallas` implementations of
-`softmax_attention` and `softmax_decode`: on the CPU it runs in interpret mode (what the tests check), on GPU it is compiled by
-Triton and on TPU by Mosaic. One array passed as both k and v (`v is k`) is read once per tile by the kernel,
+`softmax_attention` and `softmax_decode`: on the CPU they run in interpret mode (what the tests check), on GPU
+Triton compiles them and on TPU Mosaic. One array passed as both k and v (`v is k`) is read once per tile by the kernel,
 which returns dk + dv as k's gradient; in decode, a K=V cache is read once."""
 from __future__ import annotations
 
@@ -10,14 +10,7 @@ from attention.ops import dispatch
 from attention.ops.softmax.api import documents
 from kernels_pallas.flash import KeyTransform, flash_attention, flash_decode
 
-DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-def supports(*, backend, dtype, **_):
-    """None when the flash kernel serves the call, else why not."""
-    if jnp.dtype(dtype) not in {jnp.dtype(d) for d in DTYPES}:
-        return f"the flash kernel takes float32, bfloat16 or float16 inputs, not {jnp.dtype(dtype).name}"
-    return None
+supports = dispatch.float_inputs("flash")
 
 
 def supports_decode(*, backend, dtype, k_shape, v_shape, **info):
