@@ -17,8 +17,10 @@ import json
 import math
 import os
 import secrets
+import socket
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +44,26 @@ class MetricsFile:
     log again). A fresh run appends too: the run directory's history check keeps a fresh run from meeting an
     old file."""
 
-    def __init__(self, path: Path, resume_step: int | None):
+    def __init__(self, path: Path | None, resume_step: int | None):
+        """`path` None: records go nowhere (the processes of a multi-process run other than process 0)."""
         self.path = path
+        self.f = None
+        if path is None:
+            return
         if resume_step is not None and path.exists():
             kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
             path.write_text("".join(ln + "\n" for ln in kept))
         self.f = path.open("a")
 
     def write(self, record: dict) -> None:
+        if self.f is None:
+            return
         self.f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
         self.f.flush()
 
     def close(self) -> None:
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -75,6 +84,19 @@ def _has_wandb_key() -> bool:
         return any(h in rc.hosts for h in ("api.wandb.ai",))
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
+
+
+def _unreachable(wandb, timeout: float) -> str | None:
+    """Why the W&B server (its configured base URL) does not accept a TCP connection within `timeout`, or None
+    when it does."""
+    url = wandb.setup().settings.base_url
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"{url} unreachable: {e.strerror or type(e).__name__}"
 
 
 class WandbRun:
@@ -107,21 +129,26 @@ class WandbRun:
             timeout = float(os.environ.get("WANDB_INIT_TIMEOUT") or 30.0)
         except ValueError:
             timeout = 30.0
-        try:
-            self.run = wandb.init(mode="online", settings=wandb.Settings(init_timeout=timeout), **kwargs)
-            return
-        except (wandb.errors.Error, TimeoutError) as e:
-            reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        # A server that does not even accept a connection is found out before W&B's service starts an online run:
+        # a failed online init holds the run id in that service for longer than a run should wait, and an
+        # offline run under the same id is refused meanwhile ("run ID ... is in use").
+        reason = _unreachable(wandb, timeout)
+        if reason is None:
+            try:
+                self.run = wandb.init(mode="online", settings=wandb.Settings(init_timeout=timeout), **kwargs)
+                return
+            except Exception as e:  # W&B's classes vary (wandb.errors.*, TimeoutError, ServerResponseError)
+                reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
         self.mode = "offline"
-        # The failed online run may still hold its id in W&B's service process for a moment: tear it down and
-        # retry. If W&B cannot start at all, the run trains without it (metrics.jsonl has everything, and the
-        # next resume replays into W&B what this segment did not log).
+        # After a failed online init, tear W&B's service down and retry offline. If W&B cannot start at all, the
+        # run trains without it (metrics.jsonl has everything, and the next resume replays into W&B what this
+        # segment did not log).
         for attempt in range(3):
             wandb.teardown()
             try:
                 self.run = wandb.init(mode="offline", **kwargs)
                 break
-            except (wandb.errors.Error, TimeoutError):
+            except Exception:
                 time.sleep(1.0 + attempt)
         where = (f"continuing offline, upload later with `wandb sync {run_dir / 'wandb'}/offline-run-*`"
                  if self.run is not None else "continuing without W&B (metrics.jsonl has every record)")
