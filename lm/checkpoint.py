@@ -8,6 +8,10 @@ temporary directory and raises CheckpointError naming the step, the directory, t
 checkpoint that is still intact; orbax's own log records and its worker threads' tracebacks of the failure
 are kept off the console. A checkpoint that fails to restore is moved to `checkpoints_corrupt/` (kept,
 never deleted) and the previous one is used.
+
+In a multi-process run every process saves and restores (each its own shards; orbax's process 0 writes the JSON
+items and renames the finished step); only process 0 moves or removes directories. A restore target may be
+sharded over another mesh than the one that saved: orbax reads each process's shards of the new layout.
 """
 from __future__ import annotations
 
@@ -187,7 +191,7 @@ class Checkpointer:
         """Remove what a failed save of `step` left (orbax's temporary directory); the leftover path if that
         failed too."""
         leftover = None
-        for tmp in self.dir.glob(f"{step}{TMP_SUFFIX}*"):
+        for tmp in (self.dir.glob(f"{step}{TMP_SUFFIX}*") if jax.process_index() == 0 else ()):
             shutil.rmtree(tmp, ignore_errors=True)
             if tmp.exists():
                 leftover = tmp
@@ -237,7 +241,7 @@ class Checkpointer:
         dst_root = self.dir.parent / "checkpoints_corrupt"
         dst_root.mkdir(exist_ok=True)
         dst = dst_root / f"{step}-{int(time.time())}"
-        if src.exists():
+        if src.exists() and jax.process_index() == 0:  # one mover in a multi-process run
             shutil.move(str(src), dst)
         self.mngr.reload()
         return dst

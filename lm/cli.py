@@ -20,14 +20,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lm.checkpoint import CheckpointError
     from lm.config import ConfigError
     from lm.data import DataError
+    from lm.distributed import LaunchError
     from lm.tracking import TrackingError
     from lm.train import RunError
 
-    return ConfigError, DataError, RunError, CheckpointError, TrackingError, ImplUnavailable, UsageError
+    return (ConfigError, DataError, RunError, CheckpointError, TrackingError, ImplUnavailable, UsageError,
+            LaunchError)
 
 
 def cmd_train(args) -> int:
+    from lm import distributed
     from lm.config import load_config
+
+    # Before anything touches a device: the process's place in a multi-process run, its simulated CPU devices.
+    distributed.initialize(distributed.resolve(args.coordinator, args.num_processes, args.process_id,
+                                               cpu_devices=args.cpu_devices, timeout_s=args.init_timeout))
     from lm.train import train
 
     res = train(load_config(args.config, args.set), init_from=args.init_from, restart=args.restart)
@@ -184,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--restart", action="store_true",
                    help="train again from step 0 a run directory that has history (metrics, corrupt checkpoints) "
                         "but no usable checkpoint; its old metrics.jsonl is kept as metrics.<time>.jsonl")
+    mp = t.add_argument_group("multi-process (one run over several hosts; see lm/distributed.py)")
+    mp.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                    help="address of process 0 and a free port, the same for every process (else "
+                         "$JAX_COORDINATOR_ADDRESS, or SLURM/TPU-pod detection)")
+    mp.add_argument("--num-processes", default=None, type=int, metavar="N", help="how many processes the run has")
+    mp.add_argument("--process-id", default=None, type=int, metavar="I", help="this process's index, 0..N-1")
+    mp.add_argument("--init-timeout", default=300, type=int, metavar="S",
+                    help="seconds to wait for all processes to join (default 300)")
+    mp.add_argument("--cpu-devices", default=None, type=int, metavar="N",
+                    help="simulated host devices per process on a CPU (tests, planning a mesh on a laptop)")
     with_set(t)
     t.set_defaults(fn=cmd_train)
 

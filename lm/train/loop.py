@@ -2,8 +2,8 @@
 at their intervals, and save at the end.
 
 The step is AOT-compiled before the loop, and the loop reads from the device only at log intervals. After
-`train.max_rejected` rejected steps in a row the run saves and stops. SIGTERM/SIGINT finish the current step,
-save and exit cleanly.
+`train.max_rejected` rejected steps in a row the run saves and stops. SIGTERM/SIGINT finish the current step
+(in a multi-process run: the steps to the next log or checkpoint step), save and exit cleanly.
 """
 from __future__ import annotations
 
@@ -23,13 +23,14 @@ from rich.console import Console
 from attention import ops
 from attention.base import StatsByLayer, StatsReport
 from lm import data as lmdata
+from lm import distributed
 from lm import flops as lmflops
 from lm.checkpoint import Checkpointer
 from lm.config import Config, dump_config, load_config
 from lm.model import LM, count_params
 from lm.tracking import MetricsFile, WandbRun, make_progress, new_run_id, read_metrics, save_heatmap
-from lm.train.rundir import (RunError, RunResult, check_same_run, checkpoint_meta, config_changes, exclusive,
-                             history, library_logs, open_run_data, params_from_run, record_data, run_dir_of,
+from lm.train.rundir import (RunError, RunResult, check_same_run, checkpoint_meta, config_changes, history,
+                             library_logs, open_run_data, params_from_run, record_data, run_dir_of, run_lock,
                              set_aside_history)
 from lm.train.setup import Setup, build, data_rows, eval_batch_size, resolved_config
 from lm.train.step import make_eval_step, make_train_step, run_eval_batches, to_device_batch
@@ -44,11 +45,14 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
     """Train (or resume) the run `run.out_dir/run.name`. `max_steps_this_run` stops early (tests).
     `init_from` (a run directory) starts a fresh run from the parameters of its newest checkpoint that
     match this model by path and shape; a resumed run ignores it. A run directory with history but no usable
-    checkpoint starts again from step 0 only with `restart` (its old metrics are kept beside)."""
+    checkpoint starts again from step 0 only with `restart` (its old metrics are kept beside).
+    In a multi-process run (lm/distributed.py) every process calls this; only process 0 writes and prints."""
     console = console or Console()
+    if not distributed.is_primary():
+        console = Console(quiet=True)
     say = _printer(console)
     run_dir = run_dir_of(cfg)
-    with exclusive(run_dir), library_logs(run_dir):
+    with run_lock(run_dir), library_logs(run_dir):
         ds = open_run_data(run_dir, cfg, say)
         cfg = resolved_config(cfg, ds)
         # The eval split is cut before anything compiles or is written: a corpus too small for it fails at once.
@@ -71,8 +75,9 @@ def _train_locked(setup: Setup, ds: lmdata.Dataset, eval_set: list, ckpt: Checkp
                   console: Console) -> RunResult:
     cfg, run_dir, say = setup.cfg, run_dir_of(setup.cfg), _printer(console)
     start = _restore_or_init(setup, ds, ckpt, init_from, restart, say)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    record_data(run_dir, ds.identity())
+    if distributed.is_primary():
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        record_data(run_dir, ds.identity())
     if start.step >= cfg.train.steps:
         return RunResult(run_dir, "already_finished", start.step, None, f"run {run_dir} already finished at "
                          f"step {start.step} (train.steps={cfg.train.steps})")
@@ -210,7 +215,7 @@ class _Run:
         self.metrics.write(rec)
         self.wandb.log(rec, step)
         run_dir = run_dir_of(self.cfg)
-        for name, hm in report.heatmaps.items():
+        for name, hm in (report.heatmaps.items() if distributed.is_primary() else ()):
             png = save_heatmap(hm.rows, run_dir / f"{name}_step{step}.png", title=f"{hm.title}, step {step}",
                                xlabel=hm.xlabel)
             self.wandb.log_image(name, png, step)
@@ -243,12 +248,14 @@ def _run(setup: Setup, ds: lmdata.Dataset, eval_set: list, ckpt: Checkpointer, s
                  "kernel_impls": impls}
     if init_from is not None and not start.resumed:
         wb_config["init_from"] = str(init_from)
-    wandb = WandbRun(cfg.wandb, run_dir, start.run_id, wb_config)
+    primary = distributed.is_primary()
+    wandb = WandbRun(cfg.wandb if primary else cfg.wandb.model_copy(update={"mode": "disabled"}), run_dir,
+                     start.run_id, wb_config)
     if start.resumed and (run_dir / "metrics.jsonl").is_file():
         replayed = wandb.replay(read_metrics(run_dir / "metrics.jsonl"), start.step)
         if replayed:
             _printer(console)(f"W&B: replayed {replayed} metrics records a killed segment may have lost")
-    metrics = MetricsFile(run_dir / "metrics.jsonl", start.step if start.resumed else None)
+    metrics = MetricsFile(run_dir / "metrics.jsonl" if primary else None, start.step if start.resumed else None)
     run = _Run(setup, console, start.run_id, ckpt, train_step, eval_step, model.report_stats, model.schedule_values,
                eval_set, ds.bits_per_byte_factor(), costs, metrics, wandb)
     pos = _Position(start.step, start.state, start.batches.get_state())
@@ -290,8 +297,9 @@ def _train_steps(run: _Run, pos: _Position, batches, batch: dict, stop_at: int) 
             if len(pending) >= 2 and int(pending[-2]["rejected_run"]) >= cfg.train.max_rejected:
                 pos.status = "diverged"
             ckpt_due = bool(cfg.train.ckpt_every) and pos.step % cfg.train.ckpt_every == 0
+            signum = stop.poll(pos.step % cfg.train.log_every == 0 or pos.step == stop_at or ckpt_due)
             log_due = pos.step % cfg.train.log_every == 0 or pos.step == stop_at or pos.status != "finished" \
-                or stop.signum
+                or signum
             # Before any save, and at every log: is the loss still in its range? Ruined weights stay finite.
             if pending and (log_due or ckpt_due) and watch.check(pos.step - len(pending) + 1, pending):
                 pos.status, pos.save = "diverged", False
@@ -312,9 +320,9 @@ def _train_steps(run: _Run, pos: _Position, batches, batch: dict, stop_at: int) 
                                f"loss or gradient (or grad norm above train.skip_grad_norm); parameters are from the "
                                f"last good step. Lower optim.lr or raise optim.warmup_steps, then resume.")
                 return
-            if stop.signum:
+            if signum:
                 pos.status = "interrupted"
-                pos.message = f"received {signal.Signals(stop.signum).name}: saved at step {pos.step}, exiting"
+                pos.message = f"received {signal.Signals(signum).name}: saved at step {pos.step}, exiting"
                 return
             if cfg.train.eval_every and pos.step % cfg.train.eval_every == 0 and pos.step != stop_at:
                 pos.last_eval, _ = run.evaluate(pos.step, pos.state["params"])
@@ -409,7 +417,8 @@ class _Throughput:
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits."""
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits. In a multi-process run the
+    processes agree on the flag at every step (`poll`)."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -422,6 +431,14 @@ class _StopFlag:
             except ValueError:  # not the main thread (e.g. called from a test thread): no handlers
                 pass
         return self
+
+    def poll(self, boundary: bool) -> int | None:
+        """The signal that arrived. A multi-process run must stop all its processes at the same step, so they
+        agree on it (a small all-gather that waits for the step) only at `boundary` steps (logs, checkpoints),
+        where the loop waits for the device anyway; a signal stops them at the next one."""
+        if jax.process_count() == 1:
+            return self.signum
+        return (distributed.agree(self.signum or 0) or None) if boundary else None
 
     def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:

@@ -77,13 +77,39 @@ def exclusive(run_dir: Path):
 
 
 @contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """`exclusive(run_dir)` held by process 0 for the block; the other processes of a multi-process run wait for
+    it and stop with a RunError when process 0 could not take it (its own output says why)."""
+    from lm.distributed import from_primary
+
+    if jax.process_count() == 1:
+        with exclusive(run_dir):
+            yield
+        return
+    if jax.process_index() != 0:
+        if not from_primary(0):
+            raise RunError(f"process 0 could not take the lock of {run_dir} (its output says why)")
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(exclusive(run_dir))
+        except BaseException:
+            from_primary(0)
+            raise
+        from_primary(1)
+        yield
+
+
+@contextlib.contextmanager
 def library_logs(run_dir: Path, names: tuple[str, ...] = ("absl", "orbax", "jax._src.distributed")):
     """Send what the libraries log (orbax's warnings and errors through absl, retries, tracebacks) to
     run_dir/logs/libraries.log instead of the console, for the block: the run's own lines say what happened
     and where; the details are in the file."""
     logs = run_dir / "logs"
     logs.mkdir(exist_ok=True)
-    handler = logging.FileHandler(logs / "libraries.log", delay=True)  # no file until something is logged
+    name = "libraries.log" if jax.process_index() == 0 else f"libraries.process{jax.process_index()}.log"
+    handler = logging.FileHandler(logs / name, delay=True)  # no file until something is logged
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     loggers = [logging.getLogger(n) for n in names]
     saved = [(lg.propagate, lg.level) for lg in loggers]
@@ -98,8 +124,11 @@ def library_logs(run_dir: Path, names: tuple[str, ...] = ("absl", "orbax", "jax.
             lg.removeHandler(handler)
             lg.propagate, lg.level = propagate, level
         handler.close()
-        if not any(logs.iterdir()):
-            logs.rmdir()
+        try:
+            if not any(logs.iterdir()):
+                logs.rmdir()
+        except OSError:  # another process of the run removed it first, or wrote to it meanwhile
+            pass
 
 
 def history(run_dir: Path) -> tuple[list[str], bool]:
@@ -121,7 +150,7 @@ def history(run_dir: Path) -> tuple[list[str], bool]:
 def set_aside_history(run_dir: Path) -> Path | None:
     """Before a fresh start over history: move metrics.jsonl to metrics.<time>.jsonl (kept, never deleted)."""
     metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
+    if not metrics.is_file() or jax.process_index() != 0:
         return None
     dst = run_dir / f"metrics.{datetime.datetime.now():%Y%m%d-%H%M%S}.jsonl"
     metrics.rename(dst)

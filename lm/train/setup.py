@@ -11,7 +11,7 @@ import optax
 
 from lm import data as lmdata
 from lm import sharding as shd
-from lm.config import Config
+from lm.config import Config, ConfigError
 from lm.model import ModelDef, abstract_model, init_model
 from lm.optim import make_optimizer
 
@@ -83,7 +83,28 @@ def build(cfg: Config, devices: list | None = None) -> Setup:
     state_sh["params"] = param_sh
     state_sh["opt"] = _opt_shardings(setup.state_shapes["opt"], setup.state_shapes["params"], param_sh, repl)
     setup.state_sh = state_sh
+    check_process_rows(setup.batch_sh, cfg.data.batch_size)
     return setup
+
+
+def check_process_rows(batch_sh, batch_size: int) -> None:
+    """The data pipeline gives process p of P the rows [p*B/P, (p+1)*B/P) of each global batch; the batch
+    sharding must ask exactly those of it. It does when the data and fsdp axes (the batch axes) are laid out
+    process by process, which they are unless the tensor axis spans processes."""
+    n, p = jax.process_count(), jax.process_index()
+    if n == 1:
+        return
+    if batch_size % n:
+        raise ConfigError(f"data.batch_size {batch_size} is not divisible by the {n} processes; make it a multiple")
+    wanted = set(range(p * batch_size // n, (p + 1) * batch_size // n))
+    held = set()
+    for index in batch_sh.addressable_devices_indices_map((batch_size,)).values():
+        held.update(range(*index[0].indices(batch_size)))
+    if held != wanted:
+        mesh = dict(batch_sh.mesh.shape)
+        raise ConfigError(f"mesh {mesh} puts batch rows on this process's devices that are not its share of the "
+                          f"data (process {p} of {n} reads rows {min(wanted)}..{max(wanted)}); make data*fsdp a "
+                          f"multiple of the {n} processes and keep mesh.tensor within one process's devices")
 
 
 def _opt_shardings(opt_shapes, param_shapes, param_sh, repl):

@@ -1,0 +1,175 @@
+"""One run as two processes (jax.distributed over gloo on localhost, 4 simulated CPU devices each), and
+checkpoints restored onto other mesh shapes; each compared with a 1-process, 1-device run of the same global
+batch."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lm.distributed import Launch, LaunchError, resolve
+from lm.tracking import read_metrics
+from tests.lm.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = "configs/tiny/softmax.yaml"
+STEPS = 8
+
+
+def _args(store, out: Path, name: str, mesh: tuple[int, int, int], **extra) -> list[str]:
+    over = tiny_overrides(store, out, name, **{
+        "train.steps": STEPS, "train.ckpt_every": 4, "data.batch_size": 8, "model.mixers.softmax.n_heads": 4,
+        "model.mixers.softmax.n_kv_heads": 2, "mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2],
+        **extra})
+    return ["train", TINY, *sum((["--set", o] for o in over), [])]
+
+
+def _env():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)  # the device count comes from --cpu-devices
+    return env
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lm.cli", *args], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(p: subprocess.Popen) -> str:
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(args: list[str]) -> list[str]:
+    port = _free_port()
+    procs = [_start([*args, "--cpu-devices", "4", "--coordinator", f"localhost:{port}", "--num-processes", "2",
+                     "--process-id", str(i)]) for i in range(2)]
+    return [_finish(p) for p in procs]
+
+
+def _records(run_dir: Path) -> tuple[dict[int, float], list[float]]:
+    recs = read_metrics(run_dir / "metrics.jsonl")
+    losses = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    assert len(losses) == len(dict(losses)), "a step was logged twice: more than one process wrote metrics"
+    return dict(losses), [r["eval_loss"] for r in recs if "eval_loss" in r]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_and_restore_on_other_meshes(small_store, tmp_path):
+    # The reference: one process, one device, the same global batch of 8 rows.
+    ref = _start([*_args(small_store, tmp_path, "ref", (1, 1, 1)), "--cpu-devices", "1"])
+    # Two processes x 4 devices on data=2 x fsdp=2 x tensor=2, W&B offline: only process 0 may log.
+    outs = _two_processes([*_args(small_store, tmp_path, "dft", (2, 2, 2), **{"wandb.mode": "offline"})])
+    _finish(ref)
+    ref_losses, ref_eval = _records(tmp_path / "ref")
+    assert sorted(ref_losses) == list(range(1, STEPS + 1))
+
+    losses, evals = _records(tmp_path / "dft")
+    assert sorted(losses) == sorted(ref_losses)
+    np.testing.assert_allclose([losses[s] for s in sorted(losses)], [ref_losses[s] for s in sorted(losses)],
+                               rtol=2e-6)
+    np.testing.assert_allclose(evals, ref_eval, rtol=2e-6)
+    assert "eval at step 8" in outs[0] and "eval at step" not in outs[1]  # process 1 prints nothing of its own
+    assert len(list((tmp_path / "dft" / "wandb").glob("offline-run-*"))) == 1
+    assert not list((tmp_path / "dft").glob("*process1*"))
+
+    # Saved by two processes on data=4 x fsdp=2; step 4 restored on fsdp=8 (one process) and on one device.
+    _two_processes(_args(small_store, tmp_path, "d4f2", (4, 2, 1)))
+    assert sorted(int(p.name) for p in (tmp_path / "d4f2" / "checkpoints").iterdir()) == [4, 8]
+    for name, mesh, devices in (("on_fsdp8", (1, 8, 1), 8), ("on_one", (1, 1, 1), 1)):
+        shutil.copytree(tmp_path / "d4f2", tmp_path / name, ignore=shutil.ignore_patterns(".lock"))
+        shutil.rmtree(tmp_path / name / "checkpoints" / "8")
+        out = _finish(_start([*_args(small_store, tmp_path, name, mesh), "--cpu-devices", str(devices)]))
+        assert "resuming" in out and "from step 4" in out, out
+        resumed, evals = _records(tmp_path / name)
+        assert sorted(resumed) == list(range(1, STEPS + 1))
+        np.testing.assert_allclose([resumed[s] for s in range(5, STEPS + 1)],
+                                   [ref_losses[s] for s in range(5, STEPS + 1)], rtol=2e-6, err_msg=name)
+        np.testing.assert_allclose(evals, ref_eval, rtol=2e-6, err_msg=name)
+
+
+@pytest.mark.slow
+def test_a_mesh_whose_tensor_axis_spans_processes_is_refused(small_store, tmp_path):
+    port = _free_port()
+    procs = [_start([*_args(small_store, tmp_path, "bad", (1, 1, 8)), "--cpu-devices", "4", "--coordinator",
+                     f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)]) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 2, out
+        assert "error: mesh" in out and "mesh.tensor within one process" in out, out
+        assert "Traceback" not in out
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_launch_from_flags_env_and_clusters():
+    assert resolve(environ={}) == Launch("single")
+    assert resolve("h:1234", 2, 1, environ={}) == Launch("flags", "h:1234", 2, 1)
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:9999", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    assert resolve(environ=env) == Launch("env", "10.0.0.1:9999", 4, 3)
+    assert resolve("h:1", 2, 0, environ=env).source == "flags"  # flags win over the environment
+    assert resolve(environ={"SLURM_NTASKS": "8", "SLURM_JOB_ID": "77"}).source == "slurm"
+    assert resolve(environ={"SLURM_NTASKS": "1", "SLURM_JOB_ID": "77"}).source == "single"
+    assert resolve(environ={"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}).source == "tpu"
+    assert resolve(environ={"TPU_WORKER_HOSTNAMES": "w0"}).source == "single"
+    assert resolve(cpu_devices=4, environ={}).cpu_devices == 4
+
+
+@pytest.mark.parametrize("flags, env, needle", [
+    (("h:1", None, 0), {}, "--num-processes missing"),
+    ((None, None, None), {"JAX_NUM_PROCESSES": "2"}, "JAX_COORDINATOR_ADDRESS, JAX_PROCESS_ID missing"),
+    (("nohost", 2, 0), {}, "is not HOST:PORT"),
+    (("h:99999", 2, 0), {}, "is not HOST:PORT"),
+    (("h:1", 0, 0), {}, "--num-processes must be a positive integer"),
+    (("h:1", 2, 2), {}, "--process-id must be an integer in 0..1"),
+    ((None, None, None), {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
+     "JAX_NUM_PROCESSES must be a positive integer"),
+])
+def test_bad_launch_settings_name_the_setting(flags, env, needle):
+    with pytest.raises(LaunchError, match=needle):
+        resolve(*flags, environ=env)
+
+
+def test_bad_launch_flag_is_one_line_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "lm.cli", "train", TINY, "--num-processes", "2", "--process-id", "0"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: --coordinator missing: a multi-process run needs all of "
+                                               "--coordinator, --num-processes, --process-id"]
+
+
+@pytest.mark.parametrize("process_id, needle", [
+    (0, "error: only 1 of 2 processes arrived within 3 s (missing process id(s) 1); start them with --coordinator"),
+    (1, "error: process 0 did not answer at localhost:"),
+])
+def test_processes_that_never_meet_time_out_with_one_line(process_id, needle):
+    out = subprocess.run([sys.executable, "-m", "lm.cli", "train", TINY, "--coordinator", f"localhost:{_free_port()}",
+                          "--num-processes", "2", "--process-id", str(process_id), "--init-timeout", "3"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith(needle), out.stderr
+    assert "--init-timeout" in out.stderr
+
+
+def test_processes_that_disagree_on_the_count_are_told_so():
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "lm.cli", "train", TINY, "--coordinator", f"localhost:{port}",
+                               "--num-processes", n, "--process-id", i, "--init-timeout", "60"], cwd=ROOT, env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n, i in (("2", "0"), ("3", "1"))]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2, err
+        assert err.strip() == "error: process 1 was started with 3 processes, process 0 with 2", err
