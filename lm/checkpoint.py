@@ -144,27 +144,35 @@ def _quiet_failures():
 
 class Checkpointer:
     def __init__(self, directory: str | Path, *, keep: int, warn: Callable[[str], None] = print,
-                 read_only: bool = False):
+                 read_only: bool = False, async_save: bool = False):
         """`read_only` (eval, generate): nothing in the directory is created, written or moved; a checkpoint
-        that fails to restore is skipped and left where it is."""
+        that fails to restore is skipped and left where it is. `async_save`: `save` returns once the arrays are
+        copied to host memory and orbax writes them in the background; the write is awaited at the next save or
+        at `close`, and a failed background write raises CheckpointError there, naming its own step."""
         self.dir = Path(directory).absolute()
         self.warn = warn
         self.read_only = read_only
+        self.async_save = async_save
+        self.pending: int | None = None  # the step being written in the background
         self.mngr = ocp.CheckpointManager(
             self.dir,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                                 enable_async_checkpointing=False),
+                                                 enable_async_checkpointing=async_save),
             item_names=("state", "meta", "data"),
         )
 
     def steps(self) -> list[int]:
         return sorted(self.mngr.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict, data_state: dict) -> None:
-        """Write checkpoint `step`. On a storage failure (full disk, read-only or unwritable directory) the
-        partial write is removed and CheckpointError says so; the checkpoints already there are untouched."""
+    def save(self, step: int, state: Any, meta: dict, data_state: dict) -> float:
+        """Write checkpoint `step`; returns the seconds the caller was held (the whole write, or with `async_save`
+        the wait for the previous write plus the copy to host). On a storage failure (full disk, read-only or
+        unwritable directory) the partial write is removed and CheckpointError says so; the checkpoints already
+        there are untouched."""
+        t0 = time.perf_counter()
+        self.finish()
         if step in self.mngr.all_steps():
-            return
+            return time.perf_counter() - t0
         try:
             with _quiet_failures():
                 self.mngr.save(step, args=ocp.args.Composite(
@@ -172,20 +180,40 @@ class Checkpointer:
                     meta=ocp.args.JsonSave(meta),
                     data=ocp.args.JsonSave(data_state),
                 ), force=True)
+                if not self.async_save:
+                    self.mngr.wait_until_finished()
+        except Exception as e:
+            self._failed(step, e)
+        if self.async_save:
+            self.pending = step
+        return time.perf_counter() - t0
+
+    def finish(self) -> None:
+        """Wait for a background write to complete; CheckpointError if it failed."""
+        if self.pending is None:
+            return
+        step, self.pending = self.pending, None
+        try:
+            with _quiet_failures():
                 self.mngr.wait_until_finished()
         except Exception as e:
-            leftover = self._discard_partial(step)
-            code = storage_errno(e)
-            if code is None:
-                raise
-            previous = [s for s in self.steps() if s != step]
-            intact = (f"the previous checkpoint (step {previous[-1]}) is intact" if previous
-                      else "there is no earlier checkpoint of this run")
-            advice = "free space and resume" if code in (errno.ENOSPC, errno.EDQUOT) else \
-                "make the directory writable (or train under another run.out_dir) and resume"
-            raise CheckpointError(f"could not write checkpoint step {step} to {self.dir}: {describe_errno(code)}; "
-                                  f"{advice} — {intact}"
-                                  + (f" (could not remove the partial write {leftover})" if leftover else "")) from e
+            self._failed(step, e)
+
+    def _failed(self, step: int, e: Exception):
+        """Remove what the failed write of `step` left and raise CheckpointError for a storage failure (any other
+        exception is a bug and propagates as it is)."""
+        leftover = self._discard_partial(step)
+        code = storage_errno(e)
+        if code is None:
+            raise e
+        previous = [s for s in self.steps() if s != step]
+        intact = (f"the previous checkpoint (step {previous[-1]}) is intact" if previous
+                  else "there is no earlier checkpoint of this run")
+        advice = "free space and resume" if code in (errno.ENOSPC, errno.EDQUOT) else \
+            "make the directory writable (or train under another run.out_dir) and resume"
+        raise CheckpointError(f"could not write checkpoint step {step} to {self.dir}: {describe_errno(code)}; "
+                              f"{advice} — {intact}"
+                              + (f" (could not remove the partial write {leftover})" if leftover else "")) from e
 
     def _discard_partial(self, step: int) -> Path | None:
         """Remove what a failed save of `step` left (orbax's temporary directory); the leftover path if that
@@ -247,8 +275,12 @@ class Checkpointer:
         return dst
 
     def close(self) -> None:
-        self.mngr.wait_until_finished()
-        self.mngr.close()
+        """Wait for a background write (CheckpointError if it failed; the manager is closed either way)."""
+        try:
+            self.finish()
+            self.mngr.wait_until_finished()
+        finally:
+            self.mngr.close()
 
 
 def _first_line(e: BaseException) -> str:

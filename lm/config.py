@@ -42,6 +42,7 @@ class TrainConfig(_Section):
     eval_steps: int = Field(20, ge=1)
     ckpt_every: int = Field(0, ge=0)
     ckpt_keep: int = Field(3, ge=1)
+    async_checkpoint: bool = False  # write checkpoints in the background; steps wait only for the copy to host
     grad_accum: int = Field(1, ge=1)
     max_rejected: int = Field(5, ge=1)
     skip_grad_norm: Optional[float] = Field(None, gt=0)
@@ -102,6 +103,8 @@ class ModelConfig(_Section):
     embed_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the embeddings (0 in the projection-sharing paper)
     dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "block", "mixer"] = "none"
+    # What a rematerialised region keeps from its forward pass (lm/model.py REMAT_POLICIES).
+    remat_policy: Literal["nothing", "dots", "dots_no_batch", "mixer_out"] = "nothing"
 
     @pydantic.field_validator("mixers", mode="before")
     @classmethod

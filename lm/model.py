@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from attention import MIXERS, ops
 from attention.base import AuxLoss, Stat, StatsByLayer, StatsReport
@@ -32,6 +33,21 @@ def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+MIXER_OUT = "mixer_out"  # the name a block gives its mixer's output, for the `mixer_out` remat policy
+
+# model.remat_policy -> what a jax.checkpoint region saves for the backward pass (None: nothing, recompute all).
+REMAT_POLICIES = {
+    "nothing": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "mixer_out": jax.checkpoint_policies.save_only_these_names(MIXER_OUT),
+}
+
+
+def remat_policy(name: str):
+    return REMAT_POLICIES[name]
+
+
 class Block(nnx.Module):
     def __init__(self, cfg: Config, layer_idx: int, *, rngs: nnx.Rngs):
         m = cfg.model
@@ -45,15 +61,17 @@ class Block(nnx.Module):
                        dtype=ctx.dtype, rngs=rngs)
         self.dropout = m.dropout
         self.remat_mixer = m.remat == "mixer"
+        self.remat_policy = remat_policy(m.remat_policy)
 
     def __call__(self, x, positions, segment_ids, rng):
         r1, r2 = jax.random.split(rng) if rng is not None else (None, None)
         with ops.label_calls(self.label):
             if self.remat_mixer:
-                h = nnx.remat(lambda mixer, x_: mixer(x_, positions=positions, segment_ids=segment_ids))(
-                    self.mixer, self.norm1(x))
+                h = nnx.remat(lambda mixer, x_: mixer(x_, positions=positions, segment_ids=segment_ids),
+                              policy=self.remat_policy)(self.mixer, self.norm1(x))
             else:
                 h = self.mixer(self.norm1(x), positions=positions, segment_ids=segment_ids)
+        h = checkpoint_name(h, MIXER_OUT)
         x = x + _dropout(h, self.dropout, r1)
         return x + _dropout(self.mlp(self.norm2(x)), self.dropout, r2)
 
@@ -105,7 +123,8 @@ class LM(nnx.Module):
         for i, block in enumerate(self.blocks):
             r = None if rngs is None else rngs[i]
             if self.remat == "block":
-                x = nnx.remat(lambda blk, x_, r_: blk(x_, positions, segment_ids, r_))(block, x, r)
+                x = nnx.remat(lambda blk, x_, r_: blk(x_, positions, segment_ids, r_),
+                              policy=block.remat_policy)(block, x, r)
             else:
                 x = block(x, positions, segment_ids, r)
         return self._logits(x)

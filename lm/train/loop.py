@@ -60,7 +60,8 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
                                    max_batches=cfg.train.eval_steps, process_index=jax.process_index(),
                                    process_count=jax.process_count(), rows=data_rows(cfg))
         setup = build(cfg)
-        ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.ckpt_keep, warn=lambda m: say(f"warning: {m}"))
+        ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.ckpt_keep, warn=lambda m: say(f"warning: {m}"),
+                            async_save=cfg.train.async_checkpoint)
         try:
             result = _train_locked(setup, ds, eval_set, ckpt, init_from, restart, max_steps_this_run, console)
         finally:
@@ -196,6 +197,7 @@ class _Run:
     costs: _Costs
     metrics: MetricsFile
     wandb: WandbRun
+    ckpt_stall: float = 0.0  # seconds checkpoint saves held the loop since the last log record
 
     @property
     def cfg(self) -> Config:
@@ -205,7 +207,9 @@ class _Run:
         _printer(self.console)(msg)
 
     def save(self, pos: _Position) -> None:
-        self.ckpt.save(pos.step, pos.state, checkpoint_meta(self.cfg, pos.step, self.run_id), pos.data_state)
+        """Checkpoint `pos`; the seconds the loop was held go into the next log record (ckpt_stall_s)."""
+        self.ckpt_stall += self.ckpt.save(pos.step, pos.state, checkpoint_meta(self.cfg, pos.step, self.run_id),
+                                          pos.data_state)
 
     def evaluate(self, step: int, params) -> tuple[dict, StatsReport]:
         """Eval on the held-out batches, recorded in metrics.jsonl and W&B, heatmaps saved as PNGs."""
@@ -342,6 +346,8 @@ def _log_interval(run: _Run, step: int, pending: list[dict], throughput: _Throug
            "mfu": tps * run.costs.train_flops / run.costs.peak, "rejected_steps": int(last["rejected"])}
     if "aux_loss" in last:
         rec["aux_loss"] = float(last["aux_loss"])
+    if run.ckpt_stall:
+        rec["ckpt_stall_s"], run.ckpt_stall = run.ckpt_stall, 0.0
     rec.update(run.schedule_values(step - 1, run.cfg.train.steps))  # the mixers' schedules at the last step
     run.metrics.write(rec)
     run.wandb.log(rec, step)

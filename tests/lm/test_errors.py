@@ -99,10 +99,11 @@ def _failing_save(monkeypatch, fail_step: int, make_error):
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
 
 
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("make_error", [_enospc, _tensorstore_enospc], ids=["oserror", "tensorstore"])
-def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, make_error):
+def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, make_error, async_save):
     state = {"w": jnp.arange(8, dtype=jnp.float32)}
-    ck = Checkpointer(tmp_path / "checkpoints", keep=3)
+    ck = Checkpointer(tmp_path / "checkpoints", keep=3, async_save=async_save)
     try:
         ck.save(2, state, {"step": 2}, {"pos": 2})
         _failing_save(monkeypatch, 4, make_error)
@@ -128,18 +129,20 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 from lm.checkpoint import Checkpointer, CheckpointError
-ck = Checkpointer(sys.argv[1], keep=100)
+ck = Checkpointer(sys.argv[1], keep=100, async_save=sys.argv[2] == "async")
 state = {f"w{i}": jnp.asarray(np.random.default_rng(i).random(20_000, np.float32)) for i in range(24)}
 try:
     for step in range(1, 100):
         ck.save(step, state, {"step": step}, {})
+    ck.close()
 except CheckpointError as e:
     print(e)
-ck.close()
+    ck.mngr.close()
 """
 
 
-def test_a_real_full_disk_save_is_quiet(tmp_path):
+@pytest.mark.parametrize("saving", ["sync", "async"])
+def test_a_real_full_disk_save_is_quiet(tmp_path, saving):
     """On a real full file system orbax's worker threads and tasks report the failure many times over (absl
     errors, 'Event loop is closed', 'Task exception was never retrieved', with tracebacks): only the
     CheckpointError remains. Needs a small tmpfs, so root."""
@@ -154,7 +157,7 @@ def test_a_real_full_disk_save_is_quiet(tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"could not mount a tmpfs: {mounted.stderr.strip()}")
     try:
-        out = subprocess.run([sys.executable, "-c", _SAVE_UNTIL_FULL, str(mnt / "checkpoints")], cwd=ROOT,
+        out = subprocess.run([sys.executable, "-c", _SAVE_UNTIL_FULL, str(mnt / "checkpoints"), saving], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith("could not write checkpoint step ") and "(ENOSPC)" in out.stdout, out.stdout

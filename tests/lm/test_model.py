@@ -86,6 +86,39 @@ def test_remat_gives_same_loss_and_grads(remat):
         assert_close(b, a, rel=1e-5, name="grad")
 
 
+@pytest.mark.parametrize("policy", ["dots", "dots_no_batch", "mixer_out"])
+def test_remat_policies_give_same_loss_and_grads_and_decide_what_is_saved(policy, capsys):
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from lm.model import token_losses
+
+    toks = _tokens()
+
+    def loss_of(mdef):
+        return lambda p: jnp.mean(token_losses(mdef.merge(p)(toks[:, :-1]), toks[:, 1:]))
+
+    _, mdef_a, params = _model()
+    _, mdef_n, _ = _model(["model.remat=block", "model.remat_policy=nothing"])
+    _, mdef_p, _ = _model(["model.remat=block", f"model.remat_policy={policy}"])
+    la, ga = jax.value_and_grad(loss_of(mdef_a))(params)
+    lp, gp = jax.value_and_grad(loss_of(mdef_p))(params)
+    assert_close(lp, la, rel=1e-6, name="loss")
+    for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gp)):
+        assert_close(b, a, rel=1e-5, name="grad")
+
+    def saved(mdef) -> int:
+        """How many arrays the forward pass keeps for the backward pass, besides the parameters."""
+        print_saved_residuals(loss_of(mdef), params)
+        return sum(1 for line in capsys.readouterr().out.splitlines() if "from the argument" not in line)
+
+    n_layers = len(mdef_p.merge(params).blocks)
+    nothing, with_policy = saved(mdef_n), saved(mdef_p)
+    if policy == "mixer_out":  # one more array per layer: the mixer's output
+        assert with_policy == nothing + n_layers
+    else:  # the matmul outputs of every layer
+        assert with_policy >= nothing + 4 * n_layers
+
+
 def test_segments_isolate_documents():
     """With segment ids, a document's logits do not depend on the document packed before it."""
     cfg, mdef, params = _model()
