@@ -1,0 +1,210 @@
+"""Reading the runs a report covers: sweep manifests (`sweep.json`, written by `attnlab sweep`) and plain run
+directories (config.yaml and metrics.jsonl, see lm/train/rundir.py).
+
+A sweep manifest is {"name", "group", "baseline", "description", "spec", "seeds", "runs": [{"name", "variant",
+"seed", "config", "overrides", "run_dir", "status"}]}. A plain run directory's variant is its name without a
+trailing `-s<digits>`, its seed the config's run.seed.
+
+Each run with an eval line in its metrics.jsonl becomes one record: the last eval line's metrics, the metrics a
+mixer logged at that step beyond the loss (e.g. SP-KV density), the eval curve, the steps reached, and the
+model's static facts from `lm.info.model_info`. The others, and the runs a manifest says diverged, are listed as
+unfinished, with the reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import re
+from pathlib import Path
+
+from lm.config import Config, ConfigError, load_config
+from lm.report import ReportError
+
+MANIFEST = "sweep.json"
+# What every eval line holds; anything else logged at the final eval step is an extra metric of the run.
+STANDARD_EVAL = ("eval_loss", "eval_ppl", "eval_acc", "eval_tokens", "eval_bpb")
+FACTS = ("params", "kv_cache_bytes_per_token", "state_bytes_per_sequence", "flops_per_token")
+
+
+@dataclasses.dataclass
+class RunRef:
+    """One run to read: where it is and what it is called."""
+    name: str
+    variant: str
+    seed: int | None  # None: the config's run.seed
+    run_dir: Path | None  # None: a manifest's run that has no directory yet
+    config: str | None = None  # the config file the run was made from (a manifest's), else its config.yaml
+    overrides: list[str] = dataclasses.field(default_factory=list)
+    status: str | None = None  # the manifest's word on the run
+
+
+@dataclasses.dataclass
+class Collection:
+    """Everything read: the finished runs' records, the unfinished runs, and what the manifests say."""
+    name: str | None  # the first manifest's sweep name (else its directory's); None for plain run directories
+    group: str | None  # the W&B group: the first manifest's, else the runs' wandb.group when they share one
+    baseline: str | None  # the first manifest's baseline
+    description: str
+    manifests: list[str]
+    records: list[dict]
+    unfinished: list[dict]
+    configs: list[Config]  # the config of every run that has one, finished or not
+    variants: list[str]  # every variant, finished or not, in the order first met
+
+
+def variant_of(run_dir_name: str) -> str:
+    """'softmax-s2' -> 'softmax': a run directory's name without its trailing seed."""
+    return re.sub(r"-s\d+$", "", run_dir_name)
+
+
+def collect(paths: list[str | Path]) -> Collection:
+    """Read every sweep directory or run directory in `paths`; raises ReportError on input that names no runs."""
+    if not paths:
+        raise ReportError("give at least one sweep directory (holding sweep.json) or run directory")
+    refs: list[RunRef] = []
+    meta: list[dict] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise ReportError(f"{p}: no such directory")
+        if (p / MANIFEST).is_file():
+            manifest = read_manifest(p / MANIFEST)
+            meta.append({**manifest, "path": str(p / MANIFEST)})
+            refs += manifest_runs(p, manifest)
+        elif (p / "config.yaml").is_file():
+            refs.append(RunRef(name=p.name, variant=variant_of(p.name), seed=None, run_dir=p,
+                               config=str(p / "config.yaml")))
+        else:
+            raise ReportError(f"{p}: neither a sweep directory (no {MANIFEST}) nor a run directory (no config.yaml)")
+    records, unfinished, configs, seen = [], [], [], {}
+    cache: dict[str, dict] = {}
+    for ref in refs:
+        rec, cfg = read_run(ref, cache)
+        if cfg is not None:
+            configs.append(cfg)
+        if rec.get("reason"):
+            unfinished.append(rec)
+            continue
+        where = seen.setdefault((rec["variant"], rec["seed"]), rec["run_dir"])
+        if where != rec["run_dir"]:
+            raise ReportError(f"{where} and {rec['run_dir']} are both variant {rec['variant']!r} seed {rec['seed']}; "
+                              f"report them separately")
+        records.append(rec)
+    groups = {c.wandb.group for c in configs}
+    first = meta[0] if meta else {}
+    return Collection(
+        name=(first.get("name") or Path(first["path"]).parent.name) if meta else None,
+        group=first.get("group") or (groups.pop() if len(groups) == 1 else None),
+        baseline=next((m["baseline"] for m in meta if m.get("baseline")), None),
+        description=first.get("description") or "", manifests=[m["path"] for m in meta],
+        records=records, unfinished=unfinished, configs=configs,
+        variants=list(dict.fromkeys(r.variant for r in refs)))
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path}: cannot be read ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("runs"), list):
+        raise ReportError(f"{path}: not a sweep manifest (no list of runs under \"runs\")")
+    for i, run in enumerate(manifest["runs"]):
+        missing = [k for k in ("name", "variant", "run_dir") if not isinstance(run, dict) or k not in run]
+        if missing:
+            raise ReportError(f"{path}: runs[{i}] has no {', '.join(missing)}")
+    return manifest
+
+
+def manifest_runs(sweep_dir: Path, manifest: dict) -> list[RunRef]:
+    """The runs a manifest lists. A relative run_dir is looked for from the current directory, then from the
+    sweep directory; a run whose directory is in neither place has not started."""
+    refs = []
+    for run in manifest["runs"]:
+        given = Path(run["run_dir"])
+        candidates = [given] if given.is_absolute() else [given, sweep_dir / given, sweep_dir / run["name"]]
+        run_dir = next((c for c in candidates if c.is_dir()), None)
+        seed = run.get("seed")
+        refs.append(RunRef(name=run["name"], variant=run["variant"], seed=None if seed is None else int(seed),
+                           run_dir=run_dir, config=run.get("config"), overrides=list(run.get("overrides") or []),
+                           status=run.get("status")))
+    return refs
+
+
+def read_metrics_lines(path: Path) -> list[dict]:
+    """metrics.jsonl's records. A last line that does not parse is a write in progress and is left out; any other
+    bad line is a ReportError."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    rows = []
+    for i, ln in enumerate(lines):
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ReportError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def extra_metrics(rows: list[dict], step: int) -> dict:
+    """Scalar metrics logged at the eval of `step` beyond the standard ones (e.g. SP-KV density), whether in the
+    eval line or in a line of their own at that step."""
+    keep = {}
+    for x in rows:
+        if x.get("step") != step or ("loss" in x and "eval_loss" not in x):
+            continue
+        keep.update({k: v for k, v in x.items() if k != "step" and k not in STANDARD_EVAL})
+    return keep
+
+
+def read_run(ref: RunRef, cache: dict[str, dict]) -> tuple[dict, Config | None]:
+    """(the run's record, its config). A run without an eval line gets a record with a `reason` instead of
+    metrics. `cache` maps a model config to its static facts, shared between the seeds of a variant."""
+    base = {"name": ref.name, "variant": ref.variant, "seed": ref.seed,
+            "run_dir": None if ref.run_dir is None else str(ref.run_dir)}
+    if ref.run_dir is None or not (ref.run_dir / "config.yaml").is_file():
+        return {**base, "reason": "not started" + (f", status {ref.status}" if ref.status else "")}, None
+    cfg_path = ref.run_dir / "config.yaml"
+    try:
+        cfg = load_config(cfg_path)
+    except ConfigError as e:
+        raise ReportError(f"{cfg_path}: {'; '.join(str(e).splitlines())}") from None
+    base["seed"] = cfg.run.seed if ref.seed is None else ref.seed
+    metrics = ref.run_dir / "metrics.jsonl"
+    rows = read_metrics_lines(metrics) if metrics.is_file() else []
+    evals = [x for x in rows if "eval_loss" in x]
+    last_step = max((x.get("step", 0) for x in rows), default=0)
+    if not evals or evals[-1]["eval_loss"] is None:  # metrics.jsonl writes a non-finite loss as null
+        why = ("no metrics yet" if not rows else f"no eval yet, at step {last_step} of {cfg.train.steps}" if not evals
+               else f"the eval loss at step {evals[-1].get('step')} is not finite")
+        return {**base, "reason": why}, cfg
+    if ref.status == "diverged":  # its last eval is from before the loss blew up: not a result to compare
+        return {**base, "reason": f"diverged, at step {last_step} of {cfg.train.steps}"}, cfg
+    final = evals[-1]
+    extras = extra_metrics(rows, final["step"])
+    return {
+        **base, "config": ref.config or str(cfg_path), "overrides": list(ref.overrides),
+        "steps": cfg.train.steps, "step": last_step, "eval_step": final["step"],
+        "complete": last_step >= cfg.train.steps,
+        "tokens": last_step * cfg.data.batch_size * cfg.data.seq_len,
+        "seq_len": cfg.data.seq_len, **static_facts(cfg, cfg_path, cache),
+        **{k: v for k, v in final.items() if k in STANDARD_EVAL}, **extras,
+        "extra_metrics": [k for k, v in extras.items() if isinstance(v, (int, float)) and not isinstance(v, bool)],
+        "eval_curve": [[x["step"], x["eval_loss"]] for x in evals if x["eval_loss"] is not None],
+        "trained": datetime.date.fromtimestamp(metrics.stat().st_mtime).isoformat(),
+    }, cfg
+
+
+def static_facts(cfg: Config, where: Path, cache: dict[str, dict]) -> dict:
+    """Parameters, KV-cache bytes per token, recurrent state bytes per sequence and forward FLOPs per token."""
+    key = json.dumps({"model": cfg.to_dict()["model"], "seq_len": cfg.data.seq_len}, sort_keys=True)
+    if key not in cache:
+        from lm.info import model_info
+
+        try:
+            info = model_info(cfg)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ReportError(f"{where}: cannot build its model ({type(e).__name__}: {e})") from None
+        cache[key] = {k: info[k] for k in FACTS}
+    return dict(cache[key])

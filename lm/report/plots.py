@@ -1,0 +1,102 @@
+"""The report's PNGs, drawn from `tables.variant_rows`: eval loss over training per variant, and the final metric
+against the model's decode memory and forward FLOPs per token.
+
+Figures are made with matplotlib's object API (no pyplot state, the Agg canvas), without a timestamp or
+version in the PNG metadata, so the same runs give the same files.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lm.report.tables import UNITS
+
+CURVES = "eval_loss_curves.png"
+KV = "loss_vs_kv_bytes.png"
+FLOPS = "loss_vs_flops.png"
+
+
+def make_plots(rows: list[dict], out_dir: Path, key: str, baseline: str) -> dict[str, Path]:
+    """Write the three PNGs into `out_dir`; returns {file name: path}."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return {CURVES: eval_curves(rows, out_dir / CURVES),
+            KV: against(rows, out_dir / KV, key, baseline, memory_per_token,
+                        "decode memory per token, bytes: KV cache (+ fixed state / seq_len, hollow markers)"),
+            FLOPS: against(rows, out_dir / FLOPS, key, baseline, lambda r: r["flops_per_token"],
+                           "forward FLOPs per token")}
+
+
+def memory_per_token(row: dict) -> float:
+    """KV-cache bytes per token, plus the fixed decode state spread over the trained sequence length: a linear or
+    recurrent mixer (0 KV bytes) lands at its state's cost per token of a full-length sequence."""
+    return row["kv_cache_bytes_per_token"] + row["state_bytes_per_sequence"] / row["seq_len"]
+
+
+def eval_curves(rows: list[dict], path: Path) -> Path:
+    """Eval loss against step per variant: the mean over seeds, and a band from the lowest to the highest seed."""
+    fig, ax = _figure()
+    for i, row in enumerate(rows):
+        by_step: dict[int, list[float]] = {}
+        for rec in row["records"]:
+            for step, loss in rec["eval_curve"]:
+                by_step.setdefault(step, []).append(loss)
+        steps = sorted(by_step)
+        vals = [np.asarray(by_step[s], np.float64) for s in steps]
+        color = _color(i)
+        ax.plot(steps, [v.mean() for v in vals], marker="o", markersize=3, color=color,
+                label=f"{row['variant']} (n={row['n']})")
+        if row["n"] > 1:
+            ax.fill_between(steps, [v.min() for v in vals], [v.max() for v in vals], color=color, alpha=0.2,
+                            linewidth=0)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"eval_loss ({UNITS['eval_loss']})")
+    ax.set_title("Eval loss over training: mean over seeds, band min–max", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def against(rows: list[dict], path: Path, key: str, baseline: str, x_of, xlabel: str) -> Path:
+    """The final `key` per variant (mean, error bars from the lowest to the highest seed) against `x_of(row)`, on a
+    log axis when the x values span a factor of 10 or more. A dashed line marks the baseline's mean."""
+    fig, ax = _figure()
+    xs = np.asarray([x_of(r) for r in rows], np.float64)
+    for i, (row, x) in enumerate(zip(rows, xs)):
+        stateful = row["state_bytes_per_sequence"] > 0 and path.name == KV
+        ax.errorbar([x], [row["mean"]], yerr=[[row["mean"] - row["min"]], [row["max"] - row["mean"]]], fmt="o",
+                    color=_color(i), capsize=3, markersize=6, markerfacecolor="none" if stateful else _color(i))
+        ax.annotate(row["variant"], (x, row["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        if row["variant"] == baseline:
+            ax.axhline(row["mean"], color="gray", linestyle="--", linewidth=0.8)
+    if xs.min() > 0 and xs.max() / xs.min() >= 10:
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        # Minor ticks labelled at 2x and 5x each power of ten only, so labels do not run into each other.
+        ax.xaxis.set_minor_formatter(FuncFormatter(
+            lambda v, _: f"{v:g}" if v > 0 and round(v / 10 ** np.floor(np.log10(v))) in (2, 5) else ""))
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(f"final {key} ({UNITS.get(key, key)})")
+    ax.set_title(f"Final {key} per variant (bars: min–max over seeds; dashed: {baseline})", fontsize=9)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _figure():
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.0, 4.5), layout="constrained")
+    return fig, fig.subplots()
+
+
+def _color(i: int):
+    from matplotlib import colormaps
+
+    return colormaps["tab10"](i % 10)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    return path

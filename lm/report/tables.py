@@ -1,0 +1,166 @@
+"""The report's numbers and markdown: one row per variant (static facts, the final metric's mean ± standard
+deviation over seeds, the paired difference from the baseline seed by seed, extra eval metrics), and the header
+that says what ran."""
+from __future__ import annotations
+
+import datetime
+import platform
+from collections.abc import Callable
+
+import numpy as np
+
+from lm.config import Config, n_params_str
+from lm.report import ReportError
+from lm.report.collect import STANDARD_EVAL, Collection
+from lm.report.stats import paired, paired_cell, summarize
+
+UNITS = {"eval_loss": "nats per token", "eval_bpb": "bits per byte", "eval_acc": "next-token accuracy",
+         "eval_ppl": "perplexity"}
+
+
+def choose_baseline(col: Collection, baseline: str | None) -> str:
+    """The variant the others are paired against: `baseline`, else the manifest's, else the first variant."""
+    chosen = baseline or col.baseline or col.variants[0]
+    if chosen not in col.variants:
+        raise ReportError(f"baseline {chosen!r} is not among the variants ({', '.join(col.variants)})")
+    return chosen
+
+
+def variant_rows(col: Collection, key: str, baseline: str) -> list[dict]:
+    """Per variant with a finished run (the baseline first, then in the order met): its records, static facts,
+    the values of `key` over seeds with mean, sample standard deviation, min and max, its paired difference from
+    the baseline (None for the baseline and for variants sharing no seed with it) and its extra metrics' means."""
+    if not col.records:
+        raise ReportError(f"no run has an eval line yet ({len(col.unfinished)} unfinished); nothing to report")
+    lacking = [r["name"] for r in col.records if not _is_number(r.get(key))]
+    if lacking:
+        have = sorted({k for r in col.records for k, v in r.items()
+                       if (k in STANDARD_EVAL or k in r["extra_metrics"]) and _is_number(v)})
+        raise ReportError(f"--key {key}: not in the final eval of {', '.join(lacking)} (the runs have: "
+                          f"{', '.join(have)})")
+    labelled = [{**r, "label": r["variant"]} for r in col.records]
+    summary = summarize(labelled, key)
+    diffs = paired(labelled, baseline, key)
+    order = sorted(summary, key=lambda v: (v != baseline, col.variants.index(v)))
+    rows = []
+    for v in order:
+        recs = sorted((r for r in col.records if r["variant"] == v), key=lambda r: r["seed"])
+        vals = np.asarray(summary[v]["values"], np.float64)
+        extras = {}
+        for name in dict.fromkeys(k for r in recs for k in r["extra_metrics"]):
+            if name != key and "/" not in name:  # per-layer breakdowns stay in report.json
+                extras[name] = float(np.mean([r[name] for r in recs if _is_number(r.get(name))]))
+        rows.append({
+            "variant": v, "seeds": [r["seed"] for r in recs], "records": recs,
+            **{k: summary[v][k] for k in ("params", "kv_cache_bytes_per_token", "state_bytes_per_sequence",
+                                          "flops_per_token")},
+            "tokens": sorted({r["tokens"] for r in recs}), "seq_len": recs[0]["seq_len"],
+            "values": summary[v]["values"], "mean": summary[v]["mean"], "n": summary[v]["n"],
+            "std": float(vals.std(ddof=1)) if vals.size > 1 else 0.0, "min": float(vals.min()),
+            "max": float(vals.max()), "paired": diffs.get(v), "extras": extras,
+        })
+    return rows
+
+
+def table_cells(rows: list[dict], key: str, baseline: str) -> tuple[list[str], list[list[str]]]:
+    """(column names, one list of cells per variant): the table, for markdown and for W&B alike."""
+    with_state = any(r["state_bytes_per_sequence"] for r in rows)
+    extras = list(dict.fromkeys(k for r in rows for k in r["extras"]))
+    columns = ["variant", "params", "tokens", "KV bytes/token", *(["state bytes/seq"] if with_state else []),
+               "FLOPs/token", f"{key} (mean ± std, n)", f"vs {baseline} (paired)", *extras]
+    out = []
+    for r in rows:
+        mean = f"{r['mean']:.4f} ± {r['std']:.4f} (n={r['n']})" if r["n"] > 1 else f"{r['mean']:.4f} (n=1)"
+        versus = "baseline" if r["variant"] == baseline else paired_cell(r["paired"]) if r["paired"] else "—"
+        out.append([r["variant"], f"{r['params']:,}", "–".join(f"{t:,}" for t in r["tokens"]),
+                    f"{r['kv_cache_bytes_per_token']:,}",
+                    *([f"{r['state_bytes_per_sequence']:,}"] if with_state else []),
+                    n_params_str(r["flops_per_token"]), mean, versus,
+                    *(f"{r['extras'][k]:.4g}" if k in r["extras"] else "—" for k in extras)])
+    return columns, out
+
+
+def markdown_table(columns: list[str], cells: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
+
+
+def notes(col: Collection, rows: list[dict], key: str, baseline: str) -> list[str]:
+    """The lines under the table: how to read it, and the runs it leaves out or that stopped early."""
+    out = [f"{key} is the final eval's ({UNITS.get(key, key)}); ± is the sample standard deviation over seeds. "
+           f"'vs {baseline}' is the difference from {baseline} seed by seed (same seed, same data order): the mean "
+           f"[min, max] over the seeds both have, and relative to {baseline}'s mean; 'tie' when the range holds 0. "
+           f"KV bytes are the cache per token over all layers in the model's dtype; FLOPs are the forward pass's "
+           f"per token at the trained sequence length."]
+    if any(r["state_bytes_per_sequence"] for r in rows):
+        out.append("State bytes/seq: the fixed-size decode state per sequence (recurrent states, conv windows), "
+                   "whatever its length.")
+    if not any(r["variant"] == baseline for r in rows):
+        out.append(f"No paired differences: the baseline {baseline} has no finished run.")
+    if col.unfinished:
+        out.append(f"Unfinished, not in the table ({len(col.unfinished)}): "
+                   + ", ".join(f"{u['name']} ({u['reason']})" for u in col.unfinished) + ".")
+    early = [r for r in col.records if not r["complete"]]
+    if early:
+        out.append("Stopped before train.steps (their last eval is used): "
+                   + ", ".join(f"{r['name']} (step {r['step']} of {r['steps']}, eval at {r['eval_step']})"
+                               for r in early) + ".")
+    return out
+
+
+def header(col: Collection, baseline: str, key: str) -> list[str]:
+    """'What ran': runs and seeds, the model recipe, data and tokenizer, training budget, eval, machine."""
+    cfgs = col.configs
+    seeds = sorted({r["seed"] for r in col.records} | {u["seed"] for u in col.unfinished if u["seed"] is not None})
+    n_total = len(col.records) + len(col.unfinished)
+    where = ("from " + ", ".join(f"`{m}`" for m in col.manifests)) if col.manifests else "plain run directories"
+    lines = [f"Runs: {len(col.records)} finished of {n_total}, {len(col.variants)} variants × seeds {seeds}, "
+             f"{where}; baseline {baseline}" + (f"; W&B group {col.group}" if col.group else "") + "."]
+    model = [("recipe", lambda c: getattr(c.model, "recipe", None)), ("d_model", lambda c: c.model.d_model),
+             ("n_layers", lambda c: c.model.n_layers), ("norm", lambda c: c.model.norm),
+             ("pos", lambda c: c.model.pos), ("mlp", lambda c: f"{c.model.mlp.kind} {c.model.mlp.hidden}"),
+             ("tie_embeddings", lambda c: str(c.model.tie_embeddings).lower()), ("dtype", lambda c: c.model.dtype)]
+    lines.append("Model: " + ", ".join(f"{k} {_common(cfgs, f)}" for k, f in model
+                                        if any(f(c) is not None for c in cfgs)) + ".")
+    lines.append(f"Data: {_common(cfgs, lambda c: c.data.source)}, tokenizer "
+                 f"{_common(cfgs, lambda c: tokenizer_words(c.data.tokenizer))}; seq_len "
+                 f"{_common(cfgs, lambda c: c.data.seq_len)}, batch {_common(cfgs, lambda c: c.data.batch_size)}.")
+    lines.append(f"Training: {_common(cfgs, lambda c: c.train.steps)} steps, lr "
+                 f"{_common(cfgs, lambda c: f'{c.optim.lr:g}')} {_common(cfgs, lambda c: c.optim.schedule)} "
+                 f"(warmup {_common(cfgs, lambda c: c.optim.warmup_steps)}).")
+    lines.append(f"Eval: {key} ({UNITS.get(key, key)}) on the held-out split, "
+                 f"{_common(cfgs, lambda c: c.train.eval_steps)} batches, at each run's last eval.")
+    dates = sorted({r["trained"] for r in col.records})
+    lines.append(f"Machine: trained {dates[0]}" + (f" to {dates[-1]}" if len(dates) > 1 else "")
+                 + f" (metrics.jsonl times); report made on {provenance()}.")
+    return lines
+
+
+def provenance() -> str:
+    """This machine's CPU, JAX backend, Python and JAX versions, and today's date."""
+    import jax
+
+    from lm.flops import cpu_model
+
+    return (f"{cpu_model()}, backend {jax.default_backend()}; python {platform.python_version()}, "
+            f"jax {jax.__version__}; {datetime.date.today().isoformat()}")
+
+
+def tokenizer_words(tokenizer: str) -> str:
+    """'byte' -> 'bytes (256 symbols)', 'bpe:8192' -> 'BPE 8192', anything else names a tokenizer file."""
+    if tokenizer == "byte":
+        return "bytes (256 symbols)"
+    if tokenizer.startswith("bpe:"):
+        return f"BPE {tokenizer[4:]}"
+    return f"file {tokenizer}"
+
+
+def _common(cfgs: list[Config], get: Callable[[Config], object]) -> str:
+    """The value every config shares, or 'varies (a, b)'."""
+    values = list(dict.fromkeys(str(get(c)) for c in cfgs))
+    return values[0] if len(values) == 1 else f"varies ({', '.join(values)})"
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+

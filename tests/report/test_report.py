@@ -1,0 +1,198 @@
+"""`attnlab report` on run directories with hand-written metrics: the table's numbers, the notes under it, the
+plots, plain run directories, the one-line errors, and the W&B report run."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lm.report import ReportError
+from lm.report.cli import add_parser, make_report
+from tests.report.fakes import write_run, write_sweep
+
+PLOTS = ("eval_loss_curves.png", "loss_vs_kv_bytes.png", "loss_vs_flops.png")
+
+
+def _row(md: str, variant: str) -> list[str]:
+    """The cells of `variant`'s row in the markdown table."""
+    line = next(ln for ln in md.splitlines() if ln.startswith(f"| {variant} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def _valid_png(path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        im.verify()
+        assert im.format == "PNG"
+        return im.size
+
+
+@pytest.fixture(scope="module")
+def sweep_report(tmp_path_factory):
+    """The report of the fake sweep, written to the default place under a fresh working directory."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    sweep = write_sweep(tmp)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        res = make_report([sweep])
+    return res, tmp
+
+
+def test_the_table_holds_the_means_and_paired_differences(sweep_report):
+    res, tmp = sweep_report
+    assert res["out_dir"] == Path("experiments/results/demo")  # the default, under the working directory
+    md = (tmp / res["markdown"]).read_text()
+    header = next(ln for ln in md.splitlines() if ln.startswith("| variant |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns == ["variant", "params", "tokens", "KV bytes/token", "state bytes/seq", "FLOPs/token",
+                       "eval_loss (mean ± std, n)", "vs softmax (paired)", "spkv_density", "spkv_compression"]
+    # softmax: 2.0, 2.1, 2.5 -> mean 2.2, sample std sqrt(0.14 / 2); the baseline row comes first.
+    soft = _row(md, "softmax")
+    assert md.index("| softmax |") < md.index("| mqa |") < md.index("| kda |")
+    assert soft[6] == f"2.2000 ± {math.sqrt(0.07):.4f} (n=3)" and soft[7] == "baseline"
+    assert soft[2] == "409,600" and soft[3] == "6,144" and soft[4] == "0"
+    # mqa: -0.1 on every seed, 4.55% below softmax's mean; density 0.9, 0.8, 0.7 and compression 1.5 as columns.
+    mqa = _row(md, "mqa")
+    assert mqa[6] == f"2.1000 ± {math.sqrt(0.07):.4f} (n=3)" and mqa[3] == "768"
+    assert mqa[7] == "-0.1000 [-0.1000, -0.1000] (-4.55%)"
+    assert mqa[8] == "0.8" and mqa[9] == "1.5"
+    # kda: +0.05, -0.1, +0.1 -> mean +0.0167, range holds 0: a tie; no KV cache, a fixed state.
+    kda = _row(md, "kda")
+    kda_std = math.sqrt(sum((v - 6.65 / 3) ** 2 for v in (2.05, 2.0, 2.6)) / 2)
+    assert kda[6] == f"2.2167 ± {kda_std:.4f} (n=3)"
+    assert kda[7] == f"+0.0167 [-0.1000, +0.1000] ({100 * (0.05 / 3) / 2.2:+.2f}%) tie"
+    assert kda[3] == "0" and int(kda[4].replace(",", "")) > 0 and kda[8] == kda[9] == "—"
+    assert "gqa4" not in [ln.split("|")[1].strip() for ln in md.splitlines() if ln.startswith("| ")]
+
+
+def test_the_report_names_what_ran_and_what_did_not(sweep_report):
+    res, tmp = sweep_report
+    md = (tmp / res["markdown"]).read_text()
+    assert "Unfinished, not in the table (2): gqa4-s0 (no eval yet, at step 50 of 100), " \
+           "gqa4-s1 (not started, status pending)." in md
+    assert "Command: `attnlab report " in md and "A test sweep." in md
+    assert "9 finished of 11, 4 variants × seeds [0, 1, 2]" in md and "W&B group sweep-demo" in md
+    assert "tokenizer bytes (256 symbols)" in md and "100 steps" in md and "norm rmsnorm" in md
+    assert "jax " in md and "python " in md
+    for name in PLOTS:
+        assert f"]({name})" in md
+        width, height = _valid_png(tmp / res["out_dir"] / name)
+        assert width > 300 and height > 200
+    data = json.loads((tmp / res["json"]).read_text())
+    assert len(data["runs"]) == 9 and {u["name"] for u in data["unfinished"]} == {"gqa4-s0", "gqa4-s1"}
+    mqa0 = next(r for r in data["runs"] if r["name"] == "mqa-s0")
+    assert mqa0["eval_curve"] == [[50, pytest.approx(2.4)], [100, pytest.approx(1.9)]]
+    assert mqa0["spkv_density"] == 0.9 and mqa0["spkv_compression"] == 1.5 and mqa0["tokens"] == 409_600
+    assert mqa0["kv_cache_bytes_per_token"] == 768 and mqa0["params"] > 0 and mqa0["flops_per_token"] > 0
+    assert mqa0["eval_bpb"] == 3.0 and mqa0["eval_acc"] == 0.4
+    assert not (tmp / res["out_dir"] / "wandb").exists()  # auto: the runs were not online
+
+
+def test_plain_run_directories(tmp_path):
+    dirs = [write_run(tmp_path / "runs", v, s, f) for v, fs in {"softmax": [2.0, 2.1], "mqa": [1.9, 1.95]}.items()
+            for s, f in enumerate(fs)]
+    dirs.append(write_run(tmp_path / "runs", "kda", 0, 2.2, last_step=50))  # stopped at its first eval
+    with pytest.raises(ReportError, match="^--out is required when no argument is a sweep directory$"):
+        make_report(dirs)
+    out = tmp_path / "out"
+    res = make_report(dirs, out=out, wandb_mode="disabled")
+    md = res["markdown"].read_text()
+    assert _row(md, "mqa")[6] == "1.9250 ± 0.0354 (n=2)" and _row(md, "softmax")[7] == "baseline"
+    assert _row(md, "mqa")[7].startswith("-0.1250 [-0.1500, -0.1000]")
+    assert _row(md, "kda")[6] == "2.2000 (n=1)" and _row(md, "kda")[2] == "204,800"
+    assert "Stopped before train.steps (their last eval is used): kda-s0 (step 50 of 100, eval at 50)." in md
+    assert "plain run directories" in md and "# Report: out" in md
+    # The same runs give the same PNGs.
+    make_report(dirs, out=tmp_path / "again", wandb_mode="disabled")
+    for name in PLOTS:
+        assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+
+
+def test_bad_input_is_one_line(tmp_path):
+    sweep = write_sweep(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "sweep.json").write_text('{"name": "x", "runs": [')
+    cases = [([tmp_path / "nowhere"], {}, "no such directory"),
+             ([tmp_path / "empty"], {}, "neither a sweep directory"),
+             ([tmp_path / "broken"], {}, "sweep.json: not valid JSON"),
+             ([sweep], {"baseline": "mha"}, "baseline 'mha' is not among the variants (softmax, mqa, kda, gqa4)"),
+             ([sweep], {"key": "eval_nothing"}, "--key eval_nothing: not in the final eval of")]
+    for dirs, kwargs, message in cases:
+        with pytest.raises(ReportError) as e:
+            make_report(dirs, out=tmp_path / "out", wandb_mode="disabled", **kwargs)
+        assert isinstance(e.value, ValueError) and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_subcommand(tmp_path, capsys):
+    sweep = write_sweep(tmp_path)
+    parser = argparse.ArgumentParser(prog="attnlab")
+    add_parser(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(["report", str(sweep), "--out", str(tmp_path / "r"), "--baseline", "mqa",
+                              "--wandb", "disabled"])
+    assert args.fn(args) == 0
+    assert "3 variants, 9 runs, 2 unfinished" in capsys.readouterr().out
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert f"Command: `attnlab report {sweep} --out {tmp_path / 'r'} --baseline mqa --wandb disabled`" in md
+    assert _row(md, "mqa")[7] == "baseline" and _row(md, "softmax")[7].startswith("+0.1000")
+
+
+def test_offline_wandb_run_holds_the_table_and_plots(tmp_path, monkeypatch):
+    from tests.lm.wandb_reader import history
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    res = make_report([write_sweep(tmp_path)], out=tmp_path / "r", wandb_mode="offline")
+    runs = list((tmp_path / "r" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and res["wandb"] == str(runs[0])
+    files = list(runs[0].glob("*.wandb"))
+    assert files, "no offline .wandb file"
+    logged = {k.split("/")[0] for row in history(files[0]) for k in row}  # a table or image is nested keys
+    assert {"results", "runs", "eval_loss_curves", "loss_vs_kv_bytes", "loss_vs_flops"} <= logged
+
+
+def test_the_statistics_live_in_lm_and_the_sweep_module_reexports_them():
+    import experiments.sweep as sweep
+    from lm.report import stats
+
+    assert (sweep.summarize, sweep.paired, sweep.paired_cell) == (stats.summarize, stats.paired, stats.paired_cell)
+
+
+@pytest.mark.slow
+def test_a_trained_run_end_to_end(tmp_path):
+    """Two real training steps of a tiny model, then its report: the table holds the run's own final eval."""
+    import sysconfig
+
+    from lm import data as lmdata
+    from lm.config import load_config
+    from lm.train import train
+    from tests.lm.conftest import tiny_overrides
+
+    txt = tmp_path / "txt"
+    txt.mkdir()
+    for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:20]:
+        (txt / (p.stem + ".txt")).write_text(p.read_text(errors="replace"))
+    store = lmdata.prepare([str(txt)], "byte", tmp_path / "store", log=lambda *_: None)
+    res = train(load_config("configs/tiny/softmax.yaml",
+                            tiny_overrides(store, tmp_path / "runs", name="softmax-s0", **{"train.steps": 2})))
+    assert res.status == "finished"
+    rep = make_report([res.run_dir], out=tmp_path / "out")
+    row = _row(rep["markdown"].read_text(), "softmax")
+    assert row[5] == f"{res.last_eval['eval_loss']:.4f} (n=1)" and row[6] == "baseline"
+    assert row[2] == f"{2 * 4 * 32:,}"  # steps x batch x seq_len
+    for name in PLOTS:
+        _valid_png(rep["out_dir"] / name)
+
+
+def test_a_run_the_manifest_calls_diverged_is_left_out(tmp_path):
+    from lm.report.collect import collect
+
+    sweep = write_sweep(tmp_path)
+    manifest = json.loads((sweep / "sweep.json").read_text())
+    next(r for r in manifest["runs"] if r["name"] == "kda-s2")["status"] = "diverged"
+    (sweep / "sweep.json").write_text(json.dumps(manifest))
+    col = collect([sweep])
+    assert len(col.records) == 8 and {"name": "kda-s2", "variant": "kda", "seed": 2, "run_dir": str(
+        tmp_path / "runs" / "kda-s2"), "reason": "diverged, at step 100 of 100"} in col.unfinished
