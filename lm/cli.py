@@ -20,12 +20,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lm.checkpoint import CheckpointError
     from lm.config import ConfigError
     from lm.data import DataError
+    from lm.design_hybrid import DesignError
     from lm.distributed import LaunchError
+    from lm.report import ReportError
     from lm.tracking import TrackingError
     from lm.train import RunError
 
     return (ConfigError, DataError, RunError, CheckpointError, TrackingError, ImplUnavailable, UsageError,
-            LaunchError)
+            LaunchError, ReportError, DesignError)
 
 
 def cmd_train(args) -> int:
@@ -42,9 +44,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lm.eval import evaluate
+    from lm.eval import beyond_lines, evaluate
+    from lm.evals import Request
 
-    res = evaluate(args.run_dir, max_batches=args.batches, overrides=args.set, as_in_training=args.as_in_training)
+    beyond = Request(recall=args.recall, recall_pairs=args.recall_pairs, recall_samples=args.recall_samples,
+                     needle=args.needle, needle_lengths=args.needle_lengths, needle_depths=args.needle_depths,
+                     needle_samples=args.needle_samples, needle_filler=args.needle_filler, slide=args.slide,
+                     decode=args.decode, decode_batch=args.decode_batch, decode_prompt=args.decode_prompt,
+                     decode_steps=args.decode_steps, decode_repeats=args.decode_repeats)
+    res = evaluate(args.run_dir, max_batches=args.batches, overrides=args.set, as_in_training=args.as_in_training,
+                   beyond=beyond)
     if args.json:
         print(json.dumps(res))
     else:
@@ -53,6 +62,8 @@ def cmd_eval(args) -> int:
               f"ppl {res['eval_ppl']:.3f}{bits}, accuracy {res['eval_acc']:.4f}"
               + "".join(f", {clause}" for clause in res["summary"]))
         print(f"  {res['eval_tokens']:,} tokens in {res['batches']} batches: {res['scored']}")
+        for line in beyond_lines(res):
+            print(line)
     return 0
 
 
@@ -204,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_set(t)
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="loss / perplexity / bits per byte of a run on its held-out split")
+    e = sub.add_parser("eval", help="loss / perplexity / bits per byte of a run on its held-out split; optionally "
+                                     "associative recall, needle retrieval, decode speed and cache bytes")
     e.add_argument("run_dir", help="a run directory, runs/<name>; its newest checkpoint is scored")
     e.add_argument("--batches", type=int, default=None, metavar="N",
                    help="score only the first N held-out batches (default: every full batch of the split)")
@@ -212,6 +224,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the batches training's evals score (the first train.eval_steps), reproducing the "
                         "last eval_loss in metrics.jsonl")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    er = e.add_argument_group("associative recall (MQAR, at data.seq_len, in the run's own tokens)")
+    er.add_argument("--recall", action="store_true",
+                    help="also score synthetic associative recall: argmax accuracy on the queried values")
+    er.add_argument("--recall-pairs", type=int, nargs="+", default=None, metavar="N",
+                    help="key-value pairs per sequence (default: those of 4 8 16 32 that fit data.seq_len)")
+    er.add_argument("--recall-samples", type=int, default=64, metavar="N", help="sequences per N (default 64)")
+    en = e.add_argument_group("needle retrieval (a key -> value string planted in filler, asked at the end)")
+    en.add_argument("--needle", action="store_true",
+                    help="also score needle retrieval: share of needles whose value tokens are all predicted")
+    en.add_argument("--needle-lengths", type=int, nargs="+", default=None, metavar="L",
+                    help="sequence lengths (default: data.seq_len/4, /2, x1 and x2 where the model can run past "
+                         "data.seq_len); past it RoPE/NoPE models extrapolate, learned positions need --slide")
+    en.add_argument("--needle-depths", type=float, nargs="+", default=None, metavar="F",
+                    help="where the needle sits in the filler, 0 = start, 1 = end (default 0.1 0.5 0.9)")
+    en.add_argument("--needle-samples", type=int, default=16, metavar="N",
+                    help="sequences per length and depth (default 16)")
+    en.add_argument("--needle-filler", choices=("text", "random"), default=None,
+                    help="held-out text (default with a token store) or random tokens")
+    en.add_argument("--slide", action="store_true",
+                    help="needle lengths past data.seq_len: score the last data.seq_len tokens only (the widest "
+                         "window `generate --slide` reads) instead of extrapolating")
+    ed = e.add_argument_group("decode speed and measured KV-cache bytes")
+    ed.add_argument("--decode", action="store_true",
+                    help="also time greedy decoding with the model's real caches and measure their bytes")
+    ed.add_argument("--decode-batch", type=int, default=8, metavar="B", help="sequences decoded at once (default 8)")
+    ed.add_argument("--decode-prompt", type=int, default=None, metavar="P",
+                    help="prompt tokens prefilled into the cache (default: data.seq_len minus the steps)")
+    ed.add_argument("--decode-steps", type=int, default=None, metavar="N",
+                    help="timed decode steps (default 32, at most data.seq_len/2)")
+    ed.add_argument("--decode-repeats", type=int, default=5, metavar="R",
+                    help="timed repeats of the N steps; the median is reported (default 5)")
     with_set(e)
     e.set_defaults(fn=cmd_eval)
 
@@ -302,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("config", help="the YAML config to train, e.g. configs/tiny/softmax.yaml")
     with_set(dm)
     dm.set_defaults(fn=cmd_demo)
+    from lm.design_hybrid import add_parser as add_design_parser
+    from lm.report.cli import add_parser as add_report_parser
+
+    add_report_parser(sub)
+    add_design_parser(sub)
     return p
 
 
