@@ -237,7 +237,9 @@ class SoftmaxAttention(nnx.Module):
         dims = {"k": self.hd} if self.v_proj is None else {"k": self.hd, "v": self.hd}
         if self.spkv is not None:
             return self.spkv.init_cache(batch, max_len, dims, dtype)
-        cache = {name: jnp.zeros((batch, max_len, self.Hkv, dim), dtype) for name, dim in dims.items()}
+        # A sliding-window layer keeps only its last `sliding_window` keys: a ring of that many slots.
+        slots = max_len if self.cfg.sliding_window is None else min(max_len, self.cfg.sliding_window)
+        cache = {name: jnp.zeros((batch, slots, self.Hkv, dim), dtype) for name, dim in dims.items()}
         if self.convs is not None:
             cache["conv"] = {name: jnp.zeros((batch, w.shape[0] - 1, w.shape[1]), dtype)
                              for name, w in self.convs.items()}
@@ -251,15 +253,18 @@ class SoftmaxAttention(nnx.Module):
         # K=V: the cache holds the projection before norm/RoPE, i.e. the value; keys are derived from it.
         entries = {"k": k_raw} if self.v_proj is None else {"k": k, "v": v_raw}
         if self.spkv is None:
-            new_cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], e.astype(cache[name].dtype),
-                                                                   position, axis=1)
-                         for name, e in entries.items()}
+            # Slot position % S: the token's own index while the cache holds the whole context, a ring of the
+            # last S tokens for a sliding window (S = the window). Slot s holds the newest position <= the
+            # current one that is congruent to s; negative: not written yet.
             S = cache["k"].shape[1]
-            s = jnp.arange(S)
-            valid_S = s <= position
+            new_cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], e.astype(cache[name].dtype),
+                                                                   position % S, axis=1)
+                         for name, e in entries.items()}
+            pos_S = position - jnp.mod(position - jnp.arange(S), S)
+            valid_S = pos_S >= 0
             if self.cfg.sliding_window is not None:
-                valid_S &= s > position - self.cfg.sliding_window
-            pos_BSH = jnp.broadcast_to(s[None, :, None], (B, S, self.Hkv))
+                valid_S &= pos_S > position - self.cfg.sliding_window
+            pos_BSH = jnp.broadcast_to(pos_S[None, :, None], (B, S, self.Hkv))
             valid = jnp.broadcast_to(valid_S[None, :, None], (B, S, self.Hkv))
             if conv_history is not None:
                 new_cache["conv"] = conv_history
@@ -293,16 +298,22 @@ class SoftmaxAttention(nnx.Module):
     def schedule_values(self, step: int, total: int) -> dict[str, float]:
         return {} if self.spkv is None else self.spkv.schedule_values(step, total)
 
-    def cache_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
+    def _token_bytes(self, dtype_bytes: int | None = None) -> int:
         nbytes = dtype_bytes or jnp.dtype(self.ctx.dtype).itemsize
         return (1 if self.v_proj is None else 2) * self.Hkv * self.hd * nbytes
 
+    def cache_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
+        """What the cache grows by per token: 0 with a sliding window, whose ring is fixed (state_bytes)."""
+        return 0 if self.cfg.sliding_window is not None else self._token_bytes(dtype_bytes)
+
     def state_bytes(self) -> int:
-        """A KV cache, plus with short_conv the last W-1 raw q, k, v projections (fixed size)."""
+        """The fixed part of the cache: a sliding window's ring of `sliding_window` keys (and values), and with
+        short_conv the last W-1 raw q, k, v projections."""
+        ring = 0 if self.cfg.sliding_window is None else self.cfg.sliding_window * self._token_bytes()
         if self.convs is None:
-            return 0
+            return ring
         width = sum(w.shape[1] for w in self.convs.values())
-        return (self.cfg.short_conv - 1) * width * jnp.dtype(self.ctx.dtype).itemsize
+        return ring + (self.cfg.short_conv - 1) * width * jnp.dtype(self.ctx.dtype).itemsize
 
     def flops_per_token(self, seq_len: int) -> float:
         """Matmul FLOPs: the projections that exist (3nd² -> 2nd² -> nd² as q and v share k's), the output

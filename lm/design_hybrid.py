@@ -8,8 +8,9 @@ attention, every key cached) and turns the others into `local` layers (a sliding
 `linear` layers (a fixed-size recurrent state), as many global layers as the KV budget allows.
 
 Cost model: the bytes one sequence's decode cache holds at context length T (default: the run's seq_len),
-layer by layer: a global layer `per_token * T`, a local layer `per_token * min(W, T)` (a ring of the last W
-keys), a linear layer its fixed state, plus any fixed state (short-conv history) of each layer. The budget F is
+layer by layer (the mixers' `cache_bytes_per_token * T + state_bytes`): a global layer `per_token * T`, a local
+layer `per_token * W` (its decode cache is a ring of the last W keys), a linear layer its fixed state, plus any
+fixed state (short-conv history) of each layer. The budget F is
 a fraction of the same model with every layer global and no SP-KV. The number of global layers is the largest
 that fits; which layers they are follows the densities (mean over a layer's KV heads; ties to the earlier
 layer).
@@ -115,13 +116,13 @@ def design(run_dir: str | Path, budget: float, *, rest: str = LOCAL, window: int
         raw["run"]["name"] = run_name
         return load_config(None, raw=raw)
 
-    all_global = layer_costs(with_layout([GLOBAL] * m.n_layers, "all-global"), context, window)
+    all_global = layer_costs(with_layout([GLOBAL] * m.n_layers, "all-global"), context)
     full = sum(all_global)
     order = sorted(range(m.n_layers), key=lambda i: (-dens[i], i))
     best = None
     for g in range(m.n_layers, -1, -1):
         layout = [GLOBAL if i in order[:g] else rest for i in range(m.n_layers)]
-        cost = sum(layer_costs(with_layout(layout, "probe"), context, window)) / full
+        cost = sum(layer_costs(with_layout(layout, "probe"), context)) / full
         if cost <= budget + 1e-12:
             best = (layout, cost)
             break
@@ -141,18 +142,11 @@ def _linear_mixer(kind: str, dense):
     return MIXERS[kind].config.model_validate({"kind": kind, "n_heads": dense.n_heads})
 
 
-def layer_costs(cfg: Config, context: int, window: int) -> list[int]:
-    """Decode-cache bytes per sequence of each layer at `context` tokens (sliding-window layers as rings)."""
+def layer_costs(cfg: Config, context: int) -> list[int]:
+    """Decode-cache bytes per sequence of each layer at `context` tokens (a sliding window's ring is fixed)."""
     mdef, shapes = abstract_model(cfg)
     model = mdef.merge(shapes)
-    out = []
-    for block in model.blocks:
-        mixer = block.mixer
-        per_token = mixer.cache_bytes_per_token()
-        sw = getattr(getattr(mixer, "cfg", None), "sliding_window", None)
-        tokens = min(sw, context) if sw else context
-        out.append(per_token * tokens + mixer.state_bytes())
-    return out
+    return [b.mixer.cache_bytes_per_token() * context + b.mixer.state_bytes() for b in model.blocks]
 
 
 def render(d: Design) -> str:

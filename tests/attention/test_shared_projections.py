@@ -134,6 +134,10 @@ CASES = [dict(share=s, n_kv_heads=kv, pos=p)
          if kv is None or s in ("none", "kv")]
 CASES += [dict(share=s, pos=p, pos2d={"enabled": True}) for s in ("qk", "qkv") for p in ("rope", "learned")]
 CASES += [dict(share=s, pos="rope", qk_norm=True) for s in ("kv", "qk", "qkv")]
+# Sliding windows decode from a ring of `window` slots that wraps several times over T.
+CASES += [dict(share=s, n_kv_heads=kv, pos="rope", qk_norm=s == "kv", sliding_window=3)
+          for s, kv in (("none", 2), ("kv", None), ("qkv", None))]
+CASES += [dict(share="qk", pos="learned", pos2d={"enabled": True}, sliding_window=4)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
@@ -141,6 +145,13 @@ def test_decode_reproduces_forward(case):
     # The dense oracle compiles fastest; the blocked path runs in the gradient and pos2d tests below.
     full, dec = _forward_and_decode(_mixer(impl="reference", **case), _x())
     assert_close(dec, full, rel=1e-5, abs_max=1e-5, name="decoded output")
+
+
+def test_sliding_window_cache_is_a_ring_of_the_window():
+    mixer = _mixer(impl="reference", share="kv", sliding_window=3)
+    cache = mixer.init_cache(B, 64, jnp.float32)
+    assert cache["k"].shape[1] == 3 and "v" not in cache
+    assert _mixer(impl="reference", share="none").init_cache(B, 64, jnp.float32)["k"].shape[1] == 64
 
 
 def test_lm_decode_with_shared_projections_and_pos2d():

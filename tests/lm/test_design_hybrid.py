@@ -39,8 +39,8 @@ def test_the_densest_layers_stay_global_within_the_budget(tmp_path):
     assert cfg.model.pattern == two.layout and cfg.model.mixers["global"].spkv is None
     assert cfg.model.mixers["local"].sliding_window == 32
     full = sum(layer_costs(load_config(None, raw={**cfg.to_dict(), "model": {**cfg.to_dict()["model"],
-                                                                               "pattern": ["global"]}}), 256, 32))
-    assert sum(layer_costs(cfg, 256, 32)) / full == pytest.approx(two.cost)
+                                                                               "pattern": ["global"]}}), 256))
+    assert sum(layer_costs(cfg, 256)) / full == pytest.approx(two.cost)
     text = render(two)
     assert text.startswith("# Designed by `attnlab design-hybrid") and "0.250, 0.800, 0.500, 0.925" in text
     reloaded = tmp_path / "designed.yaml"
