@@ -347,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(fn=cmd_demo)
     from lm.design_hybrid import add_parser as add_design_parser
     from lm.report.cli import add_parser as add_report_parser
+    from lm.sweep.cli import add_parser as add_sweep_parser
 
+    add_sweep_parser(sub)
     add_report_parser(sub)
     add_design_parser(sub)
     return p

@@ -48,7 +48,10 @@ def main(argv=None) -> None:
     def overrides(label: str) -> tuple[str, ...]:
         if label not in SPKV:
             return ()
-        return (f"model.mixers.{SPKV[label][0]}.spkv.anneal.steps={max(a.steps // 4, 1)}",)
+        # The paper's schedule scaled to the budget: the predictor frozen for the last quarter, the gate hard
+        # after the first 40% of that, then steps under the exact hard mask.
+        spkv = f"model.mixers.{SPKV[label][0]}.spkv.anneal"
+        return (f"{spkv}.freeze_steps={max(a.steps // 4, 1)}", f"{spkv}.ramp_steps={max(a.steps // 10, 1)}")
 
     runs = [Run(label, VARIANTS[label][0], overrides(label), seed) for seed in a.seeds for label in labels]
     records = run_all(runs, a.out, common=common)

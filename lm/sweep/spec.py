@@ -1,0 +1,433 @@
+"""Sweep specs: a YAML file that says "these configs x these overrides x these seeds", loaded, validated and
+expanded into runs.
+
+    name: projection_sharing_tiny        # the sweep directory's name: runs go to <out_dir>/<name>/<run name>/
+    description: ...                     # free text (optional)
+    group: projection-sharing-tiny       # W&B group of every run (default: name)
+    baseline: softmax                    # the variant the report's paired differences are against (default: the first)
+    seeds: [0, 1, 2]
+    out_dir: runs/sweeps                 # (default runs/sweeps)
+    common: {train.steps: 100}           # overrides every run gets
+    configs:                             # label -> config file, or label -> {config, set, init_from}
+      softmax: configs/tiny/softmax.yaml
+      spkv: {config: configs/tiny/spkv.yaml, set: {model.mixers.softmax.spkv.init_bias: 1.0}}
+      spkv_adapted: {config: configs/tiny/spkv.yaml, init_from: softmax}
+    overrides: {lr3e-3: {optim.lr: 3e-3}}  # optional axis: variants = configs x overrides
+    cluster: {slurm: {...}, tpu_vm: {...}} # defaults of `attnlab sweep --emit` (see CLUSTER_KEYS)
+
+A variant is a config label, or `<config label>-<override label>` with an overrides axis; a run is a variant
+and a seed, named `<variant>-s<seed>`. Override mappings may nest (`train: {steps: 100}` is `train.steps: 100`).
+`init_from` names the variant (or, with an overrides axis, the config label: the same override is meant) whose
+run of the same seed the run starts from (`attnlab train --init-from`); such runs come after their source.
+Config paths are relative to the directory the command runs in (the repository root).
+
+Every problem is a one-line `ConfigError` naming the spec file and the key. Every run's config is loaded
+(`lm.config.load_config`) when the spec is, so a mistyped key fails before anything trains.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lm.config import Config, ConfigError, _Loader, load_config, parse_yaml
+
+TOP_KEYS = ("name", "description", "group", "baseline", "seeds", "out_dir", "common", "configs", "overrides",
+            "cluster")
+CONFIG_KEYS = ("config", "set", "init_from")
+# Cluster settings: key -> (type, help shown in errors). Every key is optional.
+CLUSTER_KEYS: dict[str, dict[str, type]] = {
+    "slurm": {"partition": str, "account": str, "nodes": int, "gpus_per_node": int, "time": str, "setup": list},
+    "tpu_vm": {"name": str, "zone": str, "project": str, "accelerator_type": str, "workers": int, "repo_dir": str,
+               "setup": list},
+}
+DEFAULT_OUT_DIR = "runs/sweeps"
+_LABEL = re.compile(r"[A-Za-z0-9_.+-]+")
+_SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One row of the sweep: a config file with its own overrides (per-config `set`, then the override axis)."""
+
+    label: str
+    config: str
+    overrides: tuple[str, ...]
+    init_from: str | None = None  # the variant whose run of the same seed this one starts from
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training: `attnlab train config --set <overrides> [--init-from init_from]`."""
+
+    name: str
+    variant: str
+    seed: int
+    config: str
+    overrides: tuple[str, ...]  # every override, in the order they apply
+    run_dir: str
+    init_from: str | None = None  # the source run's directory
+    init_from_run: str | None = None  # the source run's name
+    cfg: Config | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def argv(self) -> list[str]:
+        """The `attnlab train` command line of this run."""
+        out = ["attnlab", "train", self.config]
+        for o in self.overrides:
+            out += ["--set", o]
+        return out + (["--init-from", self.init_from] if self.init_from else [])
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    path: str  # the spec file, as the user named it (relative to the working directory when inside it)
+    name: str
+    description: str
+    group: str
+    baseline: str
+    seeds: tuple[int, ...]
+    out_dir: str
+    common: tuple[str, ...]
+    variants: tuple[Variant, ...]
+    runs: tuple[Run, ...]
+    cluster: dict[str, dict[str, Any]]
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.sweep_dir / "sweep.json"
+
+
+def format_value(value: Any) -> str:
+    """The text of `--set KEY=TEXT` that lm.config reads back as `value` (YAML), e.g. 0.003, true, [kda, global]."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ".nan"
+        if math.isinf(value):
+            return ".inf" if value > 0 else "-.inf"
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        try:
+            if value and parse_yaml(value) == value and value == value.strip() and "\n" not in value:
+                return value
+        except yaml.YAMLError:
+            pass
+        return json.dumps(value)
+    return json.dumps(value)  # lists and mappings: JSON is YAML's flow style
+
+
+class _SpecLoader(_Loader):
+    """lm.config's YAML reading (1e-3 is a float), refusing a key given twice in one mapping: a label written
+    twice would otherwise silently keep only the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, line):
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+def display_path(path: str | Path) -> str:
+    """`path` relative to the working directory when it is inside it, else as given."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
+class _Spec:
+    """Reads one spec file; `fail(key, msg)` raises the one-line error."""
+
+    def __init__(self, path: str | Path):
+        self.path = display_path(path)
+        self.file = Path(path)
+
+    def fail(self, key: str, msg: str):
+        raise ConfigError(f"{self.path}: {key}: {msg}" if key else f"{self.path}: {msg}")
+
+    def read(self) -> dict:
+        try:
+            text = self.file.read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"sweep spec {self.path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"sweep spec {self.path} is a directory, not a YAML file") from None
+        try:
+            data = yaml.load(text, Loader=_SpecLoader)
+        except _DuplicateKey as e:
+            self.fail(f"line {e.line}", f"{e.key!r} is given twice; each key and label may appear once")
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            self.fail(f"line {mark.line + 1}" if mark else "", f"not valid YAML ({getattr(e, 'problem', None) or e})")
+        if not isinstance(data, dict):
+            self.fail("", "the top level must be a mapping (name, seeds, configs, ...)")
+        for key in data:
+            if key not in TOP_KEYS:
+                near = difflib.get_close_matches(str(key), TOP_KEYS, n=1, cutoff=0.5)
+                hint = f"did you mean {near[0]}?" if near else f"valid keys: {', '.join(TOP_KEYS)}"
+                self.fail(str(key), f"unknown key ({hint})")
+        for key in ("name", "seeds", "configs"):
+            if key not in data:
+                self.fail(key, "missing (a spec needs name, seeds and configs)")
+        return data
+
+    def string(self, data: dict, key: str, default: str | None = None, *, label: bool = False) -> str:
+        value = data.get(key, default)
+        if not isinstance(value, str) or not value.strip():
+            self.fail(key, f"must be a non-empty string (got {value!r})")
+        if label and not _LABEL.fullmatch(value):
+            self.fail(key, f"{value!r} may only contain letters, digits and _.+-")
+        return value
+
+    def mapping(self, value: Any, key: str) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(key, f"must be a mapping (got {type(value).__name__} {value!r})")
+        return value
+
+    def overrides(self, value: Any, key: str) -> tuple[str, ...]:
+        """A mapping of (dotted, possibly nested) config keys to values, as KEY=VALUE strings."""
+        out: list[str] = []
+
+        def walk(node: dict, prefix: str, where: str) -> None:
+            for k, v in self.mapping(node, where).items():
+                if not isinstance(k, str) or not k or any(not p for p in k.split(".")):
+                    self.fail(where, f"{k!r} is not a dotted config key like optim.lr")
+                if isinstance(v, dict) and v:
+                    walk(v, f"{prefix}{k}.", f"{where}.{k}")
+                else:
+                    text = format_value(v)
+                    if parse_yaml(text) != v and not (isinstance(v, float) and math.isnan(v)):
+                        self.fail(f"{where}.{k}", f"value {v!r} cannot be passed as --set text")
+                    out.append(f"{prefix}{k}={text}")
+
+        walk(value, "", key)
+        return tuple(out)
+
+    def labels(self, data: dict, key: str, *, required: bool) -> dict:
+        value = self.mapping(data.get(key), key)
+        if required and not value:
+            self.fail(key, "must map at least one label to a config file")
+        for label in value:
+            if not isinstance(label, str) or not _LABEL.fullmatch(label):
+                self.fail(f"{key}.{label}", "a label may only contain letters, digits and _.+-")
+        return value
+
+
+def _config_entry(spec: _Spec, label: str, raw: Any) -> tuple[str, tuple[str, ...], str | None]:
+    """(config path, its own overrides, init_from) of one `configs:` entry."""
+    key = f"configs.{label}"
+    if isinstance(raw, str):
+        raw = {"config": raw}
+    if not isinstance(raw, dict):
+        spec.fail(key, f"must be a config file path or a mapping with config, set, init_from (got {raw!r})")
+    for k in raw:
+        if k not in CONFIG_KEYS:
+            near = difflib.get_close_matches(str(k), CONFIG_KEYS, n=1, cutoff=0.5)
+            hint = f"did you mean {near[0]}?" if near else f"valid: {', '.join(CONFIG_KEYS)}"
+            spec.fail(f"{key}.{k}", f"unknown key ({hint})")
+    if "config" not in raw:
+        spec.fail(f"{key}.config", "missing: the config file of this label")
+    path = raw["config"]
+    if not isinstance(path, str) or not path.strip():
+        spec.fail(f"{key}.config", f"must be a config file path (got {path!r})")
+    if not Path(path).is_file():
+        spec.fail(key, f"config file {path} does not exist (paths are relative to the directory the command runs "
+                       f"in, the repository root)")
+    init_from = raw.get("init_from")
+    if init_from is not None and not isinstance(init_from, str):
+        spec.fail(f"{key}.init_from", f"must be a variant label (got {init_from!r})")
+    return path, spec.overrides(raw.get("set"), f"{key}.set"), init_from
+
+
+def _variants(spec: _Spec, configs: dict, axis: dict) -> list[Variant]:
+    """configs x overrides, each with its init_from resolved to a variant label; sources ordered first."""
+    entries = {label: _config_entry(spec, label, raw) for label, raw in configs.items()}
+    axis_sets = {o: spec.overrides(v if v is not None else {}, f"overrides.{o}") for o, v in axis.items()}
+    variants: dict[str, Variant] = {}
+    made_by: dict[str, str] = {}  # variant -> the config label it comes from
+    for label, (path, own, init_from) in entries.items():
+        for o in (axis_sets or {None: ()}):
+            name = label if o is None else f"{label}-{o}"
+            if name in variants:
+                spec.fail(f"configs.{label}" + (f" x overrides.{o}" if o else ""),
+                          f"variant label {name!r} is made twice (also by configs.{made_by[name]}); rename a label")
+            # With an overrides axis, a config label as init_from means that config's run with the same override.
+            source = f"{init_from}-{o}" if (o is not None and init_from in entries) else init_from
+            variants[name] = Variant(name, path, own + (axis_sets[o] if o is not None else ()), source)
+            made_by[name] = label
+    for v in variants.values():
+        where = f"configs.{made_by[v.label]}.init_from"
+        if v.init_from is not None and v.init_from not in variants:
+            spec.fail(where, f"{entries[made_by[v.label]][2]!r} is not a variant (variants: {', '.join(variants)})")
+        if v.init_from == v.label:
+            spec.fail(where, "a run cannot start from itself")
+    return _ordered(spec, variants)
+
+
+def _ordered(spec: _Spec, variants: dict[str, Variant]) -> list[Variant]:
+    """The variants in spec order, except that a variant's init_from source comes before it."""
+    out: list[Variant] = []
+    state: dict[str, str] = {}
+
+    def visit(v: Variant, chain: tuple[str, ...]) -> None:
+        if state.get(v.label) == "done":
+            return
+        if v.label in chain:
+            spec.fail("configs", f"init_from loops back: {' -> '.join(chain + (v.label,))}")
+        if v.init_from is not None:
+            visit(variants[v.init_from], chain + (v.label,))
+        state[v.label] = "done"
+        out.append(v)
+
+    for v in variants.values():
+        visit(v, ())
+    return out
+
+
+def _first_line_errors(e: ConfigError) -> str:
+    """A load_config error (one line per problem) as one line, without the `--set:` origin the spec key replaces."""
+    lines = [ln.removeprefix("--set: ") for ln in str(e).splitlines() if ln.strip()]
+    return "; ".join(lines)
+
+
+def _check_loads(spec: _Spec, variants: list[Variant], common: tuple[str, ...], configs: dict, axis: dict) -> None:
+    """Load each group of overrides on its own first, so a bad key is reported under the spec key that holds it."""
+    first = variants[0].config
+
+    def load(key: str, path: str, overrides: tuple[str, ...]) -> None:
+        try:
+            load_config(path, list(overrides))
+        except ConfigError as e:
+            spec.fail(key, _first_line_errors(e))
+
+    load("common", first, common)
+    own = {}
+    for label, raw in configs.items():
+        path, sets, _ = _config_entry(spec, label, raw)
+        own[label] = (path, sets)
+        load(f"configs.{label}", path, common + sets)
+    path, sets = next(iter(own.values()))
+    for o, v in axis.items():
+        load(f"overrides.{o}", path, common + sets + spec.overrides(v if v is not None else {}, f"overrides.{o}"))
+
+
+def _cluster(spec: _Spec, value: Any) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for kind, settings in spec.mapping(value, "cluster").items():
+        if kind not in CLUSTER_KEYS:
+            spec.fail(f"cluster.{kind}", f"unknown cluster kind (valid: {', '.join(CLUSTER_KEYS)})")
+        keys = CLUSTER_KEYS[kind]
+        out[kind] = {}
+        for k, v in spec.mapping(settings, f"cluster.{kind}").items():
+            where = f"cluster.{kind}.{k}"
+            if k not in keys:
+                near = difflib.get_close_matches(str(k), keys, n=1, cutoff=0.5)
+                spec.fail(where, f"unknown key ({f'did you mean {near[0]}?' if near else 'valid: ' + ', '.join(keys)})")
+            if v is None:
+                continue
+            out[kind][k] = check_cluster_value(kind, k, v, lambda msg, where=where: spec.fail(where, msg))
+    return out
+
+
+def check_cluster_value(kind: str, key: str, value: Any, fail) -> Any:
+    """`value` for cluster.<kind>.<key>, checked; `fail(msg)` raises."""
+    want = CLUSTER_KEYS[kind][key]
+    if key == "time" and isinstance(value, int) and not isinstance(value, bool):
+        fail("write the time limit as a quoted string, e.g. \"24:00:00\" (unquoted, YAML reads it as a number)")
+    if want is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            fail(f"must be a positive whole number (got {value!r})")
+    elif want is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            fail(f"must be a list of shell lines (got {value!r})")
+        value = tuple(value)
+    elif not isinstance(value, str) or not value.strip() or "\n" in value:
+        fail(f"must be a one-line string (got {value!r})")
+    if key == "time" and not _SLURM_TIME.fullmatch(value):
+        fail(f"{value!r} is not a SLURM time limit like 24:00:00 or 1-12:00:00")
+    return value
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read, validate and expand a sweep spec. Raises ConfigError (one line, naming the file and the key)."""
+    spec = _Spec(path)
+    data = spec.read()
+    name = spec.string(data, "name", label=True)
+    description = data.get("description") or ""
+    if not isinstance(description, str):
+        spec.fail("description", f"must be a string (got {description!r})")
+    group = spec.string(data, "group", name)
+    out_dir = spec.string(data, "out_dir", DEFAULT_OUT_DIR)
+    seeds = data["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                            and s >= 0 for s in seeds):
+        spec.fail("seeds", f"must be a non-empty list of seeds, whole numbers >= 0 (got {seeds!r})")
+    if len(set(seeds)) != len(seeds):
+        spec.fail("seeds", f"{seeds!r} lists a seed twice")
+    common = spec.overrides(data.get("common"), "common")
+    configs = spec.labels(data, "configs", required=True)
+    axis = spec.labels(data, "overrides", required=False)
+    variants = _variants(spec, configs, axis)
+    baseline = data.get("baseline", variants[0].label)
+    if baseline not in {v.label for v in variants}:
+        near = difflib.get_close_matches(str(baseline), [v.label for v in variants], n=1, cutoff=0.5)
+        spec.fail("baseline", f"{baseline!r} is not a variant of this sweep"
+                  + (f" (did you mean {near[0]}?)" if near else f" (variants: {', '.join(v.label for v in variants)})"))
+    cluster = _cluster(spec, data.get("cluster"))
+    _check_loads(spec, variants, common, configs, axis)
+    runs = _runs(spec, variants, seeds, common, out_dir, name, group)
+    return Sweep(spec.path, name, description.strip(), group, baseline, tuple(seeds), out_dir, common,
+                 tuple(variants), tuple(runs), cluster)
+
+
+def _runs(spec: _Spec, variants: list[Variant], seeds: list[int], common: tuple[str, ...], out_dir: str,
+          name: str, group: str) -> list[Run]:
+    """Seed by seed, every variant (so the first seed's comparison is complete first); each config loaded."""
+    sweep_dir = f"{out_dir.rstrip('/')}/{name}"
+    runs = []
+    for seed in seeds:
+        for v in variants:
+            run_name = f"{v.label}-s{seed}"
+            overrides = (*common, *v.overrides, f"run.name={run_name}", f"run.out_dir={format_value(sweep_dir)}",
+                         f"run.seed={seed}", f"wandb.group={format_value(group)}")
+            try:
+                cfg = load_config(v.config, list(overrides))
+            except ConfigError as e:
+                spec.fail(f"run {run_name}", _first_line_errors(e))
+            source = f"{v.init_from}-s{seed}" if v.init_from else None
+            runs.append(Run(run_name, v.label, seed, v.config, overrides, f"{sweep_dir}/{run_name}",
+                            f"{sweep_dir}/{source}" if source else None, source, cfg))
+    return runs
+
+
+__all__ = ["Sweep", "Run", "Variant", "load_sweep", "format_value", "display_path", "CLUSTER_KEYS",
+           "check_cluster_value"]

@@ -1,0 +1,177 @@
+"""`attnlab sweep SPEC --local`: runs train in order, the manifest follows them, rerunning trains only what has
+not finished; a diverged or interrupted run stops the sweep; the CLI's mistakes are one `error:` line."""
+import argparse
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+import lm.cli
+import lm.train
+from lm.sweep.cli import add_parser, cmd_sweep
+from lm.sweep.local import manifest, previous_statuses, write_manifest
+from lm.sweep.spec import load_sweep
+from lm.train.rundir import RunResult
+from tests.sweep.conftest import tiny_overrides
+
+KEYS = {"name", "group", "baseline", "description", "spec", "seeds", "runs"}
+RUN_KEYS = {"name", "variant", "seed", "config", "overrides", "run_dir", "status"}
+
+
+def tiny_spec(store, out_dir: Path, steps: int = 4) -> str:
+    """2 variants x 2 seeds of the ~60K-parameter model, `steps` steps each."""
+    common = [o for o in tiny_overrides(store, out_dir, **{"train.steps": steps, "train.log_every": 2})
+              if not o.startswith(("run.name=", "run.out_dir="))]
+    lines = "\n".join("  " + o.replace("=", ": ", 1) for o in common)
+    return (f"name: tiny\ngroup: tiny-group\nseeds: [0, 1]\nout_dir: {out_dir}\ndescription: two variants\n"
+            f"common:\n{lines}\n"
+            "configs:\n  softmax: configs/tiny/softmax.yaml\n  share_kv: configs/tiny/share_kv.yaml\n")
+
+
+def args_of(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_parser(p.add_subparsers(dest="cmd"))
+    return p.parse_args(["sweep", *argv])
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_local_sweep_manifest_only_and_rerun(small_store, tmp_path, write_spec, capsys):
+    spec = write_spec(tiny_spec(small_store, tmp_path / "runs"))
+    mpath = tmp_path / "runs" / "tiny" / "sweep.json"
+    # Half the sweep: only seed 0.
+    assert cmd_sweep(args_of(str(spec), "--local", "--only", "*-s0")) == 0
+    doc = read(mpath)
+    assert set(doc) == KEYS and all(set(r) == RUN_KEYS for r in doc["runs"])
+    assert (doc["name"], doc["group"], doc["baseline"], doc["description"], doc["seeds"], doc["spec"]) == \
+        ("tiny", "tiny-group", "softmax", "two variants", [0, 1], str(spec))
+    assert {r["name"]: r["status"] for r in doc["runs"]} == {
+        "softmax-s0": "finished", "share_kv-s0": "finished", "softmax-s1": "pending", "share_kv-s1": "pending"}
+    run = next(r for r in doc["runs"] if r["name"] == "share_kv-s1")
+    assert (run["variant"], run["seed"], run["config"], run["run_dir"]) == (
+        "share_kv", 1, "configs/tiny/share_kv.yaml", f"{tmp_path}/runs/tiny/share_kv-s1")
+    assert run["overrides"][-4:] == ["run.name=share_kv-s1", f"run.out_dir={tmp_path}/runs/tiny", "run.seed=1",
+                                     "wandb.group=tiny-group"]
+    assert not (tmp_path / "runs/tiny/softmax-s1").exists()
+    out = capsys.readouterr().out
+    assert "[1/2] softmax-s0" in out and "[2/2 done] share_kv-s0: final eval loss" in out
+
+    # The whole sweep: seed 0 is skipped (already finished), seed 1 trains.
+    metrics0 = (tmp_path / "runs/tiny/softmax-s0/metrics.jsonl").read_text()
+    assert cmd_sweep(args_of(str(spec), "--local")) == 0
+    assert [r["status"] for r in read(mpath)["runs"]] == ["finished"] * 4
+    out = capsys.readouterr().out
+    assert "softmax-s0 (already finished)" in out and "share_kv-s0 (already finished)" in out
+    assert "softmax-s1 (already" not in out and "[4/4 done] share_kv-s1: final eval loss" in out
+    assert (tmp_path / "runs/tiny/softmax-s0/metrics.jsonl").read_text() == metrics0
+
+    # Again: nothing trains.
+    before = {p: p.read_text() for p in (tmp_path / "runs/tiny").glob("*/metrics.jsonl")}
+    assert cmd_sweep(args_of(str(spec), "--local")) == 0
+    out = capsys.readouterr().out
+    assert out.count("(already finished)") == 4
+    assert {p: p.read_text() for p in before} == before
+    assert not list((tmp_path / "runs/tiny").glob(".*.tmp"))  # the manifest's temporary file was renamed
+
+
+def fake_train(monkeypatch, outcomes: dict[str, str], calls: list):
+    """Replace lm.train.train: each run ends with outcomes.get(run name, "finished"); "raise" is a KeyboardInterrupt,
+    "sigterm" a SIGTERM to this process."""
+    def train(cfg, *, console=None, init_from=None, **kw):
+        calls.append((cfg.run.name, init_from))
+        status = outcomes.get(cfg.run.name, "finished")
+        if status == "raise":
+            raise KeyboardInterrupt
+        if status == "sigterm":  # outside a run's step loop (setup, compile, between runs)
+            os.kill(os.getpid(), signal.SIGTERM)
+        run_dir = Path(cfg.run.out_dir) / cfg.run.name
+        return RunResult(run_dir, status, 3, {"eval_loss": 1.5} if status == "finished" else None, "it went wrong")
+
+    monkeypatch.setattr(lm.train, "train", train)
+
+
+@pytest.mark.parametrize("outcome, code, message", [
+    ("diverged", 3, "sweep tiny stopped: run share_kv-s0 diverged (it went wrong)"),
+    ("interrupted", 0, "sweep tiny stopped: run share_kv-s0 was interrupted at step 3 and saved"),
+    ("raise", 0, "sweep tiny stopped: run share_kv-s0 was interrupted; run the same command to continue"),
+    ("sigterm", 0, "sweep tiny stopped: run share_kv-s0 was interrupted; run the same command to continue"),
+])
+def test_a_run_that_does_not_finish_stops_the_sweep(small_store, tmp_path, write_spec, monkeypatch, capsys, outcome,
+                                                     code, message):
+    spec = write_spec(tiny_spec(small_store, tmp_path / "runs"))
+    calls = []
+    fake_train(monkeypatch, {"share_kv-s0": outcome}, calls)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert cmd_sweep(args_of(str(spec), "--local")) == code
+    assert [c[0] for c in calls] == ["softmax-s0", "share_kv-s0"]
+    assert message in capsys.readouterr().out.replace("\n", " ")
+    assert signal.getsignal(signal.SIGTERM) is handler  # the sweep's handler is gone again
+    statuses = [r["status"] for r in read(tmp_path / "runs/tiny/sweep.json")["runs"]]
+    assert statuses == ["finished", "diverged" if outcome == "diverged" else "interrupted", "pending", "pending"]
+
+
+def test_init_from_runs_after_its_source_with_its_directory(tmp_path, write_spec, monkeypatch):
+    spec = write_spec(f"""\
+        name: adapt
+        seeds: [0, 1]
+        out_dir: {tmp_path}
+        common: {{train.steps: 20, optim.warmup_steps: 2}}
+        configs:
+          cont: {{config: configs/tiny/share_kv.yaml, init_from: base}}
+          base: configs/tiny/softmax.yaml
+        """)
+    calls = []
+    fake_train(monkeypatch, {}, calls)
+    assert cmd_sweep(args_of(str(spec), "--local", "--only", "*-s1")) == 0
+    assert calls == [("base-s1", None), ("cont-s1", f"{tmp_path}/adapt/base-s1")]
+    # cont-s0 alone: its source has not finished.
+    with pytest.raises(lm.train.RunError, match="run cont-s0 starts from run base-s0 .init_from., which has not "
+                                                "finished; include it in --only or run it first"):
+        cmd_sweep(args_of(str(spec), "--local", "--only", "cont-s0"))
+    assert cmd_sweep(args_of(str(spec), "--local", "--only", "base-s0")) == 0
+    assert cmd_sweep(args_of(str(spec), "--local", "--only", "cont-s0")) == 0
+    assert calls[-1] == ("cont-s0", f"{tmp_path}/adapt/base-s0")
+
+
+def test_manifest_statuses_survive_only_while_the_run_is_unchanged(tmp_path, write_spec):
+    text = tiny_spec("data/x", tmp_path)
+    sw = load_sweep(write_spec(text))
+    write_manifest(sw.manifest_path, manifest(sw, {"softmax-s0": "finished", "share_kv-s1": "diverged"}))
+    assert previous_statuses(sw) == {"softmax-s0": "finished", "share_kv-s1": "diverged", "share_kv-s0": "pending",
+                                     "softmax-s1": "pending"}
+    assert "train.steps: 4\n" in text
+    changed = load_sweep(write_spec(text.replace("train.steps: 4\n", "train.steps: 6\n"), "b.yaml"))
+    assert previous_statuses(changed) == {}
+
+
+def test_dry_run_lists_commands_and_writes_nothing(tmp_path, write_spec, capsys):
+    spec = write_spec(tiny_spec("data/x", tmp_path / "runs"))
+    assert cmd_sweep(args_of(str(spec), "--dry-run", "--only", "share_kv-*")) == 0
+    out = capsys.readouterr().out
+    assert "2 of 4 runs" in out and "share_kv-s1 [pending]: attnlab train configs/tiny/share_kv.yaml --set" in out
+    assert "softmax-s0" not in out and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["SPEC"], "error: say what to do: --local"),
+    (["SPEC", "--local", "--partition", "gpu"], "error: --partition applies to --emit slurm"),
+    (["SPEC", "--emit", "slurm", "--zone", "z"], "error: --zone applies to --emit tpu-vm"),
+    (["SPEC", "--local", "--out", "x"], "error: --out applies to --emit"),
+    (["SPEC", "--dry-run", "--only", "nothing*"], "error: --only nothing*: no run of SPEC matches (runs: softmax-s0"),
+    (["MISSING", "--local"], "error: sweep spec MISSING does not exist"),
+    (["BAD", "--emit", "slurm"], "error: BAD: seeds: must be a non-empty list"),
+])
+def test_cli_mistakes_are_one_error_line_with_status_2(tmp_path, write_spec, monkeypatch, capsys, argv, expect):
+    """Through lm.cli.main, the `attnlab` entry point."""
+    spec = write_spec(tiny_spec("data/x", tmp_path / "runs"))
+    bad = write_spec("name: x\nseeds: []\nconfigs: {a: configs/tiny/softmax.yaml}\n", "bad.yaml")
+    names = {"SPEC": str(spec), "MISSING": str(tmp_path / "missing.yaml"), "BAD": str(bad)}
+    assert lm.cli.main(["sweep", *[names.get(a, a) for a in argv]]) == 2
+    err = capsys.readouterr().err
+    for k, v in names.items():
+        expect = expect.replace(k, v)
+    assert err.startswith(expect) and err.count("\n") == 1, err

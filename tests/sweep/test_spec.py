@@ -1,0 +1,192 @@
+"""Sweep specs: validation (one-line errors naming the file and the key) and expansion into runs."""
+import math
+from pathlib import Path
+
+import pytest
+
+from lm.config import ConfigError, load_config, parse_yaml
+from lm.sweep.spec import format_value, load_sweep
+from tests.sweep.conftest import ROOT
+
+GOOD = """\
+name: demo
+seeds: [0, 1]
+common: {train.steps: 20, optim.warmup_steps: 2}
+configs:
+  softmax: configs/tiny/softmax.yaml
+  share_kv: configs/tiny/share_kv.yaml
+"""
+
+
+def error_of(write_spec, text: str) -> str:
+    path = write_spec(text)
+    with pytest.raises(ConfigError) as e:
+        load_sweep(path)
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    assert msg.startswith(str(path)), msg
+    return msg
+
+
+@pytest.mark.parametrize("text, expect", [
+    (GOOD + "seedz: [3]\n", "seedz: unknown key (did you mean seeds?)"),
+    (GOOD.replace("name: demo\n", ""), "name: missing"),
+    (GOOD.replace("configs/tiny/share_kv.yaml", "configs/tiny/nope.yaml"),
+     "configs.share_kv: config file configs/tiny/nope.yaml does not exist"),
+    (GOOD + "overrides: {lr: {optim.lrr: 1.0e-3}}\n", "overrides.lr: unknown key optim.lrr (did you mean optim.lr?)"),
+    (GOOD.replace("train.steps: 20", "train.stepz: 20"), "common: unknown key train.stepz (did you mean train.steps?)"),
+    (GOOD.replace("share_kv: configs/tiny/share_kv.yaml",
+                  "share_kv: {config: configs/tiny/share_kv.yaml, set: {optim.lr: -1}}"),
+     "configs.share_kv: optim.lr: Input should be greater than 0"),
+    (GOOD + "baseline: mha\n", "baseline: 'mha' is not a variant of this sweep (variants: softmax, share_kv)"),
+    (GOOD + "  softmax: configs/tiny/gqa4.yaml\n", "line 7: 'softmax' is given twice; each key and label may appear once"),
+    (GOOD.replace("share_kv:", "share-kv:") + "  share: configs/tiny/mqa.yaml\noverrides: {kv-x: {}, x: {}}\n",
+     "configs.share x overrides.kv-x: variant label 'share-kv-x' is made twice (also by configs.share-kv)"),
+    (GOOD.replace("seeds: [0, 1]", "seeds: [0, 0]"), "seeds: [0, 0] lists a seed twice"),
+    (GOOD.replace("seeds: [0, 1]", "seeds: 3"), "seeds: must be a non-empty list"),
+    (GOOD.replace("name: demo", "name: my sweep"), "name: 'my sweep' may only contain"),
+    (GOOD + "  cont: {config: configs/tiny/softmax.yaml, init_from: mha}\n", "configs.cont.init_from: 'mha' is not a variant"),
+    (GOOD + "  cont: {config: configs/tiny/softmax.yaml, init_form: softmax}\n",
+     "configs.cont.init_form: unknown key (did you mean init_from?)"),
+    (GOOD + "  a: {config: configs/tiny/softmax.yaml, init_from: b}\n  b: {config: configs/tiny/softmax.yaml, init_from: a}\n",
+     "configs: init_from loops back: a -> b -> a"),
+    (GOOD + "cluster: {slurm: {time: 24:00:00}}\n", "cluster.slurm.time: write the time limit as a quoted string"),
+    (GOOD + "cluster: {slurm: {gpus_per_nod: 8}}\n", "cluster.slurm.gpus_per_nod: unknown key (did you mean gpus_per_node?)"),
+    (GOOD + "cluster: {k8s: {}}\n", "cluster.k8s: unknown cluster kind"),
+    (GOOD.replace("optim.warmup_steps: 2", "optim.warmup_steps: 50"),
+     "common: optim.warmup_steps: 50 is larger than train.steps 20"),
+    # Only the combination of a config's own overrides and the axis fails: reported under the run.
+    (GOOD.replace("share_kv: configs/tiny/share_kv.yaml",
+                  "share_kv: {config: configs/tiny/share_kv.yaml, set: {train.steps: 5}}")
+     + "overrides: {w: {optim.warmup_steps: 10}}\n",
+     "run share_kv-w-s0: optim.warmup_steps: 10 is larger than train.steps 5"),
+    ("name: [unclosed\n", "line 2: not valid YAML"),
+])
+def test_mistakes_are_one_line_errors_naming_file_and_key(write_spec, text, expect):
+    assert expect in error_of(write_spec, text)
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"^sweep spec .*nope.yaml does not exist$"):
+        load_sweep(tmp_path / "nope.yaml")
+
+
+def test_expansion_variants_by_seeds_names_and_override_order(write_spec):
+    sw = load_sweep(write_spec("""\
+        name: grid
+        group: my-group
+        seeds: [3, 7]
+        out_dir: /tmp/sw
+        common: {train: {steps: 20, eval_every: 10}, optim.warmup_steps: 2}
+        configs:
+          softmax: configs/tiny/softmax.yaml
+          kv: {config: configs/tiny/share_kv.yaml, set: {optim.lr: 1.0e-3}}
+        overrides:
+          lr3e-3: {optim.lr: 3e-3}
+          pat: {model.pattern: [softmax], wandb.tags: [a b, "yes"]}
+        baseline: softmax-lr3e-3
+        """))
+    variants = ["softmax-lr3e-3", "softmax-pat", "kv-lr3e-3", "kv-pat"]
+    assert [v.label for v in sw.variants] == variants
+    assert [r.name for r in sw.runs] == [f"{v}-s{s}" for s in (3, 7) for v in variants]
+    assert sw.group == "my-group" and sw.baseline == "softmax-lr3e-3" and sw.seeds == (3, 7)
+    run = next(r for r in sw.runs if r.name == "kv-lr3e-3-s7")
+    assert run.overrides == ("train.steps=20", "train.eval_every=10", "optim.warmup_steps=2", "optim.lr=0.001",
+                             "optim.lr=0.003", "run.name=kv-lr3e-3-s7", "run.out_dir=/tmp/sw/grid", "run.seed=7",
+                             "wandb.group=my-group")
+    assert run.run_dir == "/tmp/sw/grid/kv-lr3e-3-s7" and run.variant == "kv-lr3e-3" and run.seed == 7
+    assert run.config == "configs/tiny/share_kv.yaml"
+    assert run.cfg.optim.lr == 3e-3 and run.cfg.run.seed == 7 and run.cfg.wandb.group == "my-group"
+    assert run.cfg.model.mixers["softmax"].share == "kv"
+    # What each run trains is exactly load_config of its config and overrides (what `attnlab train` gets).
+    assert load_config(run.config, list(run.overrides)).to_dict() == run.cfg.to_dict()
+    pat = next(r for r in sw.runs if r.name == "softmax-pat-s3")
+    assert pat.cfg.wandb.tags == ["a b", "yes"] and pat.cfg.model.pattern == ["softmax"]
+
+
+def test_defaults(write_spec):
+    sw = load_sweep(write_spec(GOOD))
+    assert (sw.name, sw.group, sw.baseline, sw.out_dir, sw.description) == ("demo", "demo", "softmax", "runs/sweeps", "")
+    assert sw.manifest_path == Path("runs/sweeps/demo/sweep.json")
+    assert [r.name for r in sw.runs] == ["softmax-s0", "share_kv-s0", "softmax-s1", "share_kv-s1"]
+
+
+def test_init_from_sources_come_first_and_follow_the_override(write_spec):
+    sw = load_sweep(write_spec("""\
+        name: adapt
+        seeds: [0, 1]
+        common: {train.steps: 20, optim.warmup_steps: 2}
+        baseline: base-a
+        configs:
+          cont: {config: configs/tiny/share_kv.yaml, init_from: base}
+          base: configs/tiny/softmax.yaml
+          pinned: {config: configs/tiny/softmax.yaml, init_from: base-b}
+        overrides: {a: {}, b: {optim.lr: 1.0e-3}}
+        """))
+    names = [r.name for r in sw.runs]
+    assert names[:6] == ["base-a-s0", "cont-a-s0", "base-b-s0", "cont-b-s0", "pinned-a-s0", "pinned-b-s0"]
+    by = {r.name: r for r in sw.runs}
+    assert by["cont-b-s1"].init_from == "runs/sweeps/adapt/base-b-s1" and by["cont-b-s1"].init_from_run == "base-b-s1"
+    assert by["pinned-a-s1"].init_from_run == "base-b-s1"
+    assert by["base-a-s0"].init_from is None
+    assert by["cont-a-s0"].argv()[-2:] == ["--init-from", "runs/sweeps/adapt/base-a-s0"]
+
+
+@pytest.mark.parametrize("value", [0.003, 1e-5, 3, True, False, None, "cosine", "3e-3", "true", "a b", "", "x: y",
+                                   [1, "kda", 2.5], {"a": [1]}, float("inf"), -2])
+def test_values_round_trip_through_set_text(value):
+    assert parse_yaml(format_value(value)) == value or (value == "" and format_value(value) == '""')
+    assert format_value(float("nan")) == ".nan" and math.isnan(parse_yaml(".nan"))
+
+
+def test_committed_specs_load_with_three_seeds_or_more():
+    specs = sorted((ROOT / "experiments/sweeps").glob("*.yaml"))
+    assert {p.stem for p in specs} >= {"projection_sharing_tiny", "projection_sharing_300m", "projection_sharing_1.2b",
+                                       "tiny_softmax_family", "tiny_spkv", "tiny_linear_family", "tiny_conv_controls",
+                                       "mqar"}
+    for p in specs:
+        sw = load_sweep(p.relative_to(ROOT))
+        assert len(sw.seeds) >= 3 and sw.name == p.stem, p
+
+
+def test_paper_grids_are_the_config_directories():
+    sw300 = load_sweep("experiments/sweeps/projection_sharing_300m.yaml")
+    assert {v.config for v in sw300.variants} == {
+        f"configs/paper_qkv/300m/{p.name}" for p in (ROOT / "configs/paper_qkv/300m").glob("*.yaml")
+        if not p.name.startswith("_")}
+    sw12 = load_sweep("experiments/sweeps/projection_sharing_1.2b.yaml")
+    # The variants the paper trained at 1.2B (not Q=K-V, Q=K=V; no MQA result).
+    assert {v.label for v in sw12.variants} == {"qkv", "share_kv", "gqa8", "share_kv_gqa8", "share_kv_mqa"}
+    assert sw300.baseline == sw12.baseline == "qkv"
+    tiny = load_sweep("experiments/sweeps/projection_sharing_tiny.yaml")
+    assert {v.label for v in tiny.variants} == {"softmax", "share_kv", "share_qk", "share_qkv", "gqa4",
+                                                "share_kv_gqa4", "mqa", "share_kv_mqa"}
+
+
+def test_ablation_specs_run_what_the_scripts_run():
+    """The specs converted from the ablation scripts have the scripts' configs and budgets."""
+    from experiments.ablations import tiny_conv_controls, tiny_linear_family, tiny_softmax_family
+    from experiments.synthetic import mqar_sweep
+
+    def configs(name):
+        sw = load_sweep(f"experiments/sweeps/{name}.yaml")
+        return sw, {v.label: v.config for v in sw.variants}
+
+    for name, expect in [("tiny_conv_controls", tiny_conv_controls.VARIANTS),
+                         ("tiny_linear_family", tiny_linear_family.VARIANTS),
+                         ("tiny_softmax_family", {k: v[0] for k, v in tiny_softmax_family.VARIANTS.items()})]:
+        sw, got = configs(name)
+        assert got == expect, name
+        for r in sw.runs:
+            c = r.cfg
+            assert (c.train.steps, c.optim.warmup_steps, c.train.ckpt_every, c.train.log_every, c.wandb.mode) == \
+                (100, 10, 0, 50, "disabled"), r.name
+    sw, got = configs("mqar")
+    assert got == {f"{m}-p{n}": f"configs/mqar/{m}.yaml" for m in mqar_sweep.MODELS for n in (4, 8, 16)}
+    assert all(r.cfg.train.steps == 600 and r.cfg.data.seq_len == 128 and r.cfg.model.vocab_size == 128
+               and r.cfg.data.task["n_pairs"] == int(r.variant.rsplit("-p", 1)[1]) for r in sw.runs)
+    sw, _ = configs("tiny_spkv")
+    by = {r.name: r for r in sw.runs}
+    assert by["spkv_adapted-s2"].init_from_run == "softmax-s2" and by["softmax_continued-s0"].init_from_run == "softmax-s0"
+    anneal = by["spkv_reg-s0"].cfg.model.mixers["softmax"].spkv
+    assert (anneal.anneal.freeze_steps, anneal.anneal.ramp_steps, anneal.density_reg) == (25, 10, 0.05)
