@@ -7,6 +7,7 @@ exit status (0, or 3 when a run diverged). Mistakes in the spec or the arguments
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from lm.config import ConfigError
 
@@ -29,6 +30,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sw.add_argument("--only", action="append", default=[], metavar="PATTERN",
                     help="only the runs whose names match this shell pattern, e.g. 'share_*-s0' (repeatable)")
     sw.add_argument("--dry-run", action="store_true", help="list the runs and their commands; train nothing")
+    sw.add_argument("--report", action="store_true",
+                    help="--local: when every run has finished, write `attnlab report`'s table and plots "
+                         "(experiments/results/<name>/)")
     sw.add_argument("--out", default=None, metavar="DIR",
                     help="--emit: where to write the scripts (default <out_dir>/<name>/launch/<kind>/)")
     sl = sw.add_argument_group("--emit slurm (default: the spec's cluster.slurm)")
@@ -54,6 +58,8 @@ def cmd_sweep(args) -> int:
             raise ConfigError(f"--{key.replace('_', '-')} applies to --emit {CLUSTER_FLAGS[key]}")
     if args.out is not None and args.emit is None:
         raise ConfigError("--out applies to --emit")
+    if args.report and not args.local:
+        raise ConfigError("--report applies to --local")
     if not (args.local or args.emit or args.dry_run):
         raise ConfigError("say what to do: --local (train here), --emit slurm|tpu-vm|shell (write launch scripts) "
                           "or --dry-run (list the runs)")
@@ -67,7 +73,19 @@ def cmd_sweep(args) -> int:
         print(f"wrote {jobs} {args.emit} job script(s), submit_all.sh and sweep.json to {out}/; run "
               f"{out}/submit_all.sh")
         return 0
-    return run_local(sweep, only=args.only)
+    code = run_local(sweep, only=args.only)
+    if code == 0 and args.report:
+        from lm.report.cli import make_report
+        from lm.sweep.local import previous_statuses
+
+        statuses = previous_statuses(sweep)
+        if args.only or any(statuses.get(r.name) != "finished" for r in sweep.runs):
+            print("report not written: not every run of the sweep has finished (run the whole sweep again)")
+            return code
+        out = make_report([sweep.sweep_dir], command=shlex.join(["attnlab", "sweep", args.spec, "--local",
+                                                                  "--report"]))
+        print(f"report: {out['markdown']}")
+    return code
 
 
 __all__ = ["add_parser", "cmd_sweep"]

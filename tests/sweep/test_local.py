@@ -40,7 +40,7 @@ def read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_local_sweep_manifest_only_and_rerun(small_store, tmp_path, write_spec, capsys):
+def test_local_sweep_manifest_only_and_rerun(small_store, tmp_path, write_spec, capsys, monkeypatch):
     spec = write_spec(tiny_spec(small_store, tmp_path / "runs"))
     mpath = tmp_path / "runs" / "tiny" / "sweep.json"
     # Half the sweep: only seed 0.
@@ -69,11 +69,19 @@ def test_local_sweep_manifest_only_and_rerun(small_store, tmp_path, write_spec, 
     assert "softmax-s1 (already" not in out and "[4/4 done] share_kv-s1: final eval loss" in out
     assert (tmp_path / "runs/tiny/softmax-s0/metrics.jsonl").read_text() == metrics0
 
-    # Again: nothing trains.
+    # Again, with --report: nothing trains; the report is written (here under tmp_path, not the repository).
+    import lm.report.cli
+
+    monkeypatch.setattr(lm.report.cli, "RESULTS", tmp_path / "results")
     before = {p: p.read_text() for p in (tmp_path / "runs/tiny").glob("*/metrics.jsonl")}
-    assert cmd_sweep(args_of(str(spec), "--local")) == 0
+    assert cmd_sweep(args_of(str(spec), "--local", "--report")) == 0
     out = capsys.readouterr().out
     assert out.count("(already finished)") == 4
+    report = (tmp_path / "results" / "tiny" / "report.md").read_text()
+    assert f"Command: `attnlab sweep {spec} --local --report`" in report and "| share_kv |" in report
+    assert (tmp_path / "results" / "tiny" / "eval_loss_curves.png").is_file()
+    assert cmd_sweep(args_of(str(spec), "--local", "--only", "*-s0", "--report")) == 0
+    assert "report not written: not every run" in capsys.readouterr().out
     assert {p: p.read_text() for p in before} == before
     assert not list((tmp_path / "runs/tiny").glob(".*.tmp"))  # the manifest's temporary file was renamed
 
