@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
+
+import yaml
 
 from lm.config import Config, ConfigError, dump_config, load_config
 from lm.model import abstract_model
@@ -149,14 +152,20 @@ def layer_costs(cfg: Config, context: int) -> list[int]:
     return [b.mixer.cache_bytes_per_token() * context + b.mixer.state_bytes() for b in model.blocks]
 
 
-def render(d: Design) -> str:
-    """The config file: a header with the derivation, then the resolved config."""
+def render(d: Design, base: str | None = None) -> str:
+    """The config file: a header with the derivation, then the resolved config; or, with `base` (a config path
+    as the file should name it), `base:` and only what the design sets (run.name, model.pattern, model.mixers)."""
     lines = [f"# Designed by `attnlab design-hybrid {d.run_dir} --budget {d.budget:g} --rest {d.rest}` from the "
              f"SP-KV gate densities of its eval at step {d.step}.",
              f"# Per-layer density (mean over KV heads): {', '.join(f'{x:.3f}' for x in d.densities)}.",
              f"# Layout: {', '.join(d.layout)}; decode cache {d.cost:.3f} of the all-global model at {d.context} "
              f"tokens (local layers hold the last {d.window} keys)."]
-    return "\n".join(lines) + "\n" + dump_config(d.config)
+    if base is None:
+        return "\n".join(lines) + "\n" + dump_config(d.config)
+    full = d.config.to_dict()
+    body = {"base": base, "run": {"name": full["run"]["name"]},
+            "model": {"pattern": full["model"]["pattern"], "mixers": full["model"]["mixers"]}}
+    return "\n".join(lines) + "\n" + yaml.safe_dump(body, sort_keys=False)
 
 
 def cmd_design_hybrid(args) -> int:
@@ -165,7 +174,11 @@ def cmd_design_hybrid(args) -> int:
                    linear_kind=args.linear_kind, name=args.name)
     except ConfigError as e:
         raise DesignError(f"{args.run_dir}: {str(e).splitlines()[0]}") from None
-    text = render(d)
+    base = None
+    if args.base:
+        where = Path(args.out).parent if args.out else Path.cwd()
+        base = os.path.relpath(Path(args.base).resolve(), where.resolve())
+    text = render(d, base)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
@@ -194,6 +207,9 @@ def add_parser(sub) -> None:
     p.add_argument("--linear-kind", default="lightning", help="the mixer of linear layers (lightning or kda)")
     p.add_argument("--name", default=None, help="run.name of the designed config (default <run>-hybrid<F>)")
     p.add_argument("--out", default=None, help="write the config here (default: print it)")
+    p.add_argument("--base", default=None, metavar="CONFIG",
+                   help="write `base: CONFIG` and only the layout (pattern, mixers, run.name) instead of the whole "
+                        "resolved config (which names the run's absolute data path)")
     p.add_argument("--json", action="store_true", help="print the derivation as one JSON object")
     p.set_defaults(fn=cmd_design_hybrid)
 

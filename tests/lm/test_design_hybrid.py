@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -46,6 +47,14 @@ def test_the_densest_layers_stay_global_within_the_budget(tmp_path):
     reloaded = tmp_path / "designed.yaml"
     reloaded.write_text(text)
     assert load_config(reloaded).model.pattern == two.layout
+    # On a base config: only the layout is written, and it loads to the same model.
+    base = str(Path("configs/tiny/softmax.yaml").resolve())
+    small = render(two, base=base)
+    assert f"base: {base}" in small and "data:" not in small
+    (tmp_path / "small.yaml").write_text(small)
+    on_base = load_config(tmp_path / "small.yaml")
+    assert on_base.model.pattern == two.layout and on_base.model.mixers["local"].sliding_window == 32
+    assert sum(layer_costs(on_base, 256)) == sum(layer_costs(cfg, 256))
 
 
 def test_ties_go_to_the_earlier_layer_and_the_context_changes_the_count(tmp_path):
