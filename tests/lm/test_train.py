@@ -412,3 +412,39 @@ def test_resume_check_ignores_keys_added_since_and_names_real_changes(small_stor
     assert _config_mismatch(saved, cfg) is None
     other = _cfg(small_store, tmp_path, **{"model.mixers.softmax.n_kv_heads": 1})
     assert "model.mixers.softmax.n_kv_heads" in _config_mismatch(cfg.to_dict(), other)
+
+
+def test_bf16_compute_keeps_fp32_master_weights_and_accumulators(small_store, tmp_path):
+    """model.dtype=bfloat16: parameters, optimizer moments and the grad_accum accumulators stay fp32; the matmuls
+    take bf16 operands."""
+    from lm.train.setup import build
+    from lm.train.step import make_train_step
+
+    cfg = _cfg(small_store, tmp_path, "bf16", **{"model.dtype": "bfloat16", "train.grad_accum": 2})
+    setup = build(cfg)
+    float_leaves = [x for x in jax.tree.leaves(setup.state_shapes) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert float_leaves and all(x.dtype == jnp.float32 for x in float_leaves)
+    step = make_train_step(cfg, setup.mdef, setup.tx, setup.schedule)
+    batch = {"tokens": jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), jnp.int32)}
+    jaxpr = jax.make_jaxpr(step)(setup.state_shapes, batch)
+    scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(scans) == 1  # the micro-batch loop
+    # Its outputs: the accumulated gradients (one per parameter, parameter-shaped) and loss sums, all fp32.
+    param_shapes = sorted(tuple(x.shape) for x in jax.tree.leaves(setup.state_shapes["params"]))
+    outs = [v.aval for v in scans[0].outvars]
+    accumulated = sorted(tuple(a.shape) for a in outs if tuple(a.shape) in set(param_shapes))
+    assert len(accumulated) >= len(param_shapes)
+    assert all(a.dtype == jnp.float32 for a in outs if jnp.issubdtype(a.dtype, jnp.floating))
+
+    from jax.extend.core import jaxprs_in_params
+
+    def dots(jx, out):
+        for e in jx.eqns:
+            if e.primitive.name == "dot_general":
+                out.append(tuple(v.aval.dtype for v in e.invars))
+            for sub in jaxprs_in_params(e.params):
+                dots(sub, out)
+        return out
+
+    operand_dtypes = dots(jaxpr.jaxpr, [])
+    assert (jnp.bfloat16, jnp.bfloat16) in operand_dtypes
