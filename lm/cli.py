@@ -361,10 +361,10 @@ def _simulate_devices(args) -> None:
 
     args.mesh_axes = parse_mesh(args.mesh)
     n = devices_needed(args.mesh_axes)
-    if n > 1 and "jax" not in sys.modules:
-        flags = os.environ.get("XLA_FLAGS", "")
-        if "xla_force_host_platform_device_count" not in flags:
-            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    if n > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        import jax  # imported already (the parser's modules use it), but no device has been touched yet
+
+        jax.config.update("jax_num_cpu_devices", n)
 
 
 def main(argv: list[str] | None = None) -> int:

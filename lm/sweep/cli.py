@@ -36,13 +36,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sw.add_argument("--out", default=None, metavar="DIR",
                     help="--emit: where to write the scripts (default <out_dir>/<name>/launch/<kind>/)")
     sl = sw.add_argument_group("--emit slurm (default: the spec's cluster.slurm)")
-    sl.add_argument("--partition", default=None)
-    sl.add_argument("--nodes", type=int, default=None, metavar="N")
-    sl.add_argument("--gpus-per-node", type=int, default=None, metavar="N")
+    sl.add_argument("--partition", default=None, help="SLURM partition (#SBATCH --partition)")
+    sl.add_argument("--nodes", type=int, default=None, metavar="N",
+                    help="nodes per run; with more than one they join one jax.distributed run")
+    sl.add_argument("--gpus-per-node", type=int, default=None, metavar="N", help="GPUs per node (#SBATCH)")
     sl.add_argument("--time", default=None, metavar="LIMIT", help="time limit per run, e.g. 24:00:00")
     tp = sw.add_argument_group("--emit tpu-vm (default: the spec's cluster.tpu_vm)")
-    tp.add_argument("--tpu-name", default=None, metavar="NAME")
-    tp.add_argument("--zone", default=None)
+    tp.add_argument("--tpu-name", default=None, metavar="NAME", help="the TPU VM (pod slice) to run on")
+    tp.add_argument("--zone", default=None, help="its zone, e.g. us-east5-a")
     sw.set_defaults(fn=cmd_sweep)
     return sw
 
