@@ -19,6 +19,7 @@ import jax
 from lm.config import load_config
 from lm.flops import cpu_model
 from lm.info import model_info
+from lm.report.collect import extra_metrics
 from lm.report.stats import paired, paired_cell, summarize  # noqa: F401 (the ablations import them from here)
 from lm.tracking import read_metrics
 from lm.train import train
@@ -62,12 +63,7 @@ def run_all(runs: list[Run], out_dir: str | Path, *, common: tuple[str, ...] = (
 
 def _extra_metrics(rows: list[dict]) -> dict:
     """Metrics a mixer logged at eval time beyond loss (e.g. SP-KV density), from the last eval step."""
-    last_eval_step = max((x["step"] for x in rows if "eval_loss" in x), default=None)
-    keep = {}
-    for x in rows:
-        if x.get("step") == last_eval_step and "eval_loss" not in x and "loss" not in x:
-            keep.update({k: v for k, v in x.items() if k != "step"})
-    return keep
+    return extra_metrics(rows, max((x["step"] for x in rows if "eval_loss" in x), default=None))
 
 
 def provenance() -> str:

@@ -97,11 +97,13 @@ def _decode_case(dtype, d: int, variant: str) -> Case:
 DECODE_VARIANTS = ("gqa4", "gqa4-k=v-ragged", "gqa4-k=v-norm-rope", "mqa")
 
 
+def _chunked_dims(variant: str) -> tuple[int, int, int, bool]:
+    """(B, T, H, with document ids) of a lightning/kda catalog variant."""
+    return 1, 1000 if variant == "ragged" else 2048, 8, variant == "segments-h0"
+
+
 def _lightning_case(dtype, d: int, variant: str) -> Case:
-    B, T, H = 1, 2048, 8
-    docs = variant == "segments-h0"
-    if variant == "ragged":
-        T = 1000
+    B, T, H, docs = _chunked_dims(variant)
     spec = jax.ShapeDtypeStruct
     args = [spec((B, T, H, d), dtype)] * 3 + [spec((H,), jnp.float32), spec((B, H, d, d), jnp.float32)]
     args += [spec((B, T), jnp.int32)] if docs else []
@@ -120,10 +122,7 @@ LIGHTNING_VARIANTS = ("plain", "ragged", "segments-h0")
 
 
 def _kda_case(dtype, d: int, variant: str) -> Case:
-    B, T, H = 1, 2048, 8
-    docs = variant == "segments-h0"
-    if variant == "ragged":
-        T = 1000
+    B, T, H, docs = _chunked_dims(variant)
     spec = jax.ShapeDtypeStruct
     args = [spec((B, T, H, d), dtype)] * 3 + [spec((B, T, H, d), jnp.float32), spec((B, T, H), dtype),
                                               spec((B, H, d, d), jnp.float32)]

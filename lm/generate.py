@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -143,13 +144,7 @@ def generate_ids(mdef: ModelDef, params, prompt_BP: jax.Array, key: jax.Array, *
     if m.pos == "learned" and total - 1 > m.max_seq_len:  # the last token is sampled, never fed back
         raise GenerationError(f"{P} + {max_new_tokens} tokens go past the learned position table "
                               f"(model.max_seq_len={m.max_seq_len}); see plan_length")
-    cache = model.init_cache(B, total)
-
-    def prefill(c, t):
-        logits, c = model.decode(jax.lax.dynamic_slice_in_dim(prompt_BP, t, 1, axis=1), c, t)
-        return c, logits[:, 0]
-
-    cache, logits_PBV = jax.lax.scan(prefill, cache, jnp.arange(P))
+    cache, logits_PBV = prefill(model, prompt_BP, model.init_cache(B, total))
     first = sample_logits(logits_PBV[-1], jax.random.fold_in(key, 0), temperature=temperature, top_k=top_k,
                           top_p=top_p)
 
@@ -169,14 +164,18 @@ def decode_logits(mdef: ModelDef, params, tokens_BT: jax.Array) -> jax.Array:
     """Logits [B,T,V] computed token by token through the cache (tests compare it with the full forward)."""
     model = mdef.merge(params)
     B, T = tokens_BT.shape
-    cache = model.init_cache(B, T)
+    _, out = prefill(model, tokens_BT, model.init_cache(B, T))
+    return jnp.swapaxes(out, 0, 1)
+
+
+def prefill(model, tokens_BT: jax.Array, cache) -> tuple[Any, jax.Array]:
+    """Feed tokens [B,T] through the decode path from position 0: (the cache after them, logits [T,B,V])."""
 
     def body(c, t):
         logits, c = model.decode(jax.lax.dynamic_slice_in_dim(tokens_BT, t, 1, axis=1), c, t)
         return c, logits[:, 0]
 
-    _, out = jax.lax.scan(body, cache, jnp.arange(T))
-    return jnp.swapaxes(out, 0, 1)
+    return jax.lax.scan(body, cache, jnp.arange(tokens_BT.shape[1]))
 
 
 def generate_sliding(mdef: ModelDef, params, prompt_BP: jax.Array, key: jax.Array, *, max_new_tokens: int,

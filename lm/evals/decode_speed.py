@@ -26,6 +26,7 @@ import numpy as np
 from attention import spkv
 from lm.config import Config
 from lm.evals.common import EvalError, can_run_past
+from lm.generate import prefill as prefill_cache
 from lm.info import model_info
 from lm.model import ModelDef
 
@@ -72,13 +73,7 @@ def measure_decode(mdef: ModelDef, params, prompt_BP: np.ndarray, *, steps: int,
     @jax.jit
     def prefill(params, prompt):
         model = mdef.merge(params)
-        cache = model.init_cache(B, total)
-
-        def body(c, t):
-            logits, c = model.decode(jax.lax.dynamic_slice_in_dim(prompt, t, 1, axis=1), c, t)
-            return c, logits[:, 0]
-
-        cache, logits_PBV = jax.lax.scan(body, cache, jnp.arange(P))
+        cache, logits_PBV = prefill_cache(model, prompt, model.init_cache(B, total))
         return cache, jnp.argmax(logits_PBV[-1], axis=-1).astype(jnp.int32)
 
     @jax.jit
