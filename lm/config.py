@@ -47,6 +47,7 @@ class TrainConfig(_Section):
     max_rejected: int = Field(5, ge=1)
     skip_grad_norm: Optional[float] = Field(None, gt=0)
     diverge_ratio: float = Field(3.0, ge=0)
+    diverge_margin: float = Field(1.0, ge=0)  # nats: a diverged loss is also this far above the running mean
 
 
 class DataConfig(_Section):

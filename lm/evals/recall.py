@@ -58,12 +58,12 @@ def resolve_pairs(requested: list[int] | None, *, seq_len: int, pool: TokenPool,
 
 
 def recall_sequences(n_pairs: int, *, seq_len: int, samples: int, pool: TokenPool,
-                     power_a: float = POWER_A) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens [samples, seq_len + 1] in pool ids, scored-target mask [samples, seq_len]): the generator's
-    batch 0 at the fixed seed, mapped into the pool."""
+                     power_a: float = POWER_A) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens [samples, seq_len + 1], targets [samples, seq_len], both in pool ids, scored-target mask
+    [samples, seq_len]): the generator's batch 0 at the fixed seed, mapped into the pool."""
     batch = mqar_batch(RECALL_SEED, 0, batch_size=samples, seq_len=seq_len, n_pairs=n_pairs,
                        vocab_size=len(pool.ids), power_a=power_a)
-    return pool.ids[batch["tokens"]], batch["loss_mask"]
+    return pool.ids[batch["tokens"]], pool.ids[batch["targets"]], batch["loss_mask"]
 
 
 def score_recall(predict: Predict, *, pairs: list[int], seq_len: int, samples: int, pool: TokenPool,
@@ -71,9 +71,9 @@ def score_recall(predict: Predict, *, pairs: list[int], seq_len: int, samples: i
     """Accuracy of `predict` on the queried values, per number of pairs."""
     results = []
     for n in pairs:
-        tokens, mask = recall_sequences(n, seq_len=seq_len, samples=samples, pool=pool, power_a=power_a)
+        tokens, targets, mask = recall_sequences(n, seq_len=seq_len, samples=samples, pool=pool, power_a=power_a)
         pred = predict(tokens[:, :-1])
-        correct = (pred == tokens[:, 1:]) & mask
+        correct = (pred == targets) & mask
         results.append({"n_pairs": n, "accuracy": float(correct.sum() / mask.sum()), "queries": int(mask.sum())})
     return {"task": "mqar", "seq_len": seq_len, "samples": samples, "seed": RECALL_SEED, "pool": pool.source,
             "chance": 1.0 / n_value_ids(pool), "results": results}

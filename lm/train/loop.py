@@ -287,7 +287,7 @@ def _train_steps(run: _Run, pos: _Position, batches, batch: dict, stop_at: int) 
     pending: list[dict] = []
     throughput = _Throughput(cfg.data.batch_size * cfg.data.seq_len, pos.step)
     progress = make_progress(run.console)
-    watch = _DivergenceWatch(cfg.train.diverge_ratio)
+    watch = _DivergenceWatch(cfg.train.diverge_ratio, cfg.train.diverge_margin)
     with _StopFlag() as stop, progress:
         task = progress.add_task(cfg.run.name, total=cfg.train.steps, completed=pos.step, info="")
         while pos.step < stop_at:
@@ -377,13 +377,14 @@ def _newest(ckpt: Checkpointer) -> str:
 
 class _DivergenceWatch:
     """Catches a run whose loss leaves its range before anything turns non-finite: a loss above `ratio` times
-    the mean of the last WINDOW finite losses (after MIN_SEEN of them). Non-finite losses are the rejected-step
-    guard's; they do not enter the mean."""
+    the mean of the last WINDOW finite losses (after MIN_SEEN of them) and at least `margin` nats above it.
+    The margin keeps a run whose loss is near zero (a solved synthetic task: 0.06 after a mean of 0.016) from
+    being called diverged by a blip. Non-finite losses are the rejected-step guard's; they do not enter the mean."""
 
     WINDOW, MIN_SEEN = 50, 2
 
-    def __init__(self, ratio: float):
-        self.ratio = ratio
+    def __init__(self, ratio: float, margin: float = 1.0):
+        self.ratio, self.margin = ratio, margin
         self.recent: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
         self.checked = 0  # the last step looked at
         self.why = ""
@@ -400,7 +401,7 @@ class _DivergenceWatch:
             self.checked = step
             if len(self.recent) >= self.MIN_SEEN:
                 mean = sum(self.recent) / len(self.recent)
-                if loss > self.ratio * mean:
+                if loss > self.ratio * mean and loss - mean >= self.margin:
                     self.why = (f"the loss at step {step}, {loss:.4g}, is {loss / mean:.1f}x the mean of the last "
                                 f"{len(self.recent)} finite losses ({mean:.4g})")
                     return True

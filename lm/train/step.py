@@ -30,7 +30,7 @@ def make_loss_fn(mdef: ModelDef):
         statistics)) for one batch."""
         model: LM = mdef.merge(params)
         tokens = batch["tokens"]
-        inp, tgt = tokens[:, :-1], tokens[:, 1:]
+        inp, tgt = tokens[:, :-1], batch_targets(batch)
         seg = batch.get("segment_ids")
         seg_in = None if seg is None else seg[:, :-1]
         logits = model(inp, segment_ids=seg_in, rng=rng)
@@ -40,6 +40,12 @@ def make_loss_fn(mdef: ModelDef):
         return jnp.sum(losses * mask), (jnp.sum(mask), logits, aux, stats)
 
     return loss_sums
+
+
+def batch_targets(batch: dict):
+    """What position t predicts: tokens[:, t + 1], or `targets` [B, T] where a task's answer is not the next
+    input (MQAR's queried values)."""
+    return batch["targets"] if "targets" in batch else batch["tokens"][:, 1:]
 
 
 def target_mask(batch: dict, shape) -> jax.Array:
@@ -146,7 +152,7 @@ def make_eval_step(mdef: ModelDef) -> Callable:
     def eval_step(params, batch):
         total, (count, logits, _, stats) = loss_sums(params, batch, None)
         mask = target_mask(batch, logits.shape[:2])
-        correct = jnp.sum((jnp.argmax(logits, -1) == batch["tokens"][:, 1:]) & mask)
+        correct = jnp.sum((jnp.argmax(logits, -1) == batch_targets(batch)) & mask)
         return total, count, correct, stats
 
     return eval_step

@@ -73,12 +73,14 @@ def test_recall_copier_is_perfect_and_random_is_near_chance():
 
 def test_recall_sequences_are_the_generator_s_in_pool_ids_and_fixed():
     pool = TokenPool(np.arange(100, 140, dtype=np.int32)[::-1].copy(), "shifted")
-    tokens, mask = recall.recall_sequences(4, seq_len=32, samples=3, pool=pool)
-    again, _ = recall.recall_sequences(4, seq_len=32, samples=3, pool=pool)
-    assert tokens.shape == (3, 33) and mask.shape == (3, 32) and mask.sum() == 12
+    tokens, targets, mask = recall.recall_sequences(4, seq_len=32, samples=3, pool=pool)
+    again, _, _ = recall.recall_sequences(4, seq_len=32, samples=3, pool=pool)
+    assert tokens.shape == (3, 33) and targets.shape == mask.shape == (3, 32) and mask.sum() == 12
     assert np.array_equal(tokens, again) and set(np.unique(tokens)) <= set(pool.ids)
-    plain, plain_mask = recall.recall_sequences(4, seq_len=32, samples=3, pool=TokenPool(np.arange(40), "identity"))
+    plain, plain_targets, plain_mask = recall.recall_sequences(4, seq_len=32, samples=3,
+                                                               pool=TokenPool(np.arange(40), "identity"))
     assert np.array_equal(tokens, pool.ids[plain]) and np.array_equal(mask, plain_mask)
+    assert np.array_equal(targets, pool.ids[plain_targets])
     copier = argmax_of(lambda t: copy_logits(t, vocab=140))
     assert recall.score_recall(copier, pairs=[4], seq_len=32, samples=3, pool=pool)["results"][0]["accuracy"] == 1.0
 

@@ -448,3 +448,15 @@ def test_bf16_compute_keeps_fp32_master_weights_and_accumulators(small_store, tm
 
     operand_dtypes = dots(jaxpr.jaxpr, [])
     assert (jnp.bfloat16, jnp.bfloat16) in operand_dtypes
+
+
+def test_divergence_needs_both_the_ratio_and_the_margin():
+    """A solved task's loss blips from 0.016 to 0.06 (3.6x): not a divergence. Text loss 2 -> 7: one."""
+    from lm.train.loop import _DivergenceWatch
+
+    w = _DivergenceWatch(3.0, 1.0)
+    assert not w.check(1, [{"loss": 0.016}] * 50 + [{"loss": 0.06}])
+    w = _DivergenceWatch(3.0, 1.0)
+    assert w.check(1, [{"loss": 2.0}] * 10 + [{"loss": 7.0}]) and "step 11" in w.why
+    w = _DivergenceWatch(3.0, 0.0)  # margin 0: the ratio alone, as before
+    assert w.check(1, [{"loss": 0.016}] * 50 + [{"loss": 0.06}])
