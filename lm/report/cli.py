@@ -32,8 +32,9 @@ def add_parser(subparsers):
     r.add_argument("--baseline", default=None, metavar="VARIANT",
                    help="the variant the others are compared with seed by seed (default: the sweep's baseline, "
                         "else the first variant)")
-    r.add_argument("--key", default="eval_loss", metavar="METRIC",
-                   help="the final eval metric compared (default eval_loss; e.g. eval_bpb, eval_acc)")
+    r.add_argument("--key", default=None, metavar="METRIC",
+                   help="the final eval metric compared (default: the sweep's `metric`, else eval_loss; e.g. "
+                        "eval_bpb, eval_acc)")
     r.add_argument("--wandb", default="auto", choices=WANDB_MODES,
                    help="auto (default): log to the sweep's W&B group when the runs were online and a W&B key is "
                         "available, else not; offline: an offline W&B run under DIR/wandb; online; disabled")
@@ -56,23 +57,25 @@ def command_of(args) -> str:
     """The command line that repeats this report."""
     parts = ["attnlab", "report", *args.dirs]
     for flag, value, default in (("--out", args.out, None), ("--baseline", args.baseline, None),
-                                 ("--key", args.key, "eval_loss"), ("--wandb", args.wandb, "auto")):
+                                 ("--key", args.key, None), ("--wandb", args.wandb, "auto")):
         if value != default:
             parts += [flag, str(value)]
     return shlex.join(parts)
 
 
 def make_report(dirs: list[str | Path], *, out: str | Path | None = None, baseline: str | None = None,
-                key: str = "eval_loss", wandb_mode: str = "auto", command: str | None = None) -> dict:
+                key: str | None = None, wandb_mode: str = "auto", command: str | None = None) -> dict:
     """Read the runs of `dirs`, write report.md, report.json and the PNGs, log to W&B per `wandb_mode`. Returns
     the paths written and counts: {markdown, json, plots, out_dir, variants, runs, unfinished, wandb}."""
     from lm.report.collect import collect
     from lm.report.plots import make_plots
-    from lm.report.tables import choose_baseline, header, markdown_table, notes, table_cells, variant_rows
+    from lm.report.tables import (choose_baseline, grid_cells, header, markdown_table, notes, table_cells,
+                                  variant_rows)
 
     if wandb_mode not in WANDB_MODES:
         raise ReportError(f"--wandb {wandb_mode}: choose one of {', '.join(WANDB_MODES)}")
     col = collect(dirs)
+    key = key or col.metric or "eval_loss"
     if out is None and col.name is None:
         raise ReportError("--out is required when no argument is a sweep directory")
     out_dir = Path(out) if out is not None else RESULTS / col.name
@@ -83,12 +86,14 @@ def make_report(dirs: list[str | Path], *, out: str | Path | None = None, baseli
     columns, cells = table_cells(rows, key, base)
     command = command or shlex.join(["attnlab", "report", *map(str, dirs)])
 
-    plots = make_plots(rows, out_dir, key, base)
-    titles = {"eval_loss_curves.png": "eval loss over training", "loss_vs_kv_bytes.png": f"final {key} against "
+    grid = grid_cells(col, rows, key)
+    plots = make_plots(rows, out_dir, key, base, col.axis)
+    titles = {"by_override.png": f"final {key} against the override", "eval_loss_curves.png": "eval over training", "loss_vs_kv_bytes.png": f"final {key} against "
               "decode memory per token", "loss_vs_flops.png": f"final {key} against forward FLOPs per token"}
     text = [f"# Report: {name}\n", *([col.description.strip() + "\n"] if col.description.strip() else []),
             f"Command: `{command}`\n", "## What ran\n", *[f"- {line}" for line in header(col, base, key)], "",
-            "## Results\n", markdown_table(columns, cells), "", *[n + "\n" for n in notes(col, rows, key, base)],
+            "## Results\n", *([markdown_table(*grid), ""] if grid else []), markdown_table(columns, cells), "",
+            *[n + "\n" for n in notes(col, rows, key, base)],
             "## Plots\n", *[f"![{titles[f]}]({f})\n" for f in plots],
             "Per-run records (final evals, eval curves, static facts): `report.json`.\n"]
     md = out_dir / "report.md"

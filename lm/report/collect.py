@@ -2,7 +2,8 @@
 directories (config.yaml and metrics.jsonl, see lm/train/rundir.py).
 
 A sweep manifest is {"name", "group", "baseline", "description", "spec", "seeds", "runs": [{"name", "variant",
-"seed", "config", "overrides", "run_dir", "status"}]}. A plain run directory's variant is its name without a
+"seed", "config", "overrides", "run_dir", "status", "config_label", "axis_label"}], "configs", "axis"} (the
+config labels and the overrides axis's labels; older manifests lack the last four). A plain run directory's variant is its name without a
 trailing `-s<digits>`, its seed the config's run.seed.
 
 Each run with an eval line in its metrics.jsonl becomes one record: the last eval line's metrics, the metrics a
@@ -37,6 +38,8 @@ class RunRef:
     config: str | None = None  # the config file the run was made from (a manifest's), else its config.yaml
     overrides: list[str] = dataclasses.field(default_factory=list)
     status: str | None = None  # the manifest's word on the run
+    config_label: str | None = None  # a manifest's config label and overrides-axis label for the run
+    axis_label: str | None = None
 
 
 @dataclasses.dataclass
@@ -51,6 +54,9 @@ class Collection:
     unfinished: list[dict]
     configs: list[Config]  # the config of every run that has one, finished or not
     variants: list[str]  # every variant, finished or not, in the order first met
+    config_labels: list[str] = dataclasses.field(default_factory=list)  # the first manifest's configs and its
+    axis: list[str] = dataclasses.field(default_factory=list)  # overrides axis (empty: none, or no manifest)
+    metric: str | None = None  # the first manifest's metric
 
 
 def variant_of(run_dir_name: str) -> str:
@@ -98,7 +104,9 @@ def collect(paths: list[str | Path]) -> Collection:
         baseline=next((m["baseline"] for m in meta if m.get("baseline")), None),
         description=first.get("description") or "", manifests=[m["path"] for m in meta],
         records=records, unfinished=unfinished, configs=configs,
-        variants=list(dict.fromkeys(r.variant for r in refs)))
+        variants=list(dict.fromkeys(r.variant for r in refs)),
+        config_labels=list(first.get("configs") or []), axis=list(first.get("axis") or []),
+        metric=first.get("metric"))
 
 
 def read_manifest(path: Path) -> dict:
@@ -128,7 +136,8 @@ def manifest_runs(sweep_dir: Path, manifest: dict) -> list[RunRef]:
         seed = run.get("seed")
         refs.append(RunRef(name=run["name"], variant=run["variant"], seed=None if seed is None else int(seed),
                            run_dir=run_dir, config=run.get("config"), overrides=list(run.get("overrides") or []),
-                           status=run.get("status")))
+                           status=run.get("status"), config_label=run.get("config_label"),
+                           axis_label=run.get("axis_label")))
     return refs
 
 
@@ -161,7 +170,8 @@ def extra_metrics(rows: list[dict], step: int) -> dict:
 def read_run(ref: RunRef, cache: dict[str, dict]) -> tuple[dict, Config | None]:
     """(the run's record, its config). A run without an eval line gets a record with a `reason` instead of
     metrics. `cache` maps a model config to its static facts, shared between the seeds of a variant."""
-    base = {"name": ref.name, "variant": ref.variant, "seed": ref.seed,
+    base = {"name": ref.name, "variant": ref.variant, "seed": ref.seed, "config_label": ref.config_label,
+            "axis_label": ref.axis_label,
             "run_dir": None if ref.run_dir is None else str(ref.run_dir)}
     if ref.run_dir is None or not (ref.run_dir / "config.yaml").is_file():
         return {**base, "reason": "not started" + (f", status {ref.status}" if ref.status else "")}, None
@@ -192,6 +202,8 @@ def read_run(ref: RunRef, cache: dict[str, dict]) -> tuple[dict, Config | None]:
         **{k: v for k, v in final.items() if k in STANDARD_EVAL}, **extras,
         "extra_metrics": [k for k, v in extras.items() if isinstance(v, (int, float)) and not isinstance(v, bool)],
         "eval_curve": [[x["step"], x["eval_loss"]] for x in evals if x["eval_loss"] is not None],
+        "eval_curves": {k: [[x["step"], x[k]] for x in evals if isinstance(x.get(k), (int, float))]
+                        for k in STANDARD_EVAL if k != "eval_tokens" and any(k in x for x in evals)},
         "trained": datetime.date.fromtimestamp(metrics.stat().st_mtime).isoformat(),
     }, cfg
 

@@ -13,14 +13,17 @@ import numpy as np
 from lm.report.tables import UNITS
 
 CURVES = "eval_loss_curves.png"
+GRID = "by_override.png"
 KV = "loss_vs_kv_bytes.png"
 FLOPS = "loss_vs_flops.png"
 
 
-def make_plots(rows: list[dict], out_dir: Path, key: str, baseline: str) -> dict[str, Path]:
-    """Write the three PNGs into `out_dir`; returns {file name: path}."""
+def make_plots(rows: list[dict], out_dir: Path, key: str, baseline: str, axis: list[str] = ()) -> dict[str, Path]:
+    """Write the PNGs into `out_dir` (with an overrides axis, also the metric against it); returns {name: path}."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    return {CURVES: eval_curves(rows, out_dir / CURVES),
+    grid = {GRID: by_override(rows, out_dir / GRID, key, list(axis))} if axis and all(
+        r.get("config_label") and r.get("axis_label") for r in rows) else {}
+    return {**grid, CURVES: eval_curves(rows, out_dir / CURVES, key),
             KV: against(rows, out_dir / KV, key, baseline, memory_per_token,
                         "decode memory per token, bytes: KV cache (+ fixed state / seq_len, hollow markers)"),
             FLOPS: against(rows, out_dir / FLOPS, key, baseline, lambda r: r["flops_per_token"],
@@ -33,14 +36,39 @@ def memory_per_token(row: dict) -> float:
     return row["kv_cache_bytes_per_token"] + row["state_bytes_per_sequence"] / row["seq_len"]
 
 
-def eval_curves(rows: list[dict], path: Path) -> Path:
-    """Eval loss against step per variant: the mean over seeds, and a band from the lowest to the highest seed."""
+def by_override(rows: list[dict], path: Path, key: str, axis: list[str]) -> Path:
+    """The final `key` against the overrides axis (in the spec's order), one line per config: the mean over
+    seeds, error bars from the lowest to the highest seed."""
+    fig, ax = _figure()
+    configs = list(dict.fromkeys(r["config_label"] for r in rows))
+    for i, c in enumerate(configs):
+        mine = {r["axis_label"]: r for r in rows if r["config_label"] == c}
+        xs = [j for j, a in enumerate(axis) if a in mine]
+        pts = [mine[axis[j]] for j in xs]
+        ax.errorbar(xs, [r["mean"] for r in pts], yerr=[[r["mean"] - r["min"] for r in pts],
+                                                         [r["max"] - r["mean"] for r in pts]],
+                    marker="o", capsize=3, color=_color(i), label=f"{c} (n={max(r['n'] for r in pts)})")
+    ax.set_xticks(range(len(axis)), axis)
+    ax.set_xlabel("override")
+    ax.set_ylabel(f"final {key} ({UNITS.get(key, key)})")
+    ax.set_title(f"Final {key} per config and override (mean over seeds, bars min–max)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def eval_curves(rows: list[dict], path: Path, key: str = "eval_loss") -> Path:
+    """`key` against step per variant (eval loss when a run kept no curve of `key`): the mean over seeds, and a
+    band from the lowest to the highest seed."""
+    recs = [rec for row in rows for rec in row["records"]]
+    if not all(rec.get("eval_curves", {}).get(key) for rec in recs):
+        key = "eval_loss"
     fig, ax = _figure()
     for i, row in enumerate(rows):
         by_step: dict[int, list[float]] = {}
         for rec in row["records"]:
-            for step, loss in rec["eval_curve"]:
-                by_step.setdefault(step, []).append(loss)
+            for step, value in rec["eval_curves"][key] if key != "eval_loss" else rec["eval_curve"]:
+                by_step.setdefault(step, []).append(value)
         steps = sorted(by_step)
         vals = [np.asarray(by_step[s], np.float64) for s in steps]
         color = _color(i)
@@ -50,8 +78,8 @@ def eval_curves(rows: list[dict], path: Path) -> Path:
             ax.fill_between(steps, [v.min() for v in vals], [v.max() for v in vals], color=color, alpha=0.2,
                             linewidth=0)
     ax.set_xlabel("step")
-    ax.set_ylabel(f"eval_loss ({UNITS['eval_loss']})")
-    ax.set_title("Eval loss over training: mean over seeds, band min–max", fontsize=9)
+    ax.set_ylabel(f"{key} ({UNITS.get(key, key)})")
+    ax.set_title(f"{key} over training: mean over seeds, band min–max", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -67,7 +95,7 @@ def against(rows: list[dict], path: Path, key: str, baseline: str, x_of, xlabel:
         ax.errorbar([x], [row["mean"]], yerr=[[row["mean"] - row["min"]], [row["max"] - row["mean"]]], fmt="o",
                     color=_color(i), capsize=3, markersize=6, markerfacecolor="none" if stateful else _color(i))
         ax.annotate(row["variant"], (x, row["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
-        if row["variant"] == baseline:
+        if row["variant"] == row.get("baseline", baseline):
             ax.axhline(row["mean"], color="gray", linestyle="--", linewidth=0.8)
     if xs.min() > 0 and xs.max() / xs.min() >= 10:
         from matplotlib.ticker import FuncFormatter

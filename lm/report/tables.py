@@ -19,11 +19,27 @@ UNITS = {"eval_loss": "nats per token", "eval_bpb": "bits per byte", "eval_acc":
 
 
 def choose_baseline(col: Collection, baseline: str | None) -> str:
-    """The variant the others are paired against: `baseline`, else the manifest's, else the first variant."""
+    """What the others are paired against: `baseline`, else the manifest's, else the first variant. A variant,
+    or, for a sweep with an overrides axis, a config label: each variant is then paired with that config's
+    variant of the same override (see `baseline_of`)."""
     chosen = baseline or col.baseline or col.variants[0]
-    if chosen not in col.variants:
-        raise ReportError(f"baseline {chosen!r} is not among the variants ({', '.join(col.variants)})")
+    if chosen not in col.variants and not (col.axis and chosen in col.config_labels):
+        within = f"; or one of the configs ({', '.join(col.config_labels)})" if col.axis else ""
+        raise ReportError(f"baseline {chosen!r} is not among the variants ({', '.join(col.variants)}){within}")
     return chosen
+
+
+def within_axis(col: Collection, baseline: str) -> bool:
+    """True when `baseline` is a config label paired within each override of the sweep's axis."""
+    return bool(col.axis) and baseline not in col.variants
+
+
+def baseline_of(col: Collection, baseline: str, record: dict) -> str:
+    """The variant `record` is paired with: `baseline`, or within the axis that config's variant of the record's
+    override."""
+    if not within_axis(col, baseline):
+        return baseline
+    return f"{baseline}-{record['axis_label']}"
 
 
 def variant_rows(col: Collection, key: str, baseline: str) -> list[dict]:
@@ -40,8 +56,11 @@ def variant_rows(col: Collection, key: str, baseline: str) -> list[dict]:
                           f"{', '.join(have)})")
     labelled = [{**r, "label": r["variant"]} for r in col.records]
     summary = summarize(labelled, key)
-    diffs = paired(labelled, baseline, key)
-    order = sorted(summary, key=lambda v: (v != baseline, col.variants.index(v)))
+    base_of = {r["variant"]: baseline_of(col, baseline, r) for r in col.records}
+    diffs = {}
+    for b in dict.fromkeys(base_of.values()):
+        diffs.update(paired([r for r in labelled if base_of[r["variant"]] == b], b, key))
+    order = sorted(summary, key=lambda v: (v not in set(base_of.values()), col.variants.index(v)))
     rows = []
     for v in order:
         recs = sorted((r for r in col.records if r["variant"] == v), key=lambda r: r["seed"])
@@ -51,7 +70,8 @@ def variant_rows(col: Collection, key: str, baseline: str) -> list[dict]:
             if name != key and "/" not in name:  # per-layer breakdowns stay in report.json
                 extras[name] = float(np.mean([r[name] for r in recs if _is_number(r.get(name))]))
         rows.append({
-            "variant": v, "seeds": [r["seed"] for r in recs], "records": recs,
+            "variant": v, "baseline": base_of[v], "config_label": recs[0].get("config_label"),
+            "axis_label": recs[0].get("axis_label"), "seeds": [r["seed"] for r in recs], "records": recs,
             **{k: summary[v][k] for k in ("params", "kv_cache_bytes_per_token", "state_bytes_per_sequence",
                                           "flops_per_token")},
             "tokens": sorted({r["tokens"] for r in recs}), "seq_len": recs[0]["seq_len"],
@@ -67,17 +87,34 @@ def table_cells(rows: list[dict], key: str, baseline: str) -> tuple[list[str], l
     with_state = any(r["state_bytes_per_sequence"] for r in rows)
     extras = list(dict.fromkeys(k for r in rows for k in r["extras"]))
     columns = ["variant", "params", "tokens", "KV bytes/token", *(["state bytes/seq"] if with_state else []),
-               "FLOPs/token", f"{key} (mean ± std, n)", f"vs {baseline} (paired)", *extras]
+               "FLOPs/token", f"{key} (mean ± std, n)",
+               f"vs {baseline}" + (", same override" if any(r["baseline"] != baseline for r in rows) else "")
+               + " (paired)", *extras]
     out = []
     for r in rows:
         mean = f"{r['mean']:.4f} ± {r['std']:.4f} (n={r['n']})" if r["n"] > 1 else f"{r['mean']:.4f} (n=1)"
-        versus = "baseline" if r["variant"] == baseline else paired_cell(r["paired"]) if r["paired"] else "—"
+        versus = "baseline" if r["variant"] == r["baseline"] else paired_cell(r["paired"]) if r["paired"] else "—"
         out.append([r["variant"], f"{r['params']:,}", "–".join(f"{t:,}" for t in r["tokens"]),
                     f"{r['kv_cache_bytes_per_token']:,}",
                     *([f"{r['state_bytes_per_sequence']:,}"] if with_state else []),
                     n_params_str(r["flops_per_token"]), mean, versus,
                     *(f"{r['extras'][k]:.4g}" if k in r["extras"] else "—" for k in extras)])
     return columns, out
+
+
+def grid_cells(col: Collection, rows: list[dict], key: str) -> tuple[list[str], list[list[str]]] | None:
+    """For a sweep with an overrides axis: one row per config, one column per override, each cell the metric's
+    mean ± std over seeds (None without an axis)."""
+    if not col.axis or not all(r.get("config_label") and r.get("axis_label") for r in rows):
+        return None
+    cell = {(r["config_label"], r["axis_label"]): r for r in rows}
+    configs = [c for c in (col.config_labels or dict.fromkeys(r["config_label"] for r in rows))
+               if any(c == k[0] for k in cell)]
+    out = []
+    for c in configs:
+        out.append([c, *(f"{cell[c, a]['mean']:.4f} ± {cell[c, a]['std']:.4f}" if (c, a) in cell else "—"
+                         for a in col.axis)])
+    return [f"{key} by config × override", *col.axis], out
 
 
 def markdown_table(columns: list[str], cells: list[list[str]]) -> str:
@@ -95,8 +132,13 @@ def notes(col: Collection, rows: list[dict], key: str, baseline: str) -> list[st
     if any(r["state_bytes_per_sequence"] for r in rows):
         out.append("State bytes/seq: the fixed-size decode state per sequence (recurrent states, conv windows), "
                    "whatever its length.")
-    if not any(r["variant"] == baseline for r in rows):
-        out.append(f"No paired differences: the baseline {baseline} has no finished run.")
+    if any(r["baseline"] != baseline for r in rows):
+        out.append(f"Paired within each override: a variant is compared with {baseline}'s variant of the same "
+                   f"override (e.g. {next(r['variant'] for r in rows if r['baseline'] != r['variant'])} with "
+                   f"{next(r['baseline'] for r in rows if r['baseline'] != r['variant'])}), seed by seed.")
+    missing = sorted({r["baseline"] for r in rows} - {r["variant"] for r in rows})
+    if missing:
+        out.append(f"No paired differences against {', '.join(missing)}: no finished run.")
     if col.unfinished:
         out.append(f"Unfinished, not in the table ({len(col.unfinished)}): "
                    + ", ".join(f"{u['name']} ({u['reason']})" for u in col.unfinished) + ".")

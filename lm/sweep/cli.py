@@ -83,7 +83,7 @@ def cmd_sweep(args) -> int:
         if args.only or any(statuses.get(r.name) != "finished" for r in sweep.runs):
             print("report not written: not every run of the sweep has finished (run the whole sweep again)")
             return code
-        out = make_report([sweep.sweep_dir], command=shlex.join(["attnlab", "sweep", args.spec, "--local",
+        out = make_report([sweep.sweep_dir], key=sweep.metric, command=shlex.join(["attnlab", "sweep", args.spec, "--local",
                                                                   "--report"]))
         print(f"report: {out['markdown']}")
     return code

@@ -30,10 +30,13 @@ STATUSES = ("pending", "finished", "diverged", "interrupted")
 def manifest(sweep: Sweep, statuses: dict[str, str] | None = None) -> dict:
     """The manifest document: the sweep's identity and one entry per run (status "pending" unless given)."""
     statuses = statuses or {}
+    by_label = {v.label: v for v in sweep.variants}
     return {
         "name": sweep.name, "group": sweep.group, "baseline": sweep.baseline, "description": sweep.description,
-        "spec": sweep.path, "seeds": list(sweep.seeds),
+        "spec": sweep.path, "seeds": list(sweep.seeds), "configs": list(sweep.configs), "axis": list(sweep.axis),
+        "metric": sweep.metric,
         "runs": [{"name": r.name, "variant": r.variant, "seed": r.seed, "config": r.config,
+                  "config_label": by_label[r.variant].config_label, "axis_label": by_label[r.variant].axis_label,
                   "overrides": list(r.overrides), "run_dir": r.run_dir, "status": statuses.get(r.name, "pending")}
                  for r in sweep.runs],
     }

@@ -4,7 +4,9 @@ expanded into runs.
     name: projection_sharing_tiny        # the sweep directory's name: runs go to <out_dir>/<name>/<run name>/
     description: ...                     # free text (optional)
     group: projection-sharing-tiny       # W&B group of every run (default: name)
-    baseline: softmax                    # the variant the report's paired differences are against (default: the first)
+    baseline: softmax                    # the variant the report's paired differences are against (default: the first);
+                                         # with an overrides axis, a config label pairs within each override
+    metric: eval_loss                    # the final eval metric the report compares (eval_acc for recall tasks)
     seeds: [0, 1, 2]
     out_dir: runs/sweeps                 # (default runs/sweeps)
     common: {train.steps: 100}           # overrides every run gets
@@ -38,8 +40,9 @@ import yaml
 
 from lm.config import Config, ConfigError, _Loader, load_config, parse_yaml
 
-TOP_KEYS = ("name", "description", "group", "baseline", "seeds", "out_dir", "common", "configs", "overrides",
-            "cluster")
+TOP_KEYS = ("name", "description", "group", "baseline", "metric", "seeds", "out_dir", "common", "configs",
+            "overrides", "cluster")
+METRICS = ("eval_loss", "eval_bpb", "eval_ppl", "eval_acc")  # what a report may compare by default
 CONFIG_KEYS = ("config", "set", "init_from")
 # Cluster settings: key -> (type, help shown in errors). Every key is optional.
 CLUSTER_KEYS: dict[str, dict[str, type]] = {
@@ -60,6 +63,8 @@ class Variant:
     config: str
     overrides: tuple[str, ...]
     init_from: str | None = None  # the variant whose run of the same seed this one starts from
+    config_label: str = ""  # the configs entry it comes from
+    axis_label: str | None = None  # its overrides-axis label, if the sweep has one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +102,9 @@ class Sweep:
     variants: tuple[Variant, ...]
     runs: tuple[Run, ...]
     cluster: dict[str, dict[str, Any]]
+    configs: tuple[str, ...] = ()  # the config labels
+    axis: tuple[str, ...] = ()  # the overrides axis's labels (empty without one)
+    metric: str = "eval_loss"  # what the report compares
 
     @property
     def sweep_dir(self) -> Path:
@@ -280,7 +288,7 @@ def _variants(spec: _Spec, configs: dict, axis: dict) -> list[Variant]:
                           f"variant label {name!r} is made twice (also by configs.{made_by[name]}); rename a label")
             # With an overrides axis, a config label as init_from means that config's run with the same override.
             source = f"{init_from}-{o}" if (o is not None and init_from in entries) else init_from
-            variants[name] = Variant(name, path, own + (axis_sets[o] if o is not None else ()), source)
+            variants[name] = Variant(name, path, own + (axis_sets[o] if o is not None else ()), source, label, o)
             made_by[name] = label
     for v in variants.values():
         where = f"configs.{made_by[v.label]}.init_from"
@@ -398,15 +406,21 @@ def load_sweep(path: str | Path) -> Sweep:
     axis = spec.labels(data, "overrides", required=False)
     variants = _variants(spec, configs, axis)
     baseline = data.get("baseline", variants[0].label)
-    if baseline not in {v.label for v in variants}:
-        near = difflib.get_close_matches(str(baseline), [v.label for v in variants], n=1, cutoff=0.5)
+    # With an overrides axis the baseline may be a config label: each variant is then paired with that config's
+    # variant of the same override (kda-p8 with softmax-p8).
+    choices = {v.label for v in variants} | (set(configs) if axis else set())
+    if baseline not in choices:
+        near = difflib.get_close_matches(str(baseline), sorted(choices), n=1, cutoff=0.5)
         spec.fail("baseline", f"{baseline!r} is not a variant of this sweep"
                   + (f" (did you mean {near[0]}?)" if near else f" (variants: {', '.join(v.label for v in variants)})"))
+    metric = data.get("metric", "eval_loss")
+    if metric not in METRICS:
+        spec.fail("metric", f"{metric!r} is not one of {', '.join(METRICS)}")
     cluster = _cluster(spec, data.get("cluster"))
     _check_loads(spec, variants, common, configs, axis)
     runs = _runs(spec, variants, seeds, common, out_dir, name, group)
     return Sweep(spec.path, name, description.strip(), group, baseline, tuple(seeds), out_dir, common,
-                 tuple(variants), tuple(runs), cluster)
+                 tuple(variants), tuple(runs), cluster, tuple(configs), tuple(axis), metric)
 
 
 def _runs(spec: _Spec, variants: list[Variant], seeds: list[int], common: tuple[str, ...], out_dir: str,

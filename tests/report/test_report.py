@@ -12,7 +12,7 @@ from PIL import Image
 
 from lm.report import ReportError
 from lm.report.cli import add_parser, make_report
-from tests.report.fakes import write_run, write_sweep
+from tests.report.fakes import CONFIGS, FINAL, write_run, write_sweep
 
 PLOTS = ("eval_loss_curves.png", "loss_vs_kv_bytes.png", "loss_vs_flops.png")
 
@@ -195,4 +195,38 @@ def test_a_run_the_manifest_calls_diverged_is_left_out(tmp_path):
     (sweep / "sweep.json").write_text(json.dumps(manifest))
     col = collect([sweep])
     assert len(col.records) == 8 and {"name": "kda-s2", "variant": "kda", "seed": 2, "run_dir": str(
-        tmp_path / "runs" / "kda-s2"), "reason": "diverged, at step 100 of 100"} in col.unfinished
+        tmp_path / "runs" / "kda-s2"), "reason": "diverged, at step 100 of 100", "config_label": None,
+        "axis_label": None} in col.unfinished
+
+
+def test_a_config_baseline_pairs_within_each_override(tmp_path):
+    """A sweep with an overrides axis (a, b) whose baseline is a config label: kda-a is paired with softmax-a and
+    kda-b with softmax-b; the grid table has one row per config and one column per override; the PNG of the
+    metric against the override is written; the manifest's metric is the default key."""
+    runs = []
+    for axis, shift, kda in (("a", 0.0, None), ("b", 1.0, -0.2)):
+        for seed in range(3):
+            soft = FINAL["softmax"][seed] + shift
+            for variant, final in (("softmax", soft), ("kda", FINAL["kda"][seed] if kda is None else soft + kda)):
+                runs.append((variant, axis, seed, write_run(tmp_path / "runs" / axis, variant, seed, final)))
+    sweep = tmp_path / "sweeps" / "grid"
+    sweep.mkdir(parents=True)
+    (sweep / "sweep.json").write_text(json.dumps({
+        "name": "grid", "group": "grid", "baseline": "softmax", "description": "", "spec": "grid.yaml",
+        "seeds": [0, 1, 2], "configs": ["softmax", "kda"], "axis": ["a", "b"], "metric": "eval_loss",
+        "runs": [{"name": f"{v}-{a}-s{s}", "variant": f"{v}-{a}", "seed": s, "config": CONFIGS[v][0],
+                  "overrides": [], "run_dir": str(d), "status": "finished", "config_label": v, "axis_label": a}
+                 for v, a, s, d in runs]}))
+    res = make_report([sweep], out=tmp_path / "out")
+    md = res["markdown"].read_text()
+    assert "| vs softmax, same override (paired) |" in md.replace("| eval_loss (mean ± std, n) ", "")
+    assert _row(md, "softmax-a")[7] == _row(md, "softmax-b")[7] == "baseline"
+    assert _row(md, "kda-a")[7].endswith(" tie") and _row(md, "kda-a")[7].startswith("+0.0167 [-0.1000, +0.1000]")
+    assert _row(md, "kda-b")[7].startswith("-0.2000 [-0.2000, -0.2000]")
+    assert "| eval_loss by config × override | a | b |" in md
+    assert _row(md, "kda")[1:] == [f"{sum(FINAL['kda']) / 3:.4f} ± {math.sqrt(sum((v - 6.65 / 3) ** 2 for v in (2.05, 2.0, 2.6)) / 2):.4f}",
+                                   f"{sum(FINAL['softmax']) / 3 + 0.8:.4f} ± {math.sqrt(0.07):.4f}"]
+    assert "Paired within each override" in md
+    _valid_png(res["out_dir"] / "by_override.png")
+    with pytest.raises(ReportError, match="or one of the configs"):
+        make_report([sweep], out=tmp_path / "out", baseline="nope")

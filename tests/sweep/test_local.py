@@ -16,8 +16,8 @@ from lm.sweep.spec import load_sweep
 from lm.train.rundir import RunResult
 from tests.sweep.conftest import tiny_overrides
 
-KEYS = {"name", "group", "baseline", "description", "spec", "seeds", "runs"}
-RUN_KEYS = {"name", "variant", "seed", "config", "overrides", "run_dir", "status"}
+KEYS = {"name", "group", "baseline", "description", "spec", "seeds", "runs", "configs", "axis", "metric"}
+RUN_KEYS = {"name", "variant", "seed", "config", "overrides", "run_dir", "status", "config_label", "axis_label"}
 
 
 def tiny_spec(store, out_dir: Path, steps: int = 4) -> str:

@@ -166,7 +166,6 @@ def test_paper_grids_are_the_config_directories():
 def test_ablation_specs_run_what_the_scripts_run():
     """The specs converted from the ablation scripts have the scripts' configs and budgets."""
     from experiments.ablations import tiny_conv_controls, tiny_linear_family, tiny_softmax_family
-    from experiments.synthetic import mqar_sweep
 
     def configs(name):
         sw = load_sweep(f"experiments/sweeps/{name}.yaml")
@@ -182,9 +181,13 @@ def test_ablation_specs_run_what_the_scripts_run():
             assert (c.train.steps, c.optim.warmup_steps, c.train.ckpt_every, c.train.log_every, c.wandb.mode) == \
                 (100, 10, 0, 50, "disabled"), r.name
     sw, got = configs("mqar")
-    assert got == {f"{m}-p{n}": f"configs/mqar/{m}.yaml" for m in mqar_sweep.MODELS for n in (4, 8, 16)}
-    assert all(r.cfg.train.steps == 600 and r.cfg.data.seq_len == 128 and r.cfg.model.vocab_size == 128
+    models = ("softmax", "kda", "lightning", "kimi_hybrid", "minimax_hybrid")
+    assert got == {f"{m}-p{n}": f"configs/mqar/{m}.yaml" for m in models for n in (4, 8, 16)}
+    assert (sw.baseline, sw.metric, sw.axis, len(sw.runs)) == ("softmax", "eval_acc", ("p4", "p8", "p16"), 45)
+    assert all(r.cfg.train.steps == 600 and r.cfg.data.seq_len == 64 and r.cfg.model.vocab_size == 128
+               and r.cfg.data.batch_size == 64
                and r.cfg.data.task["n_pairs"] == int(r.variant.rsplit("-p", 1)[1]) for r in sw.runs)
+    assert {v.label: (v.config_label, v.axis_label) for v in sw.variants}["kda-p8"] == ("kda", "p8")
     sw, _ = configs("tiny_spkv")
     by = {r.name: r for r in sw.runs}
     assert by["spkv_adapted-s2"].init_from_run == "softmax-s2" and by["softmax_continued-s0"].init_from_run == "softmax-s0"

@@ -1,1 +1,0 @@
-"""Synthetic-task experiments (the MQAR sweep); the tasks themselves live in lm/data/synthetic."""
