@@ -203,7 +203,7 @@ def read_run(ref: RunRef, cache: dict[str, dict]) -> tuple[dict, Config | None]:
         "extra_metrics": [k for k, v in extras.items() if isinstance(v, (int, float)) and not isinstance(v, bool)],
         "eval_curve": [[x["step"], x["eval_loss"]] for x in evals if x["eval_loss"] is not None],
         "eval_curves": {k: [[x["step"], x[k]] for x in evals if isinstance(x.get(k), (int, float))]
-                        for k in STANDARD_EVAL if k != "eval_tokens" and any(k in x for x in evals)},
+                        for k in ("eval_acc", "eval_bpb") if any(k in x for x in evals)},  # loss: eval_curve
         "trained": datetime.date.fromtimestamp(metrics.stat().st_mtime).isoformat(),
     }, cfg
 

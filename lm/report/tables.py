@@ -158,7 +158,7 @@ def header(col: Collection, baseline: str, key: str) -> list[str]:
     where = ("from " + ", ".join(f"`{m}`" for m in col.manifests)) if col.manifests else "plain run directories"
     lines = [f"Runs: {len(col.records)} finished of {n_total}, {len(col.variants)} variants × seeds {seeds}, "
              f"{where}; baseline {baseline}" + (f"; W&B group {col.group}" if col.group else "") + "."]
-    model = [("recipe", lambda c: getattr(c.model, "recipe", None)), ("d_model", lambda c: c.model.d_model),
+    model = [("recipe", recipe_of), ("d_model", lambda c: c.model.d_model),
              ("n_layers", lambda c: c.model.n_layers), ("norm", lambda c: c.model.norm),
              ("pos", lambda c: c.model.pos), ("mlp", lambda c: f"{c.model.mlp.kind} {c.model.mlp.hidden}"),
              ("tie_embeddings", lambda c: str(c.model.tie_embeddings).lower()), ("dtype", lambda c: c.model.dtype)]
@@ -176,6 +176,17 @@ def header(col: Collection, baseline: str, key: str) -> list[str]:
     lines.append(f"Machine: trained {dates[0]}" + (f" to {dates[-1]}" if len(dates) > 1 else "")
                  + f" (metrics.jsonl times); report made on {provenance()}.")
     return lines
+
+
+def recipe_of(cfg: Config) -> str:
+    """The block recipe in a word: 'modern' (RMSNorm, SwiGLU, RoPE or no positions), 'GPT-2' (LayerNorm, GELU,
+    learned positions, tied embeddings), else 'custom'."""
+    m = cfg.model
+    if m.norm == "rmsnorm" and m.mlp.kind == "swiglu" and m.pos in ("rope", "none"):
+        return "modern"
+    if m.norm == "layernorm" and m.mlp.kind in ("gelu", "gelu_tanh") and m.pos == "learned" and m.tie_embeddings:
+        return "GPT-2"
+    return "custom"
 
 
 def provenance() -> str:

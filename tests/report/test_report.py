@@ -76,6 +76,7 @@ def test_the_report_names_what_ran_and_what_did_not(sweep_report):
     assert "Command: `attnlab report " in md and "A test sweep." in md
     assert "9 finished of 11, 4 variants × seeds [0, 1, 2]" in md and "W&B group sweep-demo" in md
     assert "tokenizer bytes (256 symbols)" in md and "100 steps" in md and "norm rmsnorm" in md
+    assert "Model: recipe modern, d_model 192" in md
     assert "jax " in md and "python " in md
     for name in PLOTS:
         assert f"]({name})" in md
@@ -230,3 +231,12 @@ def test_a_config_baseline_pairs_within_each_override(tmp_path):
     _valid_png(res["out_dir"] / "by_override.png")
     with pytest.raises(ReportError, match="or one of the configs"):
         make_report([sweep], out=tmp_path / "out", baseline="nope")
+
+
+def test_recipe_names_the_block_recipe():
+    from lm.config import load_config
+    from lm.report.tables import recipe_of
+
+    assert recipe_of(load_config("configs/tiny/softmax.yaml")) == "modern"
+    assert recipe_of(load_config("configs/paper_qkv/300m/qkv.yaml")) == "GPT-2"
+    assert recipe_of(load_config("configs/tiny/softmax.yaml", ["model.norm=layernorm"])) == "custom"
