@@ -2,8 +2,9 @@
 
 A dataset gives endless resumable training batches and a fixed list of eval batches. A batch is a
 dict of int32 arrays: "tokens" [B, seq_len + 1] and optionally "segment_ids" (same shape, packed
-documents) and "loss_mask" [B, seq_len] (which targets tokens[:, 1:] are scored; synthetic tasks score
-only their answers).
+documents), "loss_mask" [B, seq_len] (which targets are scored; synthetic tasks score only their answers)
+and "targets" [B, seq_len] (what each position predicts, where that is not the next input token: MQAR's
+answers; without it the targets are tokens[:, 1:]).
 
 `data.source` picks it: "stdlib" (prepared on first use), a token-store directory, or
 "synthetic:<task>" for a task registered in `SYNTHETIC` (the tasks in lm/data/synthetic register

@@ -61,6 +61,10 @@ def error_of(write_spec, text: str) -> str:
      + "overrides: {w: {optim.warmup_steps: 10}}\n",
      "run share_kv-w-s0: optim.warmup_steps: 10 is larger than train.steps 5"),
     ("name: [unclosed\n", "line 2: not valid YAML"),
+    (GOOD + "metric: eval_accuracy\n", "metric: 'eval_accuracy' is not one of eval_loss, eval_bpb, eval_ppl, eval_acc"),
+    # A config label is a baseline only with an overrides axis (it then pairs within each override).
+    (GOOD + "baseline: softmx\noverrides: {a: {}, b: {}}\n", "baseline: 'softmx' is not a variant of this sweep "
+     "(did you mean softmax?)"),
 ])
 def test_mistakes_are_one_line_errors_naming_file_and_key(write_spec, text, expect):
     assert expect in error_of(write_spec, text)
@@ -193,3 +197,10 @@ def test_ablation_specs_run_what_the_scripts_run():
     assert by["spkv_adapted-s2"].init_from_run == "softmax-s2" and by["softmax_continued-s0"].init_from_run == "softmax-s0"
     anneal = by["spkv_reg-s0"].cfg.model.mixers["softmax"].spkv
     assert (anneal.anneal.freeze_steps, anneal.anneal.ramp_steps, anneal.density_reg) == (25, 10, 0.05)
+
+
+def test_a_config_label_baseline_pairs_within_the_axis(write_spec):
+    sw = load_sweep(write_spec(GOOD + "baseline: softmax\nmetric: eval_acc\noverrides: {a: {}, b: {optim.lr: 1.0e-3}}\n"))
+    assert (sw.baseline, sw.metric, sw.configs, sw.axis) == ("softmax", "eval_acc", ("softmax", "share_kv"), ("a", "b"))
+    assert [(v.label, v.config_label, v.axis_label) for v in sw.variants][:2] == [("softmax-a", "softmax", "a"),
+                                                                                 ("softmax-b", "softmax", "b")]
