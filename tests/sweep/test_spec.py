@@ -185,9 +185,9 @@ def test_ablation_specs_run_what_the_scripts_run():
             assert (c.train.steps, c.optim.warmup_steps, c.train.ckpt_every, c.train.log_every, c.wandb.mode) == \
                 (100, 10, 0, 50, "disabled"), r.name
     sw, got = configs("mqar")
-    models = ("softmax", "kda", "lightning", "kimi_hybrid", "minimax_hybrid")
+    models = ("softmax", "kda", "lightning", "kimi_hybrid", "minimax_hybrid", "softmax_conv")
     assert got == {f"{m}-p{n}": f"configs/mqar/{m}.yaml" for m in models for n in (4, 8, 16)}
-    assert (sw.baseline, sw.metric, sw.axis, len(sw.runs)) == ("softmax", "eval_acc", ("p4", "p8", "p16"), 45)
+    assert (sw.baseline, sw.metric, sw.axis, len(sw.runs)) == ("softmax", "eval_acc", ("p4", "p8", "p16"), 54)
     assert all(r.cfg.train.steps == 600 and r.cfg.data.seq_len == 64 and r.cfg.model.vocab_size == 128
                and r.cfg.data.batch_size == 64
                and r.cfg.data.task["n_pairs"] == int(r.variant.rsplit("-p", 1)[1]) for r in sw.runs)
