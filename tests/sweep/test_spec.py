@@ -186,12 +186,14 @@ def test_ablation_specs_run_what_the_scripts_run():
                 (100, 10, 0, 50, "disabled"), r.name
     sw, got = configs("mqar")
     models = ("softmax", "kda", "lightning", "kimi_hybrid", "minimax_hybrid", "softmax_conv")
-    assert got == {f"{m}-p{n}": f"configs/mqar/{m}.yaml" for m in models for n in (4, 8, 16)}
-    assert (sw.baseline, sw.metric, sw.axis, len(sw.runs)) == ("softmax", "eval_acc", ("p4", "p8", "p16"), 54)
+    assert got == ({f"{m}-p{n}": f"configs/mqar/{m}.yaml" for m in models for n in (4, 8, 16)}
+                   | {f"softmax_lr1e-3-p{n}": "configs/mqar/softmax.yaml" for n in (4, 8, 16)})
+    assert (sw.baseline, sw.metric, sw.axis, len(sw.runs)) == ("softmax", "eval_acc", ("p4", "p8", "p16"), 63)
     assert all(r.cfg.train.steps == 600 and r.cfg.data.seq_len == 64 and r.cfg.model.vocab_size == 128
                and r.cfg.data.batch_size == 64
                and r.cfg.data.task["n_pairs"] == int(r.variant.rsplit("-p", 1)[1]) for r in sw.runs)
     assert {v.label: (v.config_label, v.axis_label) for v in sw.variants}["kda-p8"] == ("kda", "p8")
+    assert all(r.cfg.optim.lr == (1e-3 if r.variant.startswith("softmax_lr") else 3e-3) for r in sw.runs)
     sw, _ = configs("tiny_spkv")
     by = {r.name: r for r in sw.runs}
     assert by["spkv_adapted-s2"].init_from_run == "softmax-s2" and by["softmax_continued-s0"].init_from_run == "softmax-s0"
