@@ -14,7 +14,8 @@ from lm.report import ReportError
 from lm.report.collect import STANDARD_EVAL, Collection
 from lm.report.stats import paired, paired_cell, summarize
 
-UNITS = {"eval_loss": "nats per token", "eval_bpb": "bits per byte", "eval_acc": "next-token accuracy",
+UNITS = {"eval_loss": "nats per token", "eval_bpb": "bits per byte",
+         "eval_acc": "argmax accuracy on the scored targets: every next token, or a synthetic task's answers",
          "eval_ppl": "perplexity"}
 
 
@@ -112,9 +113,10 @@ def grid_cells(col: Collection, rows: list[dict], key: str) -> tuple[list[str], 
                if any(c == k[0] for k in cell)]
     out = []
     for c in configs:
-        out.append([c, *(f"{cell[c, a]['mean']:.4f} ± {cell[c, a]['std']:.4f}" if (c, a) in cell else "—"
+        out.append([c, *(f"{cell[c, a]['mean']:.4f} ± {cell[c, a]['std']:.4f} ("
+                         + ", ".join(f"{v:.3f}" for v in cell[c, a]["values"]) + ")" if (c, a) in cell else "—"
                          for a in col.axis)])
-    return [f"{key} by config × override", *col.axis], out
+    return [f"{key} by config × override: mean ± std (per seed)", *col.axis], out
 
 
 def markdown_table(columns: list[str], cells: list[list[str]]) -> str:
@@ -133,9 +135,10 @@ def notes(col: Collection, rows: list[dict], key: str, baseline: str) -> list[st
         out.append("State bytes/seq: the fixed-size decode state per sequence (recurrent states, conv windows), "
                    "whatever its length.")
     if any(r["baseline"] != baseline for r in rows):
+        example = next((r for r in rows if r["baseline"] != r["variant"]), None)
         out.append(f"Paired within each override: a variant is compared with {baseline}'s variant of the same "
-                   f"override (e.g. {next(r['variant'] for r in rows if r['baseline'] != r['variant'])} with "
-                   f"{next(r['baseline'] for r in rows if r['baseline'] != r['variant'])}), seed by seed.")
+                   f"override" + (f" (e.g. {example['variant']} with {example['baseline']})" if example else "")
+                   + ", seed by seed.")
     missing = sorted({r["baseline"] for r in rows} - {r["variant"] for r in rows})
     if missing:
         out.append(f"No paired differences against {', '.join(missing)}: no finished run.")
@@ -165,7 +168,7 @@ def header(col: Collection, baseline: str, key: str) -> list[str]:
     lines.append("Model: " + ", ".join(f"{k} {_common(cfgs, f)}" for k, f in model
                                         if any(f(c) is not None for c in cfgs)) + ".")
     lines.append(f"Data: {_common(cfgs, lambda c: c.data.source)}, tokenizer "
-                 f"{_common(cfgs, lambda c: tokenizer_words(c.data.tokenizer))}; seq_len "
+                 f"{_common(cfgs, lambda c: tokenizer_words(c.data.tokenizer, c.data.source))}; seq_len "
                  f"{_common(cfgs, lambda c: c.data.seq_len)}, batch {_common(cfgs, lambda c: c.data.batch_size)}.")
     lines.append(f"Training: {_common(cfgs, lambda c: c.train.steps)} steps, lr "
                  f"{_common(cfgs, lambda c: f'{c.optim.lr:g}')} {_common(cfgs, lambda c: c.optim.schedule)} "
@@ -199,8 +202,11 @@ def provenance() -> str:
             f"jax {jax.__version__}; {datetime.date.today().isoformat()}")
 
 
-def tokenizer_words(tokenizer: str) -> str:
-    """'byte' -> 'bytes (256 symbols)', 'bpe:8192' -> 'BPE 8192', anything else names a tokenizer file."""
+def tokenizer_words(tokenizer: str, source: str = "") -> str:
+    """'byte' -> 'bytes (256 symbols)', 'bpe:8192' -> 'BPE 8192', anything else names a tokenizer file; a
+    synthetic task's data is its own token ids, whatever the tokenizer key says."""
+    if source.startswith("synthetic:"):
+        return "none (the task's own token ids)"
     if tokenizer == "byte":
         return "bytes (256 symbols)"
     if tokenizer.startswith("bpe:"):

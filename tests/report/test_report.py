@@ -224,13 +224,20 @@ def test_a_config_baseline_pairs_within_each_override(tmp_path):
     assert _row(md, "softmax-a")[7] == _row(md, "softmax-b")[7] == "baseline"
     assert _row(md, "kda-a")[7].endswith(" tie") and _row(md, "kda-a")[7].startswith("+0.0167 [-0.1000, +0.1000]")
     assert _row(md, "kda-b")[7].startswith("-0.2000 [-0.2000, -0.2000]")
-    assert "| eval_loss by config × override | a | b |" in md
-    assert _row(md, "kda")[1:] == [f"{sum(FINAL['kda']) / 3:.4f} ± {math.sqrt(sum((v - 6.65 / 3) ** 2 for v in (2.05, 2.0, 2.6)) / 2):.4f}",
-                                   f"{sum(FINAL['softmax']) / 3 + 0.8:.4f} ± {math.sqrt(0.07):.4f}"]
+    assert "| eval_loss by config × override: mean ± std (per seed) | a | b |" in md
+    kda_std = math.sqrt(sum((v - 6.65 / 3) ** 2 for v in (2.05, 2.0, 2.6)) / 2)
+    assert _row(md, "kda")[1:] == [f"{sum(FINAL['kda']) / 3:.4f} ± {kda_std:.4f} (2.050, 2.000, 2.600)",
+                                   f"{sum(FINAL['softmax']) / 3 + 0.8:.4f} ± {math.sqrt(0.07):.4f} (2.800, 2.900, 3.300)"]
     assert "Paired within each override" in md
     _valid_png(res["out_dir"] / "by_override.png")
     with pytest.raises(ReportError, match="or one of the configs"):
         make_report([sweep], out=tmp_path / "out", baseline="nope")
+    # One config over the axis: every variant is its own override's baseline.
+    doc = json.loads((sweep / "sweep.json").read_text())
+    doc["configs"], doc["runs"] = ["softmax"], [r for r in doc["runs"] if r["config_label"] == "softmax"]
+    (sweep / "sweep.json").write_text(json.dumps(doc))
+    md = make_report([sweep], out=tmp_path / "one")["markdown"].read_text()
+    assert _row(md, "softmax-a")[6] == _row(md, "softmax-b")[6] == "baseline"  # no state column without kda
 
 
 def test_recipe_names_the_block_recipe():
