@@ -49,12 +49,8 @@ def by_override(rows: list[dict], path: Path, key: str, axis: list[str]) -> Path
                                                          [r["max"] - r["mean"] for r in pts]],
                     marker="o", capsize=3, color=_color(i), label=f"{c} (n={max(r['n'] for r in pts)})")
     ax.set_xticks(range(len(axis)), axis)
-    ax.set_xlabel("override")
-    ax.set_ylabel(f"final {key} ({UNITS.get(key, key)})")
-    ax.set_title(f"Final {key} per config and override (mean over seeds, bars min–max)", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _finish(fig, ax, path, "override", f"final {key} ({UNITS.get(key, key)})",
+                   f"Final {key} per config and override (mean over seeds, bars min–max)")
 
 
 def eval_curves(rows: list[dict], path: Path, key: str = "eval_loss") -> Path:
@@ -77,12 +73,8 @@ def eval_curves(rows: list[dict], path: Path, key: str = "eval_loss") -> Path:
         if row["n"] > 1:
             ax.fill_between(steps, [v.min() for v in vals], [v.max() for v in vals], color=color, alpha=0.2,
                             linewidth=0)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"{key} ({UNITS.get(key, key)})")
-    ax.set_title(f"{key} over training: mean over seeds, band min–max", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _finish(fig, ax, path, "step", f"{key} ({UNITS.get(key, key)})",
+                   f"{key} over training: mean over seeds, band min–max")
 
 
 def against(rows: list[dict], path: Path, key: str, baseline: str, x_of, xlabel: str) -> Path:
@@ -123,6 +115,16 @@ def _color(i: int):
     from matplotlib import colormaps
 
     return colormaps["tab10"](i % 10)
+
+
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Labels, title, legend and grid of a line plot, then the PNG."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

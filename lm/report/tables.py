@@ -61,7 +61,8 @@ def variant_rows(col: Collection, key: str, baseline: str) -> list[dict]:
     diffs = {}
     for b in dict.fromkeys(base_of.values()):
         diffs.update(paired([r for r in labelled if base_of[r["variant"]] == b], b, key))
-    order = sorted(summary, key=lambda v: (v not in set(base_of.values()), col.variants.index(v)))
+    baselines = set(base_of.values())
+    order = sorted(summary, key=lambda v: (v not in baselines, col.variants.index(v)))
     rows = []
     for v in order:
         recs = sorted((r for r in col.records if r["variant"] == v), key=lambda r: r["seed"])
