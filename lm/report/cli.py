@@ -1,6 +1,6 @@
-"""`attnlab report SWEEP_OR_RUN_DIR... [--out DIR] [--baseline VARIANT] [--key eval_loss] [--wandb MODE]`: write
-report.md (what ran, the per-variant table, the plots), report.json (per-run records) and three PNGs into the
-output directory, and log the table and plots to the sweep's W&B group as a `report` job when W&B is on.
+"""`attnlab report SWEEP_OR_RUN_DIR... [--out DIR] [--baseline VARIANT] [--key eval_loss] [--contrast A:B]
+[--wandb MODE]`: write report.md (what ran, the per-variant table, the contrasts, the plots), report.json (per-run
+records) and three PNGs into the output directory, and log the table and plots to the sweep's W&B group as a `report` job when W&B is on.
 
 The output directory defaults to experiments/results/<sweep name>/; with only plain run directories --out is
 required. `--wandb auto` logs online when the runs were configured online and an API key is available, and
@@ -35,6 +35,9 @@ def add_parser(subparsers):
     r.add_argument("--key", default=None, metavar="METRIC",
                    help="the final eval metric compared (default: the sweep's `metric`, else eval_loss; e.g. "
                         "eval_bpb, eval_acc)")
+    r.add_argument("--contrast", action="append", default=[], metavar="VARIANT:REFERENCE",
+                   help="also compare VARIANT with REFERENCE seed by seed, in a table of its own (repeatable; "
+                        "added to a sweep spec's `contrasts`)")
     r.add_argument("--wandb", default="auto", choices=WANDB_MODES,
                    help="auto (default): log to the sweep's W&B group when the runs were online and a W&B key is "
                         "available, else not; offline: an offline W&B run under DIR/wandb; online; disabled")
@@ -44,7 +47,7 @@ def add_parser(subparsers):
 
 def cmd_report(args) -> int:
     res = make_report(args.dirs, out=args.out, baseline=args.baseline, key=args.key, wandb_mode=args.wandb,
-                      command=command_of(args))
+                      command=command_of(args), contrasts=[parse_contrast(c) for c in args.contrast])
     unfinished = f", {res['unfinished']} unfinished" if res["unfinished"] else ""
     print(f"{res['markdown']}: {res['variants']} variants, {res['runs']} runs{unfinished}; "
           f"{res['json'].name} and {len(res['plots'])} plots beside it")
@@ -60,17 +63,28 @@ def command_of(args) -> str:
                                  ("--key", args.key, None), ("--wandb", args.wandb, "auto")):
         if value != default:
             parts += [flag, str(value)]
+    for c in getattr(args, "contrast", []):
+        parts += ["--contrast", c]
     return shlex.join(parts)
 
 
+def parse_contrast(text: str) -> tuple[str, str]:
+    """'ccgqa:gqa4' -> ('ccgqa', 'gqa4')."""
+    a, sep, b = text.partition(":")
+    if not sep or not a or not b or ":" in b:
+        raise ReportError(f"--contrast {text!r}: write it as VARIANT:REFERENCE, e.g. --contrast ccgqa:gqa4")
+    return a, b
+
+
 def make_report(dirs: list[str | Path], *, out: str | Path | None = None, baseline: str | None = None,
-                key: str | None = None, wandb_mode: str = "auto", command: str | None = None) -> dict:
+                key: str | None = None, wandb_mode: str = "auto", command: str | None = None,
+                contrasts: list[tuple[str, str]] = ()) -> dict:
     """Read the runs of `dirs`, write report.md, report.json and the PNGs, log to W&B per `wandb_mode`. Returns
     the paths written and counts: {markdown, json, plots, out_dir, variants, runs, unfinished, wandb}."""
     from lm.report.collect import collect
     from lm.report.plots import make_plots
-    from lm.report.tables import (choose_baseline, grid_cells, header, markdown_table, notes, table_cells,
-                                  variant_rows)
+    from lm.report.tables import (choose_baseline, contrast_cells, grid_cells, header, markdown_table, notes,
+                                  table_cells, variant_rows)
 
     if wandb_mode not in WANDB_MODES:
         raise ReportError(f"--wandb {wandb_mode}: choose one of {', '.join(WANDB_MODES)}")
@@ -87,6 +101,8 @@ def make_report(dirs: list[str | Path], *, out: str | Path | None = None, baseli
     command = command or shlex.join(["attnlab", "report", *map(str, dirs)])
 
     grid = grid_cells(col, rows, key)
+    pairs = list(dict.fromkeys([*col.contrasts, *contrasts]))
+    contrast = contrast_cells(col, rows, key, pairs)
     plots = make_plots(rows, out_dir, key, base, col.axis)
     titles = {"by_override.png": f"final {key} against the override", "eval_loss_curves.png": "eval over training", "loss_vs_kv_bytes.png": f"final {key} against "
               "decode memory per token", "loss_vs_flops.png": f"final {key} against forward FLOPs per token"}
@@ -94,6 +110,9 @@ def make_report(dirs: list[str | Path], *, out: str | Path | None = None, baseli
             f"Command: `{command}`\n", "## What ran\n", *[f"- {line}" for line in header(col, base, key)], "",
             "## Results\n", *([markdown_table(*grid), ""] if grid else []), markdown_table(columns, cells), "",
             *[n + "\n" for n in notes(col, rows, key, base)],
+            *(["## Contrasts\n", markdown_table(*contrast[:2]), "",
+               f"Each row: the first variant's {key} minus the second's, seed by seed; the mean [min, max] over the "
+               "seeds both have, relative to the second's mean; 'tie' when the range holds 0.\n"] if contrast else []),
             "## Plots\n", *[f"![{titles[f]}]({f})\n" for f in plots],
             "Per-run records (final evals, eval curves, static facts): `report.json`.\n"]
     md = out_dir / "report.md"
@@ -102,6 +121,7 @@ def make_report(dirs: list[str | Path], *, out: str | Path | None = None, baseli
     js.write_text(json.dumps({
         "name": name, "group": col.group, "baseline": base, "key": key, "command": command,
         "manifests": col.manifests, "runs": col.records, "unfinished": col.unfinished,
+        "contrasts": contrast[2] if contrast else [],
         "variants": [{k: v for k, v in r.items() if k != "records"} for r in rows]}, indent=1))
     logged = log_to_wandb(mode, col, name, columns, cells, plots, out_dir, key, base) if mode else None
     return {"markdown": md, "json": js, "plots": plots, "out_dir": out_dir, "variants": len(rows),

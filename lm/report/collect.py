@@ -3,7 +3,8 @@ directories (config.yaml and metrics.jsonl, see lm/train/rundir.py).
 
 A sweep manifest is {"name", "group", "baseline", "description", "spec", "seeds", "runs": [{"name", "variant",
 "seed", "config", "overrides", "run_dir", "status", "config_label", "axis_label"}], "configs", "axis"} (the
-config labels and the overrides axis's labels; older manifests lack the last four). A plain run directory's variant is its name without a
+config labels and the overrides axis's labels; older manifests lack the last four), and "contrasts" (pairs of
+variants the report also compares; optional). A plain run directory's variant is its name without a
 trailing `-s<digits>`, its seed the config's run.seed.
 
 Each run with an eval line in its metrics.jsonl becomes one record: the last eval line's metrics, the metrics a
@@ -57,6 +58,7 @@ class Collection:
     config_labels: list[str] = dataclasses.field(default_factory=list)  # the first manifest's configs and its
     axis: list[str] = dataclasses.field(default_factory=list)  # overrides axis (empty: none, or no manifest)
     metric: str | None = None  # the first manifest's metric
+    contrasts: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # the manifests' (variant, reference)
 
 
 def variant_of(run_dir_name: str) -> str:
@@ -106,7 +108,8 @@ def collect(paths: list[str | Path]) -> Collection:
         records=records, unfinished=unfinished, configs=configs,
         variants=list(dict.fromkeys(r.variant for r in refs)),
         config_labels=list(first.get("configs") or []), axis=list(first.get("axis") or []),
-        metric=first.get("metric"))
+        metric=first.get("metric"),
+        contrasts=list(dict.fromkeys(tuple(c) for m in meta for c in m.get("contrasts") or [])))
 
 
 def read_manifest(path: Path) -> dict:

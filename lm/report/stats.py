@@ -32,6 +32,7 @@ def paired(records: list[dict], baseline: str, key: str = "eval_loss") -> dict[s
         if label == baseline or not d.size:
             continue
         out[label] = dict(mean=float(d.mean()), lo=float(d.min()), hi=float(d.max()), n=int(d.size),
+                          diffs=[float(x) for x in d],
                           tie=bool(d.min() <= 0 <= d.max()), rel=float(d.mean() / np.mean(list(base.values()))))
     return out
 

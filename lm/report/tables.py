@@ -120,6 +120,30 @@ def grid_cells(col: Collection, rows: list[dict], key: str) -> tuple[list[str], 
     return [f"{key} by config × override: mean ± std (per seed)", *col.axis], out
 
 
+def contrast_cells(col: Collection, rows: list[dict], key: str,
+                   contrasts: list[tuple[str, str]]) -> tuple[list[str], list[list[str]], list[dict]] | None:
+    """The table of `contrasts` (column names, cells, and the numbers for report.json): each (variant, reference)
+    pair's difference in `key` seed by seed, with the per-seed values (None when there are no contrasts). Raises ReportError for a pair naming no finished variant."""
+    if not contrasts:
+        return None
+    have = {r["variant"] for r in rows}
+    for pair in contrasts:
+        missing = [v for v in pair if v not in have]
+        if missing:
+            raise ReportError(f"contrast {pair[0]}:{pair[1]}: no finished run of {', '.join(map(repr, missing))} "
+                              f"(variants: {', '.join(sorted(have))})")
+    labelled = [{**r, "label": r["variant"]} for r in col.records]
+    out, data = [], []
+    for a, b in contrasts:
+        p = paired([r for r in labelled if r["variant"] in (a, b)], b, key).get(a)
+        data.append({"variant": a, "reference": b, "paired": p})
+        if p is None:
+            out.append([f"{a} − {b}", "0", "— (no seed in common)", ""])
+            continue
+        out.append([f"{a} − {b}", str(p["n"]), paired_cell(p), ", ".join(f"{d:+.4f}" for d in p["diffs"])])
+    return ["comparison", "seeds", f"{key} difference (paired)", "per seed"], out, data
+
+
 def markdown_table(columns: list[str], cells: list[list[str]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])

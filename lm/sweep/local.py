@@ -34,7 +34,7 @@ def manifest(sweep: Sweep, statuses: dict[str, str] | None = None) -> dict:
     return {
         "name": sweep.name, "group": sweep.group, "baseline": sweep.baseline, "description": sweep.description,
         "spec": sweep.path, "seeds": list(sweep.seeds), "configs": list(sweep.configs), "axis": list(sweep.axis),
-        "metric": sweep.metric,
+        "metric": sweep.metric, "contrasts": [list(c) for c in sweep.contrasts],
         "runs": [{"name": r.name, "variant": r.variant, "seed": r.seed, "config": r.config,
                   "config_label": by_label[r.variant].config_label, "axis_label": by_label[r.variant].axis_label,
                   "overrides": list(r.overrides), "run_dir": r.run_dir, "status": statuses.get(r.name, "pending")}

@@ -7,6 +7,7 @@ expanded into runs.
     baseline: softmax                    # the variant the report's paired differences are against (default: the first);
                                          # with an overrides axis, a config label pairs within each override
     metric: eval_loss                    # the final eval metric the report compares (eval_acc for recall tasks)
+    contrasts: [[ccgqa, gqa4]]           # more pairs the report compares seed by seed (variant, its reference)
     seeds: [0, 1, 2]
     out_dir: runs/sweeps                 # (default runs/sweeps)
     common: {train.steps: 100}           # overrides every run gets
@@ -40,8 +41,8 @@ import yaml
 
 from lm.config import Config, ConfigError, _Loader, load_config, parse_yaml
 
-TOP_KEYS = ("name", "description", "group", "baseline", "metric", "seeds", "out_dir", "common", "configs",
-            "overrides", "cluster")
+TOP_KEYS = ("name", "description", "group", "baseline", "metric", "contrasts", "seeds", "out_dir", "common",
+            "configs", "overrides", "cluster")
 METRICS = ("eval_loss", "eval_bpb", "eval_ppl", "eval_acc")  # what a report may compare by default
 CONFIG_KEYS = ("config", "set", "init_from")
 # Cluster settings: key -> (type, help shown in errors). Every key is optional.
@@ -105,6 +106,7 @@ class Sweep:
     configs: tuple[str, ...] = ()  # the config labels
     axis: tuple[str, ...] = ()  # the overrides axis's labels (empty without one)
     metric: str = "eval_loss"  # what the report compares
+    contrasts: tuple[tuple[str, str], ...] = ()  # (variant, its reference): more pairs the report compares
 
     @property
     def sweep_dir(self) -> Path:
@@ -416,11 +418,33 @@ def load_sweep(path: str | Path) -> Sweep:
     metric = data.get("metric", "eval_loss")
     if metric not in METRICS:
         spec.fail("metric", f"{metric!r} is not one of {', '.join(METRICS)}")
+    contrasts = _contrasts(spec, data.get("contrasts"), [v.label for v in variants])
     cluster = _cluster(spec, data.get("cluster"))
     _check_loads(spec, variants, common, configs, axis)
     runs = _runs(spec, variants, seeds, common, out_dir, name, group)
     return Sweep(spec.path, name, description.strip(), group, baseline, tuple(seeds), out_dir, common,
-                 tuple(variants), tuple(runs), cluster, tuple(configs), tuple(axis), metric)
+                 tuple(variants), tuple(runs), cluster, tuple(configs), tuple(axis), metric, contrasts)
+
+
+def _contrasts(spec: _Spec, value: Any, labels: list[str]) -> tuple[tuple[str, str], ...]:
+    """`contrasts: [[variant, reference], ...]`: pairs of two different variants of this sweep."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        spec.fail("contrasts", f"must be a list of [variant, reference] pairs (got {value!r})")
+    out = []
+    for pair in value:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            spec.fail("contrasts", f"{pair!r} is not a [variant, reference] pair of variant labels")
+        for label in pair:
+            if label not in labels:
+                near = difflib.get_close_matches(label, labels, n=1, cutoff=0.5)
+                spec.fail("contrasts", f"{label!r} is not a variant of this sweep"
+                          + (f" (did you mean {near[0]}?)" if near else f" (variants: {', '.join(labels)})"))
+        if pair[0] == pair[1]:
+            spec.fail("contrasts", f"{pair!r} compares a variant with itself")
+        out.append((pair[0], pair[1]))
+    return tuple(out)
 
 
 def _runs(spec: _Spec, variants: list[Variant], seeds: list[int], common: tuple[str, ...], out_dir: str,

@@ -1,10 +1,10 @@
-"""Paired differences over seeds (experiments.sweep.paired): each variant against the baseline of the same seed,
+"""Paired differences over seeds (lm.report.stats.paired): each variant against the baseline of the same seed,
 with the range over seeds, and a range that holds zero called a tie."""
 from __future__ import annotations
 
 import pytest
 
-from experiments.sweep import paired, paired_cell
+from lm.report.stats import paired, paired_cell
 
 
 def _records(values: dict[str, list[float]]) -> list[dict]:

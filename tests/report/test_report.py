@@ -154,13 +154,6 @@ def test_offline_wandb_run_holds_the_table_and_plots(tmp_path, monkeypatch):
     assert {"results", "runs", "eval_loss_curves", "loss_vs_kv_bytes", "loss_vs_flops"} <= logged
 
 
-def test_the_statistics_live_in_lm_and_the_sweep_module_reexports_them():
-    import experiments.sweep as sweep
-    from lm.report import stats
-
-    assert (sweep.summarize, sweep.paired, sweep.paired_cell) == (stats.summarize, stats.paired, stats.paired_cell)
-
-
 @pytest.mark.slow
 def test_a_trained_run_end_to_end(tmp_path):
     """Two real training steps of a tiny model, then its report: the table holds the run's own final eval."""
@@ -247,3 +240,32 @@ def test_recipe_names_the_block_recipe():
     assert recipe_of(load_config("configs/tiny/softmax.yaml")) == "modern"
     assert recipe_of(load_config("configs/paper_qkv/300m/qkv.yaml")) == "GPT-2"
     assert recipe_of(load_config("configs/tiny/softmax.yaml", ["model.norm=layernorm"])) == "custom"
+
+
+def test_contrasts_pair_two_variants_seed_by_seed(tmp_path, capsys):
+    """A manifest's `contrasts` and --contrast add a table: kda − mqa is +0.15, 0.0, +0.2 by seed (mean
+    +0.1167, relative to mqa's mean 2.1); kda − softmax holds 0 (a tie)."""
+    sweep = write_sweep(tmp_path)
+    manifest = json.loads((sweep / "sweep.json").read_text())
+    (sweep / "sweep.json").write_text(json.dumps({**manifest, "contrasts": [["kda", "mqa"]]}))
+    parser = argparse.ArgumentParser(prog="attnlab")
+    add_parser(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(["report", str(sweep), "--out", str(tmp_path / "r"), "--contrast", "kda:softmax",
+                              "--wandb", "disabled"])
+    assert args.fn(args) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    rows = {r[0]: r for r in (_cells(line) for line in md.splitlines()) if r and "−" in r[0]}
+    assert rows["kda − mqa"][1:] == ["3", "+0.1167 [+0.0000, +0.2000] (+5.56%) tie", "+0.1500, +0.0000, +0.2000"]
+    assert rows["kda − softmax"][2].startswith("+0.0167 [-0.1000, +0.1000]") and rows["kda − softmax"][2].endswith("tie")
+    assert "--contrast kda:softmax" in md
+    data = json.loads((tmp_path / "r" / "report.json").read_text())["contrasts"]
+    assert [(c["variant"], c["reference"], c["paired"]["n"]) for c in data] == [("kda", "mqa", 3), ("kda", "softmax", 3)]
+    for bad, message in [("kda", "write it as VARIANT:REFERENCE"), ("kda:mha", "no finished run of 'mha'"),
+                         ("gqa4:softmax", "no finished run of 'gqa4'")]:
+        args = parser.parse_args(["report", str(sweep), "--out", str(tmp_path / "x"), "--contrast", bad])
+        with pytest.raises(ReportError, match=message):
+            args.fn(args)
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("| ") else []

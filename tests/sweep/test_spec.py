@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from lm.config import ConfigError, load_config, parse_yaml
+from lm.sweep.local import manifest
 from lm.sweep.spec import format_value, load_sweep
 from tests.sweep.conftest import ROOT
 
@@ -167,19 +168,23 @@ def test_paper_grids_are_the_config_directories():
                                                 "share_kv_gqa4", "mqa", "share_kv_mqa"}
 
 
-def test_ablation_specs_run_what_the_scripts_run():
-    """The specs converted from the ablation scripts have the scripts' configs and budgets."""
-    from experiments.ablations import tiny_conv_controls, tiny_linear_family, tiny_softmax_family
+def test_ablation_specs_hold_the_reported_configs_and_budgets():
+    """The tiny ablation specs train the configs and budget their results (experiments/results/<name>/) report."""
 
     def configs(name):
         sw = load_sweep(f"experiments/sweeps/{name}.yaml")
         return sw, {v.label: v.config for v in sw.variants}
 
-    for name, expect in [("tiny_conv_controls", tiny_conv_controls.VARIANTS),
-                         ("tiny_linear_family", tiny_linear_family.VARIANTS),
-                         ("tiny_softmax_family", {k: v[0] for k, v in tiny_softmax_family.VARIANTS.items()})]:
+    tiny = lambda *names: {n: f"configs/tiny/{n}.yaml" for n in names}  # noqa: E731
+    family = tiny("softmax", "gqa4", "mqa", "share_kv", "share_kv_gqa4", "share_qk", "share_kv_mqa", "share_qkv",
+                  "cca", "ccgqa", "spkv", "spkv_cca")
+    for name, expect in [("tiny_conv_controls", tiny("softmax", "softmax_conv", "cca", "cca_noconv", "kda",
+                                                    "kda_matched")),
+                         ("tiny_linear_family", tiny("softmax", "kda", "lightning", "kimi_hybrid", "minimax_hybrid")),
+                         ("tiny_softmax_family", family)]:
         sw, got = configs(name)
         assert got == expect, name
+        assert sw.seeds == (0, 1, 2) and sw.baseline == "softmax" and sw.contrasts, name
         for r in sw.runs:
             c = r.cfg
             assert (c.train.steps, c.optim.warmup_steps, c.train.ckpt_every, c.train.log_every, c.wandb.mode) == \
@@ -206,3 +211,15 @@ def test_a_config_label_baseline_pairs_within_the_axis(write_spec):
     assert (sw.baseline, sw.metric, sw.configs, sw.axis) == ("softmax", "eval_acc", ("softmax", "share_kv"), ("a", "b"))
     assert [(v.label, v.config_label, v.axis_label) for v in sw.variants][:2] == [("softmax-a", "softmax", "a"),
                                                                                  ("softmax-b", "softmax", "b")]
+
+
+def test_contrasts_name_pairs_of_variants(write_spec):
+    sw = load_sweep(write_spec(GOOD + "contrasts: [[share_kv, softmax]]\n"))
+    assert sw.contrasts == (("share_kv", "softmax"),)
+    assert manifest(sw)["contrasts"] == [["share_kv", "softmax"]]
+    assert load_sweep(write_spec(GOOD)).contrasts == ()
+    for text, message in [("contrasts: share_kv", "must be a list of [variant, reference] pairs"),
+                          ("contrasts: [[share_kv]]", "is not a [variant, reference] pair"),
+                          ("contrasts: [[share_qv, softmax]]", "'share_qv' is not a variant of this sweep (did you mean share_kv?)"),
+                          ("contrasts: [[softmax, softmax]]", "compares a variant with itself")]:
+        assert message in error_of(write_spec, GOOD + text + "\n")
