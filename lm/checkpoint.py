@@ -116,6 +116,18 @@ class _DropStorageFailures(logging.Filter):
 
 
 @contextlib.contextmanager
+def _dropped_absl(prefix: str):
+    """Drop absl log records whose message starts with `prefix`, for the block."""
+    absl = logging.getLogger("absl")
+    drop = lambda record: not record.getMessage().startswith(prefix)  # noqa: E731
+    absl.addFilter(drop)
+    try:
+        yield
+    finally:
+        absl.removeFilter(drop)
+
+
+@contextlib.contextmanager
 def _quiet_failures():
     absl = logging.getLogger("absl")
     buffer = _AbslBuffer()
@@ -154,12 +166,13 @@ class Checkpointer:
         self.read_only = read_only
         self.async_save = async_save
         self.pending: int | None = None  # the step being written in the background
-        self.mngr = ocp.CheckpointManager(
-            self.dir,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                                 enable_async_checkpointing=async_save),
-            item_names=("state", "meta", "data"),
-        )
+        # Read-only: the options orbax would otherwise adjust (and warn about on the console) are set as it wants
+        # them, and its note that the directory is read-only, which the caller asked for, is dropped.
+        options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep, create=not read_only,
+                                               read_only=read_only, enable_async_checkpointing=async_save,
+                                               **({"save_interval_steps": 0} if read_only else {}))
+        with _dropped_absl("Given directory is read only"):
+            self.mngr = ocp.CheckpointManager(self.dir, options=options, item_names=("state", "meta", "data"))
 
     def steps(self) -> list[int]:
         return sorted(self.mngr.all_steps())

@@ -2,6 +2,7 @@
 traceback, and lose nothing: a binary tokenizer file, an invalid softmax head size, a full disk or an unwritable
 directory while saving a checkpoint or writing a token store, and an unreachable W&B server."""
 import errno
+import logging
 import os
 import shutil
 import subprocess
@@ -177,6 +178,21 @@ def test_read_only_save_and_first_save_messages(tmp_path, monkeypatch):
         assert not list((tmp_path / "checkpoints").glob(f"*{TMP_SUFFIX}*"))
     finally:
         ck.close()
+
+
+def test_a_read_only_checkpointer_restores_without_library_warnings(tmp_path, caplog):
+    """eval and generate open the run read-only: orbax's notes on the options it would adjust for that, and on
+    the directory being read-only, are not printed; the checkpoint restores."""
+    ck = Checkpointer(tmp_path / "checkpoints", keep=3)
+    ck.save(1, {"w": jnp.ones(2)}, {}, {})
+    ck.close()
+    with caplog.at_level(logging.INFO, logger="absl"):
+        ro = Checkpointer(tmp_path / "checkpoints", keep=3, read_only=True)
+    try:
+        assert ro.steps() == [1]
+        assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    finally:
+        ro.close()
 
 
 def test_a_bug_in_a_save_is_not_dressed_up(tmp_path, monkeypatch):
