@@ -16,7 +16,8 @@ from lm.sweep.spec import load_sweep
 from lm.train.rundir import RunResult
 from tests.sweep.conftest import tiny_overrides
 
-KEYS = {"name", "group", "baseline", "description", "spec", "seeds", "runs", "configs", "axis", "metric"}
+KEYS = {"name", "group", "baseline", "description", "spec", "seeds", "runs", "configs", "axis", "metric",
+        "contrasts"}
 RUN_KEYS = {"name", "variant", "seed", "config", "overrides", "run_dir", "status", "config_label", "axis_label"}
 
 
