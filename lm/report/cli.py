@@ -1,6 +1,7 @@
 """`attnlab report SWEEP_OR_RUN_DIR... [--out DIR] [--baseline VARIANT] [--key eval_loss] [--contrast A:B]
 [--wandb MODE]`: write report.md (what ran, the per-variant table, the contrasts, the plots), report.json (per-run
-records) and three PNGs into the output directory, and log the table and plots to the sweep's W&B group as a `report` job when W&B is on.
+records) and three PNGs into the output directory, and log the table and plots to the sweep's W&B group as a
+`report` job when W&B is on.
 
 The output directory defaults to experiments/results/<sweep name>/; with only plain run directories --out is
 required. `--wandb auto` logs online when the runs were configured online and an API key is available, and

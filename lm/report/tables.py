@@ -123,7 +123,8 @@ def grid_cells(col: Collection, rows: list[dict], key: str) -> tuple[list[str], 
 def contrast_cells(col: Collection, rows: list[dict], key: str,
                    contrasts: list[tuple[str, str]]) -> tuple[list[str], list[list[str]], list[dict]] | None:
     """The table of `contrasts` (column names, cells, and the numbers for report.json): each (variant, reference)
-    pair's difference in `key` seed by seed, with the per-seed values (None when there are no contrasts). Raises ReportError for a pair naming no finished variant."""
+    pair's difference in `key` seed by seed, with the per-seed values (None when there are no contrasts). Raises
+    ReportError for a pair naming no finished variant."""
     if not contrasts:
         return None
     have = {r["variant"] for r in rows}

@@ -412,9 +412,7 @@ def load_sweep(path: str | Path) -> Sweep:
     # variant of the same override (kda-p8 with softmax-p8).
     choices = {v.label for v in variants} | (set(configs) if axis else set())
     if baseline not in choices:
-        near = difflib.get_close_matches(str(baseline), sorted(choices), n=1, cutoff=0.5)
-        spec.fail("baseline", f"{baseline!r} is not a variant of this sweep"
-                  + (f" (did you mean {near[0]}?)" if near else f" (variants: {', '.join(v.label for v in variants)})"))
+        spec.fail("baseline", _not_a_variant(baseline, sorted(choices), [v.label for v in variants]))
     metric = data.get("metric", "eval_loss")
     if metric not in METRICS:
         spec.fail("metric", f"{metric!r} is not one of {', '.join(METRICS)}")
@@ -424,6 +422,13 @@ def load_sweep(path: str | Path) -> Sweep:
     runs = _runs(spec, variants, seeds, common, out_dir, name, group)
     return Sweep(spec.path, name, description.strip(), group, baseline, tuple(seeds), out_dir, common,
                  tuple(variants), tuple(runs), cluster, tuple(configs), tuple(axis), metric, contrasts)
+
+
+def _not_a_variant(label: Any, choices: list[str], variants: list[str]) -> str:
+    """'x' is not a variant of this sweep (did you mean y? / the variants), for a one-line error."""
+    near = difflib.get_close_matches(str(label), choices, n=1, cutoff=0.5)
+    return f"{label!r} is not a variant of this sweep" + (f" (did you mean {near[0]}?)" if near
+                                                            else f" (variants: {', '.join(variants)})")
 
 
 def _contrasts(spec: _Spec, value: Any, labels: list[str]) -> tuple[tuple[str, str], ...]:
@@ -438,9 +443,7 @@ def _contrasts(spec: _Spec, value: Any, labels: list[str]) -> tuple[tuple[str, s
             spec.fail("contrasts", f"{pair!r} is not a [variant, reference] pair of variant labels")
         for label in pair:
             if label not in labels:
-                near = difflib.get_close_matches(label, labels, n=1, cutoff=0.5)
-                spec.fail("contrasts", f"{label!r} is not a variant of this sweep"
-                          + (f" (did you mean {near[0]}?)" if near else f" (variants: {', '.join(labels)})"))
+                spec.fail("contrasts", _not_a_variant(label, labels, labels))
         if pair[0] == pair[1]:
             spec.fail("contrasts", f"{pair!r} compares a variant with itself")
         out.append((pair[0], pair[1]))
