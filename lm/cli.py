@@ -370,14 +370,15 @@ def _simulate_devices(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from lm.runtime import enable_compile_cache, keep_host_memory
+
+    keep_host_memory()
     if args.cmd == "plan":
         try:
             _simulate_devices(args)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    from lm.runtime import enable_compile_cache
-
     enable_compile_cache()
     try:
         return args.fn(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import resource
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import flops as lmflops
+from lm import runtime
 from lm.config import load_config
 from lm.model import count_params
 from lm.train.setup import build
@@ -30,6 +32,7 @@ def machine() -> dict:
     return {"backend": jax.default_backend(), "device": getattr(dev, "device_kind", str(dev)),
             "n_devices": jax.device_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "jax": jax.__version__,
+            "host_malloc": "kept" if runtime.host_memory_kept() else "system",
             "date": datetime.date.today().isoformat()}
 
 
@@ -52,12 +55,15 @@ def bench_step(config: str, overrides: list[str], *, steps: int = 5, write: str 
     compile_s = time.perf_counter() - t0
     state, m = compiled(state, batches[0])  # warm-up
     jax.block_until_ready(m)
-    times = []
+    times, faults, sys_s = [], [], []
     for i in range(steps):
-        t = time.perf_counter()
+        ru, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         state, m = compiled(state, batches[i % 2])
         jax.block_until_ready((state, m))
         times.append(time.perf_counter() - t)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        faults.append(after.ru_minflt - ru.ru_minflt)
+        sys_s.append(after.ru_stime - ru.ru_stime)
     step_s = float(np.median(times))
     model = setup.mdef.merge(setup.state_shapes["params"])
     fwd = model.flops_per_token(T)
@@ -72,6 +78,8 @@ def bench_step(config: str, overrides: list[str], *, steps: int = 5, write: str 
         "config": config, "overrides": list(overrides), "params": count_params(setup.state_shapes["params"]),
         "batch_size": B, "seq_len": T, "tokens_per_step": B * T, "steps_timed": steps,
         "step_s_median": step_s, "step_s_min": float(min(times)), "compile_s": compile_s,
+        # Host-side cost of the step's memory: minor page faults and kernel CPU time (all threads) per step.
+        "page_faults_per_step": int(np.median(faults)), "kernel_cpu_s_per_step": float(np.median(sys_s)),
         "tokens_per_s": tps, "flops_per_token_fwd": fwd, "train_flops_per_step": 3 * fwd * B * T,
         "achieved_gflops": 3 * fwd * tps / 1e9, "matmul_peak_gflops": peak / 1e9, "peak_source": src,
         "mfu": 3 * fwd * tps / (peak * n_dev), "loss": float(m["loss"]), **machine(),
