@@ -58,11 +58,13 @@ def main(argv=None) -> None:
     js = statistics.median(j["step_s_median"] for _, j, _ in rows)
     ts = statistics.median(t["step_s_median"] for _, _, t in rows)
     tok = rows[0][1]["tokens_per_step"]
-    lines = ["| round | attnlab step | torch eager step | attnlab / torch speed |", "|---|---|---|---|"]
+    lines = ["| round | attnlab step | torch eager step | attnlab / torch speed | attnlab page faults per step |",
+             "|---|---|---|---|---|"]
     lines += [f"| {r} | {j['step_s_median']:.2f} s | {t['step_s_median']:.2f} s | "
-              f"{t['step_s_median'] / j['step_s_median']:.2f}x |" for r, j, t in rows]
+              f"{t['step_s_median'] / j['step_s_median']:.2f}x | {j.get('page_faults_per_step', '?')} |"
+              for r, j, t in rows]
     lines.append(f"| median | {js:.2f} s ({tok / js:,.0f} tok/s) | {ts:.2f} s ({tok / ts:,.0f} tok/s) | "
-                 f"**{ts / js:.2f}x** |")
+                 f"**{ts / js:.2f}x** | |")
     torch_ver = rows[0][2].get("framework", "torch ?")
     Path(a.out).write_text(
         report_head("CPU train step: attnlab against PyTorch eager, side by side", "experiments.bench.cpu_vs_torch")
