@@ -50,3 +50,25 @@ def history(path: Path) -> list[dict]:
         if rec.WhichOneof("record_type") == "history":
             rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
     return rows
+
+
+def finished_history(path: Path, timeout_s: float = 30.0) -> list[dict]:
+    """history() once the run's exit record is in the file. W&B's service process writes the offline file
+    and can still be appending the last records when `run.finish()` has returned; past the timeout, whatever
+    the file holds."""
+    import time
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    def exited() -> bool:
+        for raw in records(path):
+            rec = pb.Record()
+            rec.ParseFromString(raw)
+            if rec.WhichOneof("record_type") == "exit":
+                return True
+        return False
+
+    deadline = time.monotonic() + timeout_s
+    while not exited() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return history(path)

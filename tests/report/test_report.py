@@ -142,7 +142,7 @@ def test_the_subcommand(tmp_path, capsys):
 
 
 def test_offline_wandb_run_holds_the_table_and_plots(tmp_path, monkeypatch):
-    from tests.lm.wandb_reader import history
+    from tests.lm.wandb_reader import finished_history
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     res = make_report([write_sweep(tmp_path)], out=tmp_path / "r", wandb_mode="offline")
@@ -150,7 +150,7 @@ def test_offline_wandb_run_holds_the_table_and_plots(tmp_path, monkeypatch):
     assert len(runs) == 1 and res["wandb"] == str(runs[0])
     files = list(runs[0].glob("*.wandb"))
     assert files, "no offline .wandb file"
-    logged = {k.split("/")[0] for row in history(files[0]) for k in row}  # a table or image is nested keys
+    logged = {k.split("/")[0] for row in finished_history(files[0]) for k in row}  # tables, images: nested keys
     assert {"results", "runs", "eval_loss_curves", "loss_vs_kv_bytes", "loss_vs_flops"} <= logged
 
 
