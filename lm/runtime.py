@@ -1,4 +1,4 @@
-"""Process-wide JAX settings the command line applies once at start."""
+"""Process-wide settings the command line applies once at start: the compile cache, the host heap."""
 from __future__ import annotations
 
 import ctypes

@@ -2,9 +2,11 @@
 mapped and page-faulted in anew (the CPU train step's ~2 GB of temporaries cost ~490,000 faults a step)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -25,10 +27,9 @@ PROGRAM = textwrap.dedent("""
 
 
 def _run(env_value: str) -> tuple[bool, int]:
-    import os
-
     env = {**os.environ, "ATTNLAB_HOST_MALLOC": env_value, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    out = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, env=env, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
     kept, faults = out.stdout.split()
     return kept == "True", int(faults)
 
