@@ -34,7 +34,7 @@ def _run(env_value: str) -> tuple[bool, int]:
     return kept == "True", int(faults)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="keep_host_memory sets glibc's mallopt, which only Linux has")
 def test_temporaries_are_reused_instead_of_faulted_in_every_call():
     kept, faults = _run("")
     assert kept

@@ -40,16 +40,19 @@ def records(path: Path) -> list[bytes]:
     return out
 
 
-def history(path: Path) -> list[dict]:
+def _parsed(path: Path):
+    """Every record of the file as a `wandb_internal_pb2.Record`."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    rows = []
     for raw in records(path):
         rec = pb.Record()
         rec.ParseFromString(raw)
-        if rec.WhichOneof("record_type") == "history":
-            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
-    return rows
+        yield rec
+
+
+def history(path: Path) -> list[dict]:
+    return [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
+            for rec in _parsed(path) if rec.WhichOneof("record_type") == "history"]
 
 
 def finished_history(path: Path, timeout_s: float = 30.0) -> list[dict]:
@@ -58,15 +61,8 @@ def finished_history(path: Path, timeout_s: float = 30.0) -> list[dict]:
     the file holds."""
     import time
 
-    from wandb.proto import wandb_internal_pb2 as pb
-
     def exited() -> bool:
-        for raw in records(path):
-            rec = pb.Record()
-            rec.ParseFromString(raw)
-            if rec.WhichOneof("record_type") == "exit":
-                return True
-        return False
+        return any(rec.WhichOneof("record_type") == "exit" for rec in _parsed(path))
 
     deadline = time.monotonic() + timeout_s
     while not exited() and time.monotonic() < deadline:
