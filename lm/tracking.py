@@ -121,7 +121,10 @@ class WandbRun:
         kwargs = dict(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags) or None,
                       name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir), config=config)
         if cfg.mode != "online":
-            self.run = wandb.init(mode=cfg.mode, **kwargs)
+            error = self._init_retrying(wandb, cfg.mode, kwargs)
+            if error is not None:
+                print(f"warning: W&B {cfg.mode} init failed ({error}); continuing without W&B (metrics.jsonl has "
+                      "every record, and the next resume replays them into W&B)", file=sys.stderr, flush=True)
             return
         # An unreachable server must not stall the run: W&B's own default waits 90 s without a word. After 30 s
         # ($WANDB_INIT_TIMEOUT overrides) the run continues offline, and `wandb sync` uploads it later.
@@ -140,19 +143,28 @@ class WandbRun:
             except Exception as e:  # W&B's classes vary (wandb.errors.*, TimeoutError, ServerResponseError)
                 reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
         self.mode = "offline"
-        # After a failed online init, tear W&B's service down and retry offline. If W&B cannot start at all, the
-        # run trains without it (metrics.jsonl has everything, and the next resume replays into W&B what this
-        # segment did not log).
-        for attempt in range(3):
-            wandb.teardown()
-            try:
-                self.run = wandb.init(mode="offline", **kwargs)
-                break
-            except Exception:
-                time.sleep(1.0 + attempt)
+        # After a failed online init, W&B's service is torn down and the run retried offline.
+        self._init_retrying(wandb, "offline", kwargs, teardown_first=True)
         where = (f"continuing offline, upload later with `wandb sync {run_dir / 'wandb'}/offline-run-*`"
                  if self.run is not None else "continuing without W&B (metrics.jsonl has every record)")
         print(f"warning: W&B online init failed within {timeout:g} s ({reason}); {where}", file=sys.stderr, flush=True)
+
+    def _init_retrying(self, wandb, mode: str, kwargs: dict, *, teardown_first: bool = False) -> str | None:
+        """wandb.init in `mode`, three tries, W&B's service torn down before each retry: a run id can stay "in
+        use" for a few seconds in the service of a failed init or of a killed process this run resumes. Sets
+        self.run; returns None, or the last error when W&B could not start (the run then trains without it:
+        metrics.jsonl has everything, and the next resume replays into W&B what this segment did not log)."""
+        error = None
+        for attempt in range(3):
+            if attempt or teardown_first:
+                wandb.teardown()
+            try:
+                self.run = wandb.init(mode=mode, **kwargs)
+                return None
+            except Exception as e:  # W&B's classes vary (ServerResponseError, CommError, ...)
+                error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+                time.sleep(1.0 + attempt)
+        return error
 
     def log(self, record: dict, step: int) -> None:
         if self.run is not None:
