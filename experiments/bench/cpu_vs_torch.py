@@ -1,6 +1,7 @@
 """The CPU train step of configs/bench/cpu_d512_l8.yaml in attnlab and in PyTorch eager, side by side in one run.
 
-    python -m experiments.bench.cpu_vs_torch --torch-python /tmp/torchvenv/bin/python [--rounds 2] [--steps 4] [--cores N]
+    python -m experiments.bench.cpu_vs_torch --torch-python /tmp/torchvenv/bin/python [--rounds 2] [--steps 4] \
+        [--cores N]
 
 Alternates the two (attnlab, torch, attnlab, torch, ...) so that a drift in the machine's speed hits both, each
 in its own process (`attnlab bench step ... --json` and `experiments/bench/torch_step.py --json`), and reports
@@ -32,7 +33,7 @@ def _last_json(out: str) -> dict:
     return json.loads(next(line for line in reversed(out.strip().splitlines()) if line.startswith("{")))
 
 
-def _pinned(cores: int | None):
+def pinned(cores: int | None):
     """A preexec_fn that pins the child to the first `cores` CPUs this process may use (None: no pinning)."""
     if cores is None:
         return None
@@ -40,17 +41,24 @@ def _pinned(cores: int | None):
     return lambda: os.sched_setaffinity(0, cpus)
 
 
+def check_cores(parser: argparse.ArgumentParser, cores: int | None) -> None:
+    """A --cores outside 1..(the CPUs this process may use) is a one-line usage error."""
+    if cores is not None and not 1 <= cores <= len(os.sched_getaffinity(0)):
+        parser.error(f"--cores must be between 1 and {len(os.sched_getaffinity(0))} (the CPUs this process may use); "
+                     f"got {cores}")
+
+
 def run_jax(steps: int, extra: list[str], cores: int | None = None) -> dict:
     cmd = [sys.executable, "-m", "lm.cli", "bench", "step", CONFIG, "--steps", str(steps), "--json",
            *sum((["--set", s] for s in extra), [])]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, preexec_fn=_pinned(cores))
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, preexec_fn=pinned(cores))
     return _last_json(out.stdout)
 
 
 def run_torch(python: str, steps: int, cores: int | None = None) -> dict:
     threads = ["--threads", str(cores)] if cores else []
     out = subprocess.run([python, "experiments/bench/torch_step.py", "--steps", str(steps), "--json", *threads],
-                         capture_output=True, text=True, check=True, preexec_fn=_pinned(cores))
+                         capture_output=True, text=True, check=True, preexec_fn=pinned(cores))
     return _last_json(out.stdout)
 
 
@@ -64,9 +72,7 @@ def main(argv=None) -> None:
                    help="pin both frameworks to this many CPUs (torch runs as many threads); default: all")
     p.add_argument("--out", default="experiments/results/cpu_step_side_by_side.md")
     a = p.parse_args(argv)
-    if a.cores is not None and not 1 <= a.cores <= len(os.sched_getaffinity(0)):
-        p.error(f"--cores must be between 1 and {len(os.sched_getaffinity(0))} (the CPUs this process may use); "
-                f"got {a.cores}")
+    check_cores(p, a.cores)
     rows = []
     for r in range(a.rounds):
         j = run_jax(a.steps, a.set, a.cores)
@@ -84,14 +90,14 @@ def main(argv=None) -> None:
     lines.append(f"| median | {js:.2f} s ({tok / js:,.0f} tok/s) | {ts:.2f} s ({tok / ts:,.0f} tok/s) | "
                  f"**{ts / js:.2f}x** | |")
     torch_ver = rows[0][2].get("framework", "torch ?")
+    cpus = f"pinned to {a.cores}" if a.cores else f"all {len(os.sched_getaffinity(0))}"
     Path(a.out).write_text(
         report_head("CPU train step: attnlab against PyTorch eager, side by side", "experiments.bench.cpu_vs_torch")
         + f"Model: {CONFIG} (d_model 512, 8 layers, 8 heads, GELU MLP 2048, RMSNorm, RoPE, tied embeddings, vocab "
           f"256, seq 512, batch 8, fp32; {rows[0][1]['params'] / 1e6:.1f}M parameters), the same step in "
           f"experiments/bench/torch_step.py ({torch_ver}, SDPA attention, foreach AdamW). Each entry "
           f"is the median of {a.steps} timed steps after a warm-up, in its own process; the rounds alternate the "
-          f"two frameworks. attnlab overrides: {a.set or 'none'}. CPUs: "
-          f"{'all ' + str(len(os.sched_getaffinity(0))) if a.cores is None else f'pinned to {a.cores}'}.\n\n" + "\n".join(lines) + "\n")
+          f"two frameworks. attnlab overrides: {a.set or 'none'}. CPUs: {cpus}.\n\n" + "\n".join(lines) + "\n")
     print(Path(a.out).read_text())
 
 

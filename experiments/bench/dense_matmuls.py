@@ -38,7 +38,7 @@ def products() -> list[tuple[str, tuple[int, int], tuple[int, int], str, int]]:
     return out
 
 
-def _jax_fns(threads: int):
+def _jax_fns():
     from lm import runtime
     runtime.keep_host_memory()
     import jax
@@ -69,7 +69,7 @@ def _torch_fns(threads: int):
 
 
 def worker(framework: str, threads: int, calls: int = 7) -> dict:
-    fns, version = (_jax_fns if framework == "jax" else _torch_fns)(threads)
+    fns, version = _jax_fns() if framework == "jax" else _torch_fns(threads)
     for f in fns:
         f()
     times = [[] for _ in fns]
@@ -84,15 +84,9 @@ def worker(framework: str, threads: int, calls: int = 7) -> dict:
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
-def _pinned(cores: int | None):
-    if cores is None:
-        return None
-    cpus = sorted(os.sched_getaffinity(0))[:cores]
-    return lambda: os.sched_setaffinity(0, cpus)
-
-
 def _run(cmd: list[str], cores: int | None, env: dict | None = None) -> dict:
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, preexec_fn=_pinned(cores),
+    from experiments.bench.cpu_vs_torch import pinned
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, preexec_fn=pinned(cores),
                          env=None if env is None else {**os.environ, **env})
     return json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("{")))
 
@@ -113,8 +107,8 @@ def main(argv=None) -> None:
         return
     if not a.torch_python:
         p.error("--torch-python is required (a python with torch installed), or --worker to time one framework")
-    if a.cores is not None and not 1 <= a.cores <= len(os.sched_getaffinity(0)):
-        p.error(f"--cores must be between 1 and {len(os.sched_getaffinity(0))}; got {a.cores}")
+    from experiments.bench.cpu_vs_torch import check_cores
+    check_cores(p, a.cores)
     threads = a.cores or len(os.sched_getaffinity(0))
     jax_cmd = [sys.executable, "-m", "experiments.bench.dense_matmuls", "--worker", "jax"]
     torch_cmd = [a.torch_python, str(Path(__file__).resolve()), "--worker", "torch", "--threads", str(threads)]
