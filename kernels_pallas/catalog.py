@@ -28,9 +28,10 @@ class Case:
     args: tuple[jax.ShapeDtypeStruct, ...]
 
 
-def _flash_case(dtype, d: int, variant: str) -> Case:
-    B, T, Hq = 1, 2048, 8
-    Hkv, window, local, gate, docs, shared, causal = 2, None, None, False, False, False, True
+def _flash_case(dtype, d: int, variant: str, *, T: int = 2048, Hq: int = 8) -> Case:
+    B = 1
+    # "gqa4" (and any name not below): causal GQA with Hq / 4 KV heads.
+    Hkv, window, local, gate, docs, shared, causal = Hq // 4, None, None, False, False, False, True
     if variant == "mha":
         Hkv = Hq
     elif variant == "mha-noncausal-ragged":
@@ -68,8 +69,8 @@ def _flash_case(dtype, d: int, variant: str) -> Case:
 FLASH_VARIANTS = ("mha", "mha-noncausal-ragged", "gqa4-k=v-window", "gqa4-gate-local", "mqa-segments-gate")
 
 
-def _decode_case(dtype, d: int, variant: str) -> Case:
-    B, Hq, Hkv, S, shared, derive = 4, 32, 8, 8192, False, False
+def _decode_case(dtype, d: int, variant: str, *, S: int = 8192, B: int = 4, Hq: int = 32) -> Case:
+    Hkv, shared, derive = Hq // 4, False, False
     if variant == "gqa4-k=v-ragged":
         S, shared = 5000, True
     elif variant == "gqa4-k=v-norm-rope":
@@ -97,13 +98,13 @@ def _decode_case(dtype, d: int, variant: str) -> Case:
 DECODE_VARIANTS = ("gqa4", "gqa4-k=v-ragged", "gqa4-k=v-norm-rope", "mqa")
 
 
-def _chunked_dims(variant: str) -> tuple[int, int, int, bool]:
+def _chunked_dims(variant: str, T: int, H: int) -> tuple[int, int, int, bool]:
     """(B, T, H, with document ids) of a lightning/kda catalog variant."""
-    return 1, 1000 if variant == "ragged" else 2048, 8, variant == "segments-h0"
+    return 1, T * 1000 // 2048 if variant == "ragged" else T, H, variant == "segments-h0"
 
 
-def _lightning_case(dtype, d: int, variant: str) -> Case:
-    B, T, H, docs = _chunked_dims(variant)
+def _lightning_case(dtype, d: int, variant: str, *, T: int = 2048, H: int = 8) -> Case:
+    B, T, H, docs = _chunked_dims(variant, T, H)
     spec = jax.ShapeDtypeStruct
     args = [spec((B, T, H, d), dtype)] * 3 + [spec((H,), jnp.float32), spec((B, H, d, d), jnp.float32)]
     args += [spec((B, T), jnp.int32)] if docs else []
@@ -121,8 +122,8 @@ def _lightning_case(dtype, d: int, variant: str) -> Case:
 LIGHTNING_VARIANTS = ("plain", "ragged", "segments-h0")
 
 
-def _kda_case(dtype, d: int, variant: str) -> Case:
-    B, T, H, docs = _chunked_dims(variant)
+def _kda_case(dtype, d: int, variant: str, *, T: int = 2048, H: int = 8) -> Case:
+    B, T, H, docs = _chunked_dims(variant, T, H)
     spec = jax.ShapeDtypeStruct
     args = [spec((B, T, H, d), dtype)] * 3 + [spec((B, T, H, d), jnp.float32), spec((B, T, H), dtype),
                                               spec((B, H, d, d), jnp.float32)]
@@ -144,6 +145,14 @@ def cases() -> list[Case]:
             + [_decode_case(dt, d, v) for dt, d in grid for v in DECODE_VARIANTS]
             + [_lightning_case(dt, d, v) for dt, d in grid for v in LIGHTNING_VARIANTS]
             + [_kda_case(dt, d, v) for dt, d in grid for v in LIGHTNING_VARIANTS])
+
+
+def report_cases(T: int) -> list[Case]:
+    """One case per family at the shape the structure report and its targets are stated at: bf16, D=128, B=1,
+    16 query heads (GQA 16/4 for flash and decode), T tokens (decode: one query over S=T cached keys)."""
+    bf16 = jnp.bfloat16
+    return [_flash_case(bf16, 128, "gqa4", T=T, Hq=16), _decode_case(bf16, 128, "gqa4", S=T, B=1, Hq=16),
+            _lightning_case(bf16, 128, "plain", T=T, H=16), _kda_case(bf16, 128, "plain", T=T, H=16)]
 
 
 def kernels() -> list[str]:

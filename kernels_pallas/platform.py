@@ -84,6 +84,32 @@ def for_target(table: Mapping[str, T]) -> T:
     return table[t]
 
 
+@contextlib.contextmanager
+def _building_for(name: str) -> Iterator[None]:
+    """Target `name` and its chip description (an abstract single-device mesh). Auto axes, as a plain
+    single-device jit has: under Explicit axes every aval carries a sharding, and the Triton lowering of
+    multi-axis reductions in jax 0.11.2 then fails on a spec of the wrong rank."""
+    if name == "cpu":
+        raise ValueError("lowering is for tpu or gpu; on the CPU kernels run in interpret mode")
+    mesh = AbstractMesh((1,), ("lowering",), axis_types=(AxisType.Auto,), abstract_device=LOWERING_DEVICES[name])
+    with targeting(name), use_abstract_mesh(mesh):
+        yield
+
+
+def trace(fn: Callable[..., Any], *args: Any, platform: str, **kwargs: Any) -> jax.stages.Traced:
+    """Trace `fn(*args, **kwargs)` for `platform` ('tpu' or 'gpu'/'cuda') on any machine: block sizes, plans and
+    compiler parameters are the target's. The traced program (`.jaxpr`) holds each kernel's pallas_call."""
+    name = normalize(platform)
+
+    # A fresh function each time: jit's trace cache is keyed on the function and the abstract mesh, not on the
+    # target, so a kernel traced for one target would otherwise be reused for another.
+    def traced(*a, **k):
+        return fn(*a, **k)
+
+    with _building_for(name):
+        return jax.jit(traced, static_argnames=tuple(kwargs)).trace(*args, **kwargs)
+
+
 def lower(fn: Callable[..., Any], *args: Any, platform: str, **kwargs: Any) -> jax.stages.Lowered:
     """Trace `fn(*args, **kwargs)` for `platform` ('tpu' or 'gpu'/'cuda') and lower it, on any machine.
 
@@ -92,12 +118,6 @@ def lower(fn: Callable[..., Any], *args: Any, platform: str, **kwargs: Any) -> j
     final compile by libtpu or ptxas.
     """
     name = normalize(platform)
-    if name == "cpu":
-        raise ValueError("lower() is for tpu or gpu; on the CPU kernels run in interpret mode")
-    # Auto axes, as a plain single-device jit has: under Explicit axes every aval carries a sharding, and the
-    # Triton lowering of multi-axis reductions in jax 0.11.2 then fails on a spec of the wrong rank.
-    mesh = AbstractMesh((1,), ("lowering",), axis_types=(AxisType.Auto,),
-                        abstract_device=LOWERING_DEVICES[name])
-    with targeting(name), use_abstract_mesh(mesh):
-        return jax.jit(fn, static_argnames=tuple(kwargs)).trace(*args, **kwargs).lower(
-            lowering_platforms=(_LOWERING_PLATFORMS[name],))
+    traced = trace(fn, *args, platform=name, **kwargs)
+    with _building_for(name):
+        return traced.lower(lowering_platforms=(_LOWERING_PLATFORMS[name],))

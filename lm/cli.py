@@ -165,6 +165,10 @@ def cmd_kernels_lower(args) -> int:
 
     if args.kernel is not None and args.kernel not in catalog.kernels():
         raise UsageError(f"unknown kernel {args.kernel!r}; the catalogue holds {', '.join(catalog.kernels())}")
+    if args.report:
+        return _kernels_report(args)
+    if args.platform is None:
+        raise UsageError("kernels lower needs --platform tpu|cuda (or --report for the structure of every kernel)")
     failed = 0
     for r in catalog.lower_all(args.platform, only=args.kernel):
         failed += not r["ok"]
@@ -178,6 +182,19 @@ def cmd_kernels_lower(args) -> int:
     if failed:
         print(f"{failed} kernel shape(s) failed to lower for {args.platform}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _kernels_report(args) -> int:
+    from kernels_pallas import report
+
+    if any(t < 1 for t in args.T):
+        raise UsageError(f"--T takes positive token counts, got {args.T}")
+    if args.ptxas and not report.ptxas_available():
+        raise UsageError("--ptxas needs the triton package (it ships ptxas): pip install 'attnlab[ptxas]'")
+    targets = ("tpu", "gpu") if args.platform is None else (report.platform.normalize(args.platform),)
+    for row in report.report_rows(tuple(args.T), only=args.kernel, ptxas=args.ptxas, targets=targets):
+        print(json.dumps(row) if args.json else report.format_row(row), flush=True)
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -329,10 +346,20 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = k.add_subparsers(dest="kernels_cmd", required=True)
     kl = ksub.add_parser("lower", help="lower every Pallas kernel (forward and backward) for a TPU or GPU, on "
                                        "any machine, at representative shapes; one line per kernel and shape")
-    kl.add_argument("--platform", required=True, choices=("tpu", "cuda", "gpu"),
-                    help="tpu: Mosaic lowering (TPU v5p rules); cuda/gpu: Triton lowering (H200)")
+    kl.add_argument("--platform", default=None, choices=("tpu", "cuda", "gpu"),
+                    help="tpu: Mosaic lowering (TPU v5p rules); cuda/gpu: Triton lowering (H200); with --report, "
+                         "only that target's rows (default both)")
     kl.add_argument("--kernel", default=None, help="only this kernel family (e.g. flash)")
     kl.add_argument("--json", action="store_true", help="one JSON object per line")
+    kl.add_argument("--report", action="store_true",
+                    help="the structure of each kernel at bf16, D=128, 16 heads: grid and programs, dots by operand "
+                         "dtype and bf16 FLOP share, loop trip counts, TPU VMEM per grid step (tile-padded, "
+                         "double-buffered) against each chip")
+    kl.add_argument("--T", type=int, nargs="+", default=[8192, 32768], metavar="N",
+                    help="token counts for --report (default 8192 32768)")
+    kl.add_argument("--ptxas", action="store_true",
+                    help="with --report: registers, spills and shared memory per GPU kernel for sm_90a "
+                         "(compiles each Triton module; needs the triton package)")
     kl.set_defaults(fn=cmd_kernels_lower)
 
     bd = bsub.add_parser("decode", help="decode-step time and memory bandwidth of softmax_decode, K,V and K=V")

@@ -1,0 +1,93 @@
+"""`attnlab kernels lower --report`: the structure read from a traced kernel is what the kernel holds (grid, dots and
+their operand dtypes, loop trips, tile-padded VMEM per grid step), checked on a kernel built here by hand."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels_pallas import platform, report
+from lm import cli
+
+
+def _kernel(x_ref, w_ref, o_ref, acc_ref):
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    def step(i, acc):   # 4 trips of a bf16 x bf16 -> fp32 dot [16,128] x [128,128]
+        return acc + lax.dot_general(x_ref[...], w_ref[...], (((1,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, 4, step, jnp.zeros((16, 128), jnp.float32))
+    # One fp32 dot outside the loop: [8,16] x [16,128].
+    o_ref[...] = lax.dot_general(acc[:8, :16], acc, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _call(x, w):
+    return pl.pallas_call(
+        _kernel, grid=(2, 3), name="hand_made",
+        in_specs=[pl.BlockSpec((None, 16, 128), lambda i, j: (i, 0, 0)),
+                  pl.BlockSpec((128, 128), lambda i, j: (0, 0))],
+        out_specs=pl.BlockSpec((None, 8, 128), lambda i, j: (i * 3 + j, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((6, 8, 128), jnp.float32),
+        scratch_shapes=[pltpu.VMEM((8, 1), jnp.float32)],
+        compiler_params=platform.compiler_params(tpu=dict(dimension_semantics=("parallel", "parallel"))),
+    )(x, w)
+
+
+ARGS = (jax.ShapeDtypeStruct((2, 16, 128), jnp.bfloat16), jax.ShapeDtypeStruct((128, 128), jnp.bfloat16))
+
+
+def test_structure_of_a_hand_made_kernel():
+    [s] = report.kernel_structures(_call, *ARGS, target="tpu")
+    assert s.name == "hand_made" and s.grid == (2, 3) and s.programs == 6
+    assert [(d.lhs, d.rhs, d.acc) for d in s.dots] == [("bfloat16", "bfloat16", "float32"),
+                                                        ("float32", "float32", "float32")]
+    assert s.fast_dots == 1 and s.loops == [4]
+    loop_flops, tail_flops = 4 * 2 * 16 * 128 * 128, 2 * 8 * 16 * 128
+    assert [d.flops for d in s.dots] == [loop_flops, tail_flops]
+    assert abs(s.fast_flop_share - loop_flops / (loop_flops + tail_flops)) < 1e-12
+    # Blocks double-buffered, bf16 [16,128] = one (16,128) tile; fp32 [8,128] = one (8,128) tile; the scratch
+    # [8,1] pads to a whole (8,128) tile, once.
+    assert s.vmem_bytes == 2 * 16 * 128 * 2 + 2 * 128 * 128 * 2 + 2 * 8 * 128 * 4 + 8 * 128 * 4
+    assert s.vmem_blocks[-1] == "8x1 float32 x1"
+
+
+def test_gpu_structure_has_no_vmem():
+    def gpu_call(x, w):  # no scratch: Triton has none
+        def k(x_ref, w_ref, o_ref):
+            o_ref[...] = lax.dot_general(x_ref[...], w_ref[...], (((1,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+        return pl.pallas_call(k, grid=(2,), in_specs=[pl.BlockSpec((None, 16, 128), lambda i: (i, 0, 0)),
+                                                      pl.BlockSpec((128, 128), lambda i: (0, 0))],
+                              out_specs=pl.BlockSpec((None, 16, 128), lambda i: (i, 0, 0)),
+                              out_shape=jax.ShapeDtypeStruct((2, 16, 128), jnp.float32),
+                              compiler_params=platform.compiler_params(gpu=dict(num_warps=4)))(x, w)
+
+    [s] = report.kernel_structures(gpu_call, *ARGS, target="gpu")
+    assert s.grid == (2,) and s.vmem_bytes == 0 and s.fast_dots == 1
+
+
+def test_tile_padding():
+    assert report._padded_bytes((2048, 1), jnp.float32) == 2048 * 128 * 4     # [T,1] statistics: 128x
+    assert report._padded_bytes((10, 100), jnp.bfloat16) == 16 * 128 * 2
+    assert report._padded_bytes((3, 10, 200), jnp.float32) == 3 * 16 * 256 * 4
+    assert report._padded_bytes((128,), jnp.float32) == 8 * 128 * 4
+
+
+def test_cli_report_rows(capsys):
+    assert cli.main(["kernels", "lower", "--report", "--T", "512", "--kernel", "lightning", "--json"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert {r["target"] for r in rows} == {"tpu", "gpu"} and {r["family"] for r in rows} == {"lightning"}
+    for r in rows:
+        assert r["T"] == 512 and r["programs"] >= 1 and r["dots"] >= 1
+        assert (r["vmem_bytes"] > 0) == (r["target"] == "tpu")
+    assert cli.main(["kernels", "lower", "--report", "--T", "512", "--kernel", "kda", "--platform", "tpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(x.startswith("tpu T=512") and "MiB/step" in x for x in lines)
+    assert cli.main(["kernels", "lower", "--report", "--T", "0"]) == 2
+    assert cli.main(["kernels", "lower"]) == 2
+    assert "needs --platform" in capsys.readouterr().err
