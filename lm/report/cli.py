@@ -1,9 +1,11 @@
 """`attnlab report SWEEP_OR_RUN_DIR... [--out DIR] [--baseline VARIANT] [--key eval_loss] [--contrast A:B]
-[--wandb MODE]`: write report.md (what ran, the per-variant table, the contrasts, the plots), report.json (per-run
-records) and three PNGs into the output directory, and log the table and plots to the sweep's W&B group as a
-`report` job when W&B is on.
+[--wandb MODE]`: write report.md (what ran, the per-variant table with paired 95% intervals, the contrasts, the
+ranking at half the run, the plots), report.json (per-run records) and the PNGs into the output directory, and log
+the table and plots to the sweep's W&B group as a `report` job when W&B is on. `attnlab report --from-json
+REPORT_JSON` writes a report again from the records an earlier one kept.
 
-The output directory defaults to experiments/results/<sweep name>/; with only plain run directories --out is
+The output directory defaults to experiments/results/<sweep name>/, or experiments/results/exploratory/<sweep
+name>/ for a report below the evidence bar (lm/report/evidence.py); with only plain run directories --out is
 required. `--wandb auto` logs online when the runs were configured online and an API key is available, and
 otherwise not at all; `offline` writes an offline W&B run under the output directory's wandb/.
 """
@@ -24,7 +26,7 @@ WANDB_MODES = ("auto", "offline", "online", "disabled")
 def add_parser(subparsers):
     """Add the `report` subcommand to an argparse subparsers object; its handler is `cmd_report`."""
     r = subparsers.add_parser("report", help="markdown table, PNG plots and JSON records for a sweep or runs")
-    r.add_argument("dirs", nargs="+", metavar="SWEEP_OR_RUN_DIR",
+    r.add_argument("dirs", nargs="*", metavar="SWEEP_OR_RUN_DIR",
                    help="a sweep directory (holding sweep.json from `attnlab sweep`) or a run directory "
                         "(config.yaml, metrics.jsonl); several are reported together")
     r.add_argument("--out", default=None, metavar="DIR",
@@ -39,6 +41,9 @@ def add_parser(subparsers):
     r.add_argument("--contrast", action="append", default=[], metavar="VARIANT:REFERENCE",
                    help="also compare VARIANT with REFERENCE seed by seed, in a table of its own (repeatable; "
                         "added to a sweep spec's `contrasts`)")
+    r.add_argument("--from-json", default=None, metavar="REPORT_JSON",
+                   help="write a report again from an earlier report.json's per-run records (the runs may be gone): "
+                        "this version's statistics, the same 'what ran'; W&B is not logged")
     r.add_argument("--wandb", default="auto", choices=WANDB_MODES,
                    help="auto (default): log to the sweep's W&B group when the runs were online and a W&B key is "
                         "available, else not; offline: an offline W&B run under DIR/wandb; online; disabled")
@@ -47,8 +52,20 @@ def add_parser(subparsers):
 
 
 def cmd_report(args) -> int:
-    res = make_report(args.dirs, out=args.out, baseline=args.baseline, key=args.key, wandb_mode=args.wandb,
-                      command=command_of(args), contrasts=[parse_contrast(c) for c in args.contrast])
+    contrasts = [parse_contrast(c) for c in args.contrast]
+    if args.from_json and args.dirs:
+        raise ReportError("give either run or sweep directories or --from-json REPORT_JSON, not both")
+    if args.from_json:
+        res = report_from_json(args.from_json, out=args.out, baseline=args.baseline, key=args.key,
+                               contrasts=contrasts)
+    elif args.dirs:
+        res = make_report(args.dirs, out=args.out, baseline=args.baseline, key=args.key, wandb_mode=args.wandb,
+                          command=command_of(args), contrasts=contrasts)
+    else:
+        raise ReportError("give at least one sweep directory (holding sweep.json) or run directory, or "
+                          "--from-json REPORT_JSON")
+    if res["exploratory"]:
+        print("below the evidence bar (see 'Evidence' in the report): an exploratory report, no claim rests on it")
     unfinished = f", {res['unfinished']} unfinished" if res["unfinished"] else ""
     print(f"{res['markdown']}: {res['variants']} variants, {res['runs']} runs{unfinished}; "
           f"{res['json'].name} and {len(res['plots'])} plots beside it")
@@ -81,39 +98,78 @@ def make_report(dirs: list[str | Path], *, out: str | Path | None = None, baseli
                 key: str | None = None, wandb_mode: str = "auto", command: str | None = None,
                 contrasts: list[tuple[str, str]] = ()) -> dict:
     """Read the runs of `dirs`, write report.md, report.json and the PNGs, log to W&B per `wandb_mode`. Returns
-    the paths written and counts: {markdown, json, plots, out_dir, variants, runs, unfinished, wandb}."""
+    the paths written and counts: {markdown, json, plots, out_dir, variants, runs, unfinished, wandb, exploratory}.
+    Without `out`, a report that meets the evidence bar goes to experiments/results/<name>/, one below it to
+    experiments/results/exploratory/<name>/."""
     from lm.report.collect import collect
-    from lm.report.plots import make_plots
-    from lm.report.tables import (choose_baseline, contrast_cells, grid_cells, header, markdown_table, notes,
-                                  table_cells, variant_rows)
+    from lm.report.tables import header
 
     if wandb_mode not in WANDB_MODES:
         raise ReportError(f"--wandb {wandb_mode}: choose one of {', '.join(WANDB_MODES)}")
     col = collect(dirs)
-    key = key or col.metric or "eval_loss"
     if out is None and col.name is None:
         raise ReportError("--out is required when no argument is a sweep directory")
-    out_dir = Path(out) if out is not None else RESULTS / col.name
-    name = col.name or out_dir.resolve().name
     mode = resolve_wandb_mode(wandb_mode, col.configs)
+    command = command or shlex.join(["attnlab", "report", *map(str, dirs)])
+    key = key or col.metric or "eval_loss"
+    return write_report(col, out=out, baseline=baseline, key=key, command=command, contrasts=contrasts,
+                        what_ran=lambda base: header(col, base, key), wandb_mode=mode)
+
+
+def report_from_json(path: str | Path, *, out: str | Path | None = None, baseline: str | None = None,
+                     key: str | None = None, contrasts: list[tuple[str, str]] = ()) -> dict:
+    """Write the report again from the per-run records of an earlier report.json (the runs themselves need not
+    exist any more): the tables and statistics as this version computes them, the plots, and the same 'what ran'.
+    Without `out` it goes where make_report would put it (by the evidence bar); an older copy elsewhere under
+    experiments/results/ is then for the caller to remove. Returns what make_report returns."""
+    from lm.report.collect import collection_from_report
+
+    path = Path(path)
+    col, doc = collection_from_report(path)
+    what_ran = doc["what_ran"]
+    recomputed = f"`attnlab report --from-json {path}`"
+    return write_report(col, out=out, baseline=baseline or doc.get("baseline"), key=key or doc.get("key"),
+                        command=doc.get("command") or recomputed, contrasts=contrasts,
+                        what_ran=lambda base: what_ran, wandb_mode=None, recomputed_by=recomputed)
+
+
+def write_report(col, *, out: str | Path | None, baseline: str | None, key: str, command: str,
+                 contrasts: list[tuple[str, str]], what_ran, wandb_mode: str | None,
+                 recomputed_by: str | None = None) -> dict:
+    """Judge `col`'s runs and write report.md, report.json and the plots (and log to W&B when `wandb_mode`).
+    `what_ran(baseline)` gives the header's lines."""
+    from lm.report.evidence import evidence_bar, evidence_lines, ranking_cells, ranking_check, ranking_sentence
+    from lm.report.plots import make_plots
+    from lm.report.tables import (INTERVALS, choose_baseline, contrast_cells, grid_cells, markdown_table, notes,
+                                  provenance, table_cells, variant_rows)
+
     base = choose_baseline(col, baseline)
     rows = variant_rows(col, key, base)
     columns, cells = table_cells(rows, key, base)
-    command = command or shlex.join(["attnlab", "report", *map(str, dirs)])
-
     grid = grid_cells(col, rows, key)
     pairs = list(dict.fromkeys([*col.contrasts, *contrasts]))
     contrast = contrast_cells(col, rows, key, pairs)
+    below = evidence_bar(rows, contrast[2] if contrast else [])
+    name = col.name or Path(out).resolve().name
+    out_dir = Path(out) if out is not None else (RESULTS / "exploratory" if below else RESULTS) / name
+    ranking = ranking_check(rows, key)
     plots = make_plots(rows, out_dir, key, base, col.axis)
-    titles = {"by_override.png": f"final {key} against the override", "eval_loss_curves.png": "eval over training", "loss_vs_kv_bytes.png": f"final {key} against "
-              "decode memory per token", "loss_vs_flops.png": f"final {key} against forward FLOPs per token"}
+    titles = {"by_override.png": f"final {key} against the override", "eval_loss_curves.png": "eval over training",
+              "loss_vs_kv_bytes.png": f"final {key} against decode memory per token",
+              "loss_vs_flops.png": f"final {key} against forward FLOPs per token"}
+    header_lines = [*what_ran(base), *evidence_lines(below)]
+    if recomputed_by:
+        header_lines.append(f"Statistics recomputed from the runs' recorded final evals by {recomputed_by} on "
+                            f"{provenance()}.")
     text = [f"# Report: {name}\n", *([col.description.strip() + "\n"] if col.description.strip() else []),
-            f"Command: `{command}`\n", "## What ran\n", *[f"- {line}" for line in header(col, base, key)], "",
+            f"Command: `{command}`\n", "## What ran\n", *[f"- {line}" for line in header_lines], "",
             "## Results\n", *([markdown_table(*grid), ""] if grid else []), markdown_table(columns, cells), "",
             *[n + "\n" for n in notes(col, rows, key, base)],
             *(["## Contrasts\n", markdown_table(*contrast[:2]), "",
-               f"Each row: the first variant's {key} minus the second's, seed by seed; the mean [min, max] over the "
-               "seeds both have, relative to the second's mean; 'tie' when the range holds 0.\n"] if contrast else []),
+               f"Each row: the first variant's {key} minus the second's, seed by seed: {INTERVALS}\n"]
+              if contrast else []),
+            *(["## Ranking at half the run\n", markdown_table(*ranking_cells(ranking, key)), "",
+               ranking_sentence(ranking) + "\n"] if ranking else []),
             "## Plots\n", *[f"![{titles[f]}]({f})\n" for f in plots],
             "Per-run records (final evals, eval curves, static facts): `report.json`.\n"]
     md = out_dir / "report.md"
@@ -121,12 +177,14 @@ def make_report(dirs: list[str | Path], *, out: str | Path | None = None, baseli
     js = out_dir / "report.json"
     js.write_text(json.dumps({
         "name": name, "group": col.group, "baseline": base, "key": key, "command": command,
-        "manifests": col.manifests, "runs": col.records, "unfinished": col.unfinished,
+        "description": col.description, "what_ran": list(what_ran(base)), "manifests": col.manifests,
+        "configs": col.config_labels, "axis": col.axis, "evidence_bar": {"meets": not below, "below": below},
+        "ranking": ranking, "runs": col.records, "unfinished": col.unfinished,
         "contrasts": contrast[2] if contrast else [],
         "variants": [{k: v for k, v in r.items() if k != "records"} for r in rows]}, indent=1))
-    logged = log_to_wandb(mode, col, name, columns, cells, plots, out_dir, key, base) if mode else None
+    logged = log_to_wandb(wandb_mode, col, name, columns, cells, plots, out_dir, key, base) if wandb_mode else None
     return {"markdown": md, "json": js, "plots": plots, "out_dir": out_dir, "variants": len(rows),
-            "runs": len(col.records), "unfinished": len(col.unfinished), "wandb": logged}
+            "runs": len(col.records), "unfinished": len(col.unfinished), "wandb": logged, "exploratory": bool(below)}
 
 
 def resolve_wandb_mode(mode: str, configs: list) -> str | None:

@@ -223,3 +223,48 @@ def static_facts(cfg: Config, where: Path, cache: dict[str, dict]) -> dict:
             raise ReportError(f"{where}: cannot build its model ({type(e).__name__}: {e})") from None
         cache[key] = {k: info[k] for k in FACTS}
     return dict(cache[key])
+
+
+def collection_from_report(path: Path) -> tuple[Collection, dict]:
+    """(the Collection, the document) of an earlier report.json: its per-run records stand in for the runs. The
+    document gains `what_ran` and `description` from the report.md beside it when it predates storing them."""
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no such file (give a report.json written by `attnlab report`)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: cannot be read as JSON ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("runs"), list) or not doc["runs"]:
+        raise ReportError(f"{path}: not a report.json (no per-run records under \"runs\")")
+    if "what_ran" not in doc:
+        doc.update(_written_with(path.with_name("report.md")))
+    records, unfinished = doc["runs"], doc.get("unfinished") or []
+    labels = lambda k: [x for x in dict.fromkeys(r.get(k) for r in records) if x]
+    col = Collection(
+        name=doc.get("name"), group=doc.get("group"), baseline=doc.get("baseline"),
+        description=doc.get("description") or "", manifests=list(doc.get("manifests") or []),
+        records=records, unfinished=unfinished, configs=[],
+        variants=list(dict.fromkeys(r["variant"] for r in [*records, *unfinished])),
+        config_labels=list(doc.get("configs") or labels("config_label")), axis=list(doc.get("axis") or
+                                                                                    labels("axis_label")),
+        metric=doc.get("key"), contrasts=[(c["variant"], c["reference"]) for c in doc.get("contrasts") or []])
+    return col, doc
+
+
+def _written_with(md: Path) -> dict:
+    """`what_ran` (the bullets under '## What ran', less the evidence and recomputation lines this version adds)
+    and `description` (the text between the title and the command) of a report.md."""
+    try:
+        lines = md.read_text().splitlines()
+    except OSError:
+        raise ReportError(f"{md.parent / 'report.json'} predates stored headers and {md} cannot be read; "
+                          f"write the report again from its runs") from None
+    try:
+        start, end = lines.index("## What ran") + 1, lines.index("## Results")
+    except ValueError:
+        raise ReportError(f"{md}: no '## What ran' section before '## Results'") from None
+    what_ran = [ln[2:] for ln in lines[start:end] if ln.startswith("- ")
+                and not ln.startswith(("- Evidence:", "- Statistics recomputed"))]
+    command = next((i for i, ln in enumerate(lines) if ln.startswith("Command: ")), 1)
+    description = " ".join(ln.strip() for ln in lines[1:command] if ln.strip())
+    return {"what_ran": what_ran, "description": description}

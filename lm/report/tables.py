@@ -12,8 +12,12 @@ import numpy as np
 from lm.config import Config, n_params_str
 from lm.report import ReportError
 from lm.report.collect import STANDARD_EVAL, Collection
-from lm.report.stats import paired, paired_cell, summarize
+from lm.report.stats import MIN_SEEDS, PAIRED_COLUMNS, paired, paired_cells, summarize
 
+INTERVALS = (f"its mean (relative to the reference's mean over those seeds), the 95% Student-t interval of that "
+             f"mean, which decides the verdict ('tie' when it holds 0), a 95% percentile bootstrap interval beside "
+             f"it (never deciding: with few seeds it is too narrow), and the number of seeds (a claim needs "
+             f"{MIN_SEEDS}).")
 UNITS = {"eval_loss": "nats per token", "eval_bpb": "bits per byte",
          "eval_acc": "argmax accuracy on the scored targets: every next token, or a synthetic task's answers",
          "eval_ppl": "perplexity"}
@@ -88,18 +92,19 @@ def table_cells(rows: list[dict], key: str, baseline: str) -> tuple[list[str], l
     """(column names, one list of cells per variant): the table, for markdown and for W&B alike."""
     with_state = any(r["state_bytes_per_sequence"] for r in rows)
     extras = list(dict.fromkeys(k for r in rows for k in r["extras"]))
+    versus = f"vs {baseline}" + (", same override" if any(r["baseline"] != baseline for r in rows) else "")
     columns = ["variant", "params", "tokens", "KV bytes/token", *(["state bytes/seq"] if with_state else []),
-               "FLOPs/token", f"{key} (mean ± std, n)",
-               f"vs {baseline}" + (", same override" if any(r["baseline"] != baseline for r in rows) else "")
-               + " (paired)", *extras]
+               "FLOPs/token", f"{key} (mean ± std, n)", f"{versus}: {PAIRED_COLUMNS[0]}", *PAIRED_COLUMNS[1:],
+               *extras]
     out = []
     for r in rows:
         mean = f"{r['mean']:.4f} ± {r['std']:.4f} (n={r['n']})" if r["n"] > 1 else f"{r['mean']:.4f} (n=1)"
-        versus = "baseline" if r["variant"] == r["baseline"] else paired_cell(r["paired"]) if r["paired"] else "—"
+        paired_part = (["baseline", "", "", "", ""] if r["variant"] == r["baseline"] else
+                       paired_cells(r["paired"]) if r["paired"] else ["— (no seed in common)", "", "", "", ""])
         out.append([r["variant"], f"{r['params']:,}", "–".join(f"{t:,}" for t in r["tokens"]),
                     f"{r['kv_cache_bytes_per_token']:,}",
                     *([f"{r['state_bytes_per_sequence']:,}"] if with_state else []),
-                    n_params_str(r["flops_per_token"]), mean, versus,
+                    n_params_str(r["flops_per_token"]), mean, *paired_part,
                     *(f"{r['extras'][k]:.4g}" if k in r["extras"] else "—" for k in extras)])
     return columns, out
 
@@ -139,10 +144,10 @@ def contrast_cells(col: Collection, rows: list[dict], key: str,
         p = paired([r for r in labelled if r["variant"] in (a, b)], b, key).get(a)
         data.append({"variant": a, "reference": b, "paired": p})
         if p is None:
-            out.append([f"{a} − {b}", "0", "— (no seed in common)", ""])
+            out.append([f"{a} − {b}", "— (no seed in common)", "", "", "", "0", ""])
             continue
-        out.append([f"{a} − {b}", str(p["n"]), paired_cell(p), ", ".join(f"{d:+.4f}" for d in p["diffs"])])
-    return ["comparison", "seeds", f"{key} difference (paired)", "per seed"], out, data
+        out.append([f"{a} − {b}", *paired_cells(p), ", ".join(f"{d:+.4f}" for d in p["diffs"])])
+    return ["comparison", f"{key}: {PAIRED_COLUMNS[0]}", *PAIRED_COLUMNS[1:], "per seed"], out, data
 
 
 def markdown_table(columns: list[str], cells: list[list[str]]) -> str:
@@ -153,10 +158,9 @@ def markdown_table(columns: list[str], cells: list[list[str]]) -> str:
 def notes(col: Collection, rows: list[dict], key: str, baseline: str) -> list[str]:
     """The lines under the table: how to read it, and the runs it leaves out or that stopped early."""
     out = [f"{key} is the final eval's ({UNITS.get(key, key)}); ± is the sample standard deviation over seeds. "
-           f"'vs {baseline}' is the difference from {baseline} seed by seed (same seed, same data order): the mean "
-           f"[min, max] over the seeds both have, and relative to {baseline}'s mean; 'tie' when the range holds 0. "
-           f"KV bytes are the cache per token over all layers in the model's dtype; FLOPs are the forward pass's "
-           f"per token at the trained sequence length."]
+           f"'vs {baseline}' is the difference from {baseline} seed by seed (same seed, same data order) over the "
+           f"seeds both have: {INTERVALS} KV bytes are the cache per token over all layers in the model's dtype; "
+           f"FLOPs are the forward pass's per token at the trained sequence length."]
     if any(r["state_bytes_per_sequence"] for r in rows):
         out.append("State bytes/seq: the fixed-size decode state per sequence (recurrent states, conv windows), "
                    "whatever its length.")

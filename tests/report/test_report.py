@@ -43,28 +43,34 @@ def sweep_report(tmp_path_factory):
 
 def test_the_table_holds_the_means_and_paired_differences(sweep_report):
     res, tmp = sweep_report
-    assert res["out_dir"] == Path("experiments/results/demo")  # the default, under the working directory
+    # The default place, under the working directory: exploratory, since 3 seeds are below the bar.
+    assert res["out_dir"] == Path("experiments/results/exploratory/demo") and res["exploratory"]
     md = (tmp / res["markdown"]).read_text()
     header = next(ln for ln in md.splitlines() if ln.startswith("| variant |"))
     columns = [c.strip() for c in header.strip("|").split("|")]
     assert columns == ["variant", "params", "tokens", "KV bytes/token", "state bytes/seq", "FLOPs/token",
-                       "eval_loss (mean ± std, n)", "vs softmax (paired)", "spkv_density", "spkv_compression"]
+                       "eval_loss (mean ± std, n)", "vs softmax: mean difference (relative)", "95% t-interval",
+                       "95% bootstrap", "verdict", "seeds", "spkv_density", "spkv_compression"]
     # softmax: 2.0, 2.1, 2.5 -> mean 2.2, sample std sqrt(0.14 / 2); the baseline row comes first.
     soft = _row(md, "softmax")
     assert md.index("| softmax |") < md.index("| mqa |") < md.index("| kda |")
     assert soft[6] == f"2.2000 ± {math.sqrt(0.07):.4f} (n=3)" and soft[7] == "baseline"
     assert soft[2] == "409,600" and soft[3] == "6,144" and soft[4] == "0"
-    # mqa: -0.1 on every seed, 4.55% below softmax's mean; density 0.9, 0.8, 0.7 and compression 1.5 as columns.
+    # mqa: -0.1 on every seed, 4.55% below softmax's mean, a zero-width interval; 3 seeds are below the bar;
+    # density 0.9, 0.8, 0.7 and compression 1.5 as columns.
     mqa = _row(md, "mqa")
     assert mqa[6] == f"2.1000 ± {math.sqrt(0.07):.4f} (n=3)" and mqa[3] == "768"
-    assert mqa[7] == "-0.1000 [-0.1000, -0.1000] (-4.55%)"
-    assert mqa[8] == "0.8" and mqa[9] == "1.5"
-    # kda: +0.05, -0.1, +0.1 -> mean +0.0167, range holds 0: a tie; no KV cache, a fixed state.
+    assert mqa[7:12] == ["-0.1000 (-4.55%)", "[-0.1000, -0.1000]", "[-0.1000, -0.1000]", "lower", "3 < 5"]
+    assert mqa[12] == "0.8" and mqa[13] == "1.5"
+    # kda: +0.05, -0.1, +0.1 -> mean +0.0167 ± t(0.975, 2) * sd / sqrt(3): holds 0, a tie; no KV cache, a state.
     kda = _row(md, "kda")
     kda_std = math.sqrt(sum((v - 6.65 / 3) ** 2 for v in (2.05, 2.0, 2.6)) / 2)
     assert kda[6] == f"2.2167 ± {kda_std:.4f} (n=3)"
-    assert kda[7] == f"+0.0167 [-0.1000, +0.1000] ({100 * (0.05 / 3) / 2.2:+.2f}%) tie"
-    assert kda[3] == "0" and int(kda[4].replace(",", "")) > 0 and kda[8] == kda[9] == "—"
+    diffs = (0.05, -0.1, 0.1)
+    half = 4.302653 * math.sqrt(sum((d - 0.05 / 3) ** 2 for d in diffs) / 2) / math.sqrt(3)
+    assert kda[7] == f"+0.0167 ({100 * (0.05 / 3) / 2.2:+.2f}%)" and kda[10] == "tie"
+    assert kda[8] == f"[{0.05 / 3 - half:+.4f}, {0.05 / 3 + half:+.4f}]"
+    assert kda[3] == "0" and int(kda[4].replace(",", "")) > 0 and kda[12] == kda[13] == "—"
     assert "gqa4" not in [ln.split("|")[1].strip() for ln in md.splitlines() if ln.startswith("| ")]
 
 
@@ -102,7 +108,9 @@ def test_plain_run_directories(tmp_path):
     res = make_report(dirs, out=out, wandb_mode="disabled")
     md = res["markdown"].read_text()
     assert _row(md, "mqa")[6] == "1.9250 ± 0.0354 (n=2)" and _row(md, "softmax")[7] == "baseline"
-    assert _row(md, "mqa")[7].startswith("-0.1250 [-0.1500, -0.1000]")
+    half = 12.706205 * (0.05 / 2 ** 0.5) / 2 ** 0.5  # differences -0.1, -0.15: t(0.975, 1) * sd / sqrt(2)
+    assert _row(md, "mqa")[7:11] == ["-0.1250 (-6.10%)", f"[{-0.125 - half:+.4f}, {-0.125 + half:+.4f}]",
+                                     "[-0.1500, -0.1000]", "tie"]
     assert _row(md, "kda")[6] == "2.2000 (n=1)" and _row(md, "kda")[2] == "204,800"
     assert "Stopped before train.steps (their last eval is used): kda-s0 (step 50 of 100, eval at 50)." in md
     assert "plain run directories" in md and "# Report: out" in md
@@ -135,7 +143,8 @@ def test_the_subcommand(tmp_path, capsys):
     args = parser.parse_args(["report", str(sweep), "--out", str(tmp_path / "r"), "--baseline", "mqa",
                               "--wandb", "disabled"])
     assert args.fn(args) == 0
-    assert "3 variants, 9 runs, 2 unfinished" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "3 variants, 9 runs, 2 unfinished" in printed and "an exploratory report" in printed
     md = (tmp_path / "r" / "report.md").read_text()
     assert f"Command: `attnlab report {sweep} --out {tmp_path / 'r'} --baseline mqa --wandb disabled`" in md
     assert _row(md, "mqa")[7] == "baseline" and _row(md, "softmax")[7].startswith("+0.1000")
@@ -213,10 +222,10 @@ def test_a_config_baseline_pairs_within_each_override(tmp_path):
                  for v, a, s, d in runs]}))
     res = make_report([sweep], out=tmp_path / "out")
     md = res["markdown"].read_text()
-    assert "| vs softmax, same override (paired) |" in md.replace("| eval_loss (mean ± std, n) ", "")
+    assert "| vs softmax, same override: mean difference (relative) |" in md
     assert _row(md, "softmax-a")[7] == _row(md, "softmax-b")[7] == "baseline"
-    assert _row(md, "kda-a")[7].endswith(" tie") and _row(md, "kda-a")[7].startswith("+0.0167 [-0.1000, +0.1000]")
-    assert _row(md, "kda-b")[7].startswith("-0.2000 [-0.2000, -0.2000]")
+    assert _row(md, "kda-a")[10] == "tie" and _row(md, "kda-a")[7].startswith("+0.0167")
+    assert _row(md, "kda-b")[7:11] == ["-0.2000 (-6.25%)", "[-0.2000, -0.2000]", "[-0.2000, -0.2000]", "lower"]
     assert "| eval_loss by config × override: mean ± std (per seed) | a | b |" in md
     kda_std = math.sqrt(sum((v - 6.65 / 3) ** 2 for v in (2.05, 2.0, 2.6)) / 2)
     assert _row(md, "kda")[1:] == [f"{sum(FINAL['kda']) / 3:.4f} ± {kda_std:.4f} (2.050, 2.000, 2.600)",
@@ -255,8 +264,9 @@ def test_contrasts_pair_two_variants_seed_by_seed(tmp_path, capsys):
     assert args.fn(args) == 0
     md = (tmp_path / "r" / "report.md").read_text()
     rows = {r[0]: r for r in (_cells(line) for line in md.splitlines()) if r and "−" in r[0]}
-    assert rows["kda − mqa"][1:] == ["3", "+0.1167 [+0.0000, +0.2000] (+5.56%) tie", "+0.1500, +0.0000, +0.2000"]
-    assert rows["kda − softmax"][2].startswith("+0.0167 [-0.1000, +0.1000]") and rows["kda − softmax"][2].endswith("tie")
+    assert rows["kda − mqa"][1] == "+0.1167 (+5.56%)" and rows["kda − mqa"][4:] == ["tie", "3 < 5",
+                                                                                   "+0.1500, +0.0000, +0.2000"]
+    assert rows["kda − softmax"][1].startswith("+0.0167") and rows["kda − softmax"][4] == "tie"
     assert "--contrast kda:softmax" in md
     data = json.loads((tmp_path / "r" / "report.json").read_text())["contrasts"]
     assert [(c["variant"], c["reference"], c["paired"]["n"]) for c in data] == [("kda", "mqa", 3), ("kda", "softmax", 3)]

@@ -78,9 +78,10 @@ def test_local_sweep_manifest_only_and_rerun(small_store, tmp_path, write_spec, 
     assert cmd_sweep(args_of(str(spec), "--local", "--report")) == 0
     out = capsys.readouterr().out
     assert out.count("(already finished)") == 4
-    report = (tmp_path / "results" / "tiny" / "report.md").read_text()
+    # Two seeds are below the evidence bar: the report is exploratory.
+    report = (tmp_path / "results" / "exploratory" / "tiny" / "report.md").read_text()
     assert f"Command: `attnlab sweep {spec} --local --report`" in report and "| share_kv |" in report
-    assert (tmp_path / "results" / "tiny" / "eval_loss_curves.png").is_file()
+    assert (tmp_path / "results" / "exploratory" / "tiny" / "eval_loss_curves.png").is_file()
     assert cmd_sweep(args_of(str(spec), "--local", "--only", "*-s0", "--report")) == 0
     assert "report not written: not every run" in capsys.readouterr().out
     assert {p: p.read_text() for p in before} == before
