@@ -7,7 +7,7 @@
 2. designs the layout from its logged densities under the fixed layout's budget and writes it to
    configs/tiny/hybrid_designed.yaml (as `attnlab design-hybrid RUN --budget F --base configs/tiny/softmax.yaml`);
 3. runs experiments/sweeps/design_hybrid_tiny.yaml (fixed 3:1, designed, softmax; 3 seeds) and writes its report
-   to experiments/results/design_hybrid_tiny/.
+   to experiments/results/exploratory/design_hybrid_tiny/ (3 seeds: below the 5-seed evidence bar).
 Rerunning skips what has finished.
 """
 from __future__ import annotations
