@@ -28,17 +28,17 @@ and the cache compression factor: the entries a dense cache holds at the end of 
 T, per layer and KV head) over those a pruned cache holds then (the window plus the kept older keys),
 each summed over SP-KV layers, KV heads and sequences before dividing.
 
-Decode keeps a pruned cache per layer: slots [0, R) are a ring buffer of the last R = min(window, max_len)
-tokens, slots [R, R + C) an append-only store, C = max(max_len - window, 0) (the worst case: every key
-kept). Each slot records its token's position (-1: empty); a token's keep bit is computed when it arrives,
-and when it leaves the ring it is copied to the store iff the bit is set, at that head's own store length.
-Shapes are fixed under jit, so the arrays are allocated for the worst case and decode reads every slot
-(masked); `occupancy` counts the entries actually held, which is what a ragged or paged allocator would pay.
+Decode keeps a pruned cache per layer (`attention.pruned_cache`): per sequence and KV head a ring of the last
+R = min(window, max_len) tokens and a store of C = `cache.capacity` older keys (default: every key that can
+leave the window, so nothing is ever evicted). A token's keep bit is computed when it arrives; when it leaves
+the ring it moves to the store iff the bit is set, at that head's own length. A full store drops its key of
+lowest utility (the newcomer's included) and counts it. Allocated bytes are R + C slots, and decode reads
+each head's occupied slots only.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,7 @@ import pydantic
 from flax import nnx
 from pydantic import Field
 
+from attention import pruned_cache
 from attention.base import AuxLoss, Heatmap, MixerContext, Stat, StatsByLayer, StatsReport, current_train_step
 from attention.layers import normal, param, positions_from_segments
 
@@ -84,6 +85,27 @@ class AnnealConfig(pydantic.BaseModel):
         return self
 
 
+class SPKVCacheConfig(pydantic.BaseModel):
+    """The pruned decode cache: besides the ring of `window` recent keys, a store of `capacity` older keys per
+    sequence and KV head: a share (float in (0, 1]) of the keys that can leave the window, or a number of keys
+    (int >= 1); null: all of them (nothing is ever evicted, and the cache is allocated for the worst case).
+    `attnlab info RUN` suggests one from the run's measured densities."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True)
+
+    capacity: Optional[Union[pydantic.StrictInt, pydantic.StrictFloat]] = None
+
+    @pydantic.field_validator("capacity")
+    @classmethod
+    def _capacity(cls, v):
+        if isinstance(v, float) and not 0 < v <= 1:
+            raise ValueError(f"a share of the older keys must be in (0, 1], got {v}; for a number of keys give an "
+                             f"integer")
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"a number of keys must be at least 1, got {v}")
+        return v
+
+
 class SPKVConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -94,6 +116,7 @@ class SPKVConfig(pydantic.BaseModel):
     lr_mult: float = Field(5.0, gt=0)  # predictor learning rate = lr_mult * optim.lr
     anneal: Optional[AnnealConfig] = None
     density_reg: float = Field(0.0, ge=0)  # weight of the mean-utility penalty; 0: no auxiliary loss
+    cache: SPKVCacheConfig = Field(default_factory=SPKVCacheConfig)
 
     def check(self, ctx: MixerContext) -> list[str]:
         errs = []
@@ -181,43 +204,20 @@ class SPKVGate(nnx.Module):
     # -- pruned decode cache ------------------------------------------------------------------------
 
     def init_cache(self, batch: int, max_len: int, dims: dict[str, int], dtype) -> dict:
-        """Pruned cache holding, per slot and KV head, one vector per entry of `dims` (name -> width)."""
-        ring, store = min(self.window, max_len), max(max_len - self.window, 0)
-        cache = {name: jnp.zeros((batch, ring + store, self.Hkv, dim), dtype) for name, dim in dims.items()}
-        cache["pos"] = jnp.full((batch, ring + store, self.Hkv), -1, jnp.int32)
-        cache["keep"] = jnp.zeros((batch, ring, self.Hkv), bool)
-        cache["stored"] = jnp.zeros((batch, self.Hkv), jnp.int32)
-        return cache
+        """Pruned cache (`attention.pruned_cache`) holding, per slot and KV head, one vector per entry of `dims`
+        (name -> width): a ring of the window and a store of `cache.capacity` older keys."""
+        return pruned_cache.init(batch, self.Hkv, dims, dtype, ring=pruned_cache.ring_slots(self.window, max_len),
+                                 capacity=pruned_cache.store_slots(self.cfg.cache.capacity, self.window, max_len))
 
     def append(self, cache: dict, x_B1D: jax.Array, entries: dict[str, jax.Array], position) -> dict:
-        """Add the token at `position` (its mixer input x and its cache `entries` [B,1,Hkv,dim]); the token
-        leaving the window moves to the store if its keep bit is set. Slot positions: cache["pos"]."""
-        B, ring = cache["keep"].shape[:2]
-        slot = position % self.window  # < ring: positions stay below max_len
-        b_B1, h_1H = jnp.arange(B)[:, None], jnp.arange(self.Hkv)[None, :]
-        leaving_pos_BH = cache["pos"][:, slot]
-        moves_BH = cache["keep"][:, slot] & (leaving_pos_BH >= 0)
-        dest_BH = ring + cache["stored"]
-        new = dict(cache)
-        for name, e_B1HD in entries.items():
-            buf = cache[name]
-            # Written whether or not it moves: the slot only becomes visible through its position below.
-            buf = buf.at[b_B1, dest_BH, h_1H].set(buf[:, slot], mode="drop")
-            new[name] = buf.at[:, slot].set(e_B1HD[:, 0].astype(buf.dtype))
-        pos = cache["pos"].at[b_B1, dest_BH, h_1H].set(jnp.where(moves_BH, leaving_pos_BH, -1), mode="drop")
-        new["pos"] = pos.at[:, slot].set(position)
-        new["keep"] = cache["keep"].at[:, slot].set(self.logits(x_B1D)[:, 0] >= self.logit_threshold)
-        new["stored"] = cache["stored"] + moves_BH
-        return new
+        """Add the token at `position` (its mixer input x and its cache `entries` [B,1,Hkv,dim]) with its utility
+        logit as score and its keep bit as admission: the token leaving the window enters the store iff kept."""
+        z_BH = self.logits(x_B1D)[:, 0]
+        return pruned_cache.append(cache, entries, position, score=z_BH, admit=z_BH >= self.logit_threshold)
 
     def flops_per_token(self) -> float:
         d, hidden = self.w1.shape
         return 2.0 * hidden * (d + self.Hkv)
-
-
-def occupancy(cache: dict) -> jax.Array:
-    """[B,Hkv] entries a pruned cache holds per KV head: the occupied ring slots plus the store."""
-    return jnp.sum(cache["pos"] >= 0, axis=1)
 
 
 def report(stats: StatsByLayer) -> StatsReport:

@@ -10,9 +10,10 @@ sequence they split into a part that grows with the cache length and a fixed par
 at the run's length and at twice it: bytes_per_token = growth per token, state_bytes = the rest. The analytic
 kv_cache_bytes_per_token counts keys and values only, and state_bytes_per_sequence the fixed recurrent and conv
 state; they agree with the arrays for plain caches (K=V sharing caches one array, half of K,V's; linear mixers
-grow by nothing). An SP-KV cache is allocated for the worst case and also records each slot's position (int32
-per KV head and token) and a keep bit per window slot and a stored count (fixed); what it really holds is
-given under `spkv`: the entries present after decoding (`attention.spkv.occupancy`) times their bytes.
+grow by nothing). A pruned (SP-KV) cache (`attention.pruned_cache`) also records each slot's position and score
+(int32 and fp32 per KV head and slot), admission bits for the window and per-head counts; with a capacity set
+its store does not grow with the length. What it holds is given under `spkv`: the entries present after
+decoding times their bytes, against what it allocated and the keys a full store evicted.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attention import spkv
+from attention import pruned_cache
 from lm.config import Config
 from lm.evals.common import EvalError, can_run_past
 from lm.generate import prefill as prefill_cache
@@ -57,10 +58,6 @@ def check_lengths(cfg: Config, prompt: int, steps: int) -> None:
 def tree_bytes(tree) -> int:
     """Sum of nbytes over the leaves (arrays or ShapeDtypeStructs)."""
     return int(sum(np.prod(x.shape, dtype=np.int64) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
-
-
-def _is_pruned(cache: dict) -> bool:
-    return isinstance(cache, dict) and {"pos", "keep", "stored"} <= set(cache)
 
 
 def measure_decode(mdef: ModelDef, params, prompt_BP: np.ndarray, *, steps: int,
@@ -144,24 +141,28 @@ def _named(cache) -> dict:
 
 def spkv_report(model, cache: list, length: int) -> dict | None:
     """What the pruned caches hold after decoding, per sequence (mean over the batch): the kept entries' key
-    and value bytes against a dense cache of the same length, by SP-KV layer; None without SP-KV layers."""
-    held = dense = allocated = 0.0
+    and value bytes against a dense cache of the same length and against the bytes allocated (every array of
+    the cache), by pruned layer, with the slots allocated and keys evicted per KV head; None without pruned
+    layers."""
+    held = dense = allocated = evicted = 0.0
     by_layer = {}
     for block, c in zip(model.blocks, cache):
-        if not _is_pruned(c):
+        if not pruned_cache.is_pruned(c):
             continue
-        occ_BH = np.asarray(spkv.occupancy(c), np.float64)
-        entry = sum(c[n].shape[-1] * jnp.dtype(c[n].dtype).itemsize for n in ("k", "v") if n in c)
-        layer_held = float(occ_BH.sum(axis=1).mean()) * entry
+        occ_BH = np.asarray(pruned_cache.occupancy(c), np.float64)
+        layer_held = float(occ_BH.sum(axis=1).mean()) * pruned_cache.entry_bytes(c)
         held += layer_held
         dense += length * block.mixer.cache_bytes_per_token()
         allocated += tree_bytes(c) / occ_BH.shape[0]
+        evicted += float(np.asarray(c["evicted"], np.float64).sum(axis=1).mean())
         by_layer[block.label] = {"entries_per_head": occ_BH.mean(axis=0).tolist(), "slots_per_head": c["pos"].shape[1],
+                                 "evicted_per_head": np.asarray(c["evicted"], np.float64).mean(axis=0).tolist(),
                                  "held_kv_bytes": layer_held}
     if not by_layer:
         return None
     return {"held_kv_bytes_per_sequence": held, "dense_kv_bytes_per_sequence": dense,
-            "allocated_bytes_per_sequence": allocated, "compression": dense / max(held, 1.0), "layers": by_layer}
+            "allocated_bytes_per_sequence": allocated, "compression": dense / max(held, 1.0),
+            "allocated_vs_dense": allocated / max(dense, 1.0), "evicted_per_sequence": evicted, "layers": by_layer}
 
 
 def prompt_tokens(rng: np.random.Generator, batch: int, prompt: int, *, ids: np.ndarray,
@@ -189,5 +190,6 @@ def lines(res: dict) -> list[str]:
     if s:
         out.append(f"  SP-KV: holds {n(s['held_kv_bytes_per_sequence'])} KV bytes/sequence of a dense "
                    f"{n(s['dense_kv_bytes_per_sequence'])} ({s['compression']:.2f}x smaller; allocated "
-                   f"{n(s['allocated_bytes_per_sequence'])} with positions and keep bits)")
+                   f"{n(s['allocated_bytes_per_sequence'])} with positions, scores and admission bits, "
+                   f"{s['allocated_vs_dense']:.2f}x dense; {n(s['evicted_per_sequence'])} keys evicted)")
     return out

@@ -20,7 +20,8 @@ from flax import nnx
 from attention.base import MixerContext, Stat, StatsReport, in_train_step
 from attention.cca import CCAConfig, CCAttention
 from attention.softmax import SoftmaxAttention, SoftmaxConfig
-from attention.spkv import SPKVConfig, SPKVGate, anneal_alpha, occupancy, report
+from attention.pruned_cache import occupancy
+from attention.spkv import SPKVCacheConfig, SPKVConfig, SPKVGate, anneal_alpha, report
 from lm.checkpoint import Checkpointer
 from lm.cli import build_parser
 from lm.config import ConfigError, OptimConfig, load_config
@@ -189,6 +190,39 @@ def test_pruned_cache_decode_equals_hard_mask_forward(name):
     np.testing.assert_array_equal(np.asarray(occupancy(cache)), W + kept_BH)
 
 
+def _with_capacity(m: SoftmaxAttention, capacity: int) -> SoftmaxAttention:
+    cfg = m.cfg.model_copy(update={"spkv": m.cfg.spkv.model_copy(update={"cache": SPKVCacheConfig(capacity=capacity)})})
+    other = SoftmaxAttention(cfg, _ctx(), rngs=nnx.Rngs(0))
+    set_params(other, params_of(m))
+    return other
+
+
+def test_capacity_bounds_the_cache_and_counts_evictions():
+    """spkv.cache.capacity sizes the store: at the largest kept count of any head the cache is window + that many
+    slots and decodes exactly as the hard-mask forward; one slot less, the densest heads evict (counted), and the
+    outputs match the forward up to the first step a key could be missing."""
+    base = DECODE_CASES["softmax_gqa"].model_copy(update={"spkv": SPKVConfig(window=W, init_bias=0.0)})
+    m = SoftmaxAttention(base, _ctx(), rngs=nnx.Rngs(0))
+    x = _x()
+    full = _forward(m, x)
+    nnx.pop(m, Stat)
+    kept_BH = (np.asarray(m.spkv.logits(x)) >= 0.0)[:, :T - W].sum(axis=1)
+    most = int(kept_BH.max())
+    assert most < T - W, "the case must keep fewer keys than leave the window"
+    decoded, cache = _decode_all(_with_capacity(m, most), x)
+    assert cache["pos"].shape[1] == W + most
+    assert_close(decoded, full, rel=1e-5, name="capacity fits")
+    np.testing.assert_array_equal(cache["evicted"], 0)
+
+    decoded, cache = _decode_all(_with_capacity(m, most - 1), x)
+    np.testing.assert_array_equal(cache["evicted"], np.maximum(kept_BH - (most - 1), 0))
+    np.testing.assert_array_equal(occupancy(cache), W + np.minimum(kept_BH, most - 1))
+    # The store fills at the earliest when `most - 1` keys have left the window; up to then nothing is missing.
+    first = W + most - 1
+    assert_close(decoded[:, :first + 1], full[:, :first + 1], rel=1e-5, name="before any eviction")
+    assert float(jnp.max(jnp.abs(decoded - full))) > 1e-4, "an evicted key must change some output"
+
+
 # ----------------------------------------------------------------------------------------------
 # statistics
 
@@ -341,6 +375,12 @@ def test_config_errors():
         load_config("configs/tiny/spkv.yaml", ["model.mixers.softmax.spkv.window=256"])
     with pytest.raises(ConfigError, match=r"spkv\.anneal\.freeze_steps: 400 is more than train\.steps 250"):
         load_config("configs/tiny/spkv.yaml", ["model.mixers.softmax.spkv.anneal.freeze_steps=400"])
+    with pytest.raises(ConfigError, match=r"spkv\.cache\.capacity: a share of the older keys must be in \(0, 1\]"):
+        load_config("configs/tiny/spkv.yaml", ["model.mixers.softmax.spkv.cache.capacity=1.5"])
+    with pytest.raises(ConfigError, match=r"spkv\.cache\.capacity: a number of keys must be at least 1"):
+        load_config("configs/tiny/spkv.yaml", ["model.mixers.softmax.spkv.cache.capacity=0"])
+    assert load_config("configs/tiny/spkv.yaml", ["model.mixers.softmax.spkv.cache.capacity=0.25"]).model.mixers[
+        "softmax"].spkv.cache.capacity == 0.25
     with pytest.raises(ConfigError, match=r"spkv: cannot be combined with sliding_window"):
         load_config("configs/tiny/spkv.yaml", ["model.mixers.softmax.sliding_window=64"])
     assert load_config("configs/tiny/spkv.yaml", ["model.mixers.softmax.spkv=null"]).model.mixers["softmax"].spkv \

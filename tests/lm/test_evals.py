@@ -205,12 +205,15 @@ def test_spkv_cache_reports_what_it_holds(tmp_path):
         "model.mixers.softmax.spkv.window": 8, "model.mixers.softmax.spkv.init_bias": -20,
         "model.mixers.softmax.spkv.anneal.freeze_steps": 2, "model.mixers.softmax.spkv.anneal.ramp_steps": 2})
     kv_token = 2 * 2 * 2 * 16 * 4
-    # Allocated for the worst case, plus an int32 position per slot and KV head (2 layers x 2 heads).
-    assert res["analytic_bytes_per_token"] == kv_token and res["bytes_per_token"] == kv_token + 2 * 2 * 4
-    assert res["state_bytes"] == 2 * (8 * 2 + 2 * 4) and not res["matches_analytic"]  # keep bits, stored counts
+    # No capacity set: allocated for the worst case, plus an int32 position and an fp32 score per slot and KV
+    # head (2 layers x 2 heads); fixed: admission bits of the 8 window slots, stored and evicted counts.
+    assert res["analytic_bytes_per_token"] == kv_token and res["bytes_per_token"] == kv_token + 2 * 2 * 8
+    assert res["state_bytes"] == 2 * (8 * 2 + 2 * 4 + 2 * 4) and not res["matches_analytic"]
     s = res["spkv"]
     assert s["dense_kv_bytes_per_sequence"] == 16 * kv_token
     assert s["held_kv_bytes_per_sequence"] == 8 * kv_token and s["compression"] == 2.0
+    assert s["allocated_bytes_per_sequence"] == 16 * res["bytes_per_token"] + res["state_bytes"]
+    assert s["evicted_per_sequence"] == 0
     assert all(layer["entries_per_head"] == [8.0, 8.0] for layer in s["layers"].values())
 
 

@@ -8,7 +8,7 @@ import pytest
 from lm.config import load_config
 from lm.generate import (GenerationError, generate_ids, generate_sliding, plan_length, sampling_settings,
                          slide_keep)
-from lm.model import init_model
+from lm.model import init_model, pop_sown
 from lm.train import RunError
 
 TINY = "configs/tiny/softmax.yaml"
@@ -154,3 +154,26 @@ def test_sliding_generation_samples_reproducibly():
     short = generate_sliding(mdef, params, prompt, jax.random.PRNGKey(3), **{**kw, "max_new_tokens": 13})
     one = generate_ids(mdef, params, prompt, jax.random.PRNGKey(3), max_new_tokens=13, temperature=1.0)
     assert short.tolist() == one.tolist()
+
+
+# --- SP-KV: the pruned cache ---------------------------------------------------------------------------------------
+
+SPKV = ["model.mixers.softmax.spkv.window=4", "model.mixers.softmax.spkv.init_bias=0.0",
+        "model.mixers.softmax.spkv.anneal=null"]
+
+
+def test_spkv_greedy_generation_is_the_hard_mask_forward():
+    """Greedy tokens generated through the pruned cache (a ring of 4 and a store per KV head) equal those of the
+    full forward, whose gate outside a train step is the hard 0/-inf mask; and some gate is closed, so the cache
+    really prunes."""
+    cfg = load_config("configs/tiny/spkv.yaml", SMALL + SPKV)
+    mdef, params = init_model(cfg)
+    prompt = np.random.default_rng(0).integers(0, 256, 5).tolist()
+    out = generate_ids(mdef, params, jnp.asarray([prompt], jnp.int32), jax.random.PRNGKey(0), max_new_tokens=11)
+    assert out[0].tolist() == _greedy_reference(mdef, params, prompt, 11, 17)
+    model = mdef.merge(params)
+    model(out)
+    _, stats = pop_sown(model)
+    kept = sum(int(np.sum(s["spkv_kept"])) for s in stats.values())
+    older = sum(int(s["spkv_older"]) * len(s["spkv_kept"]) for s in stats.values())
+    assert 0 < kept < older, (kept, older)
