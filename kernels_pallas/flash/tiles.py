@@ -7,6 +7,7 @@ c at position c. The plan is static (hashable), so it is a `custom_vjp` non-diff
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax.numpy as jnp
 from jax import lax
@@ -30,9 +31,10 @@ class Plan:
     has_gate: bool
     has_segments: bool
     kv_shared: bool             # one array is both key and value
-    interpret: bool
+    interpret: Any              # False, True (generic interpret) or pltpu.InterpretParams (the TPU interpreter)
     num_warps: int
     num_stages: int
+    pipeline: bool              # the TPU key-block pipeline (pipeline.py) instead of the row driver
 
     @property
     def offset(self) -> int:
@@ -97,15 +99,22 @@ def dot(a, b, *, contract=(1, 0)):
                            preferred_element_type=jnp.float32, precision=precision)
 
 
-def logits(plan: Plan, q, k, i, j, gate=None, q_doc=None, k_doc=None):
+def logits(plan: Plan, q, k, i, j, gate=None, q_doc=None, k_doc=None, *, masked=True, keys_major=False):
     """Masked fp32 logits [bq, bk] of tile (i, j) and the gated-key mask (None when the gate covers every key).
 
     q [bq, D], k [bk, D]; gate [1, bk] fp32; q_doc [bq, 1] and k_doc [1, bk] document indices. Masked entries are
     -inf, so exp gives an exact 0 with a zero derivative.
+
+    keys_major: the tile is [bk, bq] (keys on rows; gate and k_doc [bk, 1], q_doc [1, bq]), so per-query rows
+    (lse, delta) broadcast lane-dense in the TPU dk/dv kernel. masked=False is for a tile that `blocks` calls
+    FULL (every pair visible, the gate on every pair): the scaled dot plus the gate, with no compare at all.
     """
-    s = dot(q, k, contract=(1, 1)) * plan.scale
-    q_pos = plan.offset + i * plan.block_q + lax.broadcasted_iota(jnp.int32, s.shape, 0)
-    k_pos = j * plan.block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    s = (dot(k, q, contract=(1, 1)) if keys_major else dot(q, k, contract=(1, 1))) * plan.scale
+    if not masked:
+        return (s if gate is None else s + gate), None
+    q_axis = 1 if keys_major else 0
+    q_pos = plan.offset + i * plan.block_q + lax.broadcasted_iota(jnp.int32, s.shape, q_axis)
+    k_pos = j * plan.block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1 - q_axis)
     rel = q_pos - k_pos
     gated = None
     if gate is not None:

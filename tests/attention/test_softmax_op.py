@@ -69,7 +69,7 @@ def test_reference_default_scale_and_gqa_head_mapping():
 
 
 def test_rows_without_keys_give_zero_and_finite_gradients():
-    for impl in ("reference", "xla", "pallas"):
+    for impl in ("reference", "xla", "pallas", "pallas-pipeline"):
         o, dq, *_ = _run_case(impl, "T>S-gate-local0")
         np.testing.assert_array_equal(np.asarray(o)[:, :16], 0.0, err_msg=impl)
         np.testing.assert_array_equal(np.asarray(dq)[:, :16], 0.0, err_msg=impl)
@@ -87,7 +87,7 @@ def test_rows_without_keys_give_zero_and_finite_gradients():
     # Documents start at 41 and 33 in the two rows: query blocks from 48 on never load keys 0..31.
     ("segments-gate-everywhere", slice(None, 32), slice(48, None)),
 ])
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas-pipeline"])
 def test_masked_tiles_are_skipped_not_masked(name, poisoned_keys, clean_rows, impl):
     # NaN keys/values poison every tile that loads them, fully masked or not (0 * NaN = NaN), so finite
     # rows prove that the implementation never computed those tiles, forward or backward.
@@ -160,7 +160,7 @@ def test_no_score_matrix_is_materialised():
     assert max(sizes) <= full // 4, f"largest intermediate has {max(sizes)} elements; B*H*T*S = {full}"
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas-pipeline"])
 def test_bf16_inputs_against_fp32_reference(impl):
     # bf16 keeps 8 significant bits (unit roundoff 2**-9 ~ 2e-3), and both fast forms round P and dS to
     # bf16 before their matmuls. Measured rel-RMSE, xla and pallas alike: o 1.8e-3, dq 3.1e-3, dk 2.9e-3,

@@ -20,13 +20,18 @@ OUTPUTS = ("o", "dq", "dk", "dv", "dgate")
 # Options an implementation takes in tests only: small tiles, so every case spans several query and key
 # blocks and the tile-skipping paths run.
 TEST_OPTIONS = {"xla": dict(block_q=16, block_k=16), "pallas": dict(block_q=16, block_k=16)}
+# Other builds of a registered implementation that tests run by name: the flash kernel's TPU pipeline driver,
+# interpreted on the CPU (the pallas entry is its portable row driver).
+VARIANTS = {"pallas-pipeline": ("pallas", dict(block_q=16, block_k=16, driver="pipeline"))}
 
 
 @functools.cache
 def implementations() -> dict:
-    """Every registered implementation with its test options bound (one object each, so jit caches hold)."""
-    return {impl: functools.partial(fn, **TEST_OPTIONS.get(impl, {}))
-            for impl, fn in dispatch.implementations(OP).items()}
+    """Every registered implementation with its test options bound, and the VARIANTS (one object each, so jit
+    caches hold)."""
+    impls = dispatch.implementations(OP)
+    table = {impl: functools.partial(fn, **TEST_OPTIONS.get(impl, {})) for impl, fn in impls.items()}
+    return table | {name: functools.partial(impls[base], **opts) for name, (base, opts) in VARIANTS.items()}
 
 
 B, D, DV = 2, 8, 6  # D != DV so that a swapped v/k axis cannot pass

@@ -1,7 +1,11 @@
 """The flash kernel beyond the parity table (tests/kernels/softmax_cases.py, which runs it through dispatch at
 16x16 tiles): its loop bounds are exactly the visible tiles, forward and backward, and it is right at the
-per-target default tiles and a realistic head dim."""
+per-target default tiles and a realistic head dim; the TPU pipeline driver on every parity case (generic
+interpret, and the TPU interpreter on one), its tile kinds and block lists against brute force, and its TPU
+lowering."""
 from __future__ import annotations
+
+import functools
 
 import hypothesis
 import hypothesis.strategies as st
@@ -11,17 +15,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from attention.ops.softmax.reference import softmax_attention_reference
-from kernels_pallas import platform
-from kernels_pallas.flash import BLOCKS, flash_attention
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels_pallas import catalog, platform
+from kernels_pallas.flash import BLOCKS, blocks, flash_attention, pipeline
 from kernels_pallas.flash.tiles import Plan
+from tests.kernels import softmax_cases
 from tests.numerics import assert_close
 
 
-def _plan(t, s, block_q, block_k, causal, window):
+def _plan(t, s, block_q, block_k, causal, window, local_window=None, has_gate=False, has_segments=False):
     pad = lambda n, b: -(-n // b) * b  # noqa: E731
     return Plan(t=t, s=s, t_pad=pad(t, block_q), s_pad=pad(s, block_k), block_q=block_q, block_k=block_k,
-                group=1, scale=1.0, causal=causal, sliding_window=window, local_window=None, has_gate=False,
-                has_segments=False, kv_shared=False, interpret=True, num_warps=4, num_stages=2)
+                group=1, scale=1.0, causal=causal, sliding_window=window, local_window=local_window,
+                has_gate=has_gate, has_segments=has_segments, kv_shared=False, interpret=True, num_warps=4,
+                num_stages=2, pipeline=False)
 
 
 @hypothesis.settings(max_examples=60, deadline=None)
@@ -149,3 +158,126 @@ def test_k_equals_v_decode_with_rope_and_norm_is_still_one_operand():
 
     calls = _pallas_operands(decode, q, k)
     assert [c.count((1, 32, 16)) for c in calls] == [1]
+
+
+# --- the TPU pipeline driver ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(softmax_cases.CASES))
+def test_pipeline_matches_reference(name):
+    """Output and every gradient of each parity case through the pipeline, interpreted (generic)."""
+    softmax_cases.compare(jax.device_get(softmax_cases.run("pallas-pipeline", name)),
+                          jax.device_get(softmax_cases.run("reference", name)), name)
+
+
+def test_pipeline_under_the_tpu_interpreter():
+    """The TPU interpreter runs the kernels with TPU semantics (scalar prefetch in SMEM, VMEM scratch, the
+    sequential grid axes) and raises on an out-of-bounds read; about 10x slower, so one case with a gate,
+    a local window, GQA and a query length that is not a multiple of the block."""
+    name = "mqa-gate-local-window"
+    arrays, static = softmax_cases.case_arrays(name)
+    fn = functools.partial(softmax_cases.implementations()["pallas-pipeline"], interpret=pltpu.InterpretParams())
+    got = jax.device_get(softmax_cases._run(fn, **arrays, **static))
+    softmax_cases.compare(got, jax.device_get(softmax_cases.run("reference", name)), name)
+
+
+def _brute_force_kinds(plan, gate, doc):
+    """Tile kinds from the dense masks: SKIP when no pair is visible, or when every key of the block has a
+    closed gate and every pair that causal and window leave visible is gated; FULL when every pair of the tile
+    (padded keys included) is visible and gated; PARTIAL otherwise."""
+    t_pos = plan.offset + np.arange(plan.t)[:, None]
+    s_pos = np.arange(plan.s_pad)[None, :]
+    rel = t_pos - s_pos
+    visible = np.broadcast_to(s_pos < plan.s, rel.shape).copy()
+    if plan.causal:
+        visible &= rel >= 0
+    if plan.sliding_window is not None:
+        visible &= rel < plan.sliding_window
+    gated = np.ones(rel.shape, bool) if plan.local_window is None else rel >= plan.local_window
+    B = doc.shape[0] if doc is not None else (gate.shape[0] if gate is not None else 1)
+    H = gate.shape[1] if gate is not None else 1
+    kinds = np.zeros((B, H, plan.num_q_blocks, plan.num_k_blocks), np.int32)
+    for b in range(B):
+        vis = visible if doc is None else visible & (doc[b, :plan.t, None] == doc[b, None, :plan.s_pad])
+        for h in range(H):
+            closed = np.zeros(plan.s_pad, bool) if gate is None else gate[b, h] == -np.inf
+            for i in range(plan.num_q_blocks):
+                for j in range(plan.num_k_blocks):
+                    rows = slice(i * plan.block_q, (i + 1) * plan.block_q)
+                    cols = slice(j * plan.block_k, (j + 1) * plan.block_k)
+                    shut = closed[cols].all() and gated[rows, cols][visible[rows, cols]].all()
+                    if not vis[rows, cols].any() or (gate is not None and shut):
+                        continue
+                    every = vis[rows, cols].all() and (gate is None or gated[rows, cols].all())
+                    kinds[b, h, i, j] = blocks.FULL if every else blocks.PARTIAL
+    return kinds
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(t=st.integers(1, 40), extra=st.integers(0, 20), block=st.sampled_from([(4, 4), (8, 4), (4, 8)]),
+                  causal=st.booleans(), window=st.one_of(st.none(), st.integers(1, 30)),
+                  local=st.one_of(st.none(), st.integers(0, 12)), gated=st.booleans(), docs=st.booleans(),
+                  seed=st.integers(0, 2**16))
+def test_tile_kinds_match_brute_force(t, extra, block, causal, window, local, gated, docs, seed):
+    """SKIP exactly when no pair of the tile contributes (masks, documents, a closed gate on every key of a
+    block outside the local window); FULL only when masks would change nothing."""
+    rng = np.random.default_rng(seed)
+    s = t if docs else t + extra
+    causal = causal or window is not None
+    plan = _plan(t, s, *block, causal, window, local if gated else None, has_gate=gated, has_segments=docs)
+    gate = doc = None
+    if gated:
+        # Whole blocks closed, and scattered closed keys that close nothing.
+        closed = rng.random((2, 2, plan.num_k_blocks)) < 0.5
+        gate = np.where(np.repeat(closed, plan.block_k, axis=-1), -np.inf, -rng.random((2, 2, plan.s_pad)))
+        gate[rng.random(gate.shape) < 0.2] = -np.inf
+        gate[:, :, plan.s:] = -np.inf
+    if docs:
+        ids = np.cumsum(rng.random((2, t)) < 0.15, axis=1).astype(np.int32)
+        doc = np.pad(ids, ((0, 0), (0, max(plan.t_pad, plan.s_pad) - t)), mode="edge")
+    got = blocks.tile_kinds(plan, None if gate is None else jnp.asarray(gate, jnp.float32)[:, :, None, :],
+                            None if doc is None else jnp.asarray(doc[:, :plan.t_pad])[:, None, :],
+                            None if doc is None else jnp.asarray(doc[:, :plan.s_pad])[:, None, :])
+    want = _brute_force_kinds(plan, gate, doc)
+    np.testing.assert_array_equal(np.broadcast_to(np.asarray(got), want.shape), want)
+
+
+def test_block_lists_hold_the_visible_tiles_in_order_then_repeat_the_last():
+    kinds = jnp.asarray([[[[1, 0, 2, 0], [0, 0, 0, 0], [0, 2, 2, 1]]]], jnp.int32)  # [1, 1, nq=3, nk=4]
+    plan = _plan(12, 16, 4, 4, causal=False, window=None)
+    lists = blocks.block_lists(plan, kinds, by_query=True)
+    decode = lambda e: [(int(x) >> blocks.KIND_BITS, int(x) & 3) for x in e]  # noqa: E731
+    rows = [decode(r) for r in np.asarray(lists.entries)[0, 0]]
+    assert rows == [[(0, 1), (2, 2), (2, 0), (2, 0)], [(0, 0)] * 4, [(1, 2), (2, 2), (3, 1), (3, 0)]]
+    by_key = [decode(r) for r in np.asarray(blocks.block_lists(plan, kinds, by_query=False).entries)[0, 0]]
+    assert by_key[2] == [(0, 2), (2, 2), (2, 0)] and by_key[1] == [(2, 2), (2, 0), (2, 0)]
+    assert not lists.per_batch and not lists.per_head
+
+
+def test_pipeline_skips_tiles_a_closed_gate_shuts():
+    """Keys whose gate is -inf in a whole block, beyond every query's local window, are never loaded: NaN
+    keys and values there leave every output and gradient finite (a loaded tile would give NaN + -inf)."""
+    name = "mqa-gate-local-window"  # T = S = 77, local window 24, 16-key blocks
+    arrays, _ = softmax_cases.case_arrays(name)
+    poison = jnp.zeros((77,)).at[16:32].set(jnp.nan)[None, :, None, None]
+    gate = arrays["gate"].at[:, 16:32].set(-jnp.inf)
+    outs = softmax_cases.run("pallas-pipeline", name, k=arrays["k"] + poison, v=arrays["v"] + poison, gate=gate)
+    o, dq = (np.asarray(x) for x in outs[:2])
+    # Queries 16..54 reach keys 16..31 inside their local window, where no gate applies: they see the poison.
+    # Queries 0..15 precede them; query blocks from 64 on are 33+ steps past them, all gated and closed.
+    assert np.isnan(o[:, 16:55]).all(), "the poison did not reach the rows that see it; the test checks nothing"
+    for what, x in (("o", o), ("dq", dq)):
+        assert np.isfinite(x[:, :16]).all() and np.isfinite(x[:, 64:]).all(), what
+
+
+def test_tpu_builds_use_the_pipeline_within_vmem():
+    """Every catalogued flash case lowers for TPU through the three pipeline kernels, each with a scoped VMEM
+    limit that holds its estimate, independent of T."""
+    case = next(c for c in catalog.cases() if c.kernel == "flash" and "segments" in c.shape)
+    text = platform.lower(case.fn, *case.args, platform="tpu").as_text()
+    for kernel in ("flash_forward_pipeline", "flash_dq_pipeline", "flash_dkv_pipeline"):
+        assert f'kernel_name = "{kernel}"' in text
+    plans = [_plan(t, t, 512, 512, causal=True, window=None, local_window=64, has_gate=True, has_segments=True)
+             for t in (8192, 32768)]
+    estimates = {pipeline.vmem_estimate(p, 128, 128, jnp.bfloat16) for p in plans}
+    assert len(estimates) == 1 and estimates.pop() <= 16 * pipeline.MIB

@@ -28,13 +28,13 @@ def supports_decode(*, backend, dtype, k_shape, v_shape, **info):
 @dispatch.register("softmax_attention", "pallas", supports=supports)
 def softmax_attention_pallas(q, k, v, *, causal=True, sliding_window=None, local_window=None,
                              key_log_gate=None, segment_ids=None, scale=None, block_q=None, block_k=None,
-                             interpret=None):
+                             interpret=None, driver=None):
     """block_q / block_k override the kernel's per-target tiles (tests use small ones); interpret=None
-    interprets exactly on the CPU."""
+    interprets exactly on the CPU; driver='pipeline' runs the TPU pipeline elsewhere (tests, interpreted)."""
     return flash_attention(q, k, None if v is k else v, causal=causal, sliding_window=sliding_window,
                            local_window=local_window, key_log_gate=key_log_gate,
                            doc_ids=None if segment_ids is None else documents(segment_ids), scale=scale,
-                           block_q=block_q, block_k=block_k, interpret=interpret)
+                           block_q=block_q, block_k=block_k, interpret=interpret, driver=driver)
 
 
 @dispatch.register("softmax_decode", "pallas", supports=supports_decode)
