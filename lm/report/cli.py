@@ -141,7 +141,7 @@ def write_report(col, *, out: str | Path | None, baseline: str | None, key: str,
     from lm.report.evidence import evidence_bar, evidence_lines, ranking_cells, ranking_check, ranking_sentence
     from lm.report.plots import make_plots
     from lm.report.tables import (INTERVALS, choose_baseline, contrast_cells, grid_cells, markdown_table, notes,
-                                  provenance, table_cells, variant_rows)
+                                  provenance, table_cells, tuning_cells, variant_rows)
 
     base = choose_baseline(col, baseline)
     rows = variant_rows(col, key, base)
@@ -153,6 +153,7 @@ def write_report(col, *, out: str | Path | None, baseline: str | None, key: str,
     name = col.name or Path(out).resolve().name
     out_dir = Path(out) if out is not None else (RESULTS / "exploratory" if below else RESULTS) / name
     ranking = ranking_check(rows, key)
+    tuning = tuning_cells(col, key)
     plots = make_plots(rows, out_dir, key, base, col.axis)
     titles = {"by_override.png": f"final {key} against the override", "eval_loss_curves.png": "eval over training",
               "loss_vs_kv_bytes.png": f"final {key} against decode memory per token",
@@ -168,6 +169,8 @@ def write_report(col, *, out: str | Path | None, baseline: str | None, key: str,
             *(["## Contrasts\n", markdown_table(*contrast[:2]), "",
                f"Each row: the first variant's {key} minus the second's, seed by seed: {INTERVALS}\n"]
               if contrast else []),
+            *([f"## Choice of {col.tune['key']}\n", markdown_table(*tuning[:2]), "", tuning[2] + "\n"]
+              if tuning else []),
             *(["## Ranking at half the run\n", markdown_table(*ranking_cells(ranking, key)), "",
                ranking_sentence(ranking) + "\n"] if ranking else []),
             "## Plots\n", *[f"![{titles[f]}]({f})\n" for f in plots],
@@ -179,7 +182,8 @@ def write_report(col, *, out: str | Path | None, baseline: str | None, key: str,
         "name": name, "group": col.group, "baseline": base, "key": key, "command": command,
         "description": col.description, "what_ran": list(what_ran(base)), "manifests": col.manifests,
         "configs": col.config_labels, "axis": col.axis, "evidence_bar": {"meets": not below, "below": below},
-        "ranking": ranking, "runs": col.records, "unfinished": col.unfinished,
+        "ranking": ranking, "tune": col.tune, "tuning": col.tuning, "runs": col.records,
+        "unfinished": col.unfinished,
         "contrasts": contrast[2] if contrast else [],
         "variants": [{k: v for k, v in r.items() if k != "records"} for r in rows]}, indent=1))
     logged = log_to_wandb(wandb_mode, col, name, columns, cells, plots, out_dir, key, base) if wandb_mode else None

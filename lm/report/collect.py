@@ -4,7 +4,9 @@ directories (config.yaml and metrics.jsonl, see lm/train/rundir.py).
 A sweep manifest is {"name", "group", "baseline", "description", "spec", "seeds", "runs": [{"name", "variant",
 "seed", "config", "overrides", "run_dir", "status", "config_label", "axis_label"}], "configs", "axis"} (the
 config labels and the overrides axis's labels; older manifests lack the last four), and "contrasts" (pairs of
-variants the report also compares; optional). A plain run directory's variant is its name without a
+variants the report also compares; optional). A `tune` sweep's manifest adds "tune" ({key, values, seed,
+choices}); its tuning runs say "stage": "tune" and are kept apart (Collection.tuning), and the runs of a variant
+whose value is not chosen yet say "waiting". A plain run directory's variant is its name without a
 trailing `-s<digits>`, its seed the config's run.seed.
 
 Each run with an eval line in its metrics.jsonl becomes one record: the last eval line's metrics, the metrics a
@@ -41,6 +43,8 @@ class RunRef:
     status: str | None = None  # the manifest's word on the run
     config_label: str | None = None  # a manifest's config label and overrides-axis label for the run
     axis_label: str | None = None
+    stage: str = "main"  # "tune": a tuning run of a `tune` sweep (reported in its own table)
+    waiting: bool = False  # a run of a `tune` sweep whose value is not chosen yet
 
 
 @dataclasses.dataclass
@@ -59,6 +63,8 @@ class Collection:
     axis: list[str] = dataclasses.field(default_factory=list)  # overrides axis (empty: none, or no manifest)
     metric: str | None = None  # the first manifest's metric
     contrasts: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # the manifests' (variant, reference)
+    tune: dict | None = None  # the first manifest's tuning settings and choices: {key, values, seed, choices}
+    tuning: list[dict] = dataclasses.field(default_factory=list)  # its tuning runs' records (reason: unfinished)
 
 
 def variant_of(run_dir_name: str) -> str:
@@ -84,10 +90,13 @@ def collect(paths: list[str | Path]) -> Collection:
                                config=str(p / "config.yaml")))
         else:
             raise ReportError(f"{p}: neither a sweep directory (no {MANIFEST}) nor a run directory (no config.yaml)")
-    records, unfinished, configs, seen = [], [], [], {}
+    records, unfinished, configs, seen, tuning = [], [], [], {}, []
     cache: dict[str, dict] = {}
     for ref in refs:
         rec, cfg = read_run(ref, cache)
+        if ref.stage == "tune":
+            tuning.append(rec)
+            continue
         if cfg is not None:
             configs.append(cfg)
         if rec.get("reason"):
@@ -106,10 +115,11 @@ def collect(paths: list[str | Path]) -> Collection:
         baseline=next((m["baseline"] for m in meta if m.get("baseline")), None),
         description=first.get("description") or "", manifests=[m["path"] for m in meta],
         records=records, unfinished=unfinished, configs=configs,
-        variants=list(dict.fromkeys(r.variant for r in refs)),
+        variants=list(dict.fromkeys(r.variant for r in refs if r.stage != "tune")),
         config_labels=list(first.get("configs") or []), axis=list(first.get("axis") or []),
         metric=first.get("metric"),
-        contrasts=list(dict.fromkeys(tuple(c) for m in meta for c in m.get("contrasts") or [])))
+        contrasts=list(dict.fromkeys(tuple(c) for m in meta for c in m.get("contrasts") or [])),
+        tune=first.get("tune"), tuning=tuning)
 
 
 def read_manifest(path: Path) -> dict:
@@ -140,7 +150,8 @@ def manifest_runs(sweep_dir: Path, manifest: dict) -> list[RunRef]:
         refs.append(RunRef(name=run["name"], variant=run["variant"], seed=None if seed is None else int(seed),
                            run_dir=run_dir, config=run.get("config"), overrides=list(run.get("overrides") or []),
                            status=run.get("status"), config_label=run.get("config_label"),
-                           axis_label=run.get("axis_label")))
+                           axis_label=run.get("axis_label"), stage=run.get("stage") or "main",
+                           waiting=bool(run.get("waiting"))))
     return refs
 
 
@@ -176,6 +187,8 @@ def read_run(ref: RunRef, cache: dict[str, dict]) -> tuple[dict, Config | None]:
     base = {"name": ref.name, "variant": ref.variant, "seed": ref.seed, "config_label": ref.config_label,
             "axis_label": ref.axis_label,
             "run_dir": None if ref.run_dir is None else str(ref.run_dir)}
+    if ref.waiting:
+        return {**base, "reason": "waiting for its tuning runs"}, None
     if ref.run_dir is None or not (ref.run_dir / "config.yaml").is_file():
         return {**base, "reason": "not started" + (f", status {ref.status}" if ref.status else "")}, None
     cfg_path = ref.run_dir / "config.yaml"
@@ -247,7 +260,8 @@ def collection_from_report(path: Path) -> tuple[Collection, dict]:
         variants=list(dict.fromkeys(r["variant"] for r in [*records, *unfinished])),
         config_labels=list(doc.get("configs") or labels("config_label")), axis=list(doc.get("axis") or
                                                                                     labels("axis_label")),
-        metric=doc.get("key"), contrasts=[(c["variant"], c["reference"]) for c in doc.get("contrasts") or []])
+        metric=doc.get("key"), contrasts=[(c["variant"], c["reference"]) for c in doc.get("contrasts") or []],
+        tune=doc.get("tune"), tuning=list(doc.get("tuning") or []))
     return col, doc
 
 

@@ -150,6 +150,40 @@ def contrast_cells(col: Collection, rows: list[dict], key: str,
     return ["comparison", f"{key}: {PAIRED_COLUMNS[0]}", *PAIRED_COLUMNS[1:], "per seed"], out, data
 
 
+def tuning_cells(col: Collection, key: str) -> tuple[list[str], list[list[str]], str] | None:
+    """For a `tune` sweep: one row per variant, one column per value tried, each cell the tuning run's final `key`
+    ('diverged', or '—' while unfinished), the chosen value marked; and the sentence under the table. None
+    without tuning."""
+    if not col.tune:
+        return None
+    from lm.sweep.spec import format_value
+
+    t = col.tune
+    tags = [f"{t['key'].rsplit('.', 1)[-1]}{format_value(x)}" for x in t["values"]]
+    by_name = {r["name"]: r for r in col.tuning}
+    cells, edges = [], []
+    for variant in col.variants:
+        row = [variant]
+        chosen = t["choices"].get(variant)
+        for x, tag in zip(t["values"], tags):
+            rec = by_name.get(f"{variant}-{tag}-s{t['seed']}", {})
+            value = rec.get(key)
+            cell = (f"{value:.4f}" if _is_number(value) else
+                    "diverged" if str(rec.get("reason", "")).startswith("diverged") else "—")
+            row.append(f"**{cell}** (chosen)" if chosen is not None and format_value(chosen) == format_value(x)
+                       else cell)
+        if chosen is not None and format_value(chosen) in (format_value(t["values"][0]),
+                                                           format_value(t["values"][-1])):
+            edges.append(variant)
+        cells.append(row)
+    note = (f"Each variant's {t['key']} was chosen by its final {key} on seed {t['seed']} alone, then every seed ran "
+            f"at that value; the seed-{t['seed']} run in the tables above is that tuning run.")
+    if edges:
+        note += (f" At the edge of the grid ({', '.join(edges)}): a value beyond it may be better, so these "
+                 f"variants may be under-tuned.")
+    return [f"variant: final {key} at {t['key']} =", *map(str, t["values"])], cells, note
+
+
 def markdown_table(columns: list[str], cells: list[list[str]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])

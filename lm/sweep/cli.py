@@ -68,19 +68,29 @@ def cmd_sweep(args) -> int:
     if args.dry_run:
         return dry_run(sweep, only=args.only)
     if args.emit:
+        from lm.sweep.local import previous_statuses
+        from lm.sweep.tune import resolved
+
+        sweep = resolved(sweep, previous_statuses(sweep))
         flags = {"name" if k == "tpu_name" else k: v for k, v in given.items()}
         out, files = emit(sweep, args.emit, args.out, select(sweep, args.only), flags, args.only)
         jobs = len(files) - 2
         print(f"wrote {jobs} {args.emit} job script(s), submit_all.sh and sweep.json to {out}/; run "
               f"{out}/submit_all.sh")
+        if sweep.waiting:
+            print(f"the runs of {', '.join(sweep.waiting)} wait for their tuning runs: once those have ended (and "
+                  f"their sweep.json is here), run this command again to write them")
         return 0
     code = run_local(sweep, only=args.only)
     if code == 0 and args.report:
         from lm.report.cli import make_report
         from lm.sweep.local import previous_statuses
+        from lm.sweep.tune import resolved
 
+        sweep = resolved(sweep, previous_statuses(sweep))
         statuses = previous_statuses(sweep)
-        if args.only or any(statuses.get(r.name) != "finished" for r in sweep.runs):
+        if args.only or sweep.waiting or any(statuses.get(r.name) != "finished" for r in sweep.runs
+                                             if r.stage == "main"):
             print("report not written: not every run of the sweep has finished (run the whole sweep again)")
             return code
         out = make_report([sweep.sweep_dir], key=sweep.metric, command=shlex.join(["attnlab", "sweep", args.spec, "--local",

@@ -7,7 +7,10 @@ same (so `--only` leaves the other runs' statuses as they were).
 
 Each run is `lm.train.train`, which resumes a killed run from its checkpoint and returns at once for a finished
 one: running the same command again skips what finished and continues what did not. A run that diverges stops
-the sweep (exit status 3, as `attnlab train`); SIGTERM or SIGINT stops it after the current run saved (exit 0).
+the sweep (exit status 3, as `attnlab train`), except a tuning run of a `tune` sweep, for which diverging is an
+outcome (its value is then never chosen); SIGTERM or SIGINT stops it after the current run saved (exit 0). In a
+`tune` sweep a variant's runs for every seed are added as soon as its tuning runs have ended (lm/sweep/tune.py);
+until then the manifest lists them as pending, waiting for the tuning.
 """
 from __future__ import annotations
 
@@ -28,18 +31,36 @@ STATUSES = ("pending", "finished", "diverged", "interrupted")
 
 
 def manifest(sweep: Sweep, statuses: dict[str, str] | None = None) -> dict:
-    """The manifest document: the sweep's identity and one entry per run (status "pending" unless given)."""
+    """The manifest document: the sweep's identity and one entry per run (status "pending" unless given). A
+    `tune` sweep also has its tuning settings and choices; its tuning runs say `"stage": "tune"`, and the runs of
+    a variant still waiting for its value are listed without overrides."""
     statuses = statuses or {}
     by_label = {v.label: v for v in sweep.variants}
+
+    def source(r):
+        return by_label[r.variant.removesuffix(_tag_of(sweep, r))] if r.stage == "tune" else by_label[r.variant]
+
+    runs = [{"name": r.name, "variant": r.variant, "seed": r.seed, "config": r.config,
+             "config_label": source(r).config_label, "axis_label": source(r).axis_label,
+             "overrides": list(r.overrides), "run_dir": r.run_dir, "status": statuses.get(r.name, "pending"),
+             **({"stage": r.stage} if sweep.tune else {}), **({"reuses": r.reuses} if r.reuses else {})}
+            for r in sweep.runs]
+    runs += [{"name": f"{v}-s{seed}", "variant": v, "seed": seed, "config": by_label[v].config,
+              "config_label": by_label[v].config_label, "axis_label": by_label[v].axis_label, "overrides": None,
+              "run_dir": f"{sweep.sweep_dir}/{v}-s{seed}", "status": "pending", "stage": "main", "waiting": "tuning"}
+             for seed in sweep.seeds for v in sweep.waiting]
+    tune = {"tune": {"key": sweep.tune.key, "values": list(sweep.tune.values), "seed": sweep.tune.seed,
+                     "choices": dict(sweep.choices)}} if sweep.tune else {}
     return {
         "name": sweep.name, "group": sweep.group, "baseline": sweep.baseline, "description": sweep.description,
         "spec": sweep.path, "seeds": list(sweep.seeds), "configs": list(sweep.configs), "axis": list(sweep.axis),
-        "metric": sweep.metric, "contrasts": [list(c) for c in sweep.contrasts],
-        "runs": [{"name": r.name, "variant": r.variant, "seed": r.seed, "config": r.config,
-                  "config_label": by_label[r.variant].config_label, "axis_label": by_label[r.variant].axis_label,
-                  "overrides": list(r.overrides), "run_dir": r.run_dir, "status": statuses.get(r.name, "pending")}
-                 for r in sweep.runs],
+        "metric": sweep.metric, "contrasts": [list(c) for c in sweep.contrasts], **tune, "runs": runs,
     }
+
+
+def _tag_of(sweep: Sweep, run: Run) -> str:
+    """'-lr0.002' of a tuning run: the suffix its variant label has beyond the variant it tunes."""
+    return next(f"-{sweep.tune.tag(x)}" for x in sweep.tune.values if run.variant.endswith(f"-{sweep.tune.tag(x)}"))
 
 
 def manifest_text(doc: dict) -> str:
@@ -71,13 +92,14 @@ def previous_statuses(sweep: Sweep) -> dict[str, str]:
     return out
 
 
-def select(sweep: Sweep, patterns: Iterable[str] | None) -> list[Run]:
-    """The runs whose names match any of the fnmatch `patterns` (all runs when there are none)."""
+def select(sweep: Sweep, patterns: Iterable[str] | None, *, allow_none: bool = False) -> list[Run]:
+    """The runs whose names match any of the fnmatch `patterns` (all runs when there are none); none matching is
+    an error unless `allow_none`."""
     patterns = list(patterns or [])
     if not patterns:
         return list(sweep.runs)
     chosen = [r for r in sweep.runs if any(fnmatch.fnmatchcase(r.name, p) for p in patterns)]
-    if not chosen:
+    if not chosen and not allow_none:
         from lm.config import ConfigError
 
         names = [r.name for r in sweep.runs]
@@ -122,12 +144,16 @@ def _sigterm_raises():
 
 
 def run_local(sweep: Sweep, *, only: Iterable[str] | None = None, console: Console | None = None) -> int:
-    """Train the selected runs in order. Returns the exit status: 0 (all finished, or stopped by a signal),
-    3 (a run diverged)."""
-    from lm.train import RunError, train
+    """Train the selected runs in order (in a `tune` sweep, each variant's runs once its tuning runs have ended).
+    Returns the exit status: 0 (all finished, or stopped by a signal), 3 (a run diverged)."""
+    from lm.sweep.tune import resolved
+    from lm.train import RunError
 
     console = console or Console()
-    runs = select(sweep, only)
+    sweep = resolved(sweep, previous_statuses(sweep))
+    runs = select(sweep, only, allow_none=bool(sweep.waiting))
+    if not runs and not sweep.waiting:
+        return 0
     statuses = previous_statuses(sweep)
     chosen = {r.name for r in runs}
     for r in runs:
@@ -136,34 +162,71 @@ def run_local(sweep: Sweep, *, only: Iterable[str] | None = None, console: Conso
                            f"include it in --only or run it first")
     write_manifest(sweep.manifest_path, manifest(sweep, statuses))
     say = lambda msg, style=None: console.print(msg, style=style, highlight=False, markup=False, soft_wrap=True)
-    say(f"sweep {sweep.name}: {len(runs)} of {len(sweep.runs)} runs, manifest {sweep.manifest_path}")
+    waiting = f" (+ the runs of {len(sweep.waiting)} variants once their tuning ends)" if sweep.waiting else ""
+    say(f"sweep {sweep.name}: {len(runs)} of {len(sweep.runs)} runs{waiting}, manifest {sweep.manifest_path}")
     losses: dict[str, float | None] = {}
+    done: list[Run] = []
     with _sigterm_raises():
-        for i, run in enumerate(runs, start=1):
-            console.rule(f"[{i}/{len(runs)}] {run.name}", style="cyan")
-            try:
-                res = train(run.cfg, console=console, init_from=run.init_from)
-            except (KeyboardInterrupt, _Terminated):
-                _end(sweep, statuses, run, "interrupted")
-                say(f"sweep {sweep.name} stopped: run {run.name} was interrupted; run the same command to continue "
-                    f"({i - 1} of {len(runs)} runs done)", style="yellow")
-                return 0
-            status = "finished" if res.status in ("finished", "already_finished") else res.status
-            _end(sweep, statuses, run, status)
-            if status == "diverged":
-                say(f"sweep {sweep.name} stopped: run {run.name} diverged ({res.message}); fix it (e.g. a lower "
-                    f"optim.lr in the spec) and run the same command again", style="red")
-                return 3
-            if status == "interrupted":
-                say(f"sweep {sweep.name} stopped: run {run.name} was interrupted at step {res.step} and saved; run "
-                    f"the same command to continue ({i - 1} of {len(runs)} runs done)", style="yellow")
-                return 0
-            losses[run.name] = final_eval_loss(res.run_dir, res.last_eval)
-            skipped = " (already finished)" if res.status == "already_finished" else ""
-            loss = f"{losses[run.name]:.4f}" if losses[run.name] is not None else "n/a"
-            say(f"[{i}/{len(runs)} done] {run.name}{skipped}: final eval loss {loss}", style="green")
-    console.print(_summary(sweep, runs, losses))
+        while runs:
+            total = len(done) + len(runs)
+            for run in runs:
+                code = _train_one(sweep, statuses, run, f"{len(done) + 1}/{total}", say, console, losses)
+                if code is not None:
+                    return code
+                done.append(run)
+            before = {r.name for r in sweep.runs}
+            sweep = resolved(sweep, statuses)
+            runs = [r for r in select(sweep, only, allow_none=True) if r.name not in before]
+            if runs:
+                write_manifest(sweep.manifest_path, manifest(sweep, statuses))
+                picked = ", ".join(f"{v} {sweep.tune.key}={sweep.choices[v]}" for v in dict.fromkeys(r.variant for r in runs))
+                say(f"sweep {sweep.name}: tuning chose {picked}; {len(runs)} more runs")
+    if sweep.waiting:
+        say(f"sweep {sweep.name}: no value chosen for {', '.join(sweep.waiting)} (their tuning runs have not all "
+            f"ended, or all diverged); their other runs did not start", style="yellow")
+    console.print(_summary(sweep, done, losses))
     return 0
+
+
+def _train_one(sweep: Sweep, statuses: dict[str, str], run: Run, i: str, say, console: Console,
+               losses: dict[str, float | None]) -> int | None:
+    """Train one run (`i`: its place, 'k/n') and record its status; the sweep's exit status when it must stop
+    here, else None."""
+    from lm.train import train
+
+    console.rule(f"[{i}] {run.name}", style="cyan")
+    if run.reuses:
+        _end(sweep, statuses, run, statuses.get(run.reuses, "pending"))
+        say(f"[{i} done] {run.name} is tuning run {run.reuses}", style="green")
+        return None
+    if run.stage == "tune" and statuses.get(run.name) == "diverged":  # an outcome: training it again diverges again
+        say(f"[{i} done] tuning run {run.name} diverged earlier; its value stays out", style="yellow")
+        return None
+    try:
+        res = train(run.cfg, console=console, init_from=run.init_from)
+    except (KeyboardInterrupt, _Terminated):
+        _end(sweep, statuses, run, "interrupted")
+        say(f"sweep {sweep.name} stopped: run {run.name} was interrupted; run the same command to continue "
+            f"(run {i} of those selected)", style="yellow")
+        return 0
+    status = "finished" if res.status in ("finished", "already_finished") else res.status
+    _end(sweep, statuses, run, status)
+    if status == "diverged" and run.stage == "tune":
+        say(f"[{i} done] tuning run {run.name} diverged ({res.message}); its value is out", style="yellow")
+        return None
+    if status == "diverged":
+        say(f"sweep {sweep.name} stopped: run {run.name} diverged ({res.message}); fix it (e.g. a lower "
+            f"optim.lr in the spec) and run the same command again", style="red")
+        return 3
+    if status == "interrupted":
+        say(f"sweep {sweep.name} stopped: run {run.name} was interrupted at step {res.step} and saved; run "
+            f"the same command to continue (run {i} of those selected)", style="yellow")
+        return 0
+    losses[run.name] = final_eval_loss(res.run_dir, res.last_eval)
+    skipped = " (already finished)" if res.status == "already_finished" else ""
+    loss = f"{losses[run.name]:.4f}" if losses[run.name] is not None else "n/a"
+    say(f"[{i} done] {run.name}{skipped}: final eval loss {loss}", style="green")
+    return None
 
 
 def _end(sweep: Sweep, statuses: dict[str, str], run: Run, status: str) -> None:
@@ -185,9 +248,16 @@ def dry_run(sweep: Sweep, *, only: Iterable[str] | None = None, console: Console
     """List the selected runs and their `attnlab train` command lines; nothing is trained or written."""
     import shlex
 
+    from lm.sweep.tune import resolved
+
     console = console or Console()
-    runs = select(sweep, only)
+    sweep = resolved(sweep, previous_statuses(sweep))
+    runs = select(sweep, only, allow_none=bool(sweep.waiting))
     statuses = previous_statuses(sweep)
+    if sweep.waiting:
+        console.print(f"waiting for their tuning runs ({sweep.tune.key} in {list(sweep.tune.values)} on seed "
+                      f"{sweep.tune.seed}): the runs of {', '.join(sweep.waiting)} for seeds {list(sweep.seeds)}",
+                      highlight=False, markup=False, soft_wrap=True)
     console.print(f"sweep {sweep.name} ({sweep.path}): {len(runs)} of {len(sweep.runs)} runs, variants x seeds "
                   f"{len(sweep.variants)} x {len(sweep.seeds)}, baseline {sweep.baseline}, runs in "
                   f"{sweep.sweep_dir}/", highlight=False, markup=False, soft_wrap=True)

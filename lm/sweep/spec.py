@@ -16,6 +16,8 @@ expanded into runs.
       spkv: {config: configs/tiny/spkv.yaml, set: {model.mixers.softmax.spkv.init_bias: 1.0}}
       spkv_adapted: {config: configs/tiny/spkv.yaml, init_from: softmax}
     overrides: {lr3e-3: {optim.lr: 3e-3}}  # optional axis: variants = configs x overrides
+    tune: {key: optim.lr, values: [1.0e-3, 2.0e-3, 4.0e-3], seed: 0}   # optional: per variant, the best value
+                                         # of `key` on one seed, then every seed at that value
     cluster: {slurm: {...}, tpu_vm: {...}} # defaults of `attnlab sweep --emit` (see CLUSTER_KEYS)
 
 A variant is a config label, or `<config label>-<override label>` with an overrides axis; a run is a variant
@@ -23,6 +25,12 @@ and a seed, named `<variant>-s<seed>`. Override mappings may nest (`train: {step
 `init_from` names the variant (or, with an overrides axis, the config label: the same override is meant) whose
 run of the same seed the run starts from (`attnlab train --init-from`); such runs come after their source.
 Config paths are relative to the directory the command runs in (the repository root).
+
+With `tune`, each variant first runs once per value on the tune seed (`<variant>-<key's last part><value>-s<seed>`,
+e.g. `softmax-lr0.002-s0`); once a variant's tuning runs have ended, its runs for every seed use the value whose
+final eval was best by `metric` (a diverged tuning run counts as worst). The run of the tune seed at the chosen
+value is that tuning run, not a second training. `with_choices` builds those runs once the values are known
+(lm/sweep/tune.py reads them from the tuning runs).
 
 Every problem is a one-line `ConfigError` naming the spec file and the key. Every run's config is loaded
 (`lm.config.load_config`) when the spec is, so a mistyped key fails before anything trains.
@@ -42,7 +50,8 @@ import yaml
 from lm.config import Config, ConfigError, _Loader, load_config, parse_yaml
 
 TOP_KEYS = ("name", "description", "group", "baseline", "metric", "contrasts", "seeds", "out_dir", "common",
-            "configs", "overrides", "cluster")
+            "configs", "overrides", "tune", "cluster")
+TUNE_KEYS = ("key", "values", "seed")
 METRICS = ("eval_loss", "eval_bpb", "eval_ppl", "eval_acc")  # what a report may compare by default
 CONFIG_KEYS = ("config", "set", "init_from")
 # Cluster settings: key -> (type, help shown in errors). Every key is optional.
@@ -81,6 +90,8 @@ class Run:
     init_from: str | None = None  # the source run's directory
     init_from_run: str | None = None  # the source run's name
     cfg: Config | None = dataclasses.field(default=None, compare=False, repr=False)
+    stage: str = "main"  # "tune": a tuning run of a `tune` sweep
+    reuses: str | None = None  # the tuning run that is this run (the tune seed at the chosen value)
 
     def argv(self) -> list[str]:
         """The `attnlab train` command line of this run."""
@@ -88,6 +99,19 @@ class Run:
         for o in self.overrides:
             out += ["--set", o]
         return out + (["--init-from", self.init_from] if self.init_from else [])
+
+
+@dataclasses.dataclass(frozen=True)
+class Tune:
+    """`tune:` of a spec: the config key tuned per variant, the values tried, and the seed they are tried on."""
+
+    key: str
+    values: tuple[Any, ...]
+    seed: int
+
+    def tag(self, value: Any) -> str:
+        """'lr0.002' for optim.lr = 0.002: the key's last part and the value, for run names."""
+        return f"{self.key.rsplit('.', 1)[-1]}{format_value(value)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +131,14 @@ class Sweep:
     axis: tuple[str, ...] = ()  # the overrides axis's labels (empty without one)
     metric: str = "eval_loss"  # what the report compares
     contrasts: tuple[tuple[str, str], ...] = ()  # (variant, its reference): more pairs the report compares
+    tune: Tune | None = None
+    choices: dict[str, Any] = dataclasses.field(default_factory=dict)  # variant -> the tuned value chosen
+    common_overrides: tuple[str, ...] = ()  # what every run gets (kept to build the tuned runs later)
+
+    @property
+    def waiting(self) -> tuple[str, ...]:
+        """The variants whose runs wait for their tuning to end (a value to be chosen)."""
+        return tuple(v.label for v in self.variants if self.tune and v.label not in self.choices)
 
     @property
     def sweep_dir(self) -> Path:
@@ -417,11 +449,91 @@ def load_sweep(path: str | Path) -> Sweep:
     if metric not in METRICS:
         spec.fail("metric", f"{metric!r} is not one of {', '.join(METRICS)}")
     contrasts = _contrasts(spec, data.get("contrasts"), [v.label for v in variants])
+    tune = _tune(spec, data.get("tune"), seeds, variants)
     cluster = _cluster(spec, data.get("cluster"))
     _check_loads(spec, variants, common, configs, axis)
-    runs = _runs(spec, variants, seeds, common, out_dir, name, group)
+    if tune is None:
+        runs = _runs(spec.fail, variants, seeds, common, out_dir, name, group)
+    else:
+        trials = [dataclasses.replace(v, label=f"{v.label}-{tune.tag(x)}", overrides=v.overrides + _set(tune, x))
+                  for v in variants for x in tune.values]
+        runs = _runs(spec.fail, trials, [tune.seed], common, out_dir, name, group, stage="tune")
     return Sweep(spec.path, name, description.strip(), group, baseline, tuple(seeds), out_dir, common,
-                 tuple(variants), tuple(runs), cluster, tuple(configs), tuple(axis), metric, contrasts)
+                 tuple(variants), tuple(runs), cluster, tuple(configs), tuple(axis), metric, contrasts, tune,
+                 common_overrides=common)
+
+
+def _set(tune: Tune, value: Any) -> tuple[str]:
+    return (f"{tune.key}={format_value(value)}",)
+
+
+def _tune(spec: _Spec, value: Any, seeds: list[int], variants: list[Variant]) -> Tune | None:
+    """`tune: {key, values, seed}`: a dotted config key, two or more distinct values, a seed (default: the first
+    of `seeds`)."""
+    if value is None:
+        return None
+    raw = spec.mapping(value, "tune")
+    for k in raw:
+        if k not in TUNE_KEYS:
+            near = difflib.get_close_matches(str(k), TUNE_KEYS, n=1, cutoff=0.5)
+            spec.fail(f"tune.{k}", f"unknown key ({f'did you mean {near[0]}?' if near else 'valid: ' + ', '.join(TUNE_KEYS)})")
+    key = raw.get("key")
+    if not isinstance(key, str) or not key or any(not p for p in key.split(".")):
+        spec.fail("tune.key", f"must be a dotted config key like optim.lr (got {key!r})")
+    values = raw.get("values")
+    if not isinstance(values, list) or len(values) < 2 or any(isinstance(x, (dict, list)) or x is None
+                                                              for x in values):
+        spec.fail("tune.values", f"must be a list of two or more values to try (got {values!r})")
+    if len({format_value(x) for x in values}) != len(values):
+        spec.fail("tune.values", f"{values!r} lists a value twice")
+    seed = raw.get("seed", seeds[0])
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        spec.fail("tune.seed", f"must be a whole number >= 0 (got {seed!r})")
+    tune = Tune(key, tuple(values), seed)
+    labels = {v.label for v in variants}
+    for v in variants:
+        if v.init_from is not None:
+            spec.fail(f"configs.{v.config_label}.init_from", "a tuned sweep cannot start runs from other runs "
+                                                             "(init_from); give those a sweep of their own")
+        for x in values:
+            label = f"{v.label}-{tune.tag(x)}"
+            if not _LABEL.fullmatch(label):
+                spec.fail("tune.values", f"{x!r} makes the run label {label!r}, which may only contain letters, "
+                                         f"digits and _.+-")
+            if label in labels:
+                spec.fail("tune", f"the tuning variant {label!r} is also a variant of the sweep; rename one")
+    return tune
+
+
+def with_choices(sweep: Sweep, choices: dict[str, Any]) -> Sweep:
+    """`sweep` with the runs of every variant in `choices` (variant -> the chosen value of `sweep.tune.key`) after
+    its tuning runs: every seed at that value, the tune seed's run being the tuning run itself."""
+    tune = sweep.tune
+    if tune is None:
+        return sweep
+    known = {v.label: choices[v.label] for v in sweep.variants if v.label in choices}
+    for label, value in known.items():
+        if format_value(value) not in {format_value(x) for x in tune.values}:
+            raise ConfigError(f"{sweep.path}: tune: {value!r} chosen for {label} is not one of tune.values")
+    trials = {r.name: r for r in sweep.runs if r.stage == "tune"}
+
+    def fail(key: str, msg: str):
+        raise ConfigError(f"{sweep.path}: {key}: {msg}")
+
+    main: list[Run] = []
+    for seed in sweep.seeds:
+        for v in sweep.variants:
+            if v.label not in known:
+                continue
+            value = known[v.label]
+            if seed == tune.seed:
+                trial = trials[f"{v.label}-{tune.tag(value)}-s{seed}"]
+                main.append(dataclasses.replace(trial, name=f"{v.label}-s{seed}", variant=v.label, stage="main",
+                                                reuses=trial.name))
+                continue
+            main += _runs(fail, [dataclasses.replace(v, overrides=v.overrides + _set(tune, value))], [seed],
+                          sweep.common_overrides, sweep.out_dir, sweep.name, sweep.group)
+    return dataclasses.replace(sweep, runs=tuple(trials.values()) + tuple(main), choices=known)
 
 
 def _not_a_variant(label: Any, choices: list[str], variants: list[str]) -> str:
@@ -450,9 +562,10 @@ def _contrasts(spec: _Spec, value: Any, labels: list[str]) -> tuple[tuple[str, s
     return tuple(out)
 
 
-def _runs(spec: _Spec, variants: list[Variant], seeds: list[int], common: tuple[str, ...], out_dir: str,
-          name: str, group: str) -> list[Run]:
-    """Seed by seed, every variant (so the first seed's comparison is complete first); each config loaded."""
+def _runs(fail, variants: list[Variant], seeds: list[int], common: tuple[str, ...], out_dir: str,
+          name: str, group: str, stage: str = "main") -> list[Run]:
+    """Seed by seed, every variant (so the first seed's comparison is complete first); each config loaded.
+    `fail(key, msg)` raises the one-line error."""
     sweep_dir = f"{out_dir.rstrip('/')}/{name}"
     runs = []
     for seed in seeds:
@@ -463,12 +576,12 @@ def _runs(spec: _Spec, variants: list[Variant], seeds: list[int], common: tuple[
             try:
                 cfg = load_config(v.config, list(overrides))
             except ConfigError as e:
-                spec.fail(f"run {run_name}", _first_line_errors(e))
+                fail(f"run {run_name}", _first_line_errors(e))
             source = f"{v.init_from}-s{seed}" if v.init_from else None
             runs.append(Run(run_name, v.label, seed, v.config, overrides, f"{sweep_dir}/{run_name}",
-                            f"{sweep_dir}/{source}" if source else None, source, cfg))
+                            f"{sweep_dir}/{source}" if source else None, source, cfg, stage))
     return runs
 
 
-__all__ = ["Sweep", "Run", "Variant", "load_sweep", "format_value", "display_path", "CLUSTER_KEYS",
+__all__ = ["Sweep", "Run", "Variant", "Tune", "load_sweep", "with_choices", "format_value", "display_path", "CLUSTER_KEYS",
            "check_cluster_value"]

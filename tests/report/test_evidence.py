@@ -99,3 +99,45 @@ def test_a_report_written_again_from_its_json(tmp_path):
     for bad, message in [(tmp_path / "none.json", "no such file"), (first["markdown"], "cannot be read as JSON")]:
         with pytest.raises(ReportError, match=message):
             report_from_json(bad, out=tmp_path / "x")
+
+
+def test_a_tuned_sweep_reports_its_choice_per_variant(tmp_path):
+    """The tuning runs are a table of their own (the chosen value marked, a diverged run named, a choice at the
+    grid's edge flagged) and stay out of the main table; seed 0 of each variant is its chosen tuning run."""
+    values, tags = [0.001, 0.002, 0.004], ["lr0.001", "lr0.002", "lr0.004"]
+    finals = {"softmax": [2.3, 2.0, 2.1], "mqa": [1.9, 2.2, None]}  # mqa at 0.004 diverged
+    runs = []
+    for variant, fs in finals.items():
+        for tag, final in zip(tags, fs):
+            d = write_run(tmp_path / "tune" / tag, variant, 0, final if final is not None else 9.0)
+            runs.append({"name": f"{variant}-{tag}-s0", "variant": f"{variant}-{tag}", "seed": 0, "run_dir": str(d),
+                         "stage": "tune", "status": "finished" if final is not None else "diverged"})
+    chosen = {"softmax": "lr0.002", "mqa": "lr0.001"}
+    for variant in finals:
+        runs.append({"name": f"{variant}-s0", "variant": variant, "seed": 0, "stage": "main", "status": "finished",
+                     "reuses": f"{variant}-{chosen[variant]}-s0",
+                     "run_dir": str(tmp_path / "tune" / chosen[variant] / f"{variant}-s0")})
+        d = write_run(tmp_path / "main", variant, 1, finals[variant][tags.index(chosen[variant])] + 0.05)
+        runs.append({"name": f"{variant}-s1", "variant": variant, "seed": 1, "stage": "main", "status": "finished",
+                     "run_dir": str(d)})
+    sweep = tmp_path / "sweeps" / "tuned"
+    sweep.mkdir(parents=True)
+    (sweep / "sweep.json").write_text(json.dumps({"name": "tuned", "baseline": "softmax", "runs": runs, "tune": {
+        "key": "optim.lr", "values": values, "seed": 0, "choices": {"softmax": 0.002, "mqa": 0.001}}}))
+    res = make_report([sweep], out=tmp_path / "out", wandb_mode="disabled")
+    md = res["markdown"].read_text()
+    assert "## Choice of optim.lr" in md
+    assert "| softmax | 2.3000 | **2.0000** (chosen) | 2.1000 |" in md
+    assert "| mqa | **1.9000** (chosen) | 2.2000 | diverged |" in md
+    assert "At the edge of the grid (mqa)" in md
+    table = [ln.split("|")[1].strip() for ln in md.split("## Results")[1].split("##")[0].splitlines()
+             if ln.startswith("| ")]
+    assert table == ["variant", "softmax", "mqa"]
+    assert _row_values(md, "mqa") == "1.9250"  # seeds 0 (its tuning run, 1.9) and 1 (1.95)
+    doc = json.loads(res["json"].read_text())
+    assert doc["tune"]["choices"] == {"softmax": 0.002, "mqa": 0.001} and len(doc["tuning"]) == 6
+
+
+def _row_values(md: str, variant: str) -> str:
+    line = next(ln for ln in md.split("## Results")[1].splitlines() if ln.startswith(f"| {variant} |"))
+    return line.split("|")[6].strip().split(" ")[0]

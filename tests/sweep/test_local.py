@@ -185,3 +185,46 @@ def test_cli_mistakes_are_one_error_line_with_status_2(tmp_path, write_spec, mon
     for k, v in names.items():
         expect = expect.replace(k, v)
     assert err.startswith(expect) and err.count("\n") == 1, err
+
+
+def test_a_tuned_sweep_runs_each_variant_at_its_best_value(small_store, tmp_path, write_spec, monkeypatch, capsys):
+    """The grid on seed 0 first; softmax's best lr is 0.002, share_kv's 0.001 (its 0.004 diverges, which does not
+    stop the sweep); then seed 1 of each at that lr, seed 0 being the tuning run itself."""
+    finals = {"softmax-lr0.001-s0": 2.0, "softmax-lr0.002-s0": 1.8, "softmax-lr0.004-s0": 1.9,
+              "share_kv-lr0.001-s0": 2.1, "share_kv-lr0.002-s0": 2.2}
+    calls = []
+
+    def train(cfg, *, console=None, init_from=None, **kw):
+        calls.append((cfg.run.name, cfg.optim.lr))
+        run_dir = Path(cfg.run.out_dir) / cfg.run.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.run.name == "share_kv-lr0.004-s0":
+            return RunResult(run_dir, "diverged", 2, None, "loss 40 > 3x its mean")
+        loss = finals.get(cfg.run.name, 1.5)
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 4, "eval_loss": loss}) + "\n")
+        return RunResult(run_dir, "finished", 4, {"eval_loss": loss}, "")
+
+    monkeypatch.setattr(lm.train, "train", train)
+    spec = write_spec(tiny_spec(small_store, tmp_path / "runs") + "tune: {key: optim.lr, values: [1.0e-3, 2.0e-3, "
+                                                                   "4.0e-3]}\n")
+    assert cmd_sweep(args_of(str(spec), "--dry-run")) == 0
+    assert "waiting for their tuning runs (optim.lr in [0.001, 0.002, 0.004] on seed 0): the runs of softmax, " \
+           "share_kv" in capsys.readouterr().out
+    assert cmd_sweep(args_of(str(spec), "--local")) == 0
+    out = capsys.readouterr().out
+    assert calls == [(f"{v}-lr{x}-s0", float(x)) for v in ("softmax", "share_kv") for x in ("0.001", "0.002", "0.004")] \
+        + [("softmax-s1", 0.002), ("share_kv-s1", 0.001)]
+    assert "tuning run share_kv-lr0.004-s0 diverged" in out and "softmax-s0 is tuning run softmax-lr0.002-s0" in out
+    doc = read(tmp_path / "runs" / "tiny" / "sweep.json")
+    assert doc["tune"]["choices"] == {"softmax": 0.002, "share_kv": 0.001}
+    status = {r["name"]: r["status"] for r in doc["runs"]}
+    assert status["share_kv-lr0.004-s0"] == "diverged" and status["softmax-s0"] == status["share_kv-s1"] == "finished"
+    assert not any(r.get("waiting") for r in doc["runs"])
+    # Again: nothing new to choose; every finished run returns at once (here: the fake is called again), the
+    # diverged tuning run is not trained again.
+    calls.clear()
+    assert cmd_sweep(args_of(str(spec), "--local")) == 0
+    assert [c[0] for c in calls] == [f"{v}-lr{x}-s0" for v, x in (("softmax", "0.001"), ("softmax", "0.002"),
+                                                                   ("softmax", "0.004"), ("share_kv", "0.001"),
+                                                                   ("share_kv", "0.002"))] + ["softmax-s1", "share_kv-s1"]
+    assert "tuning run share_kv-lr0.004-s0 diverged earlier" in capsys.readouterr().out

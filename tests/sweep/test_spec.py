@@ -71,6 +71,60 @@ def test_mistakes_are_one_line_errors_naming_file_and_key(write_spec, text, expe
     assert expect in error_of(write_spec, text)
 
 
+TUNED = "tune: {key: optim.lr, values: [1.0e-3, 2.0e-3, 4.0e-3]}\n" + GOOD
+
+
+@pytest.mark.parametrize("text, expect", [
+    (GOOD + "tune: {key: optim.lr, value: [1.0e-3]}\n", "tune.value: unknown key (did you mean values?)"),
+    (GOOD + "tune: {key: optim.lr, values: [1.0e-3]}\n", "tune.values: must be a list of two or more values"),
+    (GOOD + "tune: {key: optim.lr, values: [1.0e-3, 0.001]}\n", "tune.values: [0.001, 0.001] lists a value twice"),
+    (GOOD + "tune: {key: optim, values: [1, 2]}\n", "run softmax-optim1-s0: "),
+    (GOOD + "tune: {key: optim.lrr, values: [1.0e-3, 2.0e-3]}\n", "unknown key optim.lrr (did you mean optim.lr?)"),
+    (GOOD + "tune: {values: [1.0e-3, 2.0e-3]}\n", "tune.key: must be a dotted config key like optim.lr"),
+    (GOOD + "tune: {key: optim.lr, values: [1.0e-3, 2.0e-3], seed: -1}\n", "tune.seed: must be a whole number"),
+    (TUNED + "  cont: {config: configs/tiny/softmax.yaml, init_from: softmax}\n",
+     "configs.cont.init_from: a tuned sweep cannot start runs from other runs"),
+    (TUNED + "  softmax-lr0.001: configs/tiny/softmax.yaml\n", "tune: the tuning variant 'softmax-lr0.001' is also a "
+     "variant of the sweep"),
+])
+def test_tune_mistakes_are_one_line_errors(write_spec, text, expect):
+    assert expect in error_of(write_spec, text)
+
+
+def test_tune_runs_the_grid_on_one_seed_then_every_seed_at_the_choice(write_spec):
+    """Tuning runs are <variant>-lr<value>-s<tune seed>, variant by variant; a variant's runs for every seed come
+    only with its choice, at that value; the tune seed's run is the tuning run itself."""
+    from lm.sweep.spec import with_choices
+
+    sw = load_sweep(write_spec(TUNED.replace("seeds: [0, 1]", "seeds: [0, 1, 2]")))
+    assert [r.name for r in sw.runs] == [f"{v}-lr{x}-s0" for v in ("softmax", "share_kv")
+                                         for x in ("0.001", "0.002", "0.004")]
+    assert all(r.stage == "tune" for r in sw.runs) and sw.waiting == ("softmax", "share_kv") and sw.tune.seed == 0
+    trial = sw.runs[1]
+    assert trial.variant == "softmax-lr0.002" and trial.cfg.optim.lr == 0.002
+    assert trial.overrides[:3] == ("train.steps=20", "optim.warmup_steps=2", "optim.lr=0.002")
+    chosen = with_choices(sw, {"share_kv": 0.004})
+    assert chosen.waiting == ("softmax",) and chosen.runs[:6] == sw.runs
+    main = chosen.runs[6:]
+    assert [(r.name, r.stage, r.reuses) for r in main] == [("share_kv-s0", "main", "share_kv-lr0.004-s0"),
+                                                           ("share_kv-s1", "main", None), ("share_kv-s2", "main", None)]
+    assert main[0].run_dir == "runs/sweeps/demo/share_kv-lr0.004-s0" and main[0].cfg.run.name == "share_kv-lr0.004-s0"
+    assert main[2].cfg.optim.lr == 0.004 and main[2].cfg.run.seed == 2 and main[2].variant == "share_kv"
+    assert "optim.lr=0.004" in main[2].overrides and main[2].run_dir == "runs/sweeps/demo/share_kv-s2"
+    doc = manifest(chosen, {"share_kv-lr0.004-s0": "finished"})
+    assert doc["tune"] == {"key": "optim.lr", "values": [0.001, 0.002, 0.004], "seed": 0,
+                           "choices": {"share_kv": 0.004}}
+    by = {r["name"]: r for r in doc["runs"]}
+    assert by["softmax-lr0.001-s0"]["stage"] == "tune" and by["softmax-lr0.001-s0"]["config_label"] == "softmax"
+    assert by["share_kv-s0"]["reuses"] == "share_kv-lr0.004-s0"
+    assert by["softmax-s2"]["waiting"] == "tuning" and by["softmax-s2"]["overrides"] is None
+    with pytest.raises(ConfigError, match="0.003 chosen for softmax is not one of tune.values"):
+        with_choices(sw, {"softmax": 0.003})
+    # A tune seed outside `seeds` is a run of its own: every seed then trains at the choice.
+    other = load_sweep(write_spec(TUNED.replace("4.0e-3]}", "4.0e-3], seed: 9}")))
+    assert [r.reuses for r in with_choices(other, {"softmax": 0.001}).runs if r.stage == "main"] == [None, None]
+
+
 def test_missing_spec_file(tmp_path):
     with pytest.raises(ConfigError, match=r"^sweep spec .*nope.yaml does not exist$"):
         load_sweep(tmp_path / "nope.yaml")

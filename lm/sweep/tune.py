@@ -1,0 +1,64 @@
+"""Choosing each variant's value of a `tune` sweep (lm/sweep/spec.py) from its tuning runs.
+
+A variant's value is chosen once every one of its tuning runs has ended (finished or diverged): the value whose
+run's final eval is best by the sweep's metric (lowest, or highest for accuracy). A diverged run, or one whose
+final eval is not finite, counts as worst. A variant whose tuning runs all diverged gets no value, and its runs
+for the other seeds never start.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from lm.sweep.spec import Sweep, with_choices
+
+
+def trial_outcomes(sweep: Sweep, statuses: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per variant, per tried value (as its run-name tag): the final metric of a finished tuning run, "diverged",
+    or None while the run has not ended."""
+    out: dict[str, dict[str, Any]] = {}
+    for v in sweep.variants:
+        out[v.label] = {}
+        for x in sweep.tune.values:
+            run = f"{v.label}-{sweep.tune.tag(x)}-s{sweep.tune.seed}"
+            status = statuses.get(run)
+            out[v.label][sweep.tune.tag(x)] = ("diverged" if status == "diverged" else
+                                               final_metric(Path(sweep.sweep_dir) / run, sweep.metric)
+                                               if status == "finished" else None)
+    return out
+
+
+def final_metric(run_dir: Path, key: str) -> float:
+    """The last eval's `key` in the run's metrics.jsonl (inf when missing or not finite)."""
+    from lm.report.collect import read_metrics_lines
+
+    path = run_dir / "metrics.jsonl"
+    evals = [r for r in read_metrics_lines(path) if "eval_loss" in r] if path.is_file() else []
+    value = evals[-1].get(key) if evals else None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
+
+
+def choose(sweep: Sweep, statuses: dict[str, str]) -> dict[str, Any]:
+    """variant -> the chosen value, for the variants whose tuning runs have all ended and not all diverged."""
+    from lm.report.evidence import HIGHER_IS_BETTER
+
+    sign = -1.0 if sweep.metric in HIGHER_IS_BETTER else 1.0
+    by_tag = {sweep.tune.tag(x): x for x in sweep.tune.values}
+    out = {}
+    for variant, outcomes in trial_outcomes(sweep, statuses).items():
+        if any(o is None for o in outcomes.values()):
+            continue
+        scored = {tag: sign * o if math.isfinite(o) else math.inf for tag, o in outcomes.items() if o != "diverged"}
+        finite = {tag: s for tag, s in scored.items() if math.isfinite(s)}
+        if finite:
+            out[variant] = by_tag[min(finite, key=lambda t: (finite[t], list(by_tag).index(t)))]
+    return out
+
+
+def resolved(sweep: Sweep, statuses: dict[str, str]) -> Sweep:
+    """`sweep` with the runs of every variant whose value can be chosen now (unchanged without `tune`)."""
+    return with_choices(sweep, choose(sweep, statuses)) if sweep.tune else sweep
+
+
+__all__ = ["choose", "resolved", "trial_outcomes", "final_metric"]
