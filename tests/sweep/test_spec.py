@@ -260,6 +260,23 @@ def test_ablation_specs_hold_the_reported_configs_and_budgets():
     assert (anneal.anneal.freeze_steps, anneal.anneal.ramp_steps, anneal.density_reg) == (25, 10, 0.05)
 
 
+def test_the_2m_token_tiny_sweep_tunes_the_lr_per_variant_over_five_seeds():
+    """tiny_2m: >= 2M tokens per run, lr from a 3-point grid on seed 0, then seeds 0-4; evals at half and end; every
+    contrast names two of its variants; the all-local control has SP-KV's window."""
+    sw = load_sweep("experiments/sweeps/tiny_2m.yaml")
+    assert sw.seeds == (0, 1, 2, 3, 4) and sw.tune.key == "optim.lr" and sw.tune.values == (1e-3, 2e-3, 4e-3)
+    assert len(sw.variants) == 15 and len(sw.runs) == 45 and all(r.stage == "tune" for r in sw.runs)
+    for r in sw.runs:
+        c = r.cfg
+        assert c.train.steps * c.data.batch_size * c.data.seq_len >= 2_000_000, r.name
+        assert (c.train.eval_every, c.train.steps) == (250, 500), r.name
+    by = {r.variant: r.cfg for r in sw.runs}
+    spkv = by["spkv-lr0.002"].model.mixers["softmax"].spkv
+    assert (spkv.density_reg, spkv.lr_mult, spkv.anneal.freeze_steps) == (0.0, 5.0, 125)
+    assert by["local32-lr0.002"].model.mixers["softmax"].sliding_window == spkv.window == 32
+    assert ("spkv", "local32") in sw.contrasts and ("cca_latent", "softmax_qknorm") in sw.contrasts
+
+
 def test_a_config_label_baseline_pairs_within_the_axis(write_spec):
     sw = load_sweep(write_spec(GOOD + "baseline: softmax\nmetric: eval_acc\noverrides: {a: {}, b: {optim.lr: 1.0e-3}}\n"))
     assert (sw.baseline, sw.metric, sw.configs, sw.axis) == ("softmax", "eval_acc", ("softmax", "share_kv"), ("a", "b"))
