@@ -46,7 +46,7 @@ from pydantic import Field
 
 from attention import ops
 from attention.base import MixerConfig, MixerContext, visible_keys_per_query
-from attention import spkv
+from attention import pruned_cache, spkv
 from attention.spkv import SPKVConfig, SPKVGate
 from attention.layers import Linear, RMSNorm, apply_rope, causal_conv, normal, param, positions_from_segments
 
@@ -260,18 +260,17 @@ class SoftmaxAttention(nnx.Module):
             new_cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], e.astype(cache[name].dtype),
                                                                    position % S, axis=1)
                          for name, e in entries.items()}
+            # Slots [0, min(position + 1, S)) are written, and a ring of S = sliding_window slots holds exactly
+            # the window: the held length is all the op needs.
             pos_S = position - jnp.mod(position - jnp.arange(S), S)
-            valid_S = pos_S >= 0
-            if self.cfg.sliding_window is not None:
-                valid_S &= pos_S > position - self.cfg.sliding_window
             pos_BSH = jnp.broadcast_to(pos_S[None, :, None], (B, S, self.Hkv))
-            valid = jnp.broadcast_to(valid_S[None, :, None], (B, S, self.Hkv))
+            lengths = jnp.full((B, self.Hkv), jnp.minimum(position + 1, S), jnp.int32)
             if conv_history is not None:
                 new_cache["conv"] = conv_history
         else:
             new_cache = self.spkv.append(cache, x_B1D, entries, position)
             pos_BSH = new_cache["pos"]
-            valid = pos_BSH >= 0
+            lengths = pruned_cache.lengths(new_cache, position)
         keys = values = new_cache["k"]
         derive = {}
         if self.v_proj is None:
@@ -280,7 +279,7 @@ class SoftmaxAttention(nnx.Module):
             values = new_cache["v"]
         # Without spkv every head's slots hold the same positions, which is all pos2d needs.
         gate, _ = self._key_log_gate(pos_BSH[..., 0])
-        o = ops.softmax_decode(q, keys, values, valid, key_log_gate=gate, scale=self.cfg.scale,
+        o = ops.softmax_decode(q, keys, values, lengths=lengths, key_log_gate=gate, scale=self.cfg.scale,
                                impl=self.ctx.impl, **derive)
         return self.o_proj(o.reshape(B, 1, self.H * self.hd)), new_cache
 

@@ -69,33 +69,36 @@ def _flash_case(dtype, d: int, variant: str, *, T: int = 2048, Hq: int = 8) -> C
 FLASH_VARIANTS = ("mha", "mha-noncausal-ragged", "gqa4-k=v-window", "gqa4-gate-local", "mqa-segments-gate")
 
 
-def _decode_case(dtype, d: int, variant: str, *, S: int = 8192, B: int = 4, Hq: int = 32) -> Case:
-    Hkv, shared, derive = Hq // 4, False, False
+def _decode_case(dtype, d: int, variant: str) -> Case:
+    B, Hq, Hkv, S, shared, derive, held = 4, 32, 8, 8192, False, False, False
     if variant == "gqa4-k=v-ragged":
         S, shared = 5000, True
     elif variant == "gqa4-k=v-norm-rope":
         shared, derive = True, True
     elif variant == "mqa":
         Hkv = 1
+    elif variant == "gqa4-k=v-rope-pruned":  # an SP-KV cache: per-head lengths, no holes, keys rotated per slot
+        S, shared, derive, held = 3136, True, True, True
     spec = jax.ShapeDtypeStruct
     args = [spec((B, 1, Hq, d), dtype), spec((B, S, Hkv, d), dtype)]
     args += [] if shared else [spec((B, S, Hkv, d), dtype)]
-    args.append(spec((B, S, Hkv), jnp.float32))
+    args.append(spec((B, Hkv), jnp.int32) if held else spec((B, S, Hkv), jnp.float32))
     args += [spec((d,), jnp.float32), spec((B, S, Hkv), jnp.int32)] if derive else []
 
     def fn(*xs):
         q, k, *rest = xs
         v = None if shared else rest.pop(0)
+        bias, lengths = (None, rest.pop(0)) if held else (rest.pop(0), None)
         if not derive:
-            return flash_decode(q, k, v, rest[0])
-        bias, norm_scale, pos = rest
-        return flash_decode(q, k, v, bias, key_transform=KeyTransform(norm_eps=1e-5, rope_theta=1e4),
+            return flash_decode(q, k, v, bias, lengths=lengths)
+        norm_scale, pos = rest
+        return flash_decode(q, k, v, bias, lengths=lengths, key_transform=KeyTransform(norm_eps=1e-5, rope_theta=1e4),
                             key_norm_scale=norm_scale, key_positions=pos)
 
     return Case("decode", f"{jnp.dtype(dtype).name} d{d} S{S} {variant}", fn, tuple(args))
 
 
-DECODE_VARIANTS = ("gqa4", "gqa4-k=v-ragged", "gqa4-k=v-norm-rope", "mqa")
+DECODE_VARIANTS = ("gqa4", "gqa4-k=v-ragged", "gqa4-k=v-norm-rope", "mqa", "gqa4-k=v-rope-pruned")
 
 
 def _chunked_dims(variant: str, T: int, H: int) -> tuple[int, int, int, bool]:

@@ -8,8 +8,13 @@
 - Split-K: grid (batch, kv head, split); each split scans its stretch of S in key tiles with an online softmax
   and writes a normalised partial output and its log-sum-exp; the wrapper combines the splits. Splits give a
   long cache enough parallel programs when batch x kv heads is small.
-- `bias` [B, Hkv, 1, S] fp32 carries validity (-inf) and the SP-KV key gate, so a pruned cache (ring + store,
-  different keys per head) is read in place, masked, without a gather.
+- Each (sequence, kv head) reads only its held slots [0, length): a split past a head's length does nothing, and a
+  split that reaches it stops at its last held tile. On a GPU the bound is per head, read in the program (Triton
+  loads only the tiles the loop reaches). On a TPU the lengths are scalar-prefetched: a split's block index is
+  clamped to the last split that holds anything, so the pipeline fetches nothing new for the splits past it,
+  and the loop inside stops at the head's length. A pruned cache (ring + store, each head at its own length)
+  and a cache filled up to the current position cost what they hold, not what they allocate.
+- `bias` [B, Hkv, 1, S] fp32 (optional) carries holes (-inf) and the SP-KV key gate.
 
 - Keys may be derived from the cached array inside the kernel (`KeyTransform`): RMS-normalised with a learned
   scale, then rotated by RoPE at each slot's own position. With K=V sharing the cache holds the raw shared
@@ -18,8 +23,8 @@
   folded into the scores without slicing lanes: q . rope(k) = q . (k cos) - rot(q) . (k sin), with
   rot(q) = [-q2, q1] computed once outside.
 
-A stretch or tile past S is masked by position (its reads are padding), and values there are zeroed, since 0 x
-NaN is NaN.
+A tile that reaches past a head's length is masked by position (slots there may hold anything), and values
+there are zeroed, since 0 x NaN is NaN.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import platform
 from kernels_pallas.flash import tiles
@@ -66,32 +72,39 @@ def _keys(k, tf: KeyTransform | None, norm_row, freq_row, pos_row):
     return (kf * jnp.cos(angle)).astype(k.dtype), (kf * jnp.sin(angle)).astype(k.dtype)
 
 
-def _decode_kernel(*refs, kv_shared, transform, s_len, block_k, chunk, scale, heads, d, dv):
+def _decode_kernel(*refs, kv_shared, transform, has_bias, prefetch, block_k, chunk, scale, heads, d, dv):
     """`heads` kv heads per program (1, except on a TPU whose head dim is no multiple of 128: there a block
-    must span every head's columns); head hh reads columns [hh * d, (hh + 1) * d) of its block."""
+    must span every head's columns); head hh reads columns [hh * d, (hh + 1) * d) of its block, up to its length
+    (`lengths` scalar-prefetched [B, Hkv] with `prefetch`, else this program's [heads] block)."""
     refs = list(refs)
+    len_ref = refs.pop(0) if prefetch else None
+    if prefetch:
+        refs.pop(0)  # the per-block maximum, read by the index maps only
     q_ref = refs.pop(0)
     qr_ref = refs.pop(0) if transform is not None and transform.rotates else None
     k_ref = refs.pop(0)
     v_ref = k_ref if kv_shared else refs.pop(0)
-    bias_ref = refs.pop(0)
+    bias_ref = refs.pop(0) if has_bias else None
+    len_ref = len_ref if prefetch else refs.pop(0)
     norm_ref = refs.pop(0) if transform is not None and transform.norm_eps is not None else None
     freq_ref, pos_ref = (refs.pop(0), refs.pop(0)) if qr_ref is not None else (None, None)
     o_ref, lse_ref = refs
     split = pl.program_id(2)
+    start = split * chunk
     norm_row = None if norm_ref is None else norm_ref[...]
     freq_row = None if freq_ref is None else freq_ref[...]
-    # Tiles of this split that start before S.
-    n_tiles = jnp.minimum(chunk // block_k, lax.div(s_len - split * chunk + block_k - 1, block_k))
     for hh in range(heads):
         q = q_ref[hh]
         qr = None if qr_ref is None else qr_ref[hh]
+        length = len_ref[pl.program_id(0), pl.program_id(1) * heads + hh] if prefetch else len_ref[hh]
+        # Tiles of this split that start before the head's length (none for a split past it).
+        n_tiles = jnp.clip(lax.div(length - start + block_k - 1, block_k), 0, chunk // block_k)
 
-        def body(t, carry, hh=hh, q=q, qr=qr):
+        def body(t, carry, hh=hh, q=q, qr=qr, length=length):
             m, l, acc = carry
             keys = pl.ds(pl.multiple_of(t * block_k, block_k), block_k)
-            pos = split * chunk + t * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-            inside = pos < s_len
+            pos = start + t * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+            inside = pos < length
             raw = k_ref[keys, pl.ds(hh * d, d)]
             v = raw if kv_shared else v_ref[keys, pl.ds(hh * dv, dv)]
             v = jnp.where(inside.reshape(block_k, 1), v, jnp.zeros_like(v))
@@ -99,7 +112,10 @@ def _decode_kernel(*refs, kv_shared, transform, s_len, block_k, chunk, scale, he
             s = tiles.dot(q, k, contract=(1, 1))
             if k_sin is not None:
                 s = s - tiles.dot(qr, k_sin, contract=(1, 1))
-            s = jnp.where(inside, s * scale + bias_ref[hh, :, keys], -jnp.inf)
+            s = s * scale
+            if bias_ref is not None:
+                s = s + bias_ref[hh, :, keys]
+            s = jnp.where(inside, s, -jnp.inf)
             return tiles.online_softmax_step(m, l, acc, s, v)
 
         rows = q.shape[0]
@@ -113,16 +129,18 @@ def _decode_kernel(*refs, kv_shared, transform, s_len, block_k, chunk, scale, he
         lse_ref[hh] = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
 
 
-def flash_decode(q, k, v=None, bias=None, *, scale=None, key_transform: KeyTransform | None = None,
+def flash_decode(q, k, v=None, bias=None, *, lengths=None, scale=None, key_transform: KeyTransform | None = None,
                  key_norm_scale=None, key_positions=None, block_k=None, splits=None, heads_per_block=None,
-                 interpret=None):
-    """q [B, 1, Hq, D]; k [B, S, Hkv, D] and v [B, S, Hkv, Dv] (v None: k is also the value); bias [B, S, Hkv]
-    fp32 added to each logit (-inf: not readable by that head; None: every key) -> [B, 1, Hq, Dv] in q's dtype.
-    A head that can read no key returns 0.
+                 prefetch=None, interpret=None):
+    """q [B, 1, Hq, D]; k [B, S, Hkv, D] and v [B, S, Hkv, Dv] (v None: k is also the value); lengths [B, Hkv] int:
+    the slots [0, length) each head holds and reads (None: all S); bias [B, S, Hkv] fp32 added to each logit
+    (-inf: not readable by that head; None: nothing added) -> [B, 1, Hq, Dv] in q's dtype. A head that can read
+    no key returns 0.
 
     key_transform derives the scores' keys from k in the kernel (norm with key_norm_scale [D], RoPE at
     key_positions [B, S, Hkv] int); values are always the cached array as stored. block_k, splits and
-    heads_per_block override the target's choices (tests)."""
+    heads_per_block override the target's choices, and prefetch (None: on a TPU) the way lengths reach the
+    program (tests)."""
     tgt = platform.target()
     pref_k, max_splits, warps = DECODE_BLOCKS[tgt]
     B, _, Hq, D = q.shape
@@ -137,8 +155,10 @@ def flash_decode(q, k, v=None, bias=None, *, scale=None, key_transform: KeyTrans
     n_split = -(-S // chunk)
     scale = float(D) ** -0.5 if scale is None else float(scale)
     tf = key_transform
+    prefetch = tgt == "tpu" if prefetch is None else prefetch
     # A TPU block's last dim must be a multiple of 128 lanes or the whole row: narrower heads share a block.
     hb = heads_per_block or (Hkv if tgt == "tpu" and (D % 128 or Dv % 128) else 1)
+    length_BH = jnp.full((B, Hkv), S, jnp.int32) if lengths is None else jnp.clip(lengths, 0, S).astype(jnp.int32)
 
     def per_head_rows(x_BHD):  # [B, Hkv * G, D] -> [B, Hkv, rows, D] in the cache dtype
         x = x_BHD.reshape(B, Hkv, G, D).astype(k.dtype)
@@ -147,21 +167,37 @@ def flash_decode(q, k, v=None, bias=None, *, scale=None, key_transform: KeyTrans
     def per_key_rows(x_BSH, dtype):  # [B, S, Hkv] -> [B, Hkv, 1, S]
         return jnp.swapaxes(x_BSH.astype(dtype), 1, 2)[:, :, None, :]
 
-    q_spec = pl.BlockSpec((None, hb, rows, D), lambda b, h, c: (b, h, 0, 0))
-    key_row_spec = pl.BlockSpec((None, hb, 1, chunk), lambda b, h, c: (b, h, 0, c))
-    whole_row = pl.BlockSpec((1, D), lambda b, h, c: (0, 0))
+    if prefetch:
+        # The index maps get the prefetched lengths and per-block maxima after the grid indices; a split past
+        # its block's longest head maps to the last split that holds anything (the same block: no new fetch).
+        def held(c, blk_max_ref, b, h):
+            return jnp.minimum(c, jnp.maximum(lax.div(blk_max_ref[b, h] + chunk - 1, chunk) - 1, 0))
+
+        def spec(shape, index):
+            return pl.BlockSpec(shape, lambda b, h, c, len_ref, blk_ref: index(b, h, c, held(c, blk_ref, b, h)))
+    else:
+        def spec(shape, index):
+            return pl.BlockSpec(shape, lambda b, h, c: index(b, h, c, c))
+
+    q_spec = spec((None, hb, rows, D), lambda b, h, c, ch: (b, h, 0, 0))
+    key_row_spec = spec((None, hb, 1, chunk), lambda b, h, c, ch: (b, h, 0, ch))
+    whole_row = spec((1, D), lambda b, h, c, ch: (0, 0))
     inputs, specs = [per_head_rows(q[:, 0])], [q_spec]
     if tf is not None and tf.rotates:
         q1, q2 = q[:, 0, :, :D // 2], q[:, 0, :, D // 2:]
         inputs.append(per_head_rows(jnp.concatenate([-q2, q1], axis=-1)))
         specs.append(q_spec)
     inputs.append(k.reshape(B, S, Hkv * D))
-    specs.append(pl.BlockSpec((None, chunk, hb * D), lambda b, h, c: (b, c, h)))
+    specs.append(spec((None, chunk, hb * D), lambda b, h, c, ch: (b, ch, h)))
     if v is not None:
         inputs.append(v.reshape(B, S, Hkv * Dv))
-        specs.append(pl.BlockSpec((None, chunk, hb * Dv), lambda b, h, c: (b, c, h)))
-    inputs.append(per_key_rows(jnp.zeros((B, S, Hkv)) if bias is None else bias, jnp.float32))
-    specs.append(key_row_spec)
+        specs.append(spec((None, chunk, hb * Dv), lambda b, h, c, ch: (b, ch, h)))
+    if bias is not None:
+        inputs.append(per_key_rows(bias, jnp.float32))
+        specs.append(key_row_spec)
+    if not prefetch:
+        inputs.append(length_BH.reshape(B, Hkv // hb, hb))
+        specs.append(spec((None, None, hb), lambda b, h, c, ch: (b, h, 0)))
     if tf is not None and tf.norm_eps is not None:
         inputs.append(key_norm_scale.astype(jnp.float32).reshape(1, D))
         specs.append(whole_row)
@@ -171,16 +207,23 @@ def flash_decode(q, k, v=None, bias=None, *, scale=None, key_transform: KeyTrans
         specs += [whole_row, key_row_spec]
     out_shape = (jax.ShapeDtypeStruct((B, Hkv, n_split, rows, Dv), jnp.float32),
                  jax.ShapeDtypeStruct((B, Hkv, n_split, rows, 1), jnp.float32))
-    out_specs = (pl.BlockSpec((None, hb, None, rows, Dv), lambda b, h, c: (b, h, c, 0, 0)),
-                 pl.BlockSpec((None, hb, None, rows, 1), lambda b, h, c: (b, h, c, 0, 0)))
-    kernel = functools.partial(_decode_kernel, kv_shared=v is None, transform=tf, s_len=S, block_k=bk, chunk=chunk,
-                               scale=scale, heads=hb, d=D, dv=Dv)
+    out_specs = (spec((None, hb, None, rows, Dv), lambda b, h, c, ch: (b, h, c, 0, 0)),
+                 spec((None, hb, None, rows, 1), lambda b, h, c, ch: (b, h, c, 0, 0)))
+    kernel = functools.partial(_decode_kernel, kv_shared=v is None, transform=tf, has_bias=bias is not None,
+                               prefetch=prefetch, block_k=bk, chunk=chunk, scale=scale, heads=hb, d=D, dv=Dv)
+    grid = (B, Hkv // hb, n_split)
+    if prefetch:
+        grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=2, grid=grid, in_specs=specs,
+                                                 out_specs=out_specs)
+        prefetched = (length_BH, length_BH.reshape(B, Hkv // hb, hb).max(axis=-1))
+    else:
+        grid_spec, prefetched = pl.GridSpec(grid=grid, in_specs=specs, out_specs=out_specs), ()
     o_parts, lse_parts = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(B, Hkv // hb, n_split), in_specs=specs, out_specs=out_specs,
+        kernel, out_shape=out_shape, grid_spec=grid_spec,
         interpret=platform.resolve_interpret(interpret), name="flash_decode",
         compiler_params=platform.compiler_params(gpu=dict(num_warps=warps, num_stages=2),
                                                  tpu=dict(dimension_semantics=("parallel",) * 3)),
-    )(*inputs)
+    )(*prefetched, *inputs)
     # Combine the splits: weights exp(lse_c - max lse), all zero for a head that read nothing.
     m = jnp.max(lse_parts, axis=2, keepdims=True)
     w = jnp.exp(lse_parts - jnp.where(m == -jnp.inf, 0.0, m))

@@ -1,5 +1,7 @@
 """Parity cases of `softmax_decode`: one new query token per sequence against a KV cache whose keys are
-valid per KV head (a pruned SP-KV cache), every registered implementation against the dense reference."""
+valid per KV head, or held up to a length per KV head (a pruned cache, ragged across the batch), every
+registered implementation against the dense reference. Slots past a head's length hold NaN: an implementation
+that reads them fails."""
 from __future__ import annotations
 
 import functools
@@ -16,10 +18,12 @@ B, D, DV = 2, 16, 32  # powers of two >= 16, as the decode kernel needs on a GPU
 
 # S: cache length; Hq, Hkv: heads; keep: share of valid cache entries; gate: a key_log_gate; v_is_k: the
 # cache holds one array as keys and values (K=V sharing); norm / rope: keys derived from the cache.
+# lengths: per (sequence, KV head) held slots, valid: False to read by lengths alone.
 # Options an implementation takes in tests only: small key tiles and several splits of the cache; heads
-# sharing a block (the TPU layout for narrow heads) in one case.
-TEST_OPTIONS = {"pallas": dict(block_k=16, splits=3)}
-CASE_OPTIONS = {"gqa-pruned-one-head-empty": {"pallas": dict(heads_per_block=2)}}
+# sharing a block (the TPU layout for narrow heads) and the TPU's scalar-prefetched lengths in some cases.
+TEST_OPTIONS = {"pallas": dict(block_k=16, splits=3), "xla": dict(block_k=16)}
+CASE_OPTIONS = {"gqa-pruned-one-head-empty": {"pallas": dict(heads_per_block=2)},
+                "gqa-lengths-prefetched": {"pallas": dict(prefetch=True, heads_per_block=2)}}
 
 CASES = {
     "gqa-pruned-one-head-empty": dict(S=40, Hq=4, Hkv=2, keep=0.6, empty_head=True),
@@ -29,6 +33,12 @@ CASES = {
     # hold different positions per head; large positions make the angles large).
     "gqa-v-is-k-norm-rope-pruned": dict(S=45, Hq=4, Hkv=2, keep=0.7, v_is_k=True, norm=True, rope=True),
     "mqa-rope-gate": dict(S=33, Hq=4, Hkv=1, keep=0.9, gate=True, rope=True),
+    # Held lengths, ragged over sequences and heads: empty, inside the first tile, mid-split, full.
+    "gqa-lengths-ragged": dict(S=50, Hq=4, Hkv=2, keep=1.0, valid=False, lengths=[[0, 7], [33, 50]]),
+    "gqa-lengths-prefetched": dict(S=50, Hq=4, Hkv=2, keep=1.0, valid=False, lengths=[[19, 0], [50, 2]]),
+    "gqa-lengths-holes-gate": dict(S=41, Hq=4, Hkv=2, keep=0.7, gate=True, lengths=[[40, 17], [1, 41]]),
+    "gqa-v-is-k-norm-rope-lengths": dict(S=45, Hq=4, Hkv=2, keep=1.0, valid=False, v_is_k=True, norm=True,
+                                         rope=True, lengths=[[45, 30], [12, 3]]),
 }
 
 
@@ -42,6 +52,13 @@ def case_arrays(case):
     valid = rng.random((B, S, Hkv)) < c["keep"]
     if c.get("empty_head"):
         valid[1, :, 1] = False
+    lengths = None
+    if "lengths" in c:
+        lengths = np.asarray(c["lengths"], np.int32)
+        past = np.arange(S)[None, :, None] >= lengths[:, None, :]
+        k = jnp.where(past[..., None], jnp.nan, k)
+        v = k if c.get("v_is_k") else jnp.where(past[..., None], jnp.nan, v)
+        lengths = jnp.asarray(lengths)
     gate = jnp.asarray(-np.logaddexp(0.0, -3.0 * rng.standard_normal((B, S, Hkv))), jnp.float32) \
         if c.get("gate") else None
     transform = {}
@@ -50,14 +67,14 @@ def case_arrays(case):
     if c.get("rope"):
         transform |= dict(key_rope_theta=10000.0, key_positions=jnp.asarray(rng.integers(0, 50_000, (B, S, Hkv)),
                                                                          jnp.int32))
-    return q, k, v, jnp.asarray(valid), gate, transform
+    return q, k, v, jnp.asarray(valid) if c.get("valid", True) else None, lengths, gate, transform
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "v_is_k", "opts"))
-def _run(fn, q, k, v, valid, gate, transform, v_is_k=False, opts=()):
+def _run(fn, q, k, v, valid, lengths, gate, transform, v_is_k=False, opts=()):
     # K=V passes k itself as v inside the trace (two jit arguments would be two tracers). The transform's
     # numbers (theta, eps) are static options, its arrays arguments.
-    return fn(q, k, k if v_is_k else v, valid, key_log_gate=gate, **transform, **dict(opts))
+    return fn(q, k, k if v_is_k else v, valid, lengths=lengths, key_log_gate=gate, **transform, **dict(opts))
 
 
 def run(impl, case):
@@ -72,3 +89,6 @@ def compare(got, want, case):
     assert_close(got, want, rel=1e-5, name=f"{case} o")
     if CASES[case].get("empty_head"):
         np.testing.assert_array_equal(np.asarray(got)[1, 0, 2:], 0.0, err_msg="a head with no valid key reads 0")
+    for b, h in zip(*np.nonzero(np.asarray(CASES[case].get("lengths", [[1]])) == 0)):
+        G = CASES[case]["Hq"] // CASES[case]["Hkv"]
+        np.testing.assert_array_equal(np.asarray(got)[b, 0, h * G:(h + 1) * G], 0.0, err_msg="an empty head reads 0")

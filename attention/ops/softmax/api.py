@@ -105,14 +105,16 @@ def matmul_precision(dtype):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
-def softmax_decode(q, k, v, valid, *, key_log_gate=None, scale=None, key_norm_scale=None, key_norm_eps=1e-5,
-                   key_rope_theta=None, key_positions=None, impl="auto"):
+def softmax_decode(q, k, v, valid=None, *, lengths=None, key_log_gate=None, scale=None, key_norm_scale=None,
+                   key_norm_eps=1e-5, key_rope_theta=None, key_positions=None, impl="auto"):
     """One query token against a KV cache: q [B,1,Hq,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv] -> [B,1,Hq,Dv].
 
-    valid [B,S,Hkv] bool marks the cached keys each kv head may read (pruned SP-KV caches keep
-    different keys per head). key_log_gate [B,S,Hkv] (<= 0) is added to the logit of every cached
-    key; the caller exempts keys inside any local window. Softmax statistics in fp32; a head with no
-    valid key returns 0.
+    lengths [B,Hkv] int: kv head h of sequence b holds slots [0, lengths[b,h]) and only those are read (the
+    fast implementations stop there: a pruned cache or a cache filled to the current position costs what it
+    holds, not what it allocated); slots past it may hold anything. None: all S slots. valid [B,S,Hkv] bool
+    (None: every slot) further marks the slots each kv head may read (a cache with holes). key_log_gate
+    [B,S,Hkv] (<= 0) is added to the logit of every cached key; the caller exempts keys inside any local
+    window. Softmax statistics in fp32; a head with no readable key returns 0.
 
     The scores' keys may be derived from the cached k (a K=V cache holds the raw shared projection, which is
     the value): RMS-normalised with scale key_norm_scale [D] (eps key_norm_eps), then rotated by RoPE
@@ -125,12 +127,13 @@ def softmax_decode(q, k, v, valid, *, key_log_gate=None, scale=None, key_norm_sc
               segment_ids=None, scale=scale)
     B, _, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
-    if tuple(valid.shape) != (B, S, Hkv):
-        raise ValueError(f"valid must be [batch, kv_time, kv_heads] = {(B, S, Hkv)}; "
-                         f"got {tuple(valid.shape)}")
-    if key_log_gate is not None and tuple(key_log_gate.shape) != (B, S, Hkv):
-        raise ValueError(f"key_log_gate must be [batch, kv_time, kv_heads] = {(B, S, Hkv)}; "
-                         f"got {tuple(key_log_gate.shape)}")
+    for name, x, shape in (("valid", valid, (B, S, Hkv)), ("key_log_gate", key_log_gate, (B, S, Hkv)),
+                           ("lengths", lengths, (B, Hkv))):
+        if x is not None and tuple(x.shape) != shape:
+            raise ValueError(f"{name} must be {shape} ([batch, kv_time, kv_heads] or, for lengths, [batch, "
+                             f"kv_heads]); got {tuple(x.shape)}")
+    if lengths is not None and not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be integers; got dtype {lengths.dtype}")
     if key_norm_scale is not None and tuple(key_norm_scale.shape) != (D,):
         raise ValueError(f"key_norm_scale must be [head_dim] = ({D},); got {tuple(key_norm_scale.shape)}")
     if key_rope_theta is not None:
@@ -142,8 +145,17 @@ def softmax_decode(q, k, v, valid, *, key_log_gate=None, scale=None, key_norm_sc
             raise ValueError(f"RoPE pairs channels i and i + D/2: head dim {D} must be even")
     fn = dispatch.resolve("softmax_decode", impl, dtype=jnp.dtype(q.dtype), q_shape=q.shape, k_shape=k.shape,
                           v_shape=v.shape, has_key_log_gate=key_log_gate is not None)
-    return fn(q, k, v, valid, key_log_gate=key_log_gate, scale=scale, key_norm_scale=key_norm_scale,
+    return fn(q, k, v, valid, lengths=lengths, key_log_gate=key_log_gate, scale=scale, key_norm_scale=key_norm_scale,
               key_norm_eps=key_norm_eps, key_rope_theta=key_rope_theta, key_positions=key_positions)
+
+
+def readable(valid, lengths, shape):
+    """[B,S,Hkv] bool: the slots a head reads under `valid` and `lengths` (either may be None)."""
+    B, S, Hkv = shape
+    ok = jnp.ones(shape, bool) if valid is None else valid
+    if lengths is not None:
+        ok = ok & (jnp.arange(S)[None, :, None] < lengths[:, None, :])
+    return ok
 
 
 def transform_keys(k, *, key_norm_scale=None, key_norm_eps=1e-5, key_rope_theta=None, key_positions=None):

@@ -38,18 +38,21 @@ def softmax_attention_pallas(q, k, v, *, causal=True, sliding_window=None, local
 
 
 @dispatch.register("softmax_decode", "pallas", supports=supports_decode)
-def softmax_decode_pallas(q, k, v, valid, *, key_log_gate=None, scale=None, key_norm_scale=None, key_norm_eps=1e-5,
-                          key_rope_theta=None, key_positions=None, block_k=None, splits=None, heads_per_block=None,
-                          interpret=None):
-    """The cache is read in place ([B,S,Hkv,D], its own dtype); validity and the gate become one additive
-    fp32 bias per key and head; derived keys (norm, RoPE) are made per tile inside the kernel, so a K=V cache
-    is read once. block_k / splits / heads_per_block override the kernel's choices (tests)."""
-    gate = jnp.zeros(valid.shape, jnp.float32) if key_log_gate is None else key_log_gate.astype(jnp.float32)
-    bias = jnp.where(valid, gate, -jnp.inf)
+def softmax_decode_pallas(q, k, v, valid=None, *, lengths=None, key_log_gate=None, scale=None, key_norm_scale=None,
+                          key_norm_eps=1e-5, key_rope_theta=None, key_positions=None, block_k=None, splits=None,
+                          heads_per_block=None, prefetch=None, interpret=None):
+    """The cache is read in place ([B,S,Hkv,D], its own dtype), each head up to its length; holes and the gate
+    become one additive fp32 bias per key and head (none when there are neither); derived keys (norm, RoPE)
+    are made per tile inside the kernel, so a K=V cache is read once. block_k / splits / heads_per_block /
+    prefetch override the kernel's choices (tests)."""
+    bias = None
+    if valid is not None or key_log_gate is not None:
+        gate = jnp.zeros(k.shape[:3], jnp.float32) if key_log_gate is None else key_log_gate.astype(jnp.float32)
+        bias = gate if valid is None else jnp.where(valid, gate, -jnp.inf)
     transform = None
     if key_norm_scale is not None or key_rope_theta is not None:
         transform = KeyTransform(norm_eps=None if key_norm_scale is None else float(key_norm_eps),
                                  rope_theta=None if key_rope_theta is None else float(key_rope_theta))
-    return flash_decode(q, k, None if v is k else v, bias, scale=scale, key_transform=transform,
+    return flash_decode(q, k, None if v is k else v, bias, lengths=lengths, scale=scale, key_transform=transform,
                         key_norm_scale=key_norm_scale, key_positions=key_positions, block_k=block_k, splits=splits,
-                        heads_per_block=heads_per_block, interpret=interpret)
+                        heads_per_block=heads_per_block, prefetch=prefetch, interpret=interpret)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from attention.ops import dispatch
-from attention.ops.softmax.api import documents, resolve_scale, transform_keys
+from attention.ops.softmax.api import documents, readable, resolve_scale, transform_keys
 
 
 @dispatch.register("softmax_attention", "reference")
@@ -48,10 +48,11 @@ def softmax_attention_reference(q, k, v, *, causal=True, sliding_window=None, lo
 
 
 @dispatch.register("softmax_decode", "reference")
-def softmax_decode_reference(q, k, v, valid, *, key_log_gate=None, scale=None, **key_transform):
+def softmax_decode_reference(q, k, v, valid=None, *, lengths=None, key_log_gate=None, scale=None, **key_transform):
     """The dense oracle above, non-causal, with every key a head may not read gated to -inf, on the keys
-    `transform_keys` derives (fp32)."""
-    gate = jnp.zeros(valid.shape, jnp.float32) if key_log_gate is None else key_log_gate.astype(jnp.float32)
-    keys = transform_keys(k, **key_transform)
-    return softmax_attention_reference(q, keys, v, causal=False, key_log_gate=jnp.where(valid, gate, -jnp.inf),
-                                       scale=scale)
+    `transform_keys` derives (fp32). Slots a head may not read are zeroed first: they may hold anything."""
+    ok = readable(valid, lengths, k.shape[:3])
+    gate = jnp.zeros(ok.shape, jnp.float32) if key_log_gate is None else key_log_gate.astype(jnp.float32)
+    keys = transform_keys(jnp.where(ok[..., None], k, 0), **key_transform)
+    return softmax_attention_reference(q, keys, jnp.where(ok[..., None], v, 0), causal=False,
+                                       key_log_gate=jnp.where(ok, gate, -jnp.inf), scale=scale)

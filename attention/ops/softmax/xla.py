@@ -284,24 +284,60 @@ def _blocked_attention_bwd(plan, res, do):
 _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
 
+# Key block of the decode read: the loop runs over ceil(longest held length / block) blocks. Unmeasured starting
+# points.
+DECODE_BLOCK = {"cpu": 512, "gpu": 1024, "tpu": 1024}
+
+
 @dispatch.register("softmax_decode", "xla")
-def softmax_decode_xla(q, k, v, valid, *, key_log_gate=None, scale=None, key_norm_scale=None, key_norm_eps=1e-5,
-                       key_rope_theta=None, key_positions=None):
-    """The cache is read in its own dtype (no fp32 copy of K and V) with fp32 accumulation; softmax in fp32.
-    Derived keys (norm, RoPE) are a transformed copy of the cache in its dtype, made before the read."""
-    if key_norm_scale is not None or key_rope_theta is not None:
-        k = transform_keys(k, key_norm_scale=key_norm_scale, key_norm_eps=key_norm_eps,
-                           key_rope_theta=key_rope_theta, key_positions=key_positions).astype(k.dtype)
+def softmax_decode_xla(q, k, v, valid=None, *, lengths=None, key_log_gate=None, scale=None, key_norm_scale=None,
+                       key_norm_eps=1e-5, key_rope_theta=None, key_positions=None, block_k=None):
+    """An online softmax over key blocks, read in the cache's own dtype with fp32 accumulation, for as many
+    blocks as the longest held length of the batch (a dynamic loop bound: a pruned or part-filled cache costs
+    what it holds); shorter heads mask the rest of it. Derived keys (norm, RoPE) are made per block, so a K=V
+    cache is read once. block_k overrides the backend's block (tests)."""
     B, _, Hq, D = q.shape
-    Hkv = k.shape[2]
+    S, Hkv = k.shape[1], k.shape[2]
+    Dv, G = v.shape[-1], Hq // Hkv
     f32 = jnp.float32
-    q_BHGD = q[:, 0].reshape(B, Hkv, Hq // Hkv, D)
-    s_BHGS = _dot("bhgd,bshd->bhgs", q_BHGD.astype(k.dtype), k) * resolve_scale(scale, D)
-    if key_log_gate is not None:
-        s_BHGS = s_BHGS + key_log_gate.astype(f32).transpose(0, 2, 1)[:, :, None, :]
-    s_BHGS = jnp.where(valid.transpose(0, 2, 1)[:, :, None, :], s_BHGS, -jnp.inf)
-    m = s_BHGS.max(-1, keepdims=True)
-    p_BHGS = jnp.exp(s_BHGS - jnp.where(m == -jnp.inf, 0.0, m))
-    denom = p_BHGS.sum(-1, keepdims=True)
-    o_BHGD = _dot("bhgs,bshd->bhgd", p_BHGS.astype(v.dtype), v) / jnp.where(denom > 0, denom, 1.0)
-    return o_BHGD.reshape(B, 1, Hq, v.shape[-1]).astype(q.dtype)
+    bk = min(block_k or DECODE_BLOCK[dispatch.backend()], S)
+    length_BH = jnp.full((B, Hkv), S, jnp.int32) if lengths is None else jnp.clip(lengths, 0, S).astype(jnp.int32)
+    n_blocks = (jnp.max(length_BH) + bk - 1) // bk
+    q_BHGD = q[:, 0].reshape(B, Hkv, G, D).astype(k.dtype)
+    sc = resolve_scale(scale, D)
+    derive = key_norm_scale is not None or key_rope_theta is not None
+
+    def block(j, carry):
+        m_BHG, l_BHG, acc_BHGD = carry
+        # The last block is shifted back to end at S (no padded copy of the cache); the slots it shares with
+        # the block before are masked as already read.
+        start = jnp.minimum(j * bk, S - bk)
+        take = functools.partial(lax.dynamic_slice_in_dim, start_index=start, slice_size=bk, axis=1)
+        slot_K = start + jnp.arange(bk)
+        ok_BHK = (slot_K >= j * bk)[None, None, :] & (slot_K[None, None, :] < length_BH[:, :, None])
+        if valid is not None:
+            ok_BHK &= take(valid).transpose(0, 2, 1)
+        k_BKHD = take(k)
+        v_BKHD = k_BKHD if v is k else take(v)
+        if derive:
+            k_BKHD = transform_keys(k_BKHD, key_norm_scale=key_norm_scale, key_norm_eps=key_norm_eps,
+                                    key_rope_theta=key_rope_theta,
+                                    key_positions=None if key_positions is None else take(key_positions))
+            k_BKHD = k_BKHD.astype(k.dtype)
+        s_BHGK = _dot("bhgd,bkhd->bhgk", q_BHGD, k_BKHD) * sc
+        if key_log_gate is not None:
+            s_BHGK = s_BHGK + take(key_log_gate).astype(f32).transpose(0, 2, 1)[:, :, None, :]
+        s_BHGK = jnp.where(ok_BHK[:, :, None, :], s_BHGK, -jnp.inf)
+        m_new = jnp.maximum(m_BHG, s_BHGK.max(-1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p_BHGK = jnp.exp(s_BHGK - m_safe[..., None])
+        alpha = jnp.exp(m_BHG - m_safe)
+        # Slots a head may not read can hold anything (NaN included): their values are zeroed, not just weighted 0.
+        v_BKHD = jnp.where(ok_BHK.transpose(0, 2, 1)[..., None], v_BKHD, 0)
+        acc_BHGD = acc_BHGD * alpha[..., None] + _dot("bhgk,bkhd->bhgd", p_BHGK.astype(v.dtype), v_BKHD)
+        return m_new, l_BHG * alpha + p_BHGK.sum(-1), acc_BHGD
+
+    init = (jnp.full((B, Hkv, G), -jnp.inf, f32), jnp.zeros((B, Hkv, G), f32), jnp.zeros((B, Hkv, G, Dv), f32))
+    _, l_BHG, acc_BHGD = lax.fori_loop(0, n_blocks, block, init)
+    o_BHGD = acc_BHGD / jnp.where(l_BHG > 0, l_BHG, 1.0)[..., None]
+    return o_BHGD.reshape(B, 1, Hq, Dv).astype(q.dtype)
