@@ -6,7 +6,14 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3 $$HOME/.pyenv/versions/
 	  "$$p" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+# What jax runs on: cpu (the default; what `make test` installs), cuda12 (NVIDIA GPUs) or tpu (a TPU VM). The
+# accelerator's plugin comes from the pyproject extra of that name, pinned to the same jax version.
+DEVICE ?= cpu
+EXTRAS_cpu := test
+EXTRAS_cuda12 := test,cuda12
+EXTRAS_tpu := test,tpu
+EXTRAS := $(EXTRAS_$(DEVICE))
+STAMP := $(VENV)/.installed-$(DEVICE)
 # Test workers: one per core, capped at 2 (each JAX process is itself multi-threaded).
 TEST_WORKERS ?= 2
 
@@ -15,13 +22,14 @@ TEST_WORKERS ?= 2
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@if [ -z "$(EXTRAS)" ]; then echo "DEVICE=$(DEVICE) is not one of cpu, cuda12, tpu" >&2; exit 2; fi
 	@if ! { test -x $(PY) && $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))'; }; then \
 	  if [ -z "$(PYTHON)" ]; then \
 	    echo "attnlab needs Python >= 3.12 (jax 0.11.2): install one (e.g. 'pyenv install 3.12') or run 'make PYTHON=/path/to/python3.12'" >&2; \
 	    exit 1; fi; \
 	  rm -rf $(VENV); echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); fi
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -149,14 +149,12 @@ def cmd_bench_decode(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from lm.plan import plan
+    from lm.plan import format_lines, plan
 
     res = plan(args.config, args.set, args.mesh_axes)
-    if args.json:
-        print(json.dumps(res))
-    else:
-        for k, v in res.items():
-            print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
+    print(json.dumps(res) if args.json else "\n".join(format_lines(res)))
+    for warning in res["warnings"] if args.json else ():
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -395,6 +393,18 @@ def _simulate_devices(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        from lm import stop
+
+        # Before anything else (the parser's modules import jax): a SIGTERM or SIGHUP while the run starts up is
+        # held for the loop, which then stops cleanly, instead of ending the process.
+        with stop.early():
+            return _main(argv)
+    return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from lm.runtime import enable_compile_cache, keep_host_memory
@@ -438,4 +448,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m lm.cli`: run the imported module's main, so that UsageError is one class whoever raises it.
+    from lm.cli import main as cli_main
+
+    sys.exit(cli_main())

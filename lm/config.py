@@ -33,6 +33,7 @@ class RunConfig(_Section):
     name: str = "run"
     out_dir: str = "runs"
     seed: int = 0
+    platform: Literal["auto", "cpu", "gpu", "tpu"] = "auto"  # gpu/tpu: refuse to train on anything else
 
 
 class TrainConfig(_Section):

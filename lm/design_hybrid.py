@@ -169,6 +169,13 @@ def render(d: Design, base: str | None = None) -> str:
 
 
 def cmd_design_hybrid(args) -> int:
+    if args.out:  # checked before the run is read; a mistyped directory is not created
+        out = Path(args.out)
+        if out.is_dir():
+            raise DesignError(f"--out {args.out} is a directory; give the YAML file to write, e.g. {out / 'hybrid.yaml'}")
+        if not out.parent.is_dir():
+            raise DesignError(f"--out {args.out}: directory {out.parent} does not exist; create it first "
+                              f"(mkdir -p {out.parent}) or write somewhere else")
     try:
         d = design(args.run_dir, args.budget, rest=args.rest, window=args.window, context=args.context,
                    linear_kind=args.linear_kind, name=args.name)
@@ -180,7 +187,6 @@ def cmd_design_hybrid(args) -> int:
         base = os.path.relpath(Path(args.base).resolve(), where.resolve())
     text = render(d, base)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
     if args.json:
         print(json.dumps({**d.summary(), "out": args.out}))

@@ -7,6 +7,8 @@ shapes (no parameter is materialised) and report what one device holds, from the
 - FLOPs: the compiled program's count (`cost_analysis`, per device) against the analytic 3 x forward FLOPs.
   XLA counts a loop's body once, so gradient accumulation's micro-steps and the blocked attention's key loop
   make the compiled count a fraction of the work; the ratio is meaningful only for loop-free programs.
+- warnings: a `tensor` axis that does not divide a mixer's head counts (devices would hold parts of heads) or the
+  mlp / vocab sizes (replicated instead of split).
 
 On a CPU machine the mesh's devices are simulated host devices (the command sets their number before jax
 starts), so the plan for an 8-accelerator mesh compiles here. Sizes come from the compiler for the platform it
@@ -40,6 +42,37 @@ def parse_mesh(text: str | None) -> dict[str, int]:
 
 def devices_needed(mesh: dict[str, int]) -> int:
     return math.prod(mesh.values()) if mesh else 1
+
+
+def tensor_warnings(cfg, shapes, meta, tensor: int) -> list[str]:
+    """What a tensor axis of size `tensor` cannot split evenly, one sentence each: a head count it does not divide
+    (each device would hold part of a head), and parameter dimensions (mlp, vocab) it does not divide, which
+    lm.sharding then replicates instead of splitting."""
+    import jax
+
+    from lm.sharding import LOGICAL_RULES
+
+    if tensor == 1:
+        return []
+    out = []
+    for name in dict.fromkeys(cfg.model.pattern):
+        mixer = cfg.model.mixers[name]
+        heads = {"heads": getattr(mixer, "n_heads", None)}
+        heads["kv heads"] = getattr(mixer, "n_kv_heads", None) or heads["heads"]
+        bad = [f"{n} {kind}" for kind, n in heads.items() if n and n % tensor]
+        if bad:
+            out.append(f"mesh.tensor={tensor} does not divide the {' and '.join(bad)} of mixer {name}: each device "
+                       f"holds part of a head; use a tensor size that divides the head counts")
+    unsplit: dict[str, set[int]] = {}
+    for shape, m in zip(jax.tree.leaves(shapes), jax.tree.leaves(meta, is_leaf=lambda x: hasattr(x, "axes"))):
+        for d, axis in zip(shape.shape, m.axes):
+            if axis in ("mlp", "vocab") and "tensor" in LOGICAL_RULES[axis] and d % tensor:
+                unsplit.setdefault(axis, set()).add(d)
+    if unsplit:
+        sizes = ", ".join(f"{axis} {'/'.join(map(str, sorted(v)))}" for axis, v in unsplit.items())
+        out.append(f"mesh.tensor={tensor} does not divide {sizes}: those weights are replicated on every tensor "
+                   f"device instead of split")
+    return out
 
 
 def _device_bytes(tree, shardings) -> int:
@@ -95,4 +128,21 @@ def plan(config: str, overrides: list[str], mesh: dict[str, int]) -> dict:
         "compile_s": compile_s, "platform": jax.default_backend(),
     }
     res["compiled_over_analytic"] = res["compiled_tflops_per_device"] / res["analytic_tflops_per_device"]
+    res["warnings"] = tensor_warnings(cfg, setup.state_shapes["params"], setup.mdef.meta(), setup.mesh.shape["tensor"])
     return res
+
+
+COMPILED_NOTE = ("the compiled FLOPs per device over the analytic 3 x forward count: XLA counts a loop's body once "
+                 "(gradient accumulation and the blocked attention's key loop pull it below 1) and replicated work "
+                 "on every device (above 1), so it checks FLOPs only for loop-free, evenly sharded programs")
+
+
+def format_lines(res: dict) -> list[str]:
+    """`plan`'s text output: one `key: value` line per result, the ratio with what it means, warnings last."""
+    lines = []
+    for k, v in res.items():
+        if k == "warnings":
+            continue
+        text = f"{v:.3f}" if isinstance(v, float) else str(v)
+        lines.append(f"{k}: {text}" + (f" ({COMPILED_NOTE})" if k == "compiled_over_analytic" else ""))
+    return lines + [f"warning: {w}" for w in res.get("warnings", ())]

@@ -43,7 +43,9 @@ def keep_host_memory() -> bool:
     glibc maps every block over 32 MiB with mmap and unmaps it on free, so each step faulted all those
     pages in again: about 490,000 minor faults and 1 CPU-second of kernel time per step on 2 cores.
     One arena (XLA's runtime threads allocate too), no mmap and no trimming keep the block for the next
-    step. The process holds on to its peak host memory in exchange.
+    step. The process holds on to its peak host memory in exchange. Trimming is off altogether (-1), not just
+    above a threshold: mallopt's threshold is an int, and a free top of the heap past 2 GiB (the step's block and
+    whatever was freed next to it) was trimmed after every step in some runs and not in others.
 
     Call it before the first JAX computation, whose runtime threads must find the setting in place.
     ATTNLAB_HOST_MALLOC=system keeps glibc's defaults; without glibc's mallopt (macOS, musl) nothing changes.
@@ -56,6 +58,6 @@ def keep_host_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     global _host_memory_kept
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))  # -1: never trim (mallopt(3))
     _host_memory_kept = all([mallopt(param, value) == 1 for param, value in settings])
     return _host_memory_kept

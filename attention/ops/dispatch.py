@@ -114,6 +114,8 @@ def resolve(op: str, impl: str, **call_info: Any) -> Callable[..., Any]:
         elif impl not in table:
             raise ImplUnavailable(f"{op}: impl={impl!r} is not implemented")
         chosen, reason = impl, "requested"
+        if impl == "pallas" and backend() == "cpu":
+            reason += "; on the CPU the kernels run interpreted, far slower than xla (what the tests check)"
     label = getattr(_label, "value", "")
     with _lock:
         _choices[(op, label)] = Choice(op, impl, chosen, reason)

@@ -23,7 +23,7 @@ from rich.console import Console
 from attention import ops
 from attention.base import StatsByLayer, StatsReport
 from lm import data as lmdata
-from lm import distributed
+from lm import devices, distributed, stop
 from lm import flops as lmflops
 from lm.checkpoint import Checkpointer
 from lm.config import Config, dump_config, load_config
@@ -31,7 +31,7 @@ from lm.model import LM, count_params
 from lm.tracking import MetricsFile, WandbRun, make_progress, new_run_id, read_metrics, save_heatmap
 from lm.train.rundir import (RunError, RunResult, check_same_run, checkpoint_meta, config_changes, history,
                              library_logs, open_run_data, params_from_run, record_data, run_dir_of, run_lock,
-                             set_aside_history)
+                             schedule_change, set_aside_history)
 from lm.train.setup import Setup, build, data_rows, eval_batch_size, resolved_config
 from lm.train.step import make_eval_step, make_train_step, run_eval_batches, to_device_batch
 
@@ -51,6 +51,8 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
     if not distributed.is_primary():
         console = Console(quiet=True)
     say = _printer(console)
+    devices.check_platform(cfg.run.platform)
+    say(devices.describe())
     run_dir = run_dir_of(cfg)
     with run_lock(run_dir), library_logs(run_dir):
         ds = open_run_data(run_dir, cfg, say)
@@ -130,6 +132,9 @@ def _restore_or_init(setup: Setup, ds: lmdata.Dataset, ckpt: Checkpointer, init_
         changes = config_changes(meta.get("config", {}), cfg)
         if changes:
             say(f"resuming with changed settings, which apply from step {step} on: {'; '.join(changes)}")
+        lr_note = schedule_change(meta.get("config", {}), cfg, step)
+        if lr_note:
+            say(lr_note)
         return _Start(step, state, batches, meta.get("wandb_id") or new_run_id(), resumed=True)
     found, lost_progress = history(run_dir)
     if lost_progress and not restart:
@@ -244,6 +249,10 @@ def _run(setup: Setup, ds: lmdata.Dataset, eval_set: list, ckpt: Checkpointer, s
          init_from: str | Path | None, console: Console) -> RunResult:
     """Compile, open the run's outputs, step to `stop_at`, evaluate and save."""
     cfg, run_dir = setup.cfg, run_dir_of(setup.cfg)
+    early = distributed.agree(stop.pending() or 0)  # every process stops here, or none
+    if early:
+        return RunResult(run_dir, "interrupted", start.step, None, f"received {signal.Signals(early).name} before "
+                         f"the first step: nothing new to save (resumes from step {start.step}), exiting")
     train_step, eval_step, first, impls, compile_s = _compile(setup, start.state, start.batches)
     model = setup.mdef.merge(setup.state_shapes["params"])  # abstract: for its costs and its stats report
     costs = _costs(setup, model)
@@ -424,15 +433,16 @@ class _Throughput:
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits. In a multi-process run the
-    processes agree on the flag at every step (`poll`)."""
+    """SIGTERM/SIGINT/SIGHUP set a flag; the loop finishes its step, saves and exits. A signal that arrived while
+    the run was starting (lm.stop) is taken over. In a multi-process run the processes agree on the flag at log
+    and checkpoint steps (`poll`)."""
 
     def __init__(self):
-        self.signum: int | None = None
+        self.signum: int | None = stop.take()
         self.prev = {}
 
     def __enter__(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
+        for s in stop.handled((signal.SIGTERM, signal.SIGINT, signal.SIGHUP)):
             try:
                 self.prev[s] = signal.signal(s, self._handle)
             except ValueError:  # not the main thread (e.g. called from a test thread): no handlers

@@ -13,6 +13,7 @@ import datetime
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -26,6 +27,7 @@ import pydantic
 from lm.checkpoint import Checkpointer
 from lm.config import Config, load_config
 from lm.model import Params
+from lm.optim import lr_schedule
 from lm.train.setup import Setup, build, open_data
 
 
@@ -243,6 +245,24 @@ def config_changes(saved: dict, cfg: Config, sections: tuple[str, ...] = ("optim
     new = {k: v for sec in sections for k, v in flat(now.get(sec), f"{sec}.").items()}
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k) and k not in ("data.source", "data.tokenizer")]
+
+
+def schedule_change(saved: dict, cfg: Config, step: int) -> str | None:
+    """When a resumed run's new train.steps (or optim settings) move its learning-rate schedule: what the rate at
+    the resumed step was under the checkpoint's settings and what it is now, else None."""
+    try:
+        old = Config.model_validate(saved)
+    except pydantic.ValidationError:
+        return None
+    was = float(lr_schedule(old.optim, old.train.steps)(step))
+    now = float(lr_schedule(cfg.optim, cfg.train.steps)(step))
+    if math.isclose(was, now, rel_tol=1e-6):
+        return None
+    why = (f"train.steps {old.train.steps} -> {cfg.train.steps} spreads it over the new length"
+           if old.train.steps != cfg.train.steps else "the optim settings changed")
+    return (f"the learning-rate schedule ({cfg.optim.schedule}) is recomputed: {why}, so the learning rate at step "
+            f"{step} goes from {was:.3g} to {now:.3g} ({'up' if now > was else 'down'} "
+            f"{max(now, was) / max(min(now, was), 1e-30):.2f}x)")
 
 
 def _first_difference(a: Any, b: Any, where: str) -> str | None:

@@ -37,3 +37,5 @@ def test_decode_records_the_layers_impl(kind, impl):
     _decode_once(kind, impl)
     chosen = {(label, c.op): c for label, c in dispatch.choices()}[(f"decode-test.{kind}.{impl}", DECODE_OPS[kind])]
     assert (chosen.requested, chosen.chosen) == (impl, impl)
+    # An explicit pallas on the CPU runs the kernels interpreted; the run's implementation lines say so.
+    assert ("run interpreted" in chosen.reason) == (impl == "pallas" and jax.default_backend() == "cpu")

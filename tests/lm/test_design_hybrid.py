@@ -91,3 +91,17 @@ def test_runs_it_cannot_design_from(tmp_path):
     (tmp_path / "src" / "config.yaml").write_text(dump_config(load_config(SPKV, ["model.n_layers=2"])))
     with pytest.raises(DesignError, match="no eval with spkv_density_heads"):
         design(tmp_path / "src", 0.5)
+
+
+def test_out_in_a_missing_directory_is_refused_not_created(tmp_path, capsys):
+    from lm.cli import main
+
+    run = _run(tmp_path, [[0.2], [0.9]])
+    missing = tmp_path / "typo" / "hybrid.yaml"
+    assert main(["design-hybrid", str(run), "--budget", "0.6", "--out", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --out {missing}: directory {missing.parent} does not exist; create it first (mkdir -p " \
+                  f"{missing.parent}) or write somewhere else"
+    assert not missing.parent.exists()
+    assert main(["design-hybrid", str(run), "--budget", "0.6", "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err

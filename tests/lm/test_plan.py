@@ -46,3 +46,19 @@ def test_bad_mesh_is_one_line(capsys):
 
     assert main(["plan", "configs/tiny/softmax.yaml", "--mesh", "data=two"]) == 2
     assert "--mesh: 'data=two' is not AXIS=N" in capsys.readouterr().err
+
+
+def test_a_tensor_axis_that_does_not_divide_the_heads_is_said():
+    """tensor=3 over 16 heads (and an MLP of 128, a vocab of 256) splits heads across devices and replicates the
+    rest: the plan says so in its warnings (text: `warning:` lines; JSON: also on stderr)."""
+    out = subprocess.run([sys.executable, "-m", "lm.cli", "plan", "configs/tiny/softmax.yaml", "--mesh", "tensor=3",
+                          *SMALL, "--set", "model.mixers.softmax.n_heads=16", "--set", "model.d_model=96"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    warnings = [ln for ln in out if ln.startswith("warning:")]
+    assert warnings == [
+        "warning: mesh.tensor=3 does not divide the 16 heads and 16 kv heads of mixer softmax: each device holds part "
+        "of a head; use a tensor size that divides the head counts",
+        "warning: mesh.tensor=3 does not divide mlp 128, vocab 256: those weights are replicated on every tensor "
+        "device instead of split"]
+    ratio = next(ln for ln in out if ln.startswith("compiled_over_analytic:"))
+    assert "XLA counts a loop's body once" in ratio

@@ -88,6 +88,9 @@ def test_resume_says_which_settings_changed(small_store, tmp_path):
     out = console.export_text()
     assert "resuming with changed settings, which apply from step 4 on: optim.lr: 0.003 -> 0.001; " \
            "train.steps: 4 -> 6" in out
+    # A longer run stretches the cosine schedule: the rate at the resumed step jumps, and the run says so.
+    assert "the learning-rate schedule (cosine) is recomputed: train.steps 4 -> 6 spreads it over the new length, " \
+           "so the learning rate at step 4 goes from 0.0003 to 0.00055 (up 1.83x)" in out
     # The implementation choices: one line per op and implementation, naming the layers.
     assert "softmax_attention -> xla in 2 layer(s) [layer0.softmax, layer1.softmax]: on the CPU Pallas kernels run " \
            "only interpreted" in out
