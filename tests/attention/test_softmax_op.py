@@ -20,6 +20,7 @@ import pytest
 from attention.ops import dispatch
 from attention.ops.softmax import softmax_attention, softmax_decode
 from attention.ops.softmax.reference import softmax_attention_reference
+from attention.ops.softmax import xla
 from attention.ops.softmax.xla import _Plan, softmax_attention_xla
 from tests.kernels.softmax_cases import B, DV, case_arrays, inputs, run as _run_case
 from tests.numerics import assert_close
@@ -98,6 +99,43 @@ def test_masked_tiles_are_skipped_not_masked(name, poisoned_keys, clean_rows, im
     assert np.isfinite(np.asarray(o)[:, clean_rows]).all()
     assert np.isfinite(np.asarray(dq)[:, clean_rows]).all()
     assert np.isnan(np.asarray(o)).any(), "the poison did not reach any row; the test checks nothing"
+
+
+@pytest.mark.parametrize("impl", ["xla"])
+def test_spkv_keys_a_hard_gate_closes_are_never_read(impl):
+    # Queries sit at 50..89 with a 16-key local window; closed keys before 32 are outside every query's window.
+    # NaN there poisons the dense math (the reference: NaN + -inf is NaN); an implementation that gathers the
+    # kept keys never reads them.
+    name = "T<S-hard-gate-v-is-k"
+    arrays, _ = case_arrays(name)
+    closed = ~np.isfinite(np.asarray(arrays["gate"]))
+    closed[:, 32:] = False
+    poisoned_k = arrays["k"] + jnp.where(jnp.asarray(closed)[..., None], jnp.nan, 0.0)
+    assert np.isnan(np.asarray(_run_case("reference", name, k=poisoned_k)[0])).all()
+    for what, x in zip(("o", "dq", "dk", "dv", "dgate"), _run_case(impl, name, k=poisoned_k)):
+        assert x is None or np.isfinite(np.asarray(x)).all(), what
+
+
+def test_spkv_tiles_follow_the_gate_density():
+    """With a hard gate the xla path visits the local window's band and only the compact blocks of kept keys
+    that a query block can see: at 10% of the keys kept and T=1024 (16 blocks) it visits under 40% of the dense
+    causal tiles (a quarter of them are the band), and
+    with every key kept about as many as dense attention."""
+    B, T, H, D, window = 1, 1024, 1, 8, 64
+    q, k, v, _, _ = inputs(T, T, H, H)
+    keep = np.random.default_rng(0).random((B, T, H))
+
+    def tiles(density):
+        gate = None if density is None else jnp.asarray(np.where(keep < density, 0.0, -np.inf), jnp.float32)
+        count, _ = xla.tiles_computed(q[:B], k[:B], v[:B], key_log_gate=gate,
+                                      local_window=None if gate is None else window, block_q=64, block_k=64)
+        return int(count)
+
+    dense = tiles(None)
+    assert dense == 16 * 17 // 2
+    assert tiles(0.1) < 0.4 * dense
+    assert tiles(0.0) == 16 * 2 - 1  # the band alone: the diagonal block and the one before it
+    assert dense <= tiles(1.0) <= dense + 16
 
 
 def test_kv_block_ranges():

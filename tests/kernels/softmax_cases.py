@@ -85,6 +85,10 @@ CASES = {
     "T<S-window-gate": dict(T=24, S=70, Hq=2, Hkv=2, sliding_window=30, gate=True, local_window=10),
     # Bottom-right aligned, the first 16 queries precede every key: rows with nothing to see.
     "T>S-gate-local0": dict(T=40, S=24, Hq=2, Hkv=1, gate=True, local_window=0),
+    # SP-KV's hard gate (0 or -inf; about 30% of the keys kept, per kv head): what compact keys serve.
+    "hard-gate-gqa-window-segments": dict(T=77, S=77, Hq=4, Hkv=2, gate="hard", local_window=12,
+                                          sliding_window=50, segments=[[0, 30], [0, 50]]),
+    "T<S-hard-gate-v-is-k": dict(T=40, S=90, Hq=2, Hkv=1, gate="hard", local_window=16, share_kv=True),
 }
 
 
@@ -94,6 +98,8 @@ def case_arrays(name, **replace):
     T, S, Hq, Hkv = (c.pop(x) for x in ("T", "S", "Hq", "Hkv"))
     gate, segments, share_kv = c.pop("gate", False), c.pop("segments", None), c.pop("share_kv", False)
     q, k, v, g, do = inputs(T, S, Hq, Hkv, share_kv=share_kv)
+    if gate == "hard":
+        g = jnp.where(g > -0.2, 0.0, -jnp.inf)
     arrays = dict(q=q, k=k, v=v, gate=g if gate else None, do=do,
                   segment_ids=None if segments is None else _segments(T, segments)) | replace
     return arrays, dict(share_kv=share_kv, opts=tuple(sorted(c.items())))
