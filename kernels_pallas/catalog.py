@@ -69,8 +69,8 @@ def _flash_case(dtype, d: int, variant: str, *, T: int = 2048, Hq: int = 8) -> C
 FLASH_VARIANTS = ("mha", "mha-noncausal-ragged", "gqa4-k=v-window", "gqa4-gate-local", "mqa-segments-gate")
 
 
-def _decode_case(dtype, d: int, variant: str) -> Case:
-    B, Hq, Hkv, S, shared, derive, held = 4, 32, 8, 8192, False, False, False
+def _decode_case(dtype, d: int, variant: str, *, S: int = 8192, B: int = 4, Hq: int = 32) -> Case:
+    Hkv, shared, derive, held = Hq // 4, False, False, False
     if variant == "gqa4-k=v-ragged":
         S, shared = 5000, True
     elif variant == "gqa4-k=v-norm-rope":
