@@ -47,6 +47,7 @@ class TrainConfig(_Section):
     grad_accum: int = Field(1, ge=1)
     max_rejected: int = Field(5, ge=1)
     skip_grad_norm: Optional[float] = Field(None, gt=0)
+    retry_rejected: bool = False  # a rejected step is tried again on the next batch: the step does not advance
     diverge_ratio: float = Field(3.0, ge=0)
     diverge_margin: float = Field(1.0, ge=0)  # nats: a diverged loss is also this far above the running mean
 
@@ -63,6 +64,7 @@ class DataConfig(_Section):
     rows: Literal["windows", "documents"] = "windows"
     pad_id: Optional[int] = Field(None, ge=0)
     score_padding: bool = True
+    score_last: bool = True  # false: a row's last input position has no target (seq_len - 1 scored per row)
 
 
 class OptimConfig(_Section):
@@ -104,6 +106,7 @@ class ModelConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)  # residual dropout on each block's mixer and MLP outputs
     embed_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the embeddings (0 in the projection-sharing paper)
     dtype: Literal["float32", "bfloat16"] = "float32"
+    residual_dtype: Literal["compute", "float32"] = "compute"  # float32: the residual stream as under autocast
     remat: Literal["none", "block", "mixer"] = "none"
     # What a rematerialised region keeps from its forward pass (lm/model.py REMAT_POLICIES).
     remat_policy: Literal["nothing", "dots", "dots_no_batch", "mixer_out"] = "nothing"
@@ -359,6 +362,8 @@ def cross_checks(cfg: Config) -> list[str]:
     if d.rows == "documents" and d.pad_id is None:
         errs.append("data.pad_id: data.rows=documents pads each document to data.seq_len + 1; give the pad (EOS) "
                     "token's id, e.g. 50256 for GPT-2")
+    if not d.score_last and d.source.startswith("synthetic:"):
+        errs.append("data.score_last: a synthetic task chooses which targets it scores; leave score_last true")
     if d.pad_id is not None and d.pad_id >= m.vocab_size:
         errs.append(f"data.pad_id: {d.pad_id} is outside model.vocab_size {m.vocab_size}")
     if d.batch_size % t.grad_accum:

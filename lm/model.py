@@ -1,7 +1,9 @@
 """The decoder: embed -> N x [norm -> mixer -> norm -> mlp] -> norm -> head.
 
 `LM(cfg, rngs=...)` maps tokens [B,T] to fp32 logits [B,T,V]. Each block's mixer comes from
-`model.pattern` (cycled over the layers) and `attention.MIXERS`. Two recipes are covered by the
+`model.pattern` (cycled over the layers) and `attention.MIXERS`. The residual stream (embeddings, block sums,
+norm outputs) is in model.dtype, or in fp32 with `model.residual_dtype: float32` while every projection still
+casts its input to model.dtype: what torch's bf16 autocast does to a GPT-2 block. Two recipes are covered by the
 config: modern (RMSNorm, RoPE, SwiGLU, no biases) and GPT-2 (LayerNorm with bias, learned positions,
 GELU, biases, tied embeddings).
 
@@ -87,8 +89,9 @@ class LM(nnx.Module):
         m = cfg.model
         self.cfg = cfg
         self.dtype = jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32
-        self.embed = Embed(m.vocab_size, m.d_model, axes=("vocab", "embed"), std=m.init_std, dtype=self.dtype, rngs=rngs)
-        self.pos_embed = Embed(m.max_seq_len, m.d_model, axes=(None, "embed"), std=m.init_std, dtype=self.dtype,
+        residual = jnp.float32 if m.residual_dtype == "float32" else self.dtype  # the lookups set the stream's dtype
+        self.embed = Embed(m.vocab_size, m.d_model, axes=("vocab", "embed"), std=m.init_std, dtype=residual, rngs=rngs)
+        self.pos_embed = Embed(m.max_seq_len, m.d_model, axes=(None, "embed"), std=m.init_std, dtype=residual,
                                rngs=rngs) if m.pos == "learned" else None
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(m.n_layers)])
         self.final_norm = make_norm(m.norm, m.d_model, eps=m.norm_eps, bias=m.bias)

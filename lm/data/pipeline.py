@@ -47,11 +47,14 @@ STATE_VERSION = 1
 @dataclasses.dataclass(frozen=True)
 class Rows:
     """How a batch row is cut from the token stream: `windows` of the concatenated documents (the default), or
-    `documents`, one per row, cut to seq_len + 1 and padded with `pad_id`, the padding scored or masked."""
+    `documents`, one per row, cut to seq_len + 1 and padded with `pad_id`, the padding scored or masked. Without
+    `score_last` a row's last target is never scored (and a document is cut to seq_len tokens): the model reads
+    tokens[:seq_len] and predicts seq_len - 1 of them, as a model that shifts its labels inside does."""
 
     kind: str = "windows"
     pad_id: int | None = None
     score_padding: bool = True
+    score_last: bool = True
 
     def __post_init__(self):
         if self.kind not in ("windows", "documents"):
@@ -61,8 +64,18 @@ class Rows:
                             "the tokenizer, e.g. 50256 for GPT-2)")
 
     def settings(self) -> dict:
-        return {} if self.kind == "windows" else {"rows": self.kind, "pad_id": self.pad_id,
-                                                  "score_padding": self.score_padding}
+        out = {} if self.kind == "windows" else {"rows": self.kind, "pad_id": self.pad_id,
+                                                 "score_padding": self.score_padding}
+        return out if self.score_last else {**out, "score_last": False}
+
+    def last_unscored(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`batch` with its rows' last target left out of the loss (when not `score_last`)."""
+        if self.score_last:
+            return batch
+        rows, width = batch["tokens"].shape
+        mask = batch.get("loss_mask", np.ones((rows, width - 1), bool)).copy()
+        mask[:, -1] = False
+        return {**batch, "loss_mask": mask}
 
 
 WINDOWS = Rows()
@@ -81,10 +94,11 @@ def _derive_seed(seed: int, *salt) -> int:
 class _Windows:
     """Gathers windows starting at given offsets of one split, with segment ids when packed."""
 
-    def __init__(self, store: TokenStore, split: str, seq_len: int, packed: bool):
+    def __init__(self, store: TokenStore, split: str, seq_len: int, packed: bool, rows: Rows = WINDOWS):
         self._tokens = store.split(split)
         self._offsets = store.doc_offsets(split) if packed else None
         self._span = np.arange(seq_len + 1)
+        self._rows = rows
 
     def __call__(self, starts) -> dict[str, np.ndarray]:
         index = np.asarray(starts, dtype=np.int64)[:, None] + self._span
@@ -92,7 +106,7 @@ class _Windows:
         if self._offsets is not None:
             doc = np.searchsorted(self._offsets, index, side="right")
             batch["segment_ids"] = (doc - doc[:, :1] + 1).astype(np.int32)
-        return batch
+        return self._rows.last_unscored(batch)
 
 
 class _Documents:
@@ -102,17 +116,18 @@ class _Documents:
         self._tokens = store.split(split)
         self._offsets = store.doc_offsets(split)
         self._width, self._rows = seq_len + 1, rows
+        self._keep = seq_len + 1 if rows.score_last else seq_len  # tokens of a document a row holds
 
     def __call__(self, docs) -> dict[str, np.ndarray]:
         docs = np.asarray(docs, dtype=np.int64)
         tokens = np.full((len(docs), self._width), self._rows.pad_id, np.int32)
-        lengths = np.minimum(self._offsets[docs + 1] - self._offsets[docs], self._width)
+        lengths = np.minimum(self._offsets[docs + 1] - self._offsets[docs], self._keep)
         for row, (doc, n) in enumerate(zip(docs, lengths)):
             tokens[row, :n] = self._tokens[self._offsets[doc]:self._offsets[doc] + n]
         batch = {"tokens": tokens}
         if not self._rows.score_padding:  # target t is tokens[:, t + 1]: real while t + 1 < the document's length
             batch["loss_mask"] = np.arange(1, self._width)[None, :] < lengths[:, None]
-        return batch
+        return self._rows.last_unscored(batch)
 
 
 class TrainIterator(grain.DatasetIterator):
@@ -208,7 +223,7 @@ def train_iterator(store: TokenStore | str | Path, *, seq_len: int, batch_size: 
           .map_with_index(window_start)
           .batch(batch_size // count, drop_remainder=True)
           .slice(slice(index, None, count))
-          .map(_Windows(store, "train", seq_len, packed)))
+          .map(_Windows(store, "train", seq_len, packed, rows)))
     # A batch takes well under a millisecond to gather while the device runs the previous step: threads buy nothing.
     parent = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).__iter__()
     return TrainIterator(parent, settings)
@@ -253,5 +268,5 @@ def eval_batches(store: TokenStore | str | Path, *, seq_len: int, batch_size: in
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
     starts = (np.arange(n_batches * batch_size, dtype=np.int64) * seq_len).reshape(n_batches, batch_size)
-    gather = _Windows(store, "val", seq_len, packed)
+    gather = _Windows(store, "val", seq_len, packed, rows)
     return [gather(row[index * local:(index + 1) * local]) for row in starts]

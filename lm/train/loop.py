@@ -301,7 +301,10 @@ def _train_steps(run: _Run, pos: _Position, batches, batch: dict, stop_at: int) 
         task = progress.add_task(cfg.run.name, total=cfg.train.steps, completed=pos.step, info="")
         while pos.step < stop_at:
             pos.state, metrics = run.train_step(pos.state, batch)
-            pos.step += 1
+            # With retry_rejected a rejected step is tried again on the next batch: reading its verdict waits for
+            # the step, which a run that retries pays once per step.
+            advanced = bool(metrics["ok"]) if cfg.train.retry_rejected else True
+            pos.step += advanced
             pending.append(metrics)
             pos.data_state = batches.get_state()  # after the batches consumed so far, before the prefetch below
             if pos.step < stop_at:
@@ -309,6 +312,8 @@ def _train_steps(run: _Run, pos: _Position, batches, batch: dict, stop_at: int) 
             # One step behind: the device already runs this step while we read the previous one's counter.
             if len(pending) >= 2 and int(pending[-2]["rejected_run"]) >= cfg.train.max_rejected:
                 pos.status = "diverged"
+            if not advanced and int(metrics["rejected_run"]) < cfg.train.max_rejected:
+                continue  # the same step again: nothing is due that was not due before it
             ckpt_due = bool(cfg.train.ckpt_every) and pos.step % cfg.train.ckpt_every == 0
             signum = stop.poll(pos.step % cfg.train.log_every == 0 or pos.step == stop_at or ckpt_due)
             log_due = pos.step % cfg.train.log_every == 0 or pos.step == stop_at or pos.status != "finished" \

@@ -36,8 +36,8 @@ def resolved_config(cfg: Config, ds: lmdata.Dataset) -> Config:
 
 
 def data_rows(cfg: Config) -> lmdata.Rows:
-    """How batch rows are cut (data.rows, data.pad_id, data.score_padding)."""
-    return lmdata.Rows(cfg.data.rows, cfg.data.pad_id, cfg.data.score_padding)
+    """How batch rows are cut (data.rows, data.pad_id, data.score_padding, data.score_last)."""
+    return lmdata.Rows(cfg.data.rows, cfg.data.pad_id, cfg.data.score_padding, cfg.data.score_last)
 
 
 def eval_batch_size(cfg: Config) -> int:

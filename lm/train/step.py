@@ -2,7 +2,9 @@
 
 State = params, optimizer state and step counters. A step whose loss or gradient norm is not finite (or above
 `train.skip_grad_norm`) is rejected: parameters and optimizer state stay as they were, and the `rejected_run`
-counter tells the loop how many steps in a row were.
+counter tells the loop how many steps in a row were. A rejected step counts towards train.steps, or with
+`train.retry_rejected` it does not: `step` then counts accepted steps only, the next batch tries the same step
+again, and every schedule (learning rate, frozen parameters, SP-KV anneal) follows the accepted steps.
 """
 from __future__ import annotations
 
@@ -105,10 +107,12 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
     # A parameter is frozen in step s >= freeze_from (0-based): never when frozen_last_steps is 0.
     freeze_from = jax.tree.map(lambda m: cfg.train.steps - m.frozen_last_steps, meta, is_leaf=is_meta)
     any_frozen = any(m.frozen_last_steps for m in jax.tree.leaves(meta, is_leaf=is_meta))
+    retry = cfg.train.retry_rejected
 
     def step_fn(state, batch):
         params = state["params"]
-        rng = jax.random.fold_in(base_key, state["step"]) if use_rng else None
+        attempt = state["step"] + state["rejected"] if retry else state["step"]  # a retry draws new dropout
+        rng = jax.random.fold_in(base_key, attempt) if use_rng else None
         loss_sum, count, aux_sum, grads = summed_grads(params, batch, rng, state["step"])
         count = jnp.maximum(count, 1.0)
         loss = loss_sum / count
@@ -128,11 +132,12 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
         new_params = optax.apply_updates(params, updates)
         # Frozen parameters keep their values and their optimizer moments: no update, no weight decay.
         accept = None if frozen is None else jax.tree.map(lambda z: ok & ~z, frozen)
-        lr = schedule(state["step"] - state["rejected"])  # optax's count: rejected steps do not advance it
+        # optax's count: rejected steps do not advance it (with retry, `step` already leaves them out)
+        lr = schedule(state["step"] if retry else state["step"] - state["rejected"])
         new_state = {
             "params": keep_accepted(new_params, params, ok, accept),
             "opt": keep_accepted(new_opt, state["opt"], ok, accept),
-            "step": state["step"] + 1,
+            "step": state["step"] + (ok.astype(jnp.int32) if retry else 1),
             "rejected": state["rejected"] + (~ok).astype(jnp.int32),
             "rejected_run": jnp.where(ok, 0, state["rejected_run"] + 1).astype(jnp.int32),
         }
