@@ -82,7 +82,7 @@ class OptimConfig(_Section):
 
 
 class MlpConfig(_Section):
-    kind: Literal["swiglu", "gelu", "gelu_tanh"] = "swiglu"
+    kind: Literal["swiglu", "gelu", "gelu_tanh", "identity"] = "swiglu"  # identity: no MLP (Zoology)
     hidden: int = Field(1024, ge=1)
 
 

@@ -59,8 +59,10 @@ class Block(nnx.Module):
         self.norm1 = make_norm(m.norm, m.d_model, eps=m.norm_eps, bias=m.bias)
         self.mixer = MIXERS[mcfg.kind].module(mcfg, ctx, rngs=rngs)
         self.norm2 = make_norm(m.norm, m.d_model, eps=m.norm_eps, bias=m.bias)
-        self.mlp = MLP(m.d_model, m.mlp.hidden, kind=m.mlp.kind, bias=m.bias, std=m.init_std, out_std=ctx.out_std,
-                       dtype=ctx.dtype, rngs=rngs)
+        # identity: the branch adds norm2(x) itself, as Zoology's blocks with an Identity state mixer do
+        self.mlp = None if m.mlp.kind == "identity" else MLP(
+            m.d_model, m.mlp.hidden, kind=m.mlp.kind, bias=m.bias, std=m.init_std, out_std=ctx.out_std, dtype=ctx.dtype,
+            rngs=rngs)
         self.dropout = m.dropout
         self.remat_mixer = m.remat == "mixer"
         self.remat_policy = remat_policy(m.remat_policy)
@@ -75,13 +77,16 @@ class Block(nnx.Module):
                 h = self.mixer(self.norm1(x), positions=positions, segment_ids=segment_ids)
         h = checkpoint_name(h, MIXER_OUT)
         x = x + _dropout(h, self.dropout, r1)
-        return x + _dropout(self.mlp(self.norm2(x)), self.dropout, r2)
+        return x + _dropout(self._mlp(self.norm2(x)), self.dropout, r2)
+
+    def _mlp(self, h):
+        return h if self.mlp is None else self.mlp(h)
 
     def decode(self, x, cache, position):
         with ops.label_calls(self.label):
             h, cache = self.mixer.decode(self.norm1(x), cache, position)
         x = x + h
-        return x + self.mlp(self.norm2(x)), cache
+        return x + self._mlp(self.norm2(x)), cache
 
 
 class LM(nnx.Module):
@@ -152,7 +157,7 @@ class LM(nnx.Module):
         m = self.cfg.model
         total = 2.0 * m.d_model * m.vocab_size
         for b in self.blocks:
-            total += b.mixer.flops_per_token(seq_len) + b.mlp.flops_per_token()
+            total += b.mixer.flops_per_token(seq_len) + (b.mlp.flops_per_token() if b.mlp is not None else 0)
         return total
 
     def cache_bytes_per_token(self, dtype_bytes: int | None = None) -> int:

@@ -2,6 +2,7 @@
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lm.config import ConfigError, load_config, parse_yaml
@@ -294,3 +295,18 @@ def test_contrasts_name_pairs_of_variants(write_spec):
                           ("contrasts: [[share_qv, softmax]]", "'share_qv' is not a variant of this sweep (did you mean share_kv?)"),
                           ("contrasts: [[softmax, softmax]]", "compares a variant with itself")]:
         assert message in error_of(write_spec, GOOD + text + "\n")
+
+
+def test_the_zoology_figure_2_sweep():
+    """Zoology's 3 settings x 4 widths, its 4-point lr grid per variant on seed 0, 5 seeds, accuracy."""
+    sw = load_sweep("experiments/sweeps/mqar_zoology_fig2.yaml")
+    assert (sw.metric, sw.seeds, len(sw.variants), len(sw.runs)) == ("eval_acc", (0, 1, 2, 3, 4), 12, 48)
+    assert [round(x, 6) for x in sw.tune.values] == [round(x, 6) for x in np.logspace(-4, -2, 4)]
+    for r in sw.runs:
+        c = r.cfg
+        assert (c.model.vocab_size, c.data.task["vocab_size"], c.model.mixers["softmax"].n_heads, c.model.mlp.kind,
+                c.model.pos, c.data.task["power_a"], c.data.task["noise"]) == (8192, 8192, 1, "identity", "learned",
+                                                                               0.01, False), r.name
+        setting = {64: (4, 512, 12500), 128: (8, 512, 12500), 256: (16, 256, 25000)}[c.data.seq_len]
+        assert (c.data.task["n_pairs"], c.data.batch_size, c.train.steps) == setting, r.name
+        assert c.model.max_seq_len == c.data.seq_len
