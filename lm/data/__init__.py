@@ -1,6 +1,6 @@
 """Data layer: tokenizers, corpora, the prepared token store, and the batches cut from it.
 
-    prepare(source, tokenizer, out)  -> Path        tokenize a corpus into a token store (idempotent)
+    prepare(source, tokenizer, out)  -> Path        tokenize a corpus into a token store (idempotent, resumable)
     open_store(path)                 -> TokenStore  verified, memory-mapped view of a store
     train_iterator(store, ...)       -> iterator    endless, seeded, resumable, process-sharded batches
     eval_batches(store, ...)         -> list        fixed non-overlapping val batches
@@ -8,33 +8,38 @@
     open_dataset(source, ...)        -> Dataset     what training reads: a store, or a synthetic task
 
 Every user-fixable problem raises DataError with a one-line message saying what to change.
+
+The names are imported on first use: a tokenizer worker process of `prepare` imports this package and should
+not pay for the training pipeline's imports (grain) it never uses.
 """
 
-from lm.data.dataset import SYNTHETIC, Dataset, StoreDataset, check_dataset_vocab, open_dataset, register_synthetic
-from lm.data.errors import DataError
-from lm.data.pipeline import WINDOWS, Rows, TrainIterator, eval_batches, loss_mask, train_iterator
-from lm.data.store import TokenStore, check_vocab, default_store_path, open_store
-from lm.data.tokenizers import Tokenizer
-from lm.data.writer import prepare
+import importlib
+import importlib.util
 
-__all__ = [
-    "SYNTHETIC",
-    "Dataset",
-    "StoreDataset",
-    "check_dataset_vocab",
-    "open_dataset",
-    "register_synthetic",
-    "DataError",
-    "TokenStore",
-    "Tokenizer",
-    "Rows",
-    "TrainIterator",
-    "WINDOWS",
-    "check_vocab",
-    "default_store_path",
-    "eval_batches",
-    "loss_mask",
-    "open_store",
-    "prepare",
-    "train_iterator",
-]
+_EXPORTS = {
+    "lm.data.dataset": ["SYNTHETIC", "Dataset", "StoreDataset", "check_dataset_vocab", "open_dataset",
+                        "register_synthetic"],
+    "lm.data.errors": ["DataError"],
+    "lm.data.pipeline": ["WINDOWS", "Rows", "TrainIterator", "eval_batches", "loss_mask", "train_iterator"],
+    "lm.data.store": ["TokenStore", "check_vocab", "default_store_path", "open_store"],
+    "lm.data.tokenizers": ["Tokenizer"],
+    "lm.data.writer": ["prepare"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule, e.g. lm.data.pipeline
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

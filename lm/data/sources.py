@@ -1,15 +1,15 @@
-"""Corpora: which files a source spec names, their fingerprint, and the documents in them.
+"""Corpora: which files a source spec names, and their fingerprint.
 
 A source spec is "stdlib" (the running Python's standard-library sources) or one path, directory
 or glob, or a list of them, naming `.txt` files (one document each), `.jsonl` files (a "text"
-field per line) and `.parquet` files (a "text" column).
+field per line, also compressed as `.jsonl.gz` or `.jsonl.zst`) and `.parquet` files (a "text" column).
+lm/data/readers.py streams the documents out of each kind of file.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import sys
 import sysconfig
@@ -19,7 +19,8 @@ from pathlib import Path
 from lm.data.errors import DataError
 
 STDLIB = "stdlib"
-KINDS = {".txt": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
+# The file name's ending -> its kind; the compressed kinds come last so that messages list the plain ones first.
+KINDS = {".txt": "text", ".jsonl": "jsonl", ".parquet": "parquet", ".jsonl.gz": "jsonl.gz", ".jsonl.zst": "jsonl.zst"}
 
 # Tests are excluded because they hold deliberately odd files (bad encodings, Python 2 syntax);
 # encodings/ and pydoc_data/ are generated tables and a documentation blob, not code;
@@ -33,12 +34,6 @@ class SourceFile:
     path: Path
     name: str  # stable relative name: the document key and the fingerprint use it, not the absolute path
     kind: str
-
-
-@dataclass(frozen=True)
-class Document:
-    key: str  # what the train/val split hashes
-    text: str
 
 
 @dataclass
@@ -59,7 +54,7 @@ def resolve(spec: str | list[str] | tuple[str, ...]) -> Source:
     if isinstance(spec, (list, tuple)):
         entries = [str(s) for s in spec]
         if not entries:
-            raise DataError("source list is empty; pass 'stdlib' or at least one .txt/.jsonl/.parquet path")
+            raise DataError(f"source list is empty; pass 'stdlib' or at least one {_kinds_list()} path")
         if STDLIB in entries and len(entries) > 1:
             raise DataError("source 'stdlib' cannot be mixed with file paths; prepare them as separate stores")
         spec = entries[0] if len(entries) == 1 else entries
@@ -103,7 +98,7 @@ def _expand(entry: str) -> list[SourceFile]:
     if glob.has_magic(entry):
         base = _glob_base(entry)
         matches = [Path(m) for m in sorted(glob.glob(entry, recursive=True)) if Path(m).is_file()]
-        files = [SourceFile(m, m.relative_to(base).as_posix(), KINDS[m.suffix]) for m in matches if m.suffix in KINDS]
+        files = [SourceFile(m, m.relative_to(base).as_posix(), kind_of(m)) for m in matches if kind_of(m)]
         if not files:
             raise DataError(f"glob {entry!r} matches no {_kinds_list()} files; check the pattern")
         return files
@@ -114,17 +109,23 @@ def _expand(entry: str) -> list[SourceFile]:
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in filenames:
                 p = Path(dirpath, name)
-                if p.suffix in KINDS and not name.startswith("."):
-                    files.append(SourceFile(p, f"{path.name}/{p.relative_to(path).as_posix()}", KINDS[p.suffix]))
+                if kind_of(p) and not name.startswith("."):
+                    files.append(SourceFile(p, f"{path.name}/{p.relative_to(path).as_posix()}", kind_of(p)))
         if not files:
             raise DataError(f"directory {entry} holds no {_kinds_list()} files; add some or point to another directory")
         return sorted(files, key=lambda f: f.name)
     if path.is_file():
-        if path.suffix not in KINDS:
-            raise DataError(f"{entry} has unsupported extension {path.suffix or '(none)'!r}; use {_kinds_list()} files")
-        return [SourceFile(path, path.name, KINDS[path.suffix])]
+        if not kind_of(path):
+            ending = "".join(path.suffixes[-2:]) or "(none)"
+            raise DataError(f"{entry} has unsupported extension {ending!r}; use {_kinds_list()} files")
+        return [SourceFile(path, path.name, kind_of(path))]
     raise DataError(f"source {entry!r} does not exist; "
                     f"pass 'stdlib' or existing {_kinds_list()} files, directories or globs")
+
+
+def kind_of(path: Path) -> str | None:
+    """The kind of corpus file `path` is, from its name's ending; None for any other file."""
+    return next((kind for ending, kind in KINDS.items() if path.name.endswith(ending)), None)
 
 
 def _glob_base(pattern: str) -> Path:
@@ -140,73 +141,6 @@ def _kinds_list() -> str:
 def _fingerprint(files: list[SourceFile]) -> str:
     h = hashlib.sha256()
     for f in files:
-        h.update(f.name.encode() + b"\0" + hashlib.sha256(f.path.read_bytes()).digest())
+        with open(f.path, "rb") as fh:  # in blocks: a corpus file may be larger than memory
+            h.update(f.name.encode() + b"\0" + hashlib.file_digest(fh, "sha256").digest())
     return h.hexdigest()
-
-
-def read_documents(source: Source) -> tuple[list[Document], dict]:
-    """All non-empty documents in file order, and counts worth logging."""
-    docs: list[Document] = []
-    stats = {"files": len(source.files), "documents": 0, "empty_skipped": 0, "not_utf8": 0}
-    for f in source.files:
-        for key, text in _file_documents(f, stats):
-            if text:
-                docs.append(Document(key, text))
-            else:
-                stats["empty_skipped"] += 1
-    stats["documents"] = len(docs)
-    return docs, stats
-
-
-def _decode(f: SourceFile, stats: dict) -> str:
-    data = f.path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        # One stray byte should not sink a corpus; the count is logged so it is never silent.
-        stats["not_utf8"] += 1
-        return data.decode("utf-8", errors="replace")
-
-
-def _file_documents(f: SourceFile, stats: dict):
-    if f.kind == "text":
-        yield f.name, _decode(f, stats)
-    elif f.kind == "jsonl":
-        yield from _jsonl_documents(f, _decode(f, stats))
-    else:
-        yield from _parquet_documents(f)
-
-
-def _jsonl_documents(f: SourceFile, content: str):
-    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines would cut.
-    for lineno, line in enumerate(content.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{f.path} line {lineno} is not valid JSON ({exc.msg}); fix or remove that line") from exc
-        text = record.get("text") if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise DataError(f'{f.path} line {lineno} has no string "text" field; '
-                            'every line must look like {"text": "..."}')
-        yield f"{f.name}:{lineno}", text
-
-
-def _parquet_documents(f: SourceFile):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        schema = pq.read_schema(f.path)
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{f.path} is not a readable parquet file ({exc}); check the file") from exc
-    if "text" not in schema.names:
-        raise DataError(f"{f.path} has no 'text' column (columns: {', '.join(schema.names)}); "
-                        "rename the text column to 'text'")
-    column = pq.read_table(f.path, columns=["text"]).column("text")
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        raise DataError(f"{f.path} column 'text' has type {column.type}, not string; store the documents as strings")
-    for row, text in enumerate(column.to_pylist()):
-        if text is not None:
-            yield f"{f.name}:{row}", text

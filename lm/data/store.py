@@ -1,10 +1,15 @@
 """The prepared token store: a directory that holds a tokenized corpus, self-contained.
 
-    meta.json                  what is below, the fingerprints it was made from, token and byte counts
-    train.bin, val.bin         the splits' tokens, documents concatenated with no separator token,
-                               uint16 when vocab_size <= 65536 else uint32 (memory-mapped on read)
-    train_doc_offsets.npy ...  int64 [n_documents + 1]: document d is tokens[offsets[d]:offsets[d+1]]
-    tokenizer.json             the trained or loaded tokenizer (absent for "byte")
+    meta.json                      what is below, the fingerprints it was made from, token and byte counts; its
+                                   "splits" list each split's shards in order
+    train/PPPPP-SSSSS.bin          a shard of the train split: documents concatenated with no separator token,
+                                   uint16 when vocab_size <= 65536 else uint32 (memory-mapped on read)
+    train/PPPPP-SSSSS.offsets.npy  int64 [n_documents + 1]: document d is tokens[offsets[d]:offsets[d+1]]
+    val/...                        the same for val
+    tokenizer.json                 the trained or loaded tokenizer (absent for "byte")
+
+A split is its shards' tokens one after another (lm/data/sharded.py reads them as one array). Stores of format
+version 1 (train.bin, train_doc_offsets.npy: one shard per split) are read as they are.
 
 Document boundaries live in the offsets, not in the token stream, so every token is text and
 n_bytes / n_tokens converts a per-token loss into bits per byte exactly.
@@ -23,9 +28,11 @@ import numpy as np
 from lm.data import sources as sources_lib
 from lm.data import tokenizers as tok_lib
 from lm.data.errors import DataError, prepare_hint
+from lm.data.sharded import Documents, Shard, Tokens
 
 FORMAT = "attnlab.token_store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)
 SPLITS = ("train", "val")
 META = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -38,13 +45,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class TokenStore:
     """A read-only view of a prepared store; open it with `open_store`."""
 
-    def __init__(self, path: Path, meta: dict, offsets: dict[str, np.ndarray]):
+    def __init__(self, path: Path, meta: dict, shards: dict[str, list[Shard]]):
         self.path = path
         self.meta = meta
         self.vocab_size: int = meta["vocab_size"]
         self.dtype = np.dtype(meta["dtype"])
-        self._offsets = offsets
-        self._tokens: dict[str, np.ndarray] = {}
+        self._shards = shards
+        self._tokens: dict[str, Tokens] = {}
+        self._documents: dict[str, Documents] = {}
 
     @property
     def fingerprint(self) -> str:
@@ -57,23 +65,32 @@ class TokenStore:
                             f"its splits are {', '.join(self.meta['splits'])}")
         return self.meta["splits"][name]
 
-    def split(self, name: str) -> np.ndarray:
-        """The split's tokens, memory-mapped read-only."""
+    def split(self, name: str) -> Tokens:
+        """The split's tokens, memory-mapped read-only, as one array over its shards."""
+        self._split_meta(name)
         if name not in self._tokens:
-            info = self._split_meta(name)
-            file = self.path / f"{name}.bin"
-            self._tokens[name] = np.memmap(file, dtype=self.dtype, mode="r", shape=(info["n_tokens"],))
+            self._tokens[name] = Tokens(self._shards[name], self.dtype)
         return self._tokens[name]
 
-    def doc_offsets(self, name: str) -> np.ndarray:
+    def documents(self, name: str) -> Documents:
+        """The split's document index (token bounds of each document), memory-mapped."""
         self._split_meta(name)
-        return self._offsets[name]
+        if name not in self._documents:
+            self._documents[name] = Documents(self._shards[name])
+        return self._documents[name]
+
+    def doc_offsets(self, name: str) -> np.ndarray:
+        """int64 [n_documents + 1]: document d is split(name)[offsets[d]:offsets[d + 1]]; built in memory."""
+        return self.documents(name).offsets()
 
     def n_tokens(self, name: str) -> int:
         return self._split_meta(name)["n_tokens"]
 
     def n_bytes(self, name: str) -> int:
         return self._split_meta(name)["n_bytes"]
+
+    def n_documents(self, name: str) -> int:
+        return self._split_meta(name)["n_documents"]
 
     def tokenizer(self) -> tok_lib.Tokenizer:
         info = self.meta["tokenizer"]
@@ -118,9 +135,9 @@ def open_store(path: str | Path) -> TokenStore:
         hint = prepare_hint(path, meta["source"]["spec"], meta["tokenizer"]["spec"])
     except (KeyError, TypeError):
         hint = prepare_hint(path)
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READS_VERSIONS:
         raise DataError(f"token store {path} has format version {meta.get('format_version')}, this code reads "
-                        f"version {FORMAT_VERSION}; {hint}")
+                        f"versions {', '.join(map(str, READS_VERSIONS))}; {hint}")
     try:
         return _verified(path, meta, hint)
     except (KeyError, TypeError, ValueError) as exc:
@@ -128,6 +145,15 @@ def open_store(path: str | Path) -> TokenStore:
             raise
         raise DataError(f"token store {path} is corrupted: {META} is missing or has a bad field ({exc!r}); "
                         f"{hint}") from exc
+
+
+def shard_files(meta: dict, name: str) -> list[dict]:
+    """The split's shards as {"tokens", "offsets", "n_tokens", "n_documents"} (file paths relative to the store)."""
+    info = meta["splits"][name]
+    if meta["format_version"] == 1:
+        return [{"tokens": f"{name}.bin", "offsets": f"{name}_doc_offsets.npy", "n_tokens": info["n_tokens"],
+                 "n_documents": info["n_documents"]}]
+    return info["shards"]
 
 
 def _verified(path: Path, meta: dict, hint: str) -> TokenStore:
@@ -138,31 +164,39 @@ def _verified(path: Path, meta: dict, hint: str) -> TokenStore:
                         f"{vocab_size} is stored as {expected.name}; {hint}")
     if meta["tokenizer"]["file"] is not None and not (path / meta["tokenizer"]["file"]).is_file():
         raise DataError(f"token store {path} is corrupted: {meta['tokenizer']['file']} is missing; {hint}")
-    offsets = {}
+    shards = {}
     for name in SPLITS:
         info = meta["splits"][name]
-        file = path / f"{name}.bin"
-        if not file.is_file():
-            raise DataError(f"token store {path} is corrupted: {file.name} is missing; {hint}")
-        size = file.stat().st_size
-        if size % expected.itemsize:
-            raise DataError(f"token store {path} is corrupted: {file.name} has {size} bytes, not a whole number of "
-                            f"{expected.name} tokens; {hint}")
-        if size // expected.itemsize != info["n_tokens"]:
-            raise DataError(f"token store {path} is corrupted: {file.name} has {size // expected.itemsize} tokens, "
-                            f"{META} says {info['n_tokens']}; {hint}")
-        offsets_file = path / f"{name}_doc_offsets.npy"
-        try:
-            off = np.load(offsets_file)
-        except (OSError, ValueError) as exc:
-            raise DataError(f"token store {path} is corrupted: {offsets_file.name} is unreadable ({exc}); "
-                            f"{hint}") from exc
-        if (off.ndim != 1 or len(off) != info["n_documents"] + 1 or off[0] != 0 or off[-1] != info["n_tokens"]
-                or np.any(np.diff(off) < 0)):
-            raise DataError(f"token store {path} is corrupted: {offsets_file.name} does not describe "
-                            f"{info['n_documents']} documents over {info['n_tokens']} tokens; {hint}")
-        offsets[name] = off
-    return TokenStore(path, meta, offsets)
+        files = shard_files(meta, name)
+        if (sum(f["n_tokens"] for f in files) != info["n_tokens"]
+                or sum(f["n_documents"] for f in files) != info["n_documents"]):
+            raise DataError(f"token store {path} is corrupted: the {name} shards listed in {META} do not add up to "
+                            f"its {info['n_tokens']} tokens and {info['n_documents']} documents; {hint}")
+        shards[name] = [_verified_shard(path, f, expected, hint) for f in files]
+    return TokenStore(path, meta, shards)
+
+
+def _verified_shard(path: Path, shard: dict, dtype: np.dtype, hint: str) -> Shard:
+    file, n_tokens, n_documents = path / shard["tokens"], shard["n_tokens"], shard["n_documents"]
+    if not file.is_file():
+        raise DataError(f"token store {path} is corrupted: {shard['tokens']} is missing; {hint}")
+    size = file.stat().st_size
+    if size % dtype.itemsize:
+        raise DataError(f"token store {path} is corrupted: {shard['tokens']} has {size} bytes, not a whole number "
+                        f"of {dtype.name} tokens; {hint}")
+    if size // dtype.itemsize != n_tokens:
+        raise DataError(f"token store {path} is corrupted: {shard['tokens']} has {size // dtype.itemsize} tokens, "
+                        f"{META} says {n_tokens}; {hint}")
+    try:
+        off = np.load(path / shard["offsets"], mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise DataError(f"token store {path} is corrupted: {shard['offsets']} is unreadable ({exc}); "
+                        f"{hint}") from exc
+    if (off.ndim != 1 or off.dtype != np.int64 or len(off) != n_documents + 1 or off[0] != 0
+            or off[-1] != n_tokens or np.any(np.diff(off) < 0)):
+        raise DataError(f"token store {path} is corrupted: {shard['offsets']} does not describe "
+                        f"{n_documents} documents over {n_tokens} tokens; {hint}")
+    return Shard(file, off, n_tokens)
 
 
 def default_store_path(data_dir: str | Path, source: str | list[str], tokenizer: str) -> Path:

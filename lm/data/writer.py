@@ -1,8 +1,20 @@
-"""Writing a token store: tokenize a corpus, split it, and move the finished store into place.
+"""Writing a token store: stream a corpus through tokenizer processes into shards, then move the store into place.
 
-A store is written into a temporary sibling directory and renamed to its path only when complete
-(meta.json last), so a reader never sees a half-written one, and a crash leaves nothing at the path. A write
-that fails for lack of space or permission removes the temporary directory and raises DataError saying why.
+    1. scan       one pass that decides the split (lm/data/scan.py): only when val is drawn from the source by
+                  the hash rule, or a BPE is trained (its sample is the lowest-ranked train documents)
+    2. tokenizer  "byte", a tokenizer.json, or a BPE trained on that sample
+    3. shards     documents read file by file, tokenized in batches by `workers` processes, written in corpus
+                  order to shards of about `shard_tokens` tokens (lm/data/shards.py)
+    4. meta.json  written last; then the store is renamed to its path (lm/data/workdir.py)
+
+Memory depends on the workers and the batch size, not on the corpus. Everything before the rename lives in
+`.NAME.prepare/` beside the store: a preparation killed at any point, rerun with the same command, continues after
+its last finished shard and ends with the same bytes as one never stopped. `num_parts`/`part` prepare a disjoint
+share of the input files (whole files, balanced by size, in corpus order), on as many machines; when every part
+is finished their shards form one store, the same as one preparation would write.
+
+A bad input (unreadable file, invalid line, corrupt archive) is a DataError and leaves nothing behind; a failure
+of the machine (no space, a killed worker, an interrupt) keeps the finished shards for the rerun.
 """
 
 from __future__ import annotations
@@ -14,96 +26,437 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from lm.data import readers
 from lm.data import sources as sources_lib
 from lm.data import tokenizers as tok_lib
+from lm.data.encode import Encoder
 from lm.data.errors import DataError
-from lm.data.split import key_rank, split
+from lm.data.progress import Progress, duration, size
+from lm.data.scan import Scan, scan
+from lm.data.shards import ROLES, SHARD_TOKENS, SPLITS, ShardWriter, new_stats
+from lm.data.shards import write_file as _write_file
+from lm.data.split import RULE, SINGLE_DOCUMENT_RULE, VAL_SOURCE_RULE, key_rank, split_single
 from lm.data.store import FORMAT, FORMAT_VERSION, META, TOKENIZER_FILE, is_token_store, open_store, token_dtype
+from lm.data.workdir import WorkDir
 
 # Bounds BPE training time (about 6 s for the 10 MB stdlib corpus on 2 cores); larger corpora train on a
 # deterministic sample of their train documents.
 BPE_TRAIN_MAX_BYTES = 20 * 2**20
 BPE_RECIPE = (f"byte-level BPE, GPT-2 pre-tokenizer, no special tokens, trained on up to {BPE_TRAIN_MAX_BYTES} "
               "bytes of train documents taken in sha256(key) order")
-_ENCODE_CHUNK_BYTES = 8 * 2**20
+DEFAULT_VAL_FRACTION = 0.02
+# Text sent to a worker at a time; with two batches in flight per worker this bounds what is held in memory.
+_BATCH_CHARS = 1 << 20
+# A worker costs about a second to start; below this much input per worker it would not pay for itself.
+_BYTES_PER_WORKER = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class _File:
+    index: int  # in the whole corpus: source files, then val-source files
+    file: sources_lib.SourceFile
+    role: str  # "split": train or val by the hash rule; "train" or "val": all of it
+    size: int
 
 
 def prepare(source: str | list[str], tokenizer: str, out: str | Path, *, overwrite: bool = False,
-            val_fraction: float = 0.02, log=print) -> Path:
-    """Tokenize `source` into a token store at `out`; reuse a complete store made from the same inputs."""
+            val_fraction: float | None = None, val_source: str | list[str] | None = None, workers: int | None = None,
+            shard_tokens: int = SHARD_TOKENS, num_parts: int = 1, part: int | None = None,
+            log=print) -> Path | None:
+    """Tokenize `source` into a token store at `out`; reuse a complete store made from the same inputs.
+
+    val_source: a separate corpus that is the val split (then `val_fraction` does not apply); workers: tokenizer
+    processes (default: the cores, one per 8 MB of input at most); num_parts/part: prepare only part `part` of
+    `num_parts`. Returns `out`, or None when a part is finished but others are not yet (nothing to open yet).
+    """
     out = Path(out)
     log = log or (lambda message: None)
     started = time.perf_counter()
-    if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
-        raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}; e.g. 0.02")
+    val_fraction = _check_arguments(val_fraction, val_source, workers, shard_tokens, num_parts, part)
     kind, arg = tok_lib.parse_spec(tokenizer)
     src = sources_lib.resolve(source)
-    request = {
-        "format_version": FORMAT_VERSION,
-        "source_fingerprint": src.fingerprint,
-        "tokenizer": _tokenizer_request(kind, arg),
-        "val_fraction": float(val_fraction),
-    }
+    val_src = sources_lib.resolve(val_source) if val_source is not None else None
+    request = {"source_fingerprint": src.fingerprint, "tokenizer": _tokenizer_request(kind, arg),
+               "val_fraction": val_fraction}
+    if val_src is not None:
+        request["val_source_fingerprint"] = val_src.fingerprint
     if _existing_store_matches(out, request, overwrite, source, tokenizer):
         log(f"reusing token store {out} (same source and tokenizer)")
         return out
 
-    docs, stats = sources_lib.read_documents(src)
-    n_bytes = sum(len(d.text.encode("utf-8")) for d in docs)
-    log(f"source {_describe(src.spec)}: {stats['files']} files, {stats['documents']} documents, "
-        f"{n_bytes / 1e6:.1f} MB (fingerprint {src.fingerprint[:12]})"
-        + (f"; {stats['empty_skipped']} empty documents skipped" if stats["empty_skipped"] else "")
-        + (f"; {stats['not_utf8']} files were not UTF-8, bad bytes became U+FFFD" if stats["not_utf8"] else ""))
-    train_docs, val_docs, rule = split(docs, val_fraction)
-    tok = _build_tokenizer(kind, arg, tokenizer, train_docs, log)
-
+    files = _corpus_files(src, val_src)
+    parts = _assign_parts(files, num_parts)
+    work = WorkDir(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        work.start({"request": request, "num_parts": num_parts}, _write_file)
     except OSError as exc:
-        raise _write_error(exc, out, None) or exc
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the finished store should read like any other directory
-        split_meta = {name: _write_split(tmp, name, split_docs, tok)
-                      for name, split_docs in (("train", train_docs), ("val", val_docs))}
+        if exc.errno in _WRITE_ERRNOS and not any(work.path.glob("part-*")):
+            work.remove()
+        raise _write_error(exc, out, work) or exc
+
+    job = _Job(out, work, kind, arg, tokenizer, files, val_fraction, workers, shard_tokens, log)
+    for p in [part] if part is not None else ([0] if num_parts == 1 else []):
+        with work.lock(f"part-{p:05d}", log):
+            if _complete(out, request):  # another process finished it while this one waited
+                work.remove()
+                log(f"reusing token store {out} (same source and tokenizer)")
+                return out
+            if work.done(p) is None:
+                job.run_part(p, parts[p])
+    missing = [p for p in range(num_parts) if work.done(p) is None]
+    if missing:
+        command = f"attnlab data prepare ... --num-parts {num_parts} --part {missing[0]}"
+        if part is None:
+            raise DataError(f"cannot combine {out}: part{'s' * (len(missing) > 1)} {_listing(missing)} of {num_parts} "
+                            f"{'are' if len(missing) > 1 else 'is'} not finished in {work.path}; run `{command}` "
+                            f"(the same --source and --tokenizer) for each, then this command again")
+        log(f"part {part} of {num_parts} is finished; {out} is combined when parts {_listing(missing)} are: the last "
+            f"part to finish combines them, or run this command without --part")
+        return None
+    with work.lock("combine", log):
+        if _complete(out, request):
+            work.remove()
+            return out
+        meta = job.combine(src, val_src, request, num_parts, overwrite)
+    log(f"wrote token store {out}: vocab {meta['vocab_size']}, "
+        + ", ".join(f"{name} {m['n_tokens']:,} tokens / {m['n_documents']:,} documents / {size(m['n_bytes'])} of text"
+                    for name, m in meta["splits"].items())
+        + f"; {size(_disk_bytes(out))} on disk, in {duration(time.perf_counter() - started)}")
+    return out
+
+
+def _check_arguments(val_fraction, val_source, workers, shard_tokens, num_parts, part) -> float | None:
+    """The val fraction to use; DataError for arguments that cannot work together."""
+    if val_source is not None:
+        if val_fraction is not None:
+            raise DataError("val_fraction picks val documents out of the source, val_source replaces that split: "
+                            "pass one of --val-fraction and --val-source")
+    else:
+        val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+            raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}; e.g. 0.02")
+        val_fraction = float(val_fraction)
+    for name, value in (("workers", workers), ("shard_tokens", shard_tokens), ("num_parts", num_parts)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise DataError(f"{name} must be a positive integer, got {value!r}")
+    if part is not None and (isinstance(part, bool) or not isinstance(part, int) or not 0 <= part < num_parts):
+        raise DataError(f"part must be one of 0..{num_parts - 1} (of --num-parts {num_parts}), got {part!r}")
+    return val_fraction
+
+
+def _listing(parts: list[int]) -> str:
+    return ", ".join(map(str, parts[:8])) + (f" (+{len(parts) - 8} more)" if len(parts) > 8 else "")
+
+
+def _corpus_files(src, val_src) -> list[_File]:
+    entries = [(f, "split" if val_src is None else "train") for f in src.files]
+    entries += [(f, "val") for f in val_src.files] if val_src is not None else []
+    return [_File(i, f, role, f.path.stat().st_size) for i, (f, role) in enumerate(entries)]
+
+
+def _assign_parts(files: list[_File], num_parts: int) -> list[list[_File]]:
+    """Consecutive runs of files, one per part, of about equal bytes: a file goes to the part its middle byte
+    falls in. In corpus order, so the parts' shards one after another are the one-part stream."""
+    total = sum(f.size for f in files) or 1
+    parts: list[list[_File]] = [[] for _ in range(num_parts)]
+    before = 0
+    for f in files:
+        parts[min(num_parts - 1, int((before + f.size / 2) * num_parts / total))].append(f)
+        before += f.size
+    return parts
+
+
+class _Job:
+    """One preparation: what every part shares (the corpus, the tokenizer, the split) and how a part is run."""
+
+    def __init__(self, out, work, kind, arg, spec, files, val_fraction, workers, shard_tokens, log):
+        self.out, self.work, self.kind, self.arg, self.spec = out, work, kind, arg, spec
+        self.files, self.val_fraction, self.workers, self.shard_tokens = files, val_fraction, workers, shard_tokens
+        self.log = log
+
+    # -- a part --------------------------------------------------------------------------------------------------
+
+    def run_part(self, part: int, files: list[_File]) -> None:
+        try:
+            self._run_part(part, files)
+        except DataError:
+            self.work.remove_part(part)
+            raise
+        except BrokenProcessPool as exc:
+            raise DataError(f"a tokenizer worker process died (killed, or out of memory); the finished shards are "
+                            f"kept in {self.work.path}: run the same command again to continue (with fewer "
+                            f"--workers if memory is short)") from exc
+        except OSError as exc:
+            error = _write_error(exc, self.out, self.work)
+            if error is None:
+                raise
+            if not self.work.finished_shards(part):
+                self.work.remove_part(part)
+                error = _write_error(exc, self.out, self.work)
+            raise error from exc
+        except KeyboardInterrupt:
+            self.log(f"interrupted: the finished shards are kept in {self.work.path}; run the same command again to "
+                     "continue")
+            raise
+
+    def _run_part(self, part: int, files: list[_File]) -> None:
+        state = self.work.part_dir(part)
+        state.mkdir(parents=True, exist_ok=True)
+        records = self.work.finished_shards(part)
+        the_scan = self._scan(state)
+        tok = self._tokenizer(state, the_scan)
+        if records:
+            file_index, pos = records[-1]["end"]
+            self.log(f"resuming {self.out} part {part}: {len(records)} shards finished")
+        else:
+            file_index, pos = (files[0].index if files else 0), 0
+        todo = [f for f in files if f.index >= file_index]
+        if not records:
+            self.log(f"preparing {self.out}" + (f" part {part}" if len(files) != len(self.files) else "")
+                     + f": {len(files)} files, {size(sum(f.size for f in files))}")
+        progress = Progress(f"tokenizing {self.out.name}" + (f" part {part}" if len(self.files) != len(files) else ""),
+                            sum(f.size for f in files), self.log,
+                            done_bytes=sum(f.size for f in files if f.index < file_index))
+        writer = ShardWriter(self.work.store, self.work.records, part, len(records), dtype=token_dtype(tok.vocab_size),
+                             vocab_size=tok.vocab_size, shard_tokens=self.shard_tokens,
+                             tokenizer_fingerprint=tok.fingerprint)
+        workers = self.workers or _default_workers(sum(f.size for f in todo))
+        stream = _documents(todo, file_index, pos, the_scan, self.val_fraction, progress.start_bytes)
+        last = (file_index, pos)
+        try:
+            with Encoder(tok, workers) as encoder:
+                for batch, arrays in encoder.map(_batches(stream)):
+                    tokens = iter(arrays)
+                    for doc in batch:
+                        if doc.pieces and writer.full:
+                            writer.finish(last)
+                        writer.note(doc.role, empty=not doc.pieces, replaced=doc.replaced)
+                        for split, text in doc.pieces:
+                            ids = next(tokens)
+                            writer.add(split, ids, len(text.encode("utf-8")))
+                            progress.update(tokens=len(ids))
+                        progress.update(documents=bool(doc.pieces), bytes_done=doc.bytes_done)
+                        last = (doc.file_index, doc.pos)
+            end = (files[-1].index + 1, 0) if files else (0, 0)
+            writer.finish(end)
+        finally:
+            writer.abandon()
+            progress.close()
+        self.work.mark_done(part, {"tokenizer": tok.fingerprint, "scan": the_scan.to_json() if the_scan else None},
+                            _write_file)
+
+    # -- what every part computes the same way ---------------------------------------------------------------------
+
+    def _scan(self, state: Path) -> Scan | None:
+        """The split's cuts, from the whole corpus (every part needs them); kept for a resumed part."""
+        hashed = any(f.role == "split" for f in self.files)
+        if not hashed and self.kind != "bpe":
+            return None
+        cached = state / "scan.json"
+        if cached.is_file():
+            return Scan.from_json(json.loads(cached.read_text()))
+        scanned = [f for f in self.files if f.role in ("split", "train")]
+        self.log(f"scanning {len(scanned)} files for the " + ("train/val split" if hashed else "tokenizer sample"))
+        result = scan([(f.index, f.file) for f in scanned], val_fraction=self.val_fraction if hashed else None,
+                      sample_bytes=BPE_TRAIN_MAX_BYTES if self.kind == "bpe" else None, log=self.log)
+        _write_file(cached, json.dumps(result.to_json()).encode())
+        return result
+
+    def _tokenizer(self, state: Path, the_scan: Scan | None) -> tok_lib.Tokenizer:
+        if self.kind != "bpe":
+            return tok_lib.load(self.spec)
+        cached = state / TOKENIZER_FILE
+        if cached.is_file():
+            return tok_lib.from_json(cached.read_text(encoding="utf-8"), self.spec, str(cached))
+        started = time.perf_counter()
+        texts = self._bpe_sample(the_scan)
+        tok = tok_lib.byte_level_bpe(texts, self.arg, self.spec)
+        _write_file(cached, tok.to_json().encode("utf-8"))
+        self.log(f"trained {self.spec} on {sum(len(t.encode()) for t in texts) / 1e6:.1f} MB of train text in "
+                 f"{time.perf_counter() - started:.1f} s (vocab {tok.vocab_size})")
+        return tok
+
+    def _bpe_sample(self, the_scan: Scan) -> list[str]:
+        """The train documents ranked from just above the val cut up to the sample cut, in rank order."""
+        picked = []
+        for f in self.files:
+            if f.role not in ("split", "train"):
+                continue
+            for record in readers.records(f.file):
+                if not record.text:
+                    continue
+                if the_scan.single:
+                    picked.append(((0, 0, 0), split_single(record.text, self.val_fraction)[0]))
+                    continue
+                order = (key_rank(record.key), f.index, record.pos)
+                if order <= the_scan.sample_cut and (the_scan.val_cut is None or order > the_scan.val_cut):
+                    picked.append((order, record.text))
+        return [text for _, text in sorted(picked)]
+
+    # -- the store ---------------------------------------------------------------------------------------------
+
+    def combine(self, src, val_src, request: dict, num_parts: int, overwrite: bool) -> dict:
+        """Write meta.json over the parts' shards and move the store into place; the meta."""
+        dones = [self.work.done(p) for p in range(num_parts)]
+        records = [r for p in range(num_parts) for r in self.work.finished_shards(p)]
+        first_part = {}  # tokenizer fingerprint -> the first part that used it
+        for p, fingerprint in [*enumerate(d["tokenizer"] for d in dones), *((r["part"], r["tokenizer"]) for r in records)]:
+            first_part.setdefault(fingerprint, p)
+        if len(first_part) > 1:
+            (a, first), (b, other) = list(first_part.items())[:2]
+            raise DataError(f"parts {first} and {other} of {self.out} were prepared with different tokenizers "
+                            f"(fingerprints {a[:12]} and {b[:12]}); prepare every part with the same --tokenizer "
+                            f"(remove {self.work.part_dir(other)} and run part {other} again)")
+        if len({json.dumps(d["scan"]) for d in dones}) > 1:
+            raise DataError(f"the parts of {self.out} split the corpus differently (the files changed while they were "
+                            f"prepared); remove {self.work.path} and prepare every part again")
+        tok = self._tokenizer(self.work.part_dir(0), None)
+        vocab = tok.vocab_size
+        splits, counts = {}, np.zeros((len(SPLITS), vocab), np.int64)
+        stats = new_stats()
+        for r in records:
+            counts += np.load(self.work.records / f"{r['part']:05d}-{r['shard']:05d}.counts.npy")
+            for role in ROLES:
+                for key, value in r["stats"][role].items():
+                    stats[role][key] += value
+        for i, name in enumerate(SPLITS):
+            shards = [{"tokens": f"{name}/{r['part']:05d}-{r['shard']:05d}.bin",
+                       "offsets": f"{name}/{r['part']:05d}-{r['shard']:05d}.offsets.npy",
+                       "n_tokens": r["splits"][name]["n_tokens"], "n_documents": r["splits"][name]["n_documents"]}
+                      for r in records if r["splits"][name]["n_documents"]]
+            n_tokens = sum(s["n_tokens"] for s in shards)
+            if n_tokens == 0:
+                self.work.remove()
+                raise DataError(f"the {name} split tokenized to 0 tokens; the corpus has no text, add documents")
+            p = counts[i][counts[i] > 0] / n_tokens
+            splits[name] = {
+                "n_tokens": n_tokens,
+                "n_bytes": sum(r["splits"][name]["n_bytes"] for r in records),
+                "n_documents": sum(s["n_documents"] for s in shards),
+                # A model that learned only token frequencies reaches this loss; report it beside eval loss.
+                "unigram_entropy_bits_per_token": round(float(-(p * np.log2(p)).sum()), 6),
+                "shards": shards,
+            }
+        the_scan = dones[0]["scan"]
+        if val_src is not None:
+            rule = VAL_SOURCE_RULE
+        else:
+            rule = SINGLE_DOCUMENT_RULE if the_scan and the_scan["single"] else RULE
+        fingerprint_inputs = src.fingerprint + (f"+{val_src.fingerprint}" if val_src is not None else "")
         tok_json = tok.to_json()
-        if tok_json is not None:
-            _write_file(tmp / TOKENIZER_FILE, tok_json.encode("utf-8"))
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "fingerprint": hashlib.sha256(
-                f"{src.fingerprint}/{tok.fingerprint}/{rule}/{float(val_fraction)}".encode()).hexdigest(),
-            "vocab_size": tok.vocab_size,
-            "dtype": token_dtype(tok.vocab_size).name,
+                f"{fingerprint_inputs}/{tok.fingerprint}/{rule}/{self.val_fraction}".encode()).hexdigest(),
+            "vocab_size": vocab,
+            "dtype": token_dtype(vocab).name,
             "request": request,
-            "source": {"spec": src.spec, "fingerprint": src.fingerprint, **stats, **src.info},
+            "source": {"spec": src.spec, "fingerprint": src.fingerprint, "files": len(src.files),
+                       **stats["source"], **src.info},
             "tokenizer": {
-                "spec": tokenizer,
+                "spec": self.spec,
                 "fingerprint": tok.fingerprint,
                 "file": TOKENIZER_FILE if tok_json is not None else None,
-                "recipe": BPE_RECIPE if kind == "bpe" else None,
+                "recipe": BPE_RECIPE if self.kind == "bpe" else None,
             },
-            "split": {"rule": rule, "val_fraction": float(val_fraction)},
-            "splits": split_meta,
+            "split": {"rule": rule, "val_fraction": self.val_fraction},
+            "splits": splits,
         }
-        _write_file(tmp / META, json.dumps(meta, indent=2).encode("utf-8"))
-        _install(tmp, out, request, overwrite)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        error = _write_error(exc, out, tmp) if isinstance(exc, OSError) else None
-        if error is not None:
+        if val_src is not None:
+            meta["val_source"] = {"spec": val_src.spec, "fingerprint": val_src.fingerprint,
+                                  "files": len(val_src.files), **stats["val_source"], **val_src.info}
+        try:
+            if tok_json is not None:
+                _write_file(self.work.store / TOKENIZER_FILE, tok_json.encode("utf-8"))
+            _write_file(self.work.store / META, json.dumps(meta, indent=2).encode("utf-8"))
+            _install(self.work.store, self.out, request, overwrite)
+        except OSError as exc:
+            error = _write_error(exc, self.out, self.work)
+            if error is None:
+                raise
             raise error from exc
-        raise
-    log(f"wrote token store {out}: vocab {tok.vocab_size}, "
-        + ", ".join(f"{name} {m['n_tokens']:,} tokens / {m['n_documents']} documents / {m['n_bytes'] / 1e6:.2f} MB"
-                    for name, m in split_meta.items())
-        + f" in {time.perf_counter() - started:.1f} s")
-    return out
+        self.work.remove()
+        for role, info in (("source", meta["source"]), ("val_source", meta.get("val_source"))):
+            if info and (info["empty_skipped"] or info["not_utf8"]):
+                self.log(f"{role} {_describe(info['spec'])}: {info['empty_skipped']} empty documents skipped, "
+                         f"{info['not_utf8']} documents had bytes that are not UTF-8 (each became U+FFFD)")
+        return meta
+
+
+@dataclass(frozen=True)
+class _Doc:
+    file_index: int
+    pos: int
+    role: str  # "source" or "val_source", for the stats
+    pieces: list  # (split index, text): none for an empty document, two for a single document split in two
+    replaced: bool
+    bytes_done: int  # input bytes of the part read up to this document, for the progress line
+
+
+def _documents(files: list[_File], file_index: int, pos: int, the_scan: Scan | None, val_fraction,
+               done: int) -> Iterator[_Doc]:
+    """The stream of documents from position (file_index, pos) on, each with the split its text goes to; `done`:
+    the input bytes before that position."""
+    for f in files:
+        meter = readers.Meter()
+        for record in readers.records(f.file, pos if f.index == file_index else 0, meter):
+            role = "val_source" if f.role == "val" else "source"
+            if not record.text:
+                pieces = []
+            elif f.role != "split":
+                pieces = [(SPLITS.index(f.role), record.text)]
+            elif the_scan.single:
+                pieces = list(enumerate(split_single(record.text, val_fraction)))
+            else:
+                order = (key_rank(record.key), f.index, record.pos)
+                pieces = [(1 if the_scan.val_cut is not None and order <= the_scan.val_cut else 0, record.text)]
+            yield _Doc(f.index, record.pos, role, pieces, record.replaced, done + meter.done)
+        done += f.size
+
+
+def _batches(docs: Iterator[_Doc]) -> Iterator[tuple[list[_Doc], list[str]]]:
+    batch, texts, chars = [], [], 0
+    for doc in docs:
+        batch.append(doc)
+        for _, text in doc.pieces:
+            texts.append(text)
+            chars += len(text)
+        if chars >= _BATCH_CHARS:
+            yield batch, texts
+            batch, texts, chars = [], [], 0
+    if batch:
+        yield batch, texts
+
+
+def _default_workers(n_bytes: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, n_bytes // _BYTES_PER_WORKER))
+
+
+def _disk_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _complete(out: Path, request: dict) -> bool:
+    try:
+        return _same_request(open_store(out).meta["request"], request)
+    except DataError:
+        return False
+
+
+def _same_request(old: dict, new: dict) -> bool:
+    """Whether a store made for request `old` holds what `new` asks for. Stores of format version 1 recorded it
+    in their request; their token streams are the same, so it does not count."""
+    return {k: v for k, v in old.items() if k != "format_version"} == new
 
 
 # Write failures the user can act on (space, quota, permissions); other OSErrors propagate as they are.
@@ -116,14 +469,14 @@ _WRITE_ERRNOS = {
 }
 
 
-def _write_error(exc: OSError, out: Path, tmp: Path | None) -> DataError | None:
-    """DataError for a storage failure while writing the store at `out` (`tmp`: the temporary directory,
-    already removed), or None for any other error."""
+def _write_error(exc: OSError, out: Path, work: WorkDir) -> DataError | None:
+    """DataError for a storage failure while writing the store at `out`, or None for any other error."""
     if exc.errno not in _WRITE_ERRNOS:
         return None
     reason, advice = _WRITE_ERRNOS[exc.errno]
     where = f" ({exc.filename})" if exc.filename else ""
-    left = "nothing was left behind" if tmp is None or not tmp.exists() else f"remove {tmp}"
+    left = (f"the finished shards are kept in {work.path} and the rerun continues from them" if work.exists()
+            else "nothing was left behind")
     return DataError(f"could not write token store {out}: {reason} ({errno.errorcode[exc.errno]}){where}; "
                      f"{advice} and run prepare again ({left})")
 
@@ -158,7 +511,7 @@ def _existing_store_matches(out: Path, request: dict, overwrite: bool, source, t
         if overwrite:
             return False
         raise DataError(f"{out} is a damaged token store ({exc}); pass --overwrite to rebuild it") from exc
-    if store.meta["request"] == request:
+    if _same_request(store.meta["request"], request):
         return True
     if overwrite:
         return False
@@ -169,74 +522,6 @@ def _existing_store_matches(out: Path, request: dict, overwrite: bool, source, t
         f"{old['source']['fingerprint'][:12]}), not for {_describe(source)} / {tokenizer} (fingerprint "
         f"{request['source_fingerprint'][:12]}); choose another --out or pass --overwrite to replace it"
     )
-
-
-def _build_tokenizer(kind, arg, spec, train_docs, log) -> tok_lib.Tokenizer:
-    if kind != "bpe":
-        return tok_lib.load(spec)
-    texts, total = [], 0
-    for doc in sorted(train_docs, key=lambda d: key_rank(d.key)):
-        if total >= BPE_TRAIN_MAX_BYTES:
-            break
-        texts.append(doc.text)
-        total += len(doc.text.encode("utf-8"))
-    started = time.perf_counter()
-    tok = tok_lib.byte_level_bpe(texts, arg, spec)
-    log(f"trained {spec} on {total / 1e6:.1f} MB of train text in {time.perf_counter() - started:.1f} s "
-        f"(vocab {tok.vocab_size})")
-    return tok
-
-
-def _write_split(directory: Path, name: str, docs: list, tok: tok_lib.Tokenizer) -> dict:
-    dtype = token_dtype(tok.vocab_size)
-    lengths, counts, n_bytes = [], np.zeros(tok.vocab_size, dtype=np.int64), 0
-    with open(directory / f"{name}.bin", "wb") as fh:
-        for chunk in _chunks(docs):
-            texts = [d.text for d in chunk]
-            n_bytes += sum(len(t.encode("utf-8")) for t in texts)
-            arrays = tok.encode_arrays(texts)
-            ids = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
-            if ids.size and (ids.min() < 0 or ids.max() >= tok.vocab_size):
-                raise DataError(f"tokenizer {tok.spec} produced id {int(ids.max())} outside its vocab of "
-                                f"{tok.vocab_size}; the tokenizer file is inconsistent, use another one")
-            counts += np.bincount(ids, minlength=tok.vocab_size)
-            lengths.extend(len(a) for a in arrays)
-            fh.write(ids.astype(dtype).tobytes())
-        fh.flush()
-        os.fsync(fh.fileno())
-    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
-    with open(directory / f"{name}_doc_offsets.npy", "wb") as fh:
-        np.save(fh, offsets)
-    n_tokens = int(offsets[-1])
-    if n_tokens == 0:
-        raise DataError(f"the {name} split tokenized to 0 tokens; the corpus has no text, add documents")
-    p = counts[counts > 0] / n_tokens
-    return {
-        "n_tokens": n_tokens,
-        "n_bytes": n_bytes,
-        "n_documents": len(docs),
-        # A model that learned only token frequencies reaches this loss; report it beside eval loss.
-        "unigram_entropy_bits_per_token": round(float(-(p * np.log2(p)).sum()), 6),
-    }
-
-
-def _chunks(docs: list):
-    chunk, size = [], 0
-    for doc in docs:
-        chunk.append(doc)
-        size += len(doc.text)
-        if size >= _ENCODE_CHUNK_BYTES:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _install(tmp: Path, out: Path, request: dict, overwrite: bool) -> None:
@@ -252,7 +537,7 @@ def _install(tmp: Path, out: Path, request: dict, overwrite: bool) -> None:
     if not overwrite:
         # Another process (e.g. a second host) finished a store here while this one was being written.
         try:
-            same = open_store(out).meta["request"] == request
+            same = _same_request(open_store(out).meta["request"], request)
         except DataError:
             same = False
         if not same:

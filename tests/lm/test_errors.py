@@ -251,14 +251,16 @@ def test_prepare_on_a_full_disk_is_a_data_error_and_leaves_nothing(tmp_path, mon
 
 
 def test_prepare_into_a_read_only_directory(tmp_path, monkeypatch):
-    import tempfile
+    corpus, real_mkdir = _corpus(tmp_path), os.mkdir
 
-    def refuse(*args, dir=None, **kwargs):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
+    def refuse(path, *args, **kwargs):  # prepare's first write: the directory it builds the store in
+        if str(path).startswith(str(tmp_path / ".store")):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_mkdir(path, *args, **kwargs)
 
-    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(os, "mkdir", refuse)
     with pytest.raises(DataError, match=r"permission denied \(EACCES\) \(.*\); choose a writable --out"):
-        prepare(str(_corpus(tmp_path)), "byte", tmp_path / "store", log=None)
+        prepare(str(corpus), "byte", tmp_path / "store", log=None)
 
 
 # --- a run directory that cannot be written ------------------------------------------------------------------

@@ -4,12 +4,16 @@ encoded on its own. It is written independently of lm.data's writer, so a store 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
 import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
+import zstandard
 
 from lm.data import open_store
 from lm.data.tokenizers import byte_level_bpe
@@ -23,8 +27,16 @@ def corpus_documents(files: list[tuple[Path, str]]) -> list[tuple[str, str]]:
     for path, name in files:
         if path.suffix == ".txt":
             docs.append((name, path.read_bytes().decode("utf-8", errors="replace")))
+        elif path.suffix == ".parquet":
+            column = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+            docs += [(f"{name}:{row}", text) for row, text in enumerate(column) if text is not None]
         else:
-            for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+            data = path.read_bytes()
+            if path.suffix == ".gz":
+                data = gzip.decompress(data)
+            elif path.suffix == ".zst":
+                data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True).read()
+            for lineno, line in enumerate(data.decode("utf-8").split("\n"), 1):
                 if line.strip():
                     docs.append((f"{name}:{lineno}", json.loads(line)["text"]))
     return [(k, t) for k, t in docs if t]

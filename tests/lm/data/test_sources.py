@@ -5,11 +5,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from lm.data import DataError, open_store, prepare
-from lm.data.sources import Document, read_documents, resolve
-from lm.data.split import split
+from lm.data.readers import records
+from lm.data.sources import resolve
 from lm.data.tokenizers import ByteTokenizer
 
 from .conftest import synthetic_documents, write_text_corpus
+
+
+def read_all(spec) -> list:
+    """Every record of every file the spec names, in corpus order."""
+    return [r for f in resolve(spec).files for r in records(f)]
 
 
 def stored_documents(out) -> list[str]:
@@ -58,8 +63,8 @@ def test_mixed_list_dirs_and_globs(tmp_path):
     src = resolve([str(tmp_path / "a"), str(tmp_path / "b" / "*.txt"), str(tmp_path / "c.jsonl"), str(tmp_path / "a")])
     assert [f.name for f in src.files] == [
         "a/doc000.txt", "a/doc001.txt", "doc000.txt", "doc001.txt", "doc002.txt", "c.jsonl"]
-    docs, _ = read_documents(src)
-    assert [d.text for d in docs] == ["alpha one", "alpha two", "beta one", "beta two", "beta three", "gamma"]
+    assert [r.text for f in src.files for r in records(f)] == [
+        "alpha one", "alpha two", "beta one", "beta two", "beta three", "gamma"]
 
 
 def test_source_errors(tmp_path):
@@ -88,22 +93,24 @@ def test_jsonl_errors(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
     with pytest.raises(DataError, match='line 2 has no string "text" field'):
-        read_documents(resolve(str(path)))
+        read_all(str(path))
     path.write_text("{not json\n")
     with pytest.raises(DataError, match="line 1 is not valid JSON"):
-        read_documents(resolve(str(path)))
+        read_all(str(path))
 
 
 def test_parquet_without_text_column(tmp_path):
     pq.write_table(pa.table({"body": ["x"], "id": [1]}), tmp_path / "c.parquet")
     with pytest.raises(DataError, match="no 'text' column \\(columns: body, id\\)"):
-        read_documents(resolve(str(tmp_path / "c.parquet")))
+        read_all(str(tmp_path / "c.parquet"))
 
 
 def test_non_utf8_text_is_replaced_and_counted(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
-    docs, stats = read_documents(resolve(str(tmp_path / "latin1.txt")))
-    assert docs[0].text == "caf\ufffd" and stats["not_utf8"] == 1
+    (record,) = read_all(str(tmp_path / "latin1.txt"))
+    assert record.text == "caf\ufffd" and record.replaced
+    out = prepare(str(tmp_path / "latin1.txt"), "byte", tmp_path / "store", val_fraction=0.5, log=None)
+    assert open_store(out).meta["source"]["not_utf8"] == 1
 
 
 def test_fake_stdlib_selection_and_fingerprint(fake_stdlib):
@@ -123,34 +130,6 @@ def test_stdlib_without_sources(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "stdlib_root", lambda: tmp_path / "lib")
     with pytest.raises(DataError, match="no .py files under the standard-library directory"):
         resolve("stdlib")
-
-
-def _docs(sizes):
-    return [Document(f"file{i}.py", "x" * n) for i, n in enumerate(sizes)]
-
-
-def test_split_is_by_document_and_meets_the_fraction():
-    docs = _docs([1000 + 37 * i for i in range(200)])
-    train, val, _ = split(docs, 0.05)
-    assert {d.key for d in train}.isdisjoint(d.key for d in val)
-    assert len(train) + len(val) == len(docs)
-    total = sum(len(d.text) for d in docs)
-    val_bytes = sum(len(d.text) for d in val)
-    assert 0.05 * total <= val_bytes < 0.05 * total + max(len(d.text) for d in docs)
-    # corpus order is kept inside each split, and the choice does not depend on the list order
-    assert [d.key for d in train] == [d.key for d in docs if d in train]
-    assert {d.key for d in split(docs[::-1], 0.05)[1]} == {d.key for d in val}
-
-
-def test_split_keeps_train_nonempty_and_handles_one_document():
-    train, val, _ = split(_docs([10, 10]), 0.9)
-    assert len(train) == 1 and len(val) == 1
-    text = "line one\nline two\nline three\nline four\n" * 10
-    train, val, rule = split([Document("only.txt", text)], 0.1)
-    assert train[0].text + val[0].text == text and val[0].text.startswith("line")
-    assert "single document" in rule
-    with pytest.raises(DataError, match="too short to split"):
-        split([Document("tiny.txt", "a")], 0.5)
 
 
 def test_byte_prepare_counts_match_text(tmp_path):

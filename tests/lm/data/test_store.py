@@ -1,4 +1,5 @@
 import json
+import shutil
 import time
 
 import numpy as np
@@ -18,22 +19,27 @@ def corpus(tmp_path):
 
 
 def store_files(path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+    """Every file of a store by its path inside it."""
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def copy_store(src, dst):
-    dst.mkdir()
-    for name, data in store_files(src).items():
-        (dst / name).write_bytes(data)
+    shutil.copytree(src, dst)
     return dst
+
+
+def shard(store_path, split, what="tokens"):
+    """The file of the first shard of a split."""
+    return store_path / open_store(store_path).meta["splits"][split]["shards"][0][what]
 
 
 def test_meta_and_layout(byte_store, corpus_docs):
     store = open_store(byte_store)
     meta = store.meta
-    assert sorted(p.name for p in byte_store.iterdir()) == [
-        "meta.json", "train.bin", "train_doc_offsets.npy", "val.bin", "val_doc_offsets.npy"]
-    assert meta["format_version"] == 1 and meta["vocab_size"] == store.vocab_size == 256
+    assert sorted(store_files(byte_store)) == [
+        "meta.json", "train/00000-00000.bin", "train/00000-00000.offsets.npy", "val/00000-00000.bin",
+        "val/00000-00000.offsets.npy"]
+    assert meta["format_version"] == 2 and meta["vocab_size"] == store.vocab_size == 256
     assert meta["dtype"] == "uint16" and store.split("train").dtype == np.uint16
     assert meta["tokenizer"]["spec"] == "byte" and meta["tokenizer"]["file"] is None
     assert len(meta["source"]["fingerprint"]) == 64
@@ -79,7 +85,9 @@ def test_prepare_refuses_a_different_store_unless_overwrite(corpus, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_crash_mid_write_leaves_no_store(corpus, tmp_path, monkeypatch):
+def test_crash_mid_write_leaves_no_store_and_the_rerun_finishes_it(corpus, tmp_path, monkeypatch):
+    """Killed while writing meta.json: nothing at the store's path; the work so far waits beside it, and the same
+    call finishes the store as if it had never stopped."""
     real_write = writer._write_file
 
     def crash_on_meta(path, data):
@@ -91,7 +99,11 @@ def test_crash_mid_write_leaves_no_store(corpus, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prepare(corpus, "byte", tmp_path / "store", log=None)
     assert not (tmp_path / "store").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".store.prepare", "txt"]
+    monkeypatch.setattr(writer, "_write_file", real_write)
+    out = prepare(corpus, "byte", tmp_path / "store", log=None)
+    assert store_files(out) == store_files(prepare(corpus, "byte", tmp_path / "fresh", log=None))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "store", "txt"]
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -118,7 +130,7 @@ def test_prepare_never_replaces_what_is_not_a_token_store(corpus, tmp_path, over
 
 def test_prepare_overwrites_a_damaged_token_store(byte_store, corpus, tmp_path):
     broken = copy_store(byte_store, tmp_path / "broken")
-    (broken / "val.bin").unlink()
+    shard(broken, "val").unlink()
     with pytest.raises(DataError, match="is a damaged token store .* pass --overwrite"):
         prepare(corpus, "byte", broken, log=None)
     prepare(corpus, "byte", broken, overwrite=True, log=None)
@@ -148,14 +160,15 @@ def test_store_without_meta(tmp_path):
 def test_truncated_tokens_are_detected(byte_store, tmp_path):
     broken = copy_store(byte_store, tmp_path / "broken")
     n = open_store(broken).n_tokens("train")
-    with open(broken / "train.bin", "r+b") as fh:
+    tokens = shard(broken, "train")
+    with open(tokens, "r+b") as fh:
         fh.truncate(2 * (n - 100))
     with pytest.raises(DataError) as err:
         open_store(broken)
     message = str(err.value)
-    assert f"is corrupted: train.bin has {n - 100} tokens, meta.json says {n}" in message
+    assert f"is corrupted: train/00000-00000.bin has {n - 100} tokens, meta.json says {n}" in message
     assert "attnlab data prepare --source" in message and "--overwrite" in message and "\n" not in message
-    with open(broken / "train.bin", "r+b") as fh:
+    with open(tokens, "r+b") as fh:
         fh.truncate(2 * n - 1)
     with pytest.raises(DataError, match="not a whole number of uint16 tokens"):
         open_store(broken)
@@ -168,8 +181,10 @@ def test_truncated_tokens_are_detected(byte_store, tmp_path):
         (lambda d: _edit_meta(d, dtype="uint32"), "says dtype uint32, but vocab_size 256 is stored as uint16"),
         (lambda d: _edit_meta(d, format_version=99), "format version 99"),
         (lambda d: _edit_meta(d, splits=None), "missing or has a bad field"),
-        (lambda d: (d / "val.bin").unlink(), "val.bin is missing"),
-        (lambda d: np.save(d / "val_doc_offsets.npy", np.array([0, 5])), "does not describe"),
+        (lambda d: shard(d, "val").unlink(), "val/00000-00000.bin is missing"),
+        (lambda d: np.save(shard(d, "val", "offsets"), np.array([0, 5])), "does not describe"),
+        (lambda d: _edit_meta(d, splits={**_meta(d)["splits"], "val": {**_meta(d)["splits"]["val"], "n_tokens": 1}}),
+         "val shards listed in meta.json do not add up"),
     ],
 )
 def test_damaged_store(byte_store, tmp_path, damage, message):
@@ -179,8 +194,12 @@ def test_damaged_store(byte_store, tmp_path, damage, message):
         open_store(broken)
 
 
+def _meta(directory) -> dict:
+    return json.loads((directory / "meta.json").read_text())
+
+
 def _edit_meta(directory, **changes):
-    meta = json.loads((directory / "meta.json").read_text())
+    meta = _meta(directory)
     meta.update(changes)
     (directory / "meta.json").write_text(json.dumps(meta))
 
