@@ -310,3 +310,17 @@ def test_the_zoology_figure_2_sweep():
         setting = {64: (4, 512, 12500), 128: (8, 512, 12500), 256: (16, 256, 25000)}[c.data.seq_len]
         assert (c.data.task["n_pairs"], c.data.batch_size, c.train.steps) == setting, r.name
         assert c.model.max_seq_len == c.data.seq_len
+
+
+def test_the_long_context_spkv_sweep_puts_pairs_anywhere():
+    """long_spkv_random: pairs at random positions in every stage, SP-KV by the next-token loss alone with the
+    paper's predictor settings, the continued runs without warmup, 5 seeds."""
+    sw = load_sweep("experiments/sweeps/long_spkv_random.yaml")
+    assert sw.seeds == (0, 1, 2, 3, 4) and sw.metric == "eval_acc" and sw.baseline == "dense"
+    by = {r.name: r.cfg for r in sw.runs}
+    assert all(c.data.task["layout"] == "random" for c in by.values())
+    spkv = by["spkv-s0"].model.mixers["softmax"].spkv
+    assert (spkv.density_reg, spkv.lr_mult, spkv.init_bias, spkv.threshold) == (0.0, 5.0, 5.0, 0.5)
+    assert by["spkv-s0"].data.seq_len == by["dense-s0"].data.seq_len == 2048
+    assert by["spkv-s0"].optim.warmup_steps == by["dense-s0"].optim.warmup_steps == 0
+    assert {r.name: r.init_from_run for r in sw.runs}["spkv-s3"] == "short-s3"

@@ -8,7 +8,10 @@ MQAR (multi-query associative recall, Zoology's `multiquery_ar`): `n_pairs` key-
 (keys and values drawn without replacement, keys from the lower half of the vocabulary, values from the upper
 half), then a query span in which every key reappears once, at even offsets drawn with Zoology's power-law
 bias towards the start of the span (offset slot i, 1-based, has probability proportional to i^(power_a - 1));
-the rest of the span is random tokens (`noise`, Zoology's random_non_queries; else the filler id). Noise never
+the rest of the span is random tokens (`noise`, Zoology's random_non_queries; else the filler id). With
+`layout: random` the pairs are not at the start: the pairs and the queries take 2-token slots drawn uniformly
+from the whole row, each key queried in a later slot than its pair (power_a shapes the start layout only), so a
+cache that keeps the first tokens of a row has no advantage over one that keeps any others. Noise never
 repeats one of the row's keys: at Zoology's vocabulary of 8192 that is rare, at our CPU-scale vocabularies
 (64-512) it would put several false copies of each key in a sequence. Predicting
 the value at a queried key is the only scored target. The value is *not* the next input token: MQAR batches
@@ -33,8 +36,12 @@ def _rng(seed: int, index: int) -> np.random.Generator:
 
 
 def mqar_batch(seed: int, index: int, *, batch_size: int, seq_len: int, n_pairs: int, vocab_size: int,
-               power_a: float = 0.01, noise: bool = True) -> dict[str, np.ndarray]:
+               power_a: float = 0.01, noise: bool = True, layout: str = "start") -> dict[str, np.ndarray]:
     """One MQAR batch; deterministic in (seed, index)."""
+    if layout not in ("start", "random"):
+        raise ValueError(f"layout {layout!r}: start (the pairs first, Zoology's) or random (pairs anywhere)")
+    if layout == "random" and power_a != 0.01:
+        raise ValueError("power_a shapes the query gaps of layout start; layout random draws every slot uniformly")
     n_keys = (vocab_size - FIRST_TOKEN) // 2
     context = 2 * n_pairs
     query_span = seq_len + 1 - context
@@ -60,6 +67,12 @@ def mqar_batch(seed: int, index: int, *, batch_size: int, seq_len: int, n_pairs:
         if noise:  # any id but this row's keys, so that a query's key occurs only at its pair and its query
             others = np.setdiff1d(np.arange(FIRST_TOKEN, vocab_size), keys)
             tokens[b] = rng.choice(others, seq_len + 1)
+        if layout == "random":  # 2n slots anywhere, paired at random: the earlier slot of each couple holds the pair
+            couples = np.sort(rng.choice((seq_len + 1) // 2, (n_pairs, 2), replace=False), axis=1)
+            pair_pos, key_pos = 2 * couples[:, 0], 2 * couples[:, 1]
+            tokens[b, pair_pos], tokens[b, pair_pos + 1] = keys, values
+            tokens[b, key_pos], answers[b, key_pos], mask[b, key_pos] = keys, values, True
+            continue
         tokens[b, 0:context:2], tokens[b, 1:context:2] = keys, values
         slots = rng.choice(n_slots, n_pairs, replace=False, p=slot_p)
         order = rng.permutation(n_pairs)
