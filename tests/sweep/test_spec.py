@@ -324,3 +324,15 @@ def test_the_long_context_spkv_sweep_puts_pairs_anywhere():
     assert by["spkv-s0"].data.seq_len == by["dense-s0"].data.seq_len == 2048
     assert by["spkv-s0"].optim.warmup_steps == by["dense-s0"].optim.warmup_steps == 0
     assert {r.name: r.init_from_run for r in sw.runs}["spkv-s3"] == "short-s3"
+
+
+def test_the_gpt2_recipe_grid_is_tiny_2m_grid_on_gpt2_blocks():
+    from lm.report.tables import recipe_of
+
+    gpt2, modern = load_sweep("experiments/sweeps/tiny_2m_gpt2.yaml"), load_sweep("experiments/sweeps/tiny_2m.yaml")
+    assert [v.label for v in gpt2.variants] == [v.label for v in modern.variants][:8]
+    assert (gpt2.tune, gpt2.seeds) == (modern.tune, modern.seeds)
+    for r in gpt2.runs:
+        c = r.cfg
+        assert recipe_of(c) == "GPT-2" and c.model.bias and not c.model.depth_scaled_init, r.name
+        assert c.train.steps * c.data.batch_size * c.data.seq_len >= 2_000_000 and c.optim.wd_mask == "all"
