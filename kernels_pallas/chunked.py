@@ -1,10 +1,24 @@
-"""What the chunked linear-attention kernels (lightning, kda) share: the static plan of a call, the fp32 dot,
-and the wrapper's layout work (heads before time, T zero-padded to whole chunks, the initial state, the document
-columns the kernels read).
+"""What the chunked linear-attention kernels (lightning, kda) share: the static plan of a call, the dot, the wrapper's
+layout work, and the per-chunk quantities every kernel of the pipeline derives the same way (document masks and the
+gates' cumulative log decays).
 
-Both kernels run grid (batch, head) with a loop over chunks and the fp32 state as the loop's carry; a padded token
-is all zeros, which both kernels treat as writing nothing (and, for kda, keeping the state), so the final state is
-exact.
+Both families are gated linear attention over chunks of C tokens. With S the [K, V] state entering a chunk, G_i the
+cumulative log decay from the chunk's start through token i (per key channel for kda, per head for lightning) and
+Gamma the chunk's total:
+
+    qg_i = scale q_i exp(G_i)            the queries' view of the incoming state
+    kg_j = k_j exp(Gamma - G_j)          each key's write, decayed to the chunk's end
+    d    = exp(Gamma)                    the incoming state's decay through the chunk
+    o    = qg S + A v_new                A: the decayed causal intra-chunk scores, v_new the values written
+    S'   = d S + kg^T v_new
+
+For lightning v_new = v; for kda v_new = U - W S (the delta rule's WY form, see kda/intra.py). Every exponent is a
+gate sum over a causal range, so it is <= 0: large decays underflow to zero and never overflow.
+
+Documents (`doc`, `prev`: each token's document index and that of the token before it) enter only through masks:
+the incoming state reaches the tokens of the chunk's first document if that is the document before the chunk,
+a key's write reaches the outgoing state if it is in the chunk's last document, and the incoming state passes
+through if the chunk holds one document that continues the previous one.
 """
 from __future__ import annotations
 
@@ -14,6 +28,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels_pallas import platform
+
+SUB = 16          # rows of the sub-blocks the intra-chunk kernels work in (Triton's smallest dot)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,29 +41,59 @@ class Plan:
     has_segments: bool
     interpret: bool
     num_warps: int
+    block_v: int        # V columns per program of the sequential passes (more programs than (batch, head))
+    sequential: str     # how a pass over chunks carries its state: "grid" (TPU: the chunks are the innermost,
+                        # sequential grid axis and the state lives in VMEM scratch) or "loop" (Triton, whose grid
+                        # steps are independent: a loop over the chunks inside the program)
 
     @property
     def num_chunks(self) -> int:
         return self.t_pad // self.chunk
 
+    @property
+    def sub(self) -> int:
+        return min(SUB, self.chunk)
+
+    @property
+    def subs(self) -> int:
+        return self.chunk // self.sub
+
 
 def dot(a, b, *, contract=(1, 0)):
     """fp32-accumulating a @ b over a's axis contract[0] and b's axis contract[1]; fp32 operands get
-    full-precision products."""
+    full-precision products (bf16 operands run at the tensor cores' / MXU's full rate)."""
     precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
     return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
                            preferred_element_type=jnp.float32, precision=precision)
 
 
-def make_plan(q, *, chunks, min_chunk, chunk=None, scale=None, has_segments=False, interpret=None) -> Plan:
-    """The plan of a call on q [B,T,H,K]: the target's (chunk, num_warps) from `chunks`, shrunk for short inputs
-    to the next power of two >= T (not below `min_chunk`), unless `chunk` is given."""
+def compiler_params(plan: Plan, axes: int, *, warps: int | None = None, sequential_last: bool = False):
+    """The target's compiler parameters for a kernel of the pipeline with `axes` grid axes, all parallel but the
+    last when `sequential_last` (TPU); `warps` overrides the plan's Triton warps for kernels with larger tiles."""
+    semantics = ("parallel",) * (axes - 1) + ("arbitrary" if sequential_last else "parallel",)
+    return platform.compiler_params(gpu=dict(num_warps=warps or plan.num_warps, num_stages=2),
+                                    tpu=dict(dimension_semantics=semantics))
+
+
+def iota(shape, axis):
+    return lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def make_plan(q, v, *, chunks, min_chunk, block_v, chunk=None, scale=None, has_segments=False,
+              interpret=None, sequential=None) -> Plan:
+    """The plan of a call on q [B,T,H,K], v [B,T,H,V]: the target's (chunk, num_warps) from `chunks`, shrunk for
+    short inputs to the next power of two >= T (not below `min_chunk`), unless `chunk` is given; V split in
+    blocks of `block_v[target]` (or all of V); the sequential passes' driver for the target unless given."""
     tgt = platform.target()
     pref, warps = chunks[tgt]
     T, K = q.shape[1], q.shape[3]
+    V = v.shape[3]
     C = chunk or min(pref, max(min_chunk[tgt], 1 << max(0, (T - 1).bit_length())))
+    bv = block_v[tgt]
     return Plan(t=T, t_pad=-(-T // C) * C, chunk=C, scale=float(K) ** -0.5 if scale is None else float(scale),
-                has_segments=has_segments, interpret=platform.resolve_interpret(interpret), num_warps=warps)
+                has_segments=has_segments, interpret=platform.resolve_interpret(interpret), num_warps=warps,
+                block_v=bv if V % bv == 0 else V,
+                sequential=sequential or ("grid" if tgt == "tpu" else "loop"))
 
 
 def heads_first(plan: Plan, x):
@@ -66,3 +112,82 @@ def document_columns(plan: Plan, doc_ids):
         return None, None
     ids = jnp.pad(doc_ids.astype(jnp.int32), ((0, 0), (0, plan.t_pad - plan.t)), mode="edge")
     return ids[:, :, None], jnp.pad(ids[:, :-1], ((0, 0), (1, 0)))[:, :, None]
+
+
+def chunk_sums(plan: Plan, g):
+    """g [B,H,T_pad,K] -> the inclusive cumulative sums within each chunk, fp32 (padded gates are 0, so the
+    padded tail of the last chunk holds its total)."""
+    B, H, Tp, K = g.shape
+    G = jnp.cumsum(g.astype(jnp.float32).reshape(B, H, Tp // plan.chunk, plan.chunk, K), axis=3)
+    return G.reshape(B, H, Tp, K)
+
+
+def chunk_suffix_sums(plan: Plan, x):
+    """x [B,H,T_pad,K] fp32 -> for each token the sum of x over it and the chunk's later tokens (the transpose of
+    `chunk_sums`, for gradients)."""
+    B, H, Tp, K = x.shape
+    y = x.reshape(B, H, Tp // plan.chunk, plan.chunk, K)
+    return jnp.flip(jnp.cumsum(jnp.flip(y, 3), axis=3), 3).reshape(B, H, Tp, K)
+
+
+def chunk_prefix_sums(plan: Plan, x):
+    """x [B,H,T_pad,K] fp32 -> for each token the sum of x over the chunk's earlier tokens (exclusive)."""
+    B, H, Tp, K = x.shape
+    y = x.reshape(B, H, Tp // plan.chunk, plan.chunk, K)
+    # Shifted, not an inclusive sum minus x: a large later term must not cancel away the small earlier ones.
+    y = jnp.pad(y[:, :, :, :-1], ((0, 0), (0, 0), (0, 0), (1, 0), (0, 0)))
+    return jnp.cumsum(y, axis=3).reshape(B, H, Tp, K)
+
+
+@dataclasses.dataclass
+class Masks:
+    """Chunk n's document masks (None: the mask is all true)."""
+    same: jnp.ndarray | None        # [R, C] token pairs in one document (R rows of the chunk against all C)
+    carry_in: jnp.ndarray | None    # [R, 1] tokens the incoming state reaches
+    to_exit: jnp.ndarray | None     # [R, 1] tokens whose writes reach the outgoing state
+    through: jnp.ndarray | None     # [1, 1] the incoming state reaches the chunk's end
+
+
+def masks(plan: Plan, n, doc=None, prev=None, rows=None) -> Masks:
+    """doc, prev [C, 1] int32 for chunk n (None without documents); rows [R, 1] int32: the doc column of the
+    R rows these masks are for (default: the whole chunk)."""
+    if doc is None:
+        return Masks(None, None, None, None)
+    C = plan.chunk
+    i = iota((C, 1), 0)
+    rows = doc if rows is None else rows
+    real = i < jnp.minimum(C, plan.t - n * C)
+    before = jnp.max(jnp.where(i == 0, prev, -1), axis=0, keepdims=True)     # the document before the chunk
+    last = jnp.max(jnp.where(real, doc, -1), axis=0, keepdims=True)          # the document of its last token
+    return Masks(same=rows == doc.reshape(1, C), carry_in=rows == before, to_exit=rows == last,
+                 through=last == before)
+
+
+def masked(mask, x):
+    return x if mask is None else jnp.where(mask, x, 0.0)
+
+
+def head_gates(plan: Plan, lam, n):
+    """Lightning's cumulative log decays in chunk n for a per-head log decay lam [1, 1] (<= 0): G [C, 1], token i's
+    lam (i + 1) counted from the chunk's start (constant past the last real token), and Gamma [1, 1] = lam times
+    the chunk's real tokens."""
+    C = plan.chunk
+    length = jnp.minimum(C, plan.t - n * C)
+    G = lam * jnp.minimum(iota((C, 1), 0) + 1, length).astype(jnp.float32)
+    return G, lam * length.astype(jnp.float32)
+
+
+def head_gates_row(plan: Plan, lam, n):
+    """head_gates' G laid out along a row: [1, C]."""
+    C = plan.chunk
+    length = jnp.minimum(C, plan.t - n * C)
+    return lam * jnp.minimum(iota((1, C), 1) + 1, length).astype(jnp.float32)
+
+
+def last_row(x):
+    """The last row of x [R, X] as [1, X] (a masked reduction: no value slicing)."""
+    return jnp.sum(jnp.where(iota(x.shape, 0) == x.shape[0] - 1, x, 0.0), axis=0, keepdims=True)
+
+
+def first_row(x):
+    return jnp.sum(jnp.where(iota(x.shape, 0) == 0, x, 0.0), axis=0, keepdims=True)

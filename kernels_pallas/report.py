@@ -25,7 +25,6 @@ import subprocess
 import tempfile
 from typing import Any, Iterator
 
-import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 

@@ -86,3 +86,25 @@ def masked_exp(exponent, mask):
     """exp(exponent) where mask, else 0; masked exponents never reach exp, so neither inf nor
     inf*0 appears in the forward pass or in the gradients."""
     return jnp.where(mask, jnp.exp(jnp.where(mask, exponent, 0.0)), 0.0)
+
+
+def chunk_kernel_supports(kernel: str):
+    """The `supports` check of a chunk-pipeline kernel (kda, lightning): float inputs and, compiled for a GPU or
+    TPU, K and V powers of two from 16 to 256, the shapes whose structure `attnlab kernels lower --report` checks
+    (a program per chunk, bf16 matmuls, VMEM per grid step independent of T; Triton needs powers of two and
+    16-row dots anyway). Interpreted on the CPU any shape runs."""
+    from attention.ops import dispatch
+
+    dtypes = dispatch.float_inputs(kernel)
+
+    def supports(*, backend, dtype, q_shape, v_shape, **_):
+        why_not = dtypes(dtype=dtype)
+        if why_not is not None or backend == "cpu":
+            return why_not
+        K, V = q_shape[-1], v_shape[-1]
+        if not all(16 <= d <= 256 and d & (d - 1) == 0 for d in (K, V)):
+            return (f"the {kernel} kernels take key and value dims that are powers of two from 16 to 256 "
+                    f"(got K={K}, V={V})")
+        return None
+
+    return supports

@@ -103,13 +103,13 @@ def test_reference_two_tokens_by_hand():
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_bf16_inputs_against_fp32_reference(main_inputs, main_results, impl):
-    """bf16 q, k, v, g, beta (state stays fp32) through xla or the kernels (which also compute in fp32), against
-    the fp32 reference on the
-    unrounded inputs. The op computes in fp32, so the error is the inputs' bf16 rounding (relative
-    2**-9) carried through, plus o's and the gradients' own rounding to bf16. Measured worst
-    rel-RMSE over the scenario rows: 3.7e-3 for o, 3.0e-3 for the state, 8.4e-3 for the gradients
-    (dg with the strong gates, where bf16 moves g = -6 by up to 1.6e-2 and dg itself is small).
-    The bounds leave a 2.4x-3.3x margin."""
+    """bf16 q, k, v, g, beta (state stays fp32) through xla or the kernels, against the fp32 reference on the
+    unrounded inputs. xla computes in fp32, so its error is the inputs' bf16 rounding (relative 2**-9) carried
+    through, plus o's and the gradients' own rounding to bf16: measured worst rel-RMSE over the scenario rows
+    3.7e-3 for o, 3.0e-3 for the state, 8.4e-3 for the gradients (dg with the strong gates, where bf16 moves
+    g = -6 by up to 1.6e-2 and dg itself is small). The kernels also round every matmul operand to bf16 (as tensor
+    cores want; fp32 accumulation, fp32 states and triangular inverse): 5.4e-3 for o, 4.7e-3 for the state,
+    4.6e-3 to 9.4e-3 for the gradients. The bounds leave a 1.8x-2.1x margin over the kernels."""
     bf16 = {n: main_inputs[n].astype(jnp.bfloat16) for n in ("q", "k", "v", "g", "beta")}
     o, S, d = jax.device_get(run_inputs(main_inputs, impl, **bf16))
     o_r, S_r, d_r = main_results["reference"]
@@ -122,16 +122,24 @@ def test_bf16_inputs_against_fp32_reference(main_inputs, main_results, impl):
 
 
 def test_auto_picks_xla_on_the_cpu_and_pallas_elsewhere(monkeypatch):
-    q = jnp.zeros((1, 4, 1, 8))
-    args = (q, q, jnp.zeros((1, 4, 1, 8)), q, jnp.zeros((1, 4, 1)))
-    for backend, want in (("cpu", "xla"), ("gpu", "pallas")):
+    def choose(backend, K, V):
+        q = jnp.zeros((1, 4, 1, K))
         monkeypatch.setattr(dispatch, "backend", lambda: backend)
-        with dispatch.label_calls(f"test_kda_op.auto-{backend}"):
-            jax.eval_shape(lambda: kda(*args, impl="auto"))
-        chosen = {label: c for label, c in dispatch.choices() if c.op == "kda"}[f"test_kda_op.auto-{backend}"]
+        label = f"test_kda_op.auto-{backend}-{K}-{V}"
+        with dispatch.label_calls(label):
+            jax.eval_shape(lambda: kda(q, q, jnp.zeros((1, 4, 1, V)), q, jnp.zeros((1, 4, 1)), impl="auto"))
+        return {lb: c for lb, c in dispatch.choices() if c.op == "kda"}[label]
+
+    for backend, K, V, want in (("cpu", 16, 16, "xla"), ("gpu", 16, 32, "pallas"), ("tpu", 128, 128, "pallas"),
+                                ("gpu", 8, 32, "xla"), ("tpu", 128, 96, "xla"), ("gpu", 512, 128, "xla")):
+        chosen = choose(backend, K, V)
         assert (chosen.requested, chosen.chosen) == ("auto", want), chosen.reason
+        if want == "xla" and backend != "cpu":
+            assert chosen.reason == ("the kda kernels take key and value dims that are powers of two from 16 to 256 "
+                                     f"(got K={K}, V={V})")
     monkeypatch.undo()
-    o, _ = kda(*args, impl="pallas")
+    q = jnp.zeros((1, 4, 1, 8))
+    o, _ = kda(q, q, q, q, jnp.zeros((1, 4, 1)), impl="pallas")   # interpreted on the CPU: any shape
     assert o.shape == (1, 4, 1, 8)
 
 

@@ -119,11 +119,11 @@ def test_prefill_in_two_parts():
     assert_close(S2, S, rel=1e-5, name="final state")
 
 
-# impl -> (its function and test options, bounds on the rel-RMSE of (state, dlog_decay) in bf16).
-# xla keeps every product in fp32, so the state and the decay's gradient stay fp32-exact. The kernel feeds
-# its matmuls bf16 operands as tensor cores want (the intra-chunk weights, the decayed keys that build the
-# state), accumulating in fp32: measured rel-RMSE state 9.5e-4, dlog_decay 3.2e-3, o and input gradients
-# 1.9e-3 to 2.1e-3 (xla: 1.6e-3 to 1.7e-3).
+# impl -> (its function and test options, bounds on the rel-RMSE of (state and its gradient, dlog_decay) in bf16).
+# xla keeps every product in fp32, so the state, its gradient and the decay's gradient stay fp32-exact. The kernels
+# feed every matmul bf16 operands as tensor cores want (the intra-chunk weights, the decayed keys that build the
+# state, the decayed queries that build the state's gradient), accumulating in fp32: measured rel-RMSE state
+# 9.5e-4, dh0 1.4e-3, dlog_decay 2.5e-3, o and input gradients 2.4e-3 to 2.7e-3 (xla: 1.6e-3 to 1.7e-3).
 BF16 = {"xla": (lightning_xla, (("block", 16),), 1e-5, 1e-5),
         "pallas": (lightning_pallas, (("chunk", 16),), 3e-3, 1e-2)}
 
@@ -147,7 +147,7 @@ def test_bf16inputs(impl):
         assert g.dtype == jnp.bfloat16
         assert_close(g, r, rel=4e-3, name=name)
     assert_close(grads[3], grads_ref[3], rel=decay_bound, name="dlog_decay")
-    assert_close(grads[4], grads_ref[4], rel=1e-5, name="dh0")
+    assert_close(grads[4], grads_ref[4], rel=state_bound, name="dh0")
 
 
 def _bad_calls():

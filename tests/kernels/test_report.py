@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import jax
+import pytest
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -91,3 +92,45 @@ def test_cli_report_rows(capsys):
     assert cli.main(["kernels", "lower", "--report", "--T", "0"]) == 2
     assert cli.main(["kernels", "lower"]) == 2
     assert "needs --platform" in capsys.readouterr().err
+
+
+# ---- the structure targets of the linear-attention pipeline (bf16, B=1, H=16, K=V=128) ------------------------
+
+LINEAR = ("kda", "lightning")
+
+
+@pytest.fixture(scope="module")
+def linear_rows():
+    return [r for fam in LINEAR for r in report.report_rows((8192, 32768), only=fam)]
+
+
+def _rows(rows, family, target, T):
+    return [r for r in rows if r["family"] == family and r["target"] == target and r["T"] == T]
+
+
+@pytest.mark.parametrize("family", LINEAR)
+def test_linear_tpu_vmem_is_bounded_and_does_not_grow_with_T(linear_rows, family):
+    short, long_ = _rows(linear_rows, family, "tpu", 8192), _rows(linear_rows, family, "tpu", 32768)
+    assert [r["name"] for r in short] == [r["name"] for r in long_] and short
+    for a, b in zip(short, long_):
+        assert b["vmem_bytes"] <= report.VMEM_BOUND_BYTES, f"{b['name']}: {b['vmem_bytes'] / 2**20:.1f} MiB"
+        assert a["vmem_bytes"] == b["vmem_bytes"], f"{a['name']}: VMEM per grid step grows with T"
+
+
+@pytest.mark.parametrize("target", ["tpu", "gpu"])
+@pytest.mark.parametrize("family", LINEAR)
+def test_linear_kernels_are_chunk_parallel_tensor_core_pipelines(linear_rows, family, target):
+    rows = _rows(linear_rows, family, target, 8192)
+    chunks = 8192 // {"tpu": 128 if family == "lightning" else 64, "gpu": 64}[target]
+    for r in rows:
+        sequential = r["name"].endswith("_pass")
+        # Every kernel but the passes over chunks has a program per (head, chunk) at least; the passes split V
+        # (on GPU) so they have more programs than heads, and only they loop over chunks.
+        if sequential:
+            assert r["programs"] >= (16 * chunks if target == "tpu" else 32), r
+            assert all(n <= 16 or n == chunks for n in r["loops"]), r
+        else:
+            assert r["programs"] >= max(1024, 16 * chunks), r
+            assert all(0 < n <= 16 for n in r["loops"]), f"{r['name']} loops over more than a 16-row block: {r}"
+    dots = sum(r["dots"] for r in rows)
+    assert 3 * sum(r["dots_bf16_fp32acc"] for r in rows) >= 2 * dots, "fewer than 2/3 of the dots take bf16 operands"
