@@ -393,13 +393,15 @@ def _simulate_devices(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    program = argv is None  # run as the program (not called with arguments): the process exits after this
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:
         from lm import stop
 
         # Before anything else (the parser's modules import jax): a SIGTERM or SIGHUP while the run starts up is
-        # held for the loop, which then stops cleanly, instead of ending the process.
-        with stop.early():
+        # held for the loop, which then stops cleanly, instead of ending the process; as the program, also while it
+        # exits.
+        with stop.early(restore=not program):
             return _main(argv)
     return _main(argv)
 

@@ -3,14 +3,15 @@ a machine (or in a virtual environment) where jax does not see one, instead of t
 
 jax falls back to its CPU backend without an error when no accelerator plugin is installed or the plugin finds no
 device, so the platform a run got must be checked, not assumed.
+
+`python -m lm.devices gpu|tpu` is the launch scripts' check of an environment before jobs are submitted from a
+machine that has no accelerator itself (a login node): it needs jax's plugin for the platform installed, and
+imports neither jax nor the plugin.
 """
 from __future__ import annotations
 
 import importlib.metadata
-
-import jax
-
-from lm.config import ConfigError
+import sys
 
 # What `make install DEVICE=...` (the pyproject extra of that name) installs for a platform, and the distribution
 # that provides jax's plugin for it.
@@ -20,11 +21,15 @@ PLUGIN = {"gpu": "jax-cuda12-plugin", "tpu": "libtpu"}
 
 def platform() -> str:
     """The platform of jax's default devices: cpu, gpu or tpu."""
+    import jax
+
     return jax.devices()[0].platform
 
 
 def describe() -> str:
-    """'jax 0.11.2 sees 8 gpu device(s) (NVIDIA H100 80GB HBM3) over 2 process(es); this is process 0'."""
+    """'jax 0.11.2 sees 8 gpu device(s) (NVIDIA H100 80GB HBM3)', and over how many processes."""
+    import jax
+
     devices = jax.devices()
     kinds = sorted({d.device_kind for d in devices})
     where = (f" over {jax.process_count()} processes, this one is process {jax.process_index()}"
@@ -43,22 +48,42 @@ def installed_plugins() -> list[str]:
     return out
 
 
+def missing_plugin(want: str) -> str | None:
+    """What to do when jax's plugin for `want` (gpu or tpu) is not installed here, else None."""
+    if want not in PLUGIN or any(p.startswith(PLUGIN[want] + " ") for p in installed_plugins()):
+        return None
+    return (f"jax's {want} plugin ({PLUGIN[want]}) is not installed here: `make install DEVICE={EXTRA[want]}` (or "
+            f"pip install 'attnlab[{EXTRA[want]}]')")
+
+
 def check_platform(want: str) -> None:
     """ConfigError when `run.platform` (`want`: auto, cpu, gpu or tpu) is not the platform of jax's devices."""
+    from lm.config import ConfigError
+
     got = platform()
     if want == "auto" or got == want:
         return
-    plugins = installed_plugins()
     if want == "cpu":
         fix = "set JAX_PLATFORMS=cpu to keep jax off the accelerator"
-    elif not any(p.startswith(PLUGIN[want] + " ") for p in plugins):
-        fix = (f"jax's {want} plugin is not installed here: `make install DEVICE={EXTRA[want]}` "
-               f"(or pip install 'attnlab[{EXTRA[want]}]')")
     else:
-        fix = (f"{PLUGIN[want]} is installed but found no {want}: check that this machine has one and that the job "
-               f"was given it")
-    raise ConfigError(f"run.platform={want} but jax sees {got} devices only ({', '.join(plugins) or 'no accelerator '
-                      f'plugin installed'}); {fix}, or set run.platform=auto to train on what jax finds")
+        fix = missing_plugin(want) or (f"{PLUGIN[want]} is installed but found no {want}: check that this machine "
+                                       f"has one and that the job was given it")
+    raise ConfigError(f"run.platform={want} but jax sees {got} devices only ({', '.join(installed_plugins()) or 'no '
+                      f'accelerator plugin installed'}); {fix}, or set run.platform=auto to train on what jax finds")
 
 
-__all__ = ["EXTRA", "PLUGIN", "platform", "describe", "installed_plugins", "check_platform"]
+def main(argv: list[str]) -> int:
+    """`python -m lm.devices gpu|tpu|cpu`: exit 2 with one line when this environment lacks jax's plugin for it."""
+    if len(argv) != 1 or argv[0] not in ("cpu", *PLUGIN):
+        print(f"usage: python -m lm.devices cpu|{'|'.join(PLUGIN)}", file=sys.stderr)
+        return 2
+    problem = missing_plugin(argv[0])
+    if problem:
+        print(f"error: {problem}; the jobs would train on the CPU", file=sys.stderr)
+        return 2
+    print(f"{argv[0]}: {', '.join(installed_plugins()) or 'no accelerator plugin needed'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

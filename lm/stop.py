@@ -41,9 +41,10 @@ def handled(signals=SIGNALS) -> list[signal.Signals]:
 
 
 @contextlib.contextmanager
-def early():
+def early(restore: bool = True):
     """Hold SIGTERM and SIGHUP for the block (the whole `attnlab train` command); the previous handlers come back
-    after it."""
+    after it unless `restore` is False: the process is about to exit, and a signal during its shutdown (a job's
+    time-limit warning just after the run finished) must not turn a finished run's exit status into 143."""
     previous = {}
     try:
         for s in handled():
@@ -53,7 +54,7 @@ def early():
     try:
         yield
     finally:
-        for s, h in previous.items():
+        for s, h in previous.items() if restore else ():
             signal.signal(s, h)
         take()
 

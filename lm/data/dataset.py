@@ -103,8 +103,10 @@ def open_dataset(source: str, *, tokenizer: str, data_dir: str | Path, task: dic
         return StoreDataset(open_store(prepare("stdlib", tokenizer, path, val_fraction=val_fraction, log=log)))
     p = Path(source)
     if not p.exists():
+        # The store's tokenizer is not data.tokenizer (which only applies to stdlib), so the hint names none.
         raise DataError(f"data.source {source!r} does not exist: give 'stdlib', 'synthetic:<task>' or a token store "
-                        f"made by `attnlab data prepare --source FILES --tokenizer {tokenizer} --out DIR`")
+                        f"made by `attnlab data prepare --source FILES --tokenizer byte|bpe:N|tokenizer.json "
+                        f"--out {source}`")
     return StoreDataset(open_store(p))
 
 

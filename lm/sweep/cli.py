@@ -49,7 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_sweep(args) -> int:
-    from lm.sweep.emit import emit
+    from lm.sweep.emit import SUFFIX, emit
     from lm.sweep.local import dry_run, run_local, select
     from lm.sweep.spec import load_sweep
 
@@ -73,9 +73,10 @@ def cmd_sweep(args) -> int:
 
         sweep = resolved(sweep, previous_statuses(sweep))
         flags = {"name" if k == "tpu_name" else k: v for k, v in given.items()}
-        out, files = emit(sweep, args.emit, args.out, select(sweep, args.only), flags, args.only)
-        jobs = len(files) - 2
-        print(f"wrote {jobs} {args.emit} job script(s), submit_all.sh and sweep.json to {out}/; run "
+        runs = select(sweep, args.only)
+        out, files = emit(sweep, args.emit, args.out, runs, flags, args.only)
+        beside = [n for n in files if n not in {r.name + SUFFIX[args.emit] for r in runs}]
+        print(f"wrote {len(runs)} {args.emit} job script(s) and {', '.join(beside)} to {out}/; run "
               f"{out}/submit_all.sh")
         if sweep.waiting:
             print(f"the runs of {', '.join(sweep.waiting)} wait for their tuning runs: once those have ended (and "

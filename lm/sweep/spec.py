@@ -56,7 +56,8 @@ METRICS = ("eval_loss", "eval_bpb", "eval_ppl", "eval_acc")  # what a report may
 CONFIG_KEYS = ("config", "set", "init_from")
 # Cluster settings: key -> (type, help shown in errors). Every key is optional.
 CLUSTER_KEYS: dict[str, dict[str, type]] = {
-    "slurm": {"partition": str, "account": str, "nodes": int, "gpus_per_node": int, "time": str, "setup": list},
+    "slurm": {"partition": str, "account": str, "nodes": int, "gpus_per_node": int, "cpus_per_task": int, "mem": str,
+              "exclusive": bool, "time": str, "grace": int, "max_running": int, "setup": list},
     "tpu_vm": {"name": str, "zone": str, "project": str, "accelerator_type": str, "workers": int, "repo_dir": str,
                "setup": list},
 }
@@ -403,9 +404,15 @@ def check_cluster_value(kind: str, key: str, value: Any, fail) -> Any:
     want = CLUSTER_KEYS[kind][key]
     if key == "time" and isinstance(value, int) and not isinstance(value, bool):
         fail("write the time limit as a quoted string, e.g. \"24:00:00\" (unquoted, YAML reads it as a number)")
+    if key == "mem" and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # 0 (the whole node) or megabytes, as SLURM reads a bare number
     if want is int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            fail(f"must be a positive whole number (got {value!r})")
+        least = 0 if key == "gpus_per_node" else 1  # 0: a CPU partition
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            fail(f"must be a {'whole number >= 0' if least == 0 else 'positive whole number'} (got {value!r})")
+    elif want is bool:
+        if not isinstance(value, bool):
+            fail(f"must be true or false (got {value!r})")
     elif want is list:
         if isinstance(value, str):
             value = [value]
@@ -416,6 +423,8 @@ def check_cluster_value(kind: str, key: str, value: Any, fail) -> Any:
         fail(f"must be a one-line string (got {value!r})")
     if key == "time" and not _SLURM_TIME.fullmatch(value):
         fail(f"{value!r} is not a SLURM time limit like 24:00:00 or 1-12:00:00")
+    if key == "mem" and not re.fullmatch(r"\d+[KMGT]?", value):
+        fail(f"{value!r} is not a SLURM memory size like 200G or 0 (all of the node's memory)")
     return value
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from lm import devices
@@ -35,7 +36,7 @@ def test_accelerator_extras_resolve_to_the_pinned_jax_plugin(tmp_path, extra, wa
 
 def test_describe_names_platform_count_and_kind():
     line = devices.describe()
-    assert line.startswith(f"jax {devices.jax.__version__} sees ") and "cpu device(s) (cpu)" in line
+    assert line.startswith(f"jax {jax.__version__} sees ") and "cpu device(s) (cpu)" in line
 
 
 @pytest.mark.parametrize("want", ["gpu", "tpu"])
@@ -45,7 +46,8 @@ def test_train_refuses_an_accelerator_jax_does_not_see(tmp_path, capsys, want):
     assert code == 2 and len(err) == 1, err
     extra = devices.EXTRA[want]
     assert err[0].startswith(f"error: run.platform={want} but jax sees cpu devices only (no accelerator plugin "
-                             f"installed); jax's {want} plugin is not installed here: `make install DEVICE={extra}`")
+                             f"installed); jax's {want} plugin ({devices.PLUGIN[want]}) is not installed here: "
+                             f"`make install DEVICE={extra}`")
     assert not any(tmp_path.iterdir())  # refused before the run directory was made
 
 
@@ -59,3 +61,18 @@ def test_make_install_knows_its_devices():
     assert "pip install -q -e '.[test,cuda12]'" in res.stdout, res.stdout
     res = subprocess.run(["make", "install", "DEVICE=rocm"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode != 0 and "DEVICE=rocm is not one of cpu, cuda12, tpu" in res.stderr
+
+
+def test_the_launch_scripts_environment_check():
+    """`python -m lm.devices gpu` (what submit scripts run on a login node): one line and exit 2 without jax's CUDA
+    plugin; nothing imports jax."""
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "lm.devices", "gpu"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if not ln.startswith("import time:")]
+    assert lines == ["error: jax's gpu plugin (jax-cuda12-plugin) is not installed here: `make install DEVICE=cuda12` "
+                     "(or pip install 'attnlab[cuda12]'); the jobs would train on the CPU"]
+    assert not any(ln.split("|")[-1].strip().startswith("jax") for ln in res.stderr.splitlines()
+                   if ln.startswith("import time:"))
+    ok = subprocess.run([sys.executable, "-m", "lm.devices", "cpu"], cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.strip() == "cpu: no accelerator plugin needed"

@@ -46,7 +46,7 @@ def train_commands(text: str) -> list[list[str]]:
                     cur.append(t)
             out += [p for p in parts if p[:2] == ["attnlab", "train"]]
         elif toks[:1] == ["srun"] and toks[1:3] == ["attnlab", "train"]:
-            out.append(toks[1:])
+            out.append(toks[1:-1] if toks[-1] == "&" else toks[1:])  # in the background, for the job's trap
         elif toks[:2] == ["attnlab", "train"]:
             out.append(toks)
     return out

@@ -2,8 +2,12 @@
 SLURM/TPU settings come from the spec and the flags, and the committed paper-scale scripts are what the emitter
 writes now."""
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,10 +25,13 @@ configs:
   base: configs/tiny/softmax.yaml
   cont: {config: configs/tiny/share_kv.yaml, init_from: base, set: {optim.lr: 1.0e-3}}
 cluster:
-  slurm: {partition: h100, nodes: 2, gpus_per_node: 4, time: "2:00:00", setup: [source .venv/bin/activate]}
+  slurm: {partition: h100, nodes: 2, gpus_per_node: 4, time: "2:00:00", setup: [source .venv/bin/activate],
+          cpus_per_task: 16, mem: 200G, exclusive: true, max_running: 1}
   tpu_vm: {name: my-tpu, zone: us-east5-a, workers: 4, accelerator_type: v5p-32}
 """
 JOB = {"slurm": ".sbatch", "tpu-vm": ".sh", "shell": ".sh"}
+PLATFORM = {"slurm": ["run.platform=gpu"], "tpu-vm": ["run.platform=tpu"], "shell": []}  # what the jobs must see
+EXTRA = {"slurm": ["array.sbatch"], "tpu-vm": [], "shell": []}  # files beside the per-run scripts
 
 
 def bash_n(path: Path) -> None:
@@ -46,7 +53,7 @@ def check_scripts_match_manifest(out: Path, kind: str) -> dict:
         cmds = train_commands(text)
         assert len(cmds) == 1, (name, cmds)
         got = parse_train(cmds[0])
-        assert got["config"] == run["config"] and got["overrides"] == run["overrides"], name
+        assert got["config"] == run["config"] and got["overrides"] == run["overrides"] + PLATFORM[kind], name
         assert f"run.name={name}" in got["overrides"]
     return doc
 
@@ -55,7 +62,8 @@ def check_scripts_match_manifest(out: Path, kind: str) -> dict:
 def test_every_kind_parses_and_runs_the_manifest_commands(write_spec, tmp_path, kind):
     sw = load_sweep(write_spec(SPEC))
     out, files = emit(sw, kind, tmp_path / kind)
-    assert sorted(files) == sorted([f"{r.name}{JOB[kind]}" for r in sw.runs] + ["submit_all.sh", "sweep.json"])
+    assert sorted(files) == sorted([f"{r.name}{JOB[kind]}" for r in sw.runs] + ["submit_all.sh", "sweep.json"]
+                                   + EXTRA[kind])
     doc = check_scripts_match_manifest(out, kind)
     assert [r["status"] for r in doc["runs"]] == ["pending"] * 4
     assert doc["runs"][1]["name"] == "cont-s0" and doc["runs"][1]["overrides"][-4:] == [
@@ -66,22 +74,87 @@ def test_every_kind_parses_and_runs_the_manifest_commands(write_spec, tmp_path, 
     assert render(sw, kind, tmp_path / kind) == files  # deterministic
 
 
-def test_slurm_directives_dependencies_and_flags(write_spec, tmp_path):
+CONT_S0 = """\
+#!/usr/bin/env bash
+#SBATCH --job-name=adapt.cont-s0
+#SBATCH --partition=h100
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=16
+#SBATCH --mem=200G
+#SBATCH --exclusive
+#SBATCH --time=2:00:00
+#SBATCH --output=/dev/null
+#SBATCH --export=ALL
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+# Run cont-s0 of sweep adapt (SPEC).
+# Written by `attnlab sweep --emit`; edit the spec and run it again rather than editing this file:
+#   attnlab sweep SPEC --emit slurm --out OUT
+# Submit from the repository root: sbatch THIS_FILE (submit_all.sh submits every run). One `attnlab train`
+# per node; with several nodes they join one jax.distributed run (SLURM_NTASKS > 1). Every attempt's output
+# is appended to runs/sweeps/adapt/logs/cont-s0.log.
+# 300 s before the time limit SLURM sends USR1 here: the run is told to stop (SIGTERM), saves, and
+# the job requeues itself to resume from that checkpoint, until the run is finished.
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR:-.}"
+mkdir -p runs/sweeps/adapt/logs
+exec >> runs/sweeps/adapt/logs/cont-s0.log 2>&1
+echo "== job ${SLURM_JOB_ID:-none} (attempt $((${SLURM_RESTART_COUNT:-0} + 1))) on $(hostname), $(date '+%F %T') =="
+test -f configs/tiny/share_kv.yaml || { echo "error: no configs/tiny/share_kv.yaml here ($PWD): submit from the \
+repository root"; exit 2; }
+source .venv/bin/activate
+echo "W&B settings from the environment: $(compgen -e | grep '^WANDB_' | tr '\\n' ' ' || true)"
+stopping=0
+trap 'stopping=1; echo "time limit in 300 s: stopping the run to save it"; scancel --signal=TERM "$SLURM_JOB_ID" \
+|| true' USR1
+srun attnlab train configs/tiny/share_kv.yaml \\
+  --set train.steps=20 \\
+  --set optim.warmup_steps=2 \\
+  --set 'wandb.tags=["a b", "c"]' \\
+  --set optim.lr=0.001 \\
+  --set run.name=cont-s0 \\
+  --set run.out_dir=runs/sweeps/adapt \\
+  --set run.seed=0 \\
+  --set wandb.group=adapt \\
+  --set run.platform=gpu \\
+  --init-from runs/sweeps/adapt/base-s0 &
+train=$!
+# wait returns early when the trap runs; wait again until the run has exited.
+while :; do wait "$train" && status=0 || status=$?; kill -0 "$train" 2>/dev/null || break; done
+if [ "$stopping" = 1 ] && [ "$status" = 0 ]; then
+  echo "saved; requeueing job $SLURM_JOB_ID to go on from the checkpoint"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$status"
+"""
+
+
+def test_slurm_job_script_is_the_expected_text(write_spec, tmp_path):
+    """Directives from the spec (resources, a log the job makes itself, requeue, the warning before the limit), the
+    run's command with the platform its jobs must see, and the trap that saves and requeues."""
+    spec = write_spec(SPEC)
+    sw = load_sweep(spec)
+    out, files = emit(sw, "slurm", tmp_path / "s")
+    expected = CONT_S0.replace("SPEC", sw.path).replace("OUT", str(tmp_path / "s"))
+    assert files["cont-s0.sbatch"] == expected
+
+
+def test_slurm_array_dependencies_and_flags(write_spec, tmp_path):
     sw = load_sweep(write_spec(SPEC))
     out, files = emit(sw, "slurm", tmp_path / "s")
-    job = files["cont-s0.sbatch"]
-    for line in ("#SBATCH --partition=h100", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
-                 "#SBATCH --gpus-per-node=4", "#SBATCH --time=2:00:00", "#SBATCH --job-name=adapt.cont-s0",
-                 "#SBATCH --output=runs/sweeps/adapt/logs/%x-%j.out", "source .venv/bin/activate"):
-        assert line in job.splitlines(), line
-    directives = [i for i, ln in enumerate(job.splitlines()) if ln.startswith("#SBATCH")]
-    first_command = next(i for i, ln in enumerate(job.splitlines()) if ln and not ln.startswith("#"))
-    assert max(directives) < first_command  # sbatch reads directives only before the first command
+    here = tmp_path / "s"
+    array = files["array.sbatch"].splitlines()
+    assert "#SBATCH --job-name=adapt" in array and "runs=(base-s0 base-s1)" in array
+    assert array[-1] == f'exec bash {from_root(here)}/"${{runs[$SLURM_ARRAY_TASK_ID]}}.sbatch"'
     submit = files["submit_all.sh"].splitlines()
-    base = next(ln for ln in submit if ln.endswith("base-s0.sbatch)"))
-    cont = next(ln for ln in submit if ln.endswith("cont-s0.sbatch)"))
-    var = base.split("=", 1)[0]
-    assert f'--dependency=afterok:"${{{var}%%;*}}"' in cont and submit.index(base) < submit.index(cont)
+    assert f"if array=$(sbatch --parsable --array=0-1%1 {from_root(here)}/array.sbatch); then" in submit
+    # cont-s1 waits for task 1 of the array (base-s1), and is named if it could not be submitted.
+    i = submit.index('src="${array:+${array}_1}"')
+    assert submit[i + 1] == (f'if [ -n "$src" ] && job1=$(sbatch --parsable --dependency=afterok:"$src" '
+                             f'{from_root(here)}/cont-s1.sbatch); then')
+    assert submit[i + 3] == "else job1=; rejected+=(cont-s1); fi"
     # Flags override the spec's cluster block.
     _, files = emit(sw, "slurm", tmp_path / "f", flags={"partition": "h200", "time": "1-00:00:00", "nodes": 1})
     assert "#SBATCH --partition=h200" in files["base-s0.sbatch"] and "#SBATCH --nodes=1" in files["base-s0.sbatch"]
@@ -90,6 +163,11 @@ def test_slurm_directives_dependencies_and_flags(write_spec, tmp_path):
         emit(sw, "slurm", tmp_path / "g", flags={"time": "24h"})
     with pytest.raises(ConfigError, match="^--zone does not apply to --emit slurm$"):
         render(sw, "slurm", tmp_path / "g", flags={"zone": "x"})
+
+
+def from_root(path: Path) -> str:
+    """`path` as the scripts name it: relative to the repository root."""
+    return os.path.relpath(path, ROOT)
 
 
 def test_tpu_vm_settings(write_spec, tmp_path):
@@ -154,3 +232,82 @@ def test_committed_paper_scripts_are_what_the_emitter_writes(size, kind):
     doc = check_scripts_match_manifest(ROOT / rel, kind)
     assert doc["spec"] == f"experiments/sweeps/projection_sharing_{size}.yaml"
     assert len(doc["runs"]) == len(sw.variants) * len(sw.seeds)
+
+
+def _stand_ins(bin_dir: Path, **scripts: str) -> dict:
+    """Executables named by the keywords (e.g. sbatch=...) in `bin_dir`, first on PATH, with the venv's python."""
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin"}
+
+
+CPU_SPEC = SPEC.replace("gpus_per_node: 4", "gpus_per_node: 0").replace("setup: [source .venv/bin/activate],", "")
+
+
+def test_slurm_submit_goes_on_past_a_rejected_job_and_names_it(write_spec, tmp_path):
+    """A stand-in sbatch rejects cont-s0: the array and cont-s1 are still submitted, cont-s0 is named, exit 1."""
+    sw = load_sweep(write_spec(CPU_SPEC.replace("name: adapt", f"name: adapt\nout_dir: {tmp_path / 'runs'}")))
+    out, _ = emit(sw, "slurm", tmp_path / "s")
+    calls = tmp_path / "calls.txt"
+    env = _stand_ins(tmp_path / "bin", sbatch=f'echo "$*" >> {calls}\n'
+                     'case "$*" in *cont-s0*) echo "sbatch: error: invalid partition" >&2; exit 1;; esac\n'
+                     'echo "$((100 + $(wc -l < ' + str(calls) + ')));cluster"\n')
+    res = subprocess.run(["bash", str(out / "submit_all.sh")], env=env, capture_output=True, text=True)
+    assert res.returncode == 1, res.stderr
+    submitted = calls.read_text().splitlines()
+    assert submitted[0].startswith("--parsable --array=0-1%1 ") and submitted[0].endswith("array.sbatch")
+    assert submitted[2] == f"--parsable --dependency=afterok:101_1 {from_root(out)}/cont-s1.sbatch"
+    assert "array job 101, task i runs the i-th of: base-s0 base-s1" in res.stdout
+    assert "cont-s1: job 103, after base-s1" in res.stdout
+    assert res.stderr.strip().splitlines()[-1].startswith("error: not submitted: cont-s0 (SLURM's message is above")
+
+
+def test_slurm_submit_checks_the_store_and_the_plugin_before_submitting(write_spec, tmp_path):
+    missing = tmp_path / "no-such-store"
+    spec = SPEC.replace("common: {", f"common: {{data.source: {missing}, ").replace(
+        "setup: [source .venv/bin/activate],", "")
+    sw = load_sweep(write_spec(spec))
+    out, _ = emit(sw, "slurm", tmp_path / "s")
+    calls = tmp_path / "calls.txt"
+    env = _stand_ins(tmp_path / "bin", sbatch=f'echo "$*" >> {calls}\necho 1\n')
+    res = subprocess.run(["bash", str(out / "submit_all.sh")], env=env, capture_output=True, text=True)
+    assert res.returncode == 2 and not calls.exists()
+    assert res.stderr.splitlines() == [
+        f"error: token store {missing} (data.source of 4 run(s)) does not exist: prepare it first (attnlab data "
+        f"prepare --source FILES --tokenizer TOKENIZER --out {missing})",
+        "error: jax's gpu plugin (jax-cuda12-plugin) is not installed here: `make install DEVICE=cuda12` (or pip "
+        "install 'attnlab[cuda12]'); the jobs would train on the CPU",
+        "nothing submitted"]
+
+
+@pytest.mark.parametrize("warned", [True, False])
+def test_slurm_job_saves_and_requeues_on_the_time_limit_warning(write_spec, tmp_path, warned):
+    """The job script with stand-ins for srun, scancel and scontrol: USR1 (SLURM's warning) makes it tell the run
+    to stop (the run saves and exits 0) and requeue the job; a run that ends by itself is not requeued and its
+    exit status is the job's."""
+    sw = load_sweep(write_spec(CPU_SPEC.replace("name: adapt", f"name: adapt\nout_dir: {tmp_path / 'runs'}")))
+    out, _ = emit(sw, "slurm", tmp_path / "s")
+    pid, calls = tmp_path / "train.pid", tmp_path / "scontrol.txt"
+    env = _stand_ins(
+        tmp_path / "bin", srun='exec "$@"\n', scancel=f'kill -TERM "$(cat {pid})"\n',
+        scontrol=f'echo "$*" >> {calls}\n',
+        attnlab=f"trap 'echo \"received SIGTERM: saved\"; exit 0' TERM\necho $$ > {pid}\necho training\n"
+                f"for i in $(seq 100); do sleep 0.1; done\nexit 3\n")
+    env.update(SLURM_JOB_ID="42", SLURM_SUBMIT_DIR=str(ROOT))
+    job = subprocess.Popen(["bash", str(out / "base-s0.sbatch")], env=env)
+    t0 = time.monotonic()
+    while not pid.exists() and time.monotonic() - t0 < 30:
+        time.sleep(0.05)
+    if warned:
+        job.send_signal(signal.SIGUSR1)
+    assert job.wait(timeout=60) == (0 if warned else 3)
+    log = (tmp_path / "runs" / "adapt" / "logs" / "base-s0.log").read_text().splitlines()
+    assert log[0].startswith("== job 42 (attempt 1) on ")
+    if warned:
+        assert log[-3:] == ["time limit in 300 s: stopping the run to save it", "received SIGTERM: saved",
+                            "saved; requeueing job 42 to go on from the checkpoint"]
+        assert calls.read_text() == "requeue 42\n"
+    else:
+        assert log[-1] == "training" and not calls.exists()

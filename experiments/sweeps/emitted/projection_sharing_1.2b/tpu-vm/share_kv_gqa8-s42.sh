@@ -8,4 +8,4 @@
 # saved a checkpoint: running this script again resumes it.
 set -euo pipefail
 gcloud compute tpus tpu-vm ssh attnlab-v5p-32 --zone=us-east5-a --worker=all \
-  --command 'cd attnlab && source .venv/bin/activate && attnlab train configs/paper_qkv/1.2b/share_kv_gqa8.yaml --set model.remat=block --set run.name=share_kv_gqa8-s42 --set run.out_dir=runs/sweeps/projection_sharing_1.2b --set run.seed=42 --set wandb.group=projection-sharing-1.2b'
+  --command 'cd attnlab && source .venv/bin/activate && attnlab train configs/paper_qkv/1.2b/share_kv_gqa8.yaml --set model.remat=block --set run.name=share_kv_gqa8-s42 --set run.out_dir=runs/sweeps/projection_sharing_1.2b --set run.seed=42 --set wandb.group=projection-sharing-1.2b --set run.platform=tpu'

@@ -8,4 +8,4 @@
 # saved a checkpoint: running this script again resumes it.
 set -euo pipefail
 gcloud compute tpus tpu-vm ssh attnlab-v5p-16 --zone=us-east5-a --worker=all \
-  --command 'cd attnlab && source .venv/bin/activate && attnlab train configs/paper_qkv/300m/qkv.yaml --set model.remat=block --set run.name=qkv-s42 --set run.out_dir=runs/sweeps/projection_sharing_300m --set run.seed=42 --set wandb.group=projection-sharing-300m'
+  --command 'cd attnlab && source .venv/bin/activate && attnlab train configs/paper_qkv/300m/qkv.yaml --set model.remat=block --set run.name=qkv-s42 --set run.out_dir=runs/sweeps/projection_sharing_300m --set run.seed=42 --set wandb.group=projection-sharing-300m --set run.platform=tpu'
