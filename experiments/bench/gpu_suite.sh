@@ -3,8 +3,8 @@
 #   1. kernel and op parity on the GPU: every Pallas kernel compiled by Triton against the reference ops
 #      (fp32 at highest matmul precision), and the softmax-family mixers on impl=pallas;
 #   2. flash attention forward+backward (bf16, causal, GQA 16/4 heads, head dim 64 and 128, T = 1k..16k) against
-#      jax.nn.dot_product_attention (cuDNN and XLA) and our xla op; at head dim 128 also kda and lightning,
-#      xla against pallas;
+#      jax.nn.dot_product_attention (cuDNN and XLA) and our xla op; kda and lightning (B=1, H=16, D=128,
+#      T = 2k..32k), xla against pallas;
 #   3. decode: time and achieved HBM bandwidth, K,V against K=V, S = 4k..64k, xla against pallas;
 #   4. flash-linear-attention's chunk_kda and chunk_simple_gla (PyTorch, Triton) at the linear ops' shapes;
 #   5. train-step tokens/s and MFU of the ~300M config, impl=xla against impl=pallas (bf16).
@@ -39,18 +39,21 @@ log "2/5 flash attention fwd+bwd against cuDNN and XLA (bf16, causal, GQA 16/4)"
 timeout 55 python3 -m lm.bench.ops --ops softmax --impl xla pallas --dtype bfloat16 --B 2 --H 16 --Hkv 4 \
   --D 64 --T 1024 4096 16384 --reps 5 --json "$OUT/ops_d64.json" >> "$OUT/suite.log" 2>&1
 echo "ops d64 exit $?" | tee -a "$OUT/suite.log"
-# d128 adds the linear ops (kda, lightning: xla against pallas; kda has no kernel yet and says so).
-timeout 80 python3 -m lm.bench.ops --ops softmax linear --impl xla pallas --dtype bfloat16 --B 2 --H 16 --Hkv 4 \
+timeout 50 python3 -m lm.bench.ops --ops softmax --impl xla pallas --dtype bfloat16 --B 2 --H 16 --Hkv 4 \
   --D 128 --T 1024 4096 16384 --reps 5 --json "$OUT/ops_d128.json" >> "$OUT/suite.log" 2>&1
 echo "ops d128 exit $?" | tee -a "$OUT/suite.log"
+# The linear ops' chunk pipelines (kda, lightning) against their chunked xla ops, at fla's benchmark shapes.
+timeout 60 python3 -m lm.bench.ops --ops linear --impl xla pallas --dtype bfloat16 --B 1 --H 16 \
+  --D 128 --T 2048 8192 32768 --reps 5 --json "$OUT/ops_linear.json" >> "$OUT/suite.log" 2>&1
+echo "ops linear exit $?" | tee -a "$OUT/suite.log"
 
 log "3/5 decode time and bandwidth (bf16, 32/8 heads, d128)"
 timeout 40 python3 -m lm.bench.decode --S 4096 16384 65536 --B 8 --Hq 32 --Hkv 8 --D 128 --impl xla pallas \
   --json "$OUT/decode.json" >> "$OUT/suite.log" 2>&1
 echo "decode exit $?" | tee -a "$OUT/suite.log"
 
-log "4/5 flash-linear-attention's kda and simple_gla kernels (same shapes as ops_d128)"
-timeout 45 python3 experiments/bench/fla_linear_gpu.py --T 1024 4096 16384 --B 2 --H 16 --D 128 \
+log "4/5 flash-linear-attention's kda and simple_gla kernels (same shapes as ops_linear)"
+timeout 45 python3 experiments/bench/fla_linear_gpu.py --T 2048 8192 32768 --B 1 --H 16 --D 128 \
   --json "$OUT/fla_linear.json" >> "$OUT/suite.log" 2>&1
 echo "fla exit $?" | tee -a "$OUT/suite.log"
 
