@@ -11,6 +11,7 @@ grid step independent of T), which every TPU build uses.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 from kernels_pallas import platform
 from kernels_pallas.flash import backward as rows_backward
 from kernels_pallas.flash import forward as rows_forward
-from kernels_pallas.flash import pipeline
+from kernels_pallas.flash import compact, pipeline
 from kernels_pallas.flash.tiles import Plan
 
 # (block_q, block_k, num_warps, num_stages) per target. cpu: interpret mode, where fewer and larger tiles run
@@ -78,12 +79,13 @@ def flash_attention(q, k, v=None, *, causal=True, sliding_window=None, local_win
     qh = heads_first(q, plan.t_pad, d_pad)
     kh = heads_first(k, plan.s_pad, d_pad)
     vh = None if v is None else heads_first(v, plan.s_pad, dv_pad)
-    gate = None
-    if key_log_gate is not None:
+
+    def gate_row(g_BSH):
         # Padded keys are closed (-inf), so a block's closed-gate test sees only its real keys.
-        gate = jnp.pad(jnp.swapaxes(key_log_gate.astype(jnp.float32), 1, 2)[:, :, None, :],
+        return jnp.pad(jnp.swapaxes(g_BSH.astype(jnp.float32), 1, 2)[:, :, None, :],
                        ((0, 0), (0, 0), (0, 0), (0, plan.s_pad - S)), constant_values=-jnp.inf)
-    q_doc = k_doc = None
+
+    q_doc = k_doc = ids = None
     if doc_ids is not None:
         # Edge padding keeps each block's document range as tight as its real rows (tiles are skipped by
         # range). Padded query rows then see real keys, harmlessly: their outputs are cut and their
@@ -93,28 +95,92 @@ def flash_attention(q, k, v=None, *, causal=True, sliding_window=None, local_win
         q_doc = jnp.pad(ids, ((0, 0), (0, plan.t_pad - T)), mode="edge")[:, None, :]
         q_doc = q_doc if plan.pipeline else jnp.swapaxes(q_doc, 1, 2)
         k_doc = jnp.pad(ids, ((0, 0), (0, plan.s_pad - S)), mode="edge")[:, None, :]
-    o = _flash(plan, qh, kh, vh, gate, q_doc, k_doc)
+    gate = None if key_log_gate is None else gate_row(key_log_gate)
+    plans, parts = (plan,), ((kh, vh, gate, k_doc, None, None, None),)
+    if key_log_gate is not None and local_window is not None and causal and not plan.pipeline:
+        plans, parts = _spkv_parts(plan, k, v, key_log_gate, ids, kh, vh, k_doc, heads_first, gate_row,
+                                   (d_pad, dv_pad), tgt)
+    o = _flash(plans, qh, q_doc, parts)
     return jnp.swapaxes(o[:, :, :T, :Dv], 1, 2)
+
+
+def _spkv_parts(plan: Plan, k, v, key_log_gate, ids, kh, vh, k_doc, heads_first, gate_row, widths, tgt):
+    """SP-KV as two key sets that share one softmax (`compact`): the local window's band of the dense keys
+    (when local_window > 0) and the kept keys gathered into compact blocks with their positions, per-head
+    document ids and loop ranges. (plans, parts) for `_flash`."""
+    S = k.shape[1]
+    index, position, _ = compact.kept_order(key_log_gate)
+    k_far = compact.gather(k, index, position)
+    v_far = None if v is None else compact.gather(v, index, position)
+    row = lambda x, fill: jnp.pad(jnp.swapaxes(x, 1, 2)[:, :, None, :],  # noqa: E731
+                                  ((0, 0), (0, 0), (0, 0), (0, plan.s_pad - S)), constant_values=fill)
+    far_doc = None
+    if ids is not None:
+        held = jnp.take_along_axis(ids[:, :, None], jnp.clip(position, 0, S - 1), axis=1)
+        far_doc = jnp.pad(jnp.swapaxes(held, 1, 2)[:, :, None, :], ((0, 0), (0, 0), (0, 0), (0, plan.s_pad - S)),
+                          mode="edge")
+    # Triton reads the ranges tables as whole blocks: power-of-two widths.
+    table = (lambda n: _pow2_at_least(n)) if tgt == "gpu" else (lambda n: n)
+    ranges, key_ranges = compact.block_ranges(
+        position, t=plan.t, offset=plan.offset, block_q=plan.block_q, block_k=plan.block_k,
+        local_window=plan.local_window, sliding_window=plan.sliding_window,
+        widths=(table(plan.num_q_blocks), table(plan.num_k_blocks)))
+    far = (heads_first(k_far, plan.s_pad, widths[0]), None if v is None else heads_first(v_far, plan.s_pad, widths[1]),
+           gate_row(compact.gather(key_log_gate, index, position)), far_doc, row(position, compact.FAR), ranges,
+           key_ranges)
+    plans, parts = (dataclasses.replace(plan, compact=True),), (far,)
+    if plan.local_window > 0:
+        band = min(plan.local_window, plan.sliding_window or plan.local_window)
+        plans = (dataclasses.replace(plan, sliding_window=band, has_gate=False, local_window=None),) + plans
+        parts = ((kh, vh, None, k_doc, None, None, None),) + parts
+    return plans, parts
 
 
 # (forward, backward) of each driver, by plan.pipeline.
 _DRIVERS = {False: (rows_forward.forward, rows_backward.backward), True: (pipeline.forward, pipeline.backward)}
 
 
+def _merge(outs):
+    """(o, lse) of one softmax over the union of the parts' keys from each part's (o, lse): lse is their log-sum-
+    exp, o their lse-weighted mean. An lse of +inf marks a row that saw no key (weight 0), as it does here."""
+    lses = [jnp.where(lse == jnp.inf, -jnp.inf, lse) for _, lse in outs]
+    lse = functools.reduce(jnp.logaddexp, lses)
+    seen = lse > -jnp.inf
+    shift = jnp.where(seen, lse, 0.0)
+    o = sum(o_p.astype(jnp.float32) * jnp.exp(l_p - shift) for (o_p, _), l_p in zip(outs, lses))
+    return o.astype(outs[0][0].dtype), jnp.where(seen, lse, jnp.inf)
+
+
+def _forward(plans, q, q_doc, parts):
+    outs = []
+    for plan, (k, v, gate, k_doc, k_pos, ranges, _) in zip(plans, parts):
+        extra = (k_pos, ranges) if plan.compact else ()
+        outs.append(_DRIVERS[plan.pipeline][0](plan, q, k, v, gate, q_doc, k_doc, *extra))
+    return outs[0] if len(outs) == 1 else _merge(outs)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(plan, q, k, v, gate, q_doc, k_doc):
-    return _DRIVERS[plan.pipeline][0](plan, q, k, v, gate, q_doc, k_doc)[0]
+def _flash(plans, q, q_doc, parts):
+    """Attention of q to the union of the parts' keys ((k, v, gate, k_doc, k_pos, ranges, key_ranges) each, one
+    plan each) as one softmax: the parts' forwards merged by their lse, and each part's backward given the
+    merged output and lse (its share of dq, and its dk, dv, dgate)."""
+    return _forward(plans, q, q_doc, parts)[0]
 
 
-def _flash_fwd(plan, q, k, v, gate, q_doc, k_doc):
-    o, lse = _DRIVERS[plan.pipeline][0](plan, q, k, v, gate, q_doc, k_doc)
-    return o, (q, k, v, gate, q_doc, k_doc, o, lse)
+def _flash_fwd(plans, q, q_doc, parts):
+    o, lse = _forward(plans, q, q_doc, parts)
+    return o, (q, q_doc, parts, o, lse)
 
 
-def _flash_bwd(plan, res, do):
-    q, k, v, gate, q_doc, k_doc, o, lse = res
-    dq, dk, dv, dgate = _DRIVERS[plan.pipeline][1](plan, q, k, v, gate, q_doc, k_doc, o, lse, do)
-    return dq, dk, dv, dgate, None, None
+def _flash_bwd(plans, res, do):
+    q, q_doc, parts, o, lse = res
+    dq, grads = None, []
+    for plan, (k, v, gate, k_doc, k_pos, ranges, key_ranges) in zip(plans, parts):
+        extra = dict(k_pos=k_pos, ranges=ranges, key_ranges=key_ranges) if plan.compact else {}
+        dq_part, dk, dv, dgate = _DRIVERS[plan.pipeline][1](plan, q, k, v, gate, q_doc, k_doc, o, lse, do, **extra)
+        dq = dq_part if dq is None else dq + dq_part
+        grads.append((dk, dv, dgate, None, None, None, None))
+    return dq, None, tuple(grads)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -19,59 +19,60 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas.flash import tiles
-from kernels_pallas.flash.forward import _unpack, compiler_params, row_specs
+from kernels_pallas.flash.forward import compiler_params, kv_bounds, row_specs, unpack
 from kernels_pallas.flash.tiles import Plan
 
 
 def _dq_kernel(*refs, plan: Plan):
-    (q_ref, k_ref, v_ref, gate_ref, q_doc_ref, k_doc_ref), (do_ref, lse_ref, delta_ref, dq_ref) = \
-        _unpack(plan, refs)
+    r, (do_ref, lse_ref, delta_ref, dq_ref) = unpack(plan, refs)
     i = pl.program_id(2)
-    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
-    q_doc = None if q_doc_ref is None else q_doc_ref[...]
+    q, do, lse, delta = r.q[...], do_ref[...], lse_ref[...], delta_ref[...]
+    q_doc = None if r.q_doc is None else r.q_doc[...]
     bk = plan.block_k
 
     def body(j, dq):
         keys = pl.ds(pl.multiple_of(j * bk, bk), bk)
-        k_doc = None if k_doc_ref is None else k_doc_ref[:, keys]
+        k_doc = None if r.k_doc is None else r.k_doc[:, keys]
 
         def work(dq):
-            k = k_ref[keys, :]
-            v = k if plan.kv_shared else v_ref[keys, :]
-            gate = None if gate_ref is None else gate_ref[:, keys]
-            s, _ = tiles.logits(plan, q, k, i, j, gate, q_doc, k_doc)
+            k = r.k[keys, :]
+            v = k if plan.kv_shared else r.v[keys, :]
+            gate = None if r.gate is None else r.gate[:, keys]
+            k_pos = None if r.k_pos is None else r.k_pos[:, keys]
+            s, _ = tiles.logits(plan, q, k, i, j, gate, q_doc, k_doc, k_pos=k_pos)
             p = jnp.exp(s - lse)
             ds = p * (tiles.dot(do, v, contract=(1, 1)) - delta)
             return dq + tiles.dot(ds.astype(k.dtype), k)
 
         return tiles.when_documents_meet(q_doc, k_doc, work, dq)
 
-    dq = lax.fori_loop(*plan.kv_range(i), body, jnp.zeros(dq_ref.shape, jnp.float32))
+    dq = lax.fori_loop(*kv_bounds(plan, r, i), body, jnp.zeros(dq_ref.shape, jnp.float32))
     dq_ref[...] = (dq * plan.scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(*refs, plan: Plan):
-    (q_ref, k_ref, v_ref, gate_ref, q_doc_ref, k_doc_ref), outs = _unpack(plan, refs)
+    r, outs = unpack(plan, refs)
     do_ref, lse_ref, delta_ref, *outs = outs
     dk_ref = outs.pop(0)
     dv_ref = None if plan.kv_shared else outs.pop(0)
     dgate_ref = outs.pop(0) if plan.has_gate else None
     j = pl.program_id(2)
-    k = k_ref[...]
-    v = k if plan.kv_shared else v_ref[...]
-    gate = None if gate_ref is None else gate_ref[...]
-    k_doc = None if k_doc_ref is None else k_doc_ref[...]
+    k = r.k[...]
+    v = k if plan.kv_shared else r.v[...]
+    gate = None if r.gate is None else r.gate[...]
+    k_doc = None if r.k_doc is None else r.k_doc[...]
+    k_pos = None if r.k_pos is None else r.k_pos[...]
     bq = plan.block_q
-    lo, hi = plan.q_range(j)
+    lo, hi = (tiles.pick(r.ranges, 0, j), tiles.pick(r.ranges, 1, j)) if plan.compact else plan.q_range(j)
 
     def query_block(g, i, carry):
         rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
-        q_doc = None if q_doc_ref is None else q_doc_ref[rows, :]
+        q_doc = None if r.q_doc is None else r.q_doc[rows, :]
 
         def work(carry):
             dk, dv, dgate = carry
-            q, do = q_ref[g, rows, :], do_ref[g, rows, :]
-            s, gated = tiles.logits(plan, q, k, i, j, gate, q_doc, k_doc)
+            q, do = r.q[g, rows, :], do_ref[g, rows, :]
+            s, gated = tiles.logits(plan, q, k, i, j, gate, q_doc, k_doc, k_pos=k_pos)
             p = jnp.exp(s - lse_ref[g, rows, :])
             dv = dv + tiles.dot(p.astype(do.dtype), do, contract=(0, 0))
             ds = p * (tiles.dot(do, v, contract=(1, 1)) - delta_ref[g, rows, :])
@@ -99,37 +100,42 @@ def _dkv_kernel(*refs, plan: Plan):
         dgate_ref[...] = dgate
 
 
-def _column_specs(plan: Plan, d: int, dv: int):
-    """Block specs of (q, k, [v], [gate], [q_doc, k_doc]) for a grid (batch, kv head, key block): all query
-    rows of the group's heads, one key block."""
+def _column_specs(plan: Plan, d: int, dv: int, ranges_width: int):
+    """Block specs of (q, k, [v], [gate], [q_doc, k_doc], [k_pos, ranges]) for a grid (batch, kv head, key
+    block): all query rows of the group's heads, one key block."""
     G, bk = plan.group, plan.block_k
+    key_row = pl.BlockSpec((None, None, 1, bk), lambda b, h, j: (b, h, 0, j))
     specs = [pl.BlockSpec((None, G, plan.t_pad, d), lambda b, h, j: (b, h, 0, 0)),
              pl.BlockSpec((None, None, bk, d), lambda b, h, j: (b, h, j, 0))]
     if not plan.kv_shared:
         specs.append(pl.BlockSpec((None, None, bk, dv), lambda b, h, j: (b, h, j, 0)))
     if plan.has_gate:
-        specs.append(pl.BlockSpec((None, None, 1, bk), lambda b, h, j: (b, h, 0, j)))
+        specs.append(key_row)
     if plan.has_segments:
         specs += [pl.BlockSpec((None, plan.t_pad, 1), lambda b, h, j: (b, 0, 0)),
-                  pl.BlockSpec((None, 1, bk), lambda b, h, j: (b, 0, j))]
+                  key_row if plan.compact else pl.BlockSpec((None, 1, bk), lambda b, h, j: (b, 0, j))]
+    if plan.compact:
+        specs += [key_row, pl.BlockSpec((None, None, 2, ranges_width), lambda b, h, j: (b, h, 0, 0))]
     return specs
 
 
-def backward(plan: Plan, q, k, v, gate, q_doc, k_doc, o, lse, do):
+def backward(plan: Plan, q, k, v, gate, q_doc, k_doc, o, lse, do, k_pos=None, ranges=None, key_ranges=None):
     """Gradients (dq, dk, dv, dgate) in the input dtypes (dv None when v is None: it is added into dk;
-    dgate fp32 [B,Hkv,1,Sp] or None)."""
+    dgate fp32 [B,Hkv,1,Sp] or None). Compact keys bring k_pos, the forward's ranges and key_ranges [B,Hkv,2,n]:
+    per key block, the query blocks that see it."""
     B, Hq, Tp, D = q.shape
     Hkv, Sp = k.shape[1], k.shape[2]
     Dv = D if v is None else v.shape[-1]
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
     inputs = [x for x in (q, k, v, gate, q_doc, k_doc) if x is not None]
+    width = lambda x: 0 if x is None else x.shape[-1]  # noqa: E731
     bq = plan.block_q
     row = lambda width: pl.BlockSpec((None, None, bq, width), lambda b, h, i: (b, h, i, 0))  # noqa: E731
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, plan=plan), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=(B, Hq, plan.num_q_blocks), in_specs=row_specs(plan, D, Dv) + [row(Dv), row(1), row(1)],
+        grid=(B, Hq, plan.num_q_blocks), in_specs=row_specs(plan, D, Dv, width(ranges)) + [row(Dv), row(1), row(1)],
         out_specs=row(D), interpret=plan.interpret, compiler_params=compiler_params(plan), name="flash_dq",
-    )(*inputs, do, lse, delta)
+    )(*inputs, *([k_pos, ranges] if plan.compact else []), do, lse, delta)
 
     G, bk = plan.group, plan.block_k
     whole = lambda width: pl.BlockSpec((None, G, Tp, width), lambda b, h, j: (b, h, 0, 0))  # noqa: E731
@@ -144,9 +150,9 @@ def backward(plan: Plan, q, k, v, gate, q_doc, k_doc, o, lse, do):
         out_specs.append(pl.BlockSpec((None, None, 1, bk), lambda b, h, j: (b, h, 0, j)))
     outs = pl.pallas_call(
         functools.partial(_dkv_kernel, plan=plan), out_shape=out_shape, grid=(B, Hkv, plan.num_k_blocks),
-        in_specs=_column_specs(plan, D, Dv) + [whole(Dv), whole(1), whole(1)], out_specs=out_specs,
-        interpret=plan.interpret, compiler_params=compiler_params(plan), name="flash_dkv",
-    )(*inputs, do, lse, delta)
+        in_specs=_column_specs(plan, D, Dv, width(key_ranges)) + [whole(Dv), whole(1), whole(1)],
+        out_specs=out_specs, interpret=plan.interpret, compiler_params=compiler_params(plan), name="flash_dkv",
+    )(*inputs, *([k_pos, key_ranges] if plan.compact else []), do, lse, delta)
     outs = list(outs)
     dk = outs.pop(0)
     dv = None if v is None else outs.pop(0)

@@ -14,7 +14,8 @@ Slots past a head's count hold zeros at the position `FAR`, which no query sees.
 """
 from __future__ import annotations
 
-import jax
+import functools
+
 import jax.numpy as jnp
 
 # The position of an empty compact slot: farther in the future than any query, so t - FAR < 0 never passes.
@@ -42,15 +43,46 @@ def gather(x_BSH, index_BSH, position_BSH):
 
 
 def visible_slots(position_BSH, q_first, q_last, *, local_window: int, sliding_window: int | None):
-    """(lo, hi) [n] int32: the compact slots [lo, hi) that some query at positions [q_first[n], q_last[n]] may
-    see in some (sequence, kv head) (slots are sorted by position, FAR last)."""
-    pos_RS = jnp.moveaxis(position_BSH, 1, -1).reshape(-1, position_BSH.shape[1])
+    """(lo, hi) [B,H,n] int32: the compact slots [lo, hi) of each (sequence, kv head) that some query at
+    positions [q_first[n], q_last[n]] may see (slots are sorted by position, FAR last)."""
+    pos_BHS = jnp.swapaxes(position_BSH, 1, 2)
 
     def search(bound, side):
-        return jax.vmap(lambda row: jnp.searchsorted(row, bound, side=side).astype(jnp.int32))(pos_RS)
+        find = functools.partial(jnp.searchsorted, side=side)
+        return jnp.vectorize(lambda row: find(row, bound).astype(jnp.int32), signature="(s)->(n)")(pos_BHS)
 
-    hi = jnp.max(search(q_last - local_window, "right"), axis=0)
+    hi = search(q_last - local_window, "right")
     if sliding_window is None:
         return jnp.zeros_like(hi), hi
-    lo = jnp.min(search(q_first - sliding_window + 1, "left"), axis=0)
-    return jnp.minimum(lo, hi), hi
+    return jnp.minimum(search(q_first - sliding_window + 1, "left"), hi), hi
+
+
+def block_ranges(position_BSH, *, t: int, offset: int, block_q: int, block_k: int, local_window: int,
+                 sliding_window: int | None, widths: tuple[int, int]):
+    """The loop bounds of a kernel over compact keys, per (sequence, kv head), as int32 tables [B,H,2,width]:
+
+    - by query block i: the compact blocks [lo, hi) that some query of the block may see;
+    - by compact block c: the query blocks [lo, hi) with a query that may see one of its keys.
+
+    Queries are t rows at positions offset + row; entries past the real blocks are empty ranges (widths pad
+    the tables to what a kernel's block may need, e.g. a power of two for Triton)."""
+    B, S, H = position_BSH.shape
+    nq, nc = -(-t // block_q), -(-S // block_k)
+    rows = jnp.arange(nq, dtype=jnp.int32) * block_q
+    lo, hi = visible_slots(position_BSH, offset + rows, offset + jnp.minimum(rows + block_q, t) - 1,
+                           local_window=local_window, sliding_window=sliding_window)
+    by_query = jnp.stack([lo // block_k, jnp.where(hi > lo, -(-hi // block_k), lo // block_k)], axis=2)
+
+    pos = jnp.pad(jnp.swapaxes(position_BSH, 1, 2), ((0, 0), (0, 0), (0, nc * block_k - S)), constant_values=FAR)
+    pos = pos.reshape(B, H, nc, block_k)
+    first = jnp.min(pos, axis=-1)
+    last = jnp.max(jnp.where(pos < FAR, pos, -1), axis=-1)
+    row_lo = jnp.maximum(first + local_window - offset, 0)
+    row_hi = t if sliding_window is None else jnp.minimum(last + sliding_window - offset, t)
+    seen = (first < FAR) & (row_hi > row_lo)
+    by_key = jnp.stack([jnp.where(seen, row_lo // block_q, 0), jnp.where(seen, -(-row_hi // block_q), 0)], axis=2)
+
+    def pad(x, width):
+        return jnp.pad(x.astype(jnp.int32), ((0, 0), (0, 0), (0, 0), (0, width - x.shape[-1])))
+
+    return pad(by_query, widths[0]), pad(by_key, widths[1])

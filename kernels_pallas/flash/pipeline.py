@@ -29,7 +29,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import platform
 from kernels_pallas.flash import blocks, tiles
-from kernels_pallas.flash.forward import _unpack
+from kernels_pallas.flash.forward import unpack
 from kernels_pallas.flash.tiles import Plan
 
 LANES = 128
@@ -105,19 +105,18 @@ def _by_kind(entry, tile):
     pl.when(kind == blocks.PARTIAL)(lambda: tile(True))
 
 
-def _query_tile(plan: Plan, ins, i, entry, masked: bool):
+def _query_tile(plan: Plan, r, i, entry, masked: bool):
     """(logits, k, v) of query block i against the entry's key block: the forward's and dq's tile."""
-    q_ref, k_ref, v_ref, gate_ref, q_doc_ref, k_doc_ref = ins
-    k = k_ref[...]
-    v = k if plan.kv_shared else v_ref[...]
-    gate = None if gate_ref is None else gate_ref[...]
-    docs = (_column(q_doc_ref), k_doc_ref[...]) if masked and q_doc_ref is not None else (None, None)
-    scores, _ = tiles.logits(plan, q_ref[...], k, i, _block_of(entry), gate, *docs, masked=masked)
+    k = r.k[...]
+    v = k if plan.kv_shared else r.v[...]
+    gate = None if r.gate is None else r.gate[...]
+    docs = (_column(r.q_doc), r.k_doc[...]) if masked and r.q_doc is not None else (None, None)
+    scores, _ = tiles.logits(plan, r.q[...], k, i, _block_of(entry), gate, *docs, masked=masked)
     return scores, k, v
 
 
 def _forward_kernel(entries_ref, *refs, plan: Plan, lists: blocks.Lists, steps: int):
-    ins, (o_ref, lse_ref, m_ref, l_ref, acc_ref) = _unpack(plan, refs)
+    r, (o_ref, lse_ref, m_ref, l_ref, acc_ref) = unpack(plan, refs)
     b, h, i, s = (pl.program_id(a) for a in range(4))
     entry = _entry(lists, entries_ref, b, h // plan.group, i, s)
 
@@ -128,7 +127,7 @@ def _forward_kernel(entries_ref, *refs, plan: Plan, lists: blocks.Lists, steps: 
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     def tile(masked):
-        scores, _, v = _query_tile(plan, ins, i, entry, masked)
+        scores, _, v = _query_tile(plan, r, i, entry, masked)
         m, l, acc = tiles.online_softmax_step(m_ref[...], l_ref[...], acc_ref[...], scores, v)
         m_ref[...], l_ref[...], acc_ref[...] = m, l, acc
 
@@ -145,7 +144,7 @@ def _forward_kernel(entries_ref, *refs, plan: Plan, lists: blocks.Lists, steps: 
 
 
 def _dq_kernel(entries_ref, *refs, plan: Plan, lists: blocks.Lists, steps: int):
-    ins, (do_ref, lse_ref, delta_ref, dq_ref, acc_ref) = _unpack(plan, refs)
+    r, (do_ref, lse_ref, delta_ref, dq_ref, acc_ref) = unpack(plan, refs)
     b, h, i, s = (pl.program_id(a) for a in range(4))
     entry = _entry(lists, entries_ref, b, h // plan.group, i, s)
 
@@ -154,7 +153,7 @@ def _dq_kernel(entries_ref, *refs, plan: Plan, lists: blocks.Lists, steps: int):
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     def tile(masked):
-        scores, k, v = _query_tile(plan, ins, i, entry, masked)
+        scores, k, v = _query_tile(plan, r, i, entry, masked)
         p = jnp.exp(scores - _column(lse_ref))
         ds = p * (tiles.dot(do_ref[...], v, contract=(1, 1)) - _column(delta_ref))
         acc_ref[...] += tiles.dot(ds.astype(k.dtype), k)
@@ -167,7 +166,7 @@ def _dq_kernel(entries_ref, *refs, plan: Plan, lists: blocks.Lists, steps: int):
 
 
 def _dkv_kernel(entries_ref, *refs, plan: Plan, lists: blocks.Lists, steps: int):
-    (q_ref, k_ref, v_ref, gate_ref, q_doc_ref, k_doc_ref), rest = _unpack(plan, refs)
+    r, rest = unpack(plan, refs)
     do_ref, lse_ref, delta_ref, dk_ref, *rest = rest
     dv_ref = None if plan.kv_shared else rest.pop(0)
     dgate_ref = rest.pop(0) if plan.has_gate else None
@@ -181,10 +180,10 @@ def _dkv_kernel(entries_ref, *refs, plan: Plan, lists: blocks.Lists, steps: int)
             acc[...] = jnp.zeros(acc.shape, jnp.float32)
 
     def tile(masked):
-        q, do, k = q_ref[...], do_ref[...], k_ref[...]
-        v = k if plan.kv_shared else v_ref[...]
-        gate = None if gate_ref is None else _column(gate_ref)
-        docs = (q_doc_ref[...], _column(k_doc_ref)) if masked and q_doc_ref is not None else (None, None)
+        q, do, k = r.q[...], do_ref[...], r.k[...]
+        v = k if plan.kv_shared else r.v[...]
+        gate = None if r.gate is None else _column(r.gate)
+        docs = (r.q_doc[...], _column(r.k_doc)) if masked and r.q_doc is not None else (None, None)
         scores, gated = tiles.logits(plan, q, k, _block_of(entry), j, gate, *docs, masked=masked,
                                      keys_major=True)
         p = jnp.exp(scores - lse_ref[...])

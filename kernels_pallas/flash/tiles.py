@@ -35,6 +35,7 @@ class Plan:
     num_warps: int
     num_stages: int
     pipeline: bool              # the TPU key-block pipeline (pipeline.py) instead of the row driver
+    compact: bool = False       # SP-KV's compact keys (compact.py): positions carried, visible at t - s >= local_window
 
     @property
     def offset(self) -> int:
@@ -99,11 +100,20 @@ def dot(a, b, *, contract=(1, 0)):
                            preferred_element_type=jnp.float32, precision=precision)
 
 
-def logits(plan: Plan, q, k, i, j, gate=None, q_doc=None, k_doc=None, *, masked=True, keys_major=False):
+def pick(ref, row: int, i):
+    """Entry [row, i] of a small int table block (the compact ranges) as a scalar: a masked sum, since Triton
+    cannot index a loaded value."""
+    values = ref[row:row + 1, :]
+    return jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, values.shape, 1) == i, values, 0))
+
+
+def logits(plan: Plan, q, k, i, j, gate=None, q_doc=None, k_doc=None, *, masked=True, keys_major=False,
+           k_pos=None):
     """Masked fp32 logits [bq, bk] of tile (i, j) and the gated-key mask (None when the gate covers every key).
 
     q [bq, D], k [bk, D]; gate [1, bk] fp32; q_doc [bq, 1] and k_doc [1, bk] document indices. Masked entries are
-    -inf, so exp gives an exact 0 with a zero derivative.
+    -inf, so exp gives an exact 0 with a zero derivative. Compact keys (plan.compact) bring their positions k_pos
+    [1, bk]: a query sees one at t - k_pos >= local_window (empty slots sit at compact.FAR), gate added.
 
     keys_major: the tile is [bk, bq] (keys on rows; gate and k_doc [bk, 1], q_doc [1, bq]), so per-query rows
     (lse, delta) broadcast lane-dense in the TPU dk/dv kernel. masked=False is for a tile that `blocks` calls
@@ -114,17 +124,21 @@ def logits(plan: Plan, q, k, i, j, gate=None, q_doc=None, k_doc=None, *, masked=
         return (s if gate is None else s + gate), None
     q_axis = 1 if keys_major else 0
     q_pos = plan.offset + i * plan.block_q + lax.broadcasted_iota(jnp.int32, s.shape, q_axis)
-    k_pos = j * plan.block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1 - q_axis)
+    if k_pos is None:
+        k_pos = j * plan.block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1 - q_axis)
     rel = q_pos - k_pos
     gated = None
     if gate is not None:
-        if plan.local_window is None:
+        if plan.local_window is None or plan.compact:
             s = s + gate
         else:
             gated = rel >= plan.local_window
             s = s + jnp.where(gated, gate, 0.0)
-    visible = k_pos < plan.s
-    if plan.causal:
+    if plan.compact:
+        visible = rel >= plan.local_window
+    else:
+        visible = k_pos < plan.s
+    if plan.causal and not plan.compact:
         visible &= rel >= 0
     if plan.sliding_window is not None:
         visible &= rel < plan.sliding_window

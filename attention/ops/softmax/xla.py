@@ -144,6 +144,7 @@ class _Blocked:
             first, last = plan.query_span(jnp.arange(plan.num_q_blocks))
             lo, hi = compact.visible_slots(position, first, last, local_window=plan.local_window,
                                            sliding_window=plan.sliding_window)
+            lo, hi = lo.min(axis=(0, 1)), hi.max(axis=(0, 1))
             self.bounds = (lo // plan.block_k, jnp.where(hi > lo, -(-hi // plan.block_k), lo // plan.block_k))
         if seg is not None:
             doc_BT = documents(seg)
