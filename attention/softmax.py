@@ -33,6 +33,10 @@ a local window; decode keeps a pruned cache. Its gate and pos2d's bias are the s
 addition to the logits, so `_key_log_gate` supplies either. They cannot be combined: the op spares one
 window (pos2d's bias reaches every key) and takes one term. A sliding window already drops old keys, so it
 excludes spkv too.
+
+Decode caches: a dense one (a ring of the window with sliding_window), read up to the current position; or a
+pruned one (attention/pruned_cache.py) under a cache policy (attention/cache_policies.py): SP-KV's on an SP-KV
+layer, or a baseline at a budget of keys (`init_cache(..., policy=...)`), read up to each head's held length.
 """
 from __future__ import annotations
 
@@ -46,7 +50,8 @@ from pydantic import Field
 
 from attention import ops
 from attention.base import MixerConfig, MixerContext, visible_keys_per_query
-from attention import pruned_cache, spkv
+from attention import cache_policies, pruned_cache, spkv
+from attention.cache_policies import CachePolicy, CachePolicyError
 from attention.spkv import SPKVConfig, SPKVGate
 from attention.layers import Linear, RMSNorm, apply_rope, causal_conv, normal, param, positions_from_segments
 
@@ -209,18 +214,21 @@ class SoftmaxAttention(nnx.Module):
             q = q * jnp.sum(self.pos2d_w[...]).astype(q.dtype)
         return q, k
 
-    def _key_log_gate(self, positions_BS: jax.Array, x_BSD: jax.Array | None = None,
+    def _key_log_gate(self, positions: jax.Array, x_BSD: jax.Array | None = None,
                       segment_ids: jax.Array | None = None) -> tuple[jax.Array | None, int | None]:
         """The per-key score term [B,S,Hkv] for the op and the local window it spares (None: every key):
         SP-KV's write gate from the keys' inputs x (decode passes no x: its pruned cache has applied the
-        gate by keeping or dropping keys), pos2d's bias (see the module docstring), or (None, None)."""
+        gate by keeping or dropping keys), pos2d's bias (see the module docstring) at `positions` [B,S] (or
+        [B,S,Hkv]: a pruned cache's slots hold different positions per head), or (None, None)."""
         if self.spkv is not None:
             return (None, None) if x_BSD is None else (self.spkv(x_BSD, segment_ids), self.spkv.window)
         if self.pos2d_w is None:
             return None, None
         w_col = self.pos2d_w[...][self.cfg.pos2d.channels // 2:]
-        bias_BS = jnp.sum(sincos_features(positions_BS, w_col.shape[0]) * w_col, axis=-1) - jnp.sum(jnp.abs(w_col))
-        return jnp.broadcast_to(bias_BS[..., None], (*bias_BS.shape, self.Hkv)), None
+        bias = jnp.sum(sincos_features(positions, w_col.shape[0]) * w_col, axis=-1) - jnp.sum(jnp.abs(w_col))
+        if bias.ndim == 2:
+            bias = jnp.broadcast_to(bias[..., None], (*bias.shape, self.Hkv))
+        return bias, None
 
     def __call__(self, x_BTD: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         B, T, _ = x_BTD.shape
@@ -233,13 +241,21 @@ class SoftmaxAttention(nnx.Module):
                                   scale=self.cfg.scale, impl=self.ctx.impl)
         return self.o_proj(o.reshape(B, T, self.H * self.hd))
 
-    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32, policy: CachePolicy | None = None) -> dict:
+        """The dense KV cache (a ring of `sliding_window` slots for a sliding-window layer), or the pruned one
+        (`attention.cache_policies`) under `policy`, by default SP-KV's on an SP-KV layer."""
         dims = {"k": self.hd} if self.v_proj is None else {"k": self.hd, "v": self.hd}
-        if self.spkv is not None:
-            return self.spkv.init_cache(batch, max_len, dims, dtype)
-        # A sliding-window layer keeps only its last `sliding_window` keys: a ring of that many slots.
-        slots = max_len if self.cfg.sliding_window is None else min(max_len, self.cfg.sliding_window)
-        cache = {name: jnp.zeros((batch, slots, self.Hkv, dim), dtype) for name, dim in dims.items()}
+        if policy is None and self.spkv is not None:
+            policy = CachePolicy("spkv")
+        if policy is not None:
+            if self.cfg.sliding_window is not None:
+                raise CachePolicyError("a sliding-window layer already holds only its window; cache policies apply "
+                                       "to layers that read the whole context")
+            cache = cache_policies.init(policy, batch, self.Hkv, dims, dtype, max_len, spkv=self.cfg.spkv)
+        else:
+            # A sliding-window layer keeps only its last `sliding_window` keys: a ring of that many slots.
+            slots = max_len if self.cfg.sliding_window is None else min(max_len, self.cfg.sliding_window)
+            cache = {name: jnp.zeros((batch, slots, self.Hkv, dim), dtype) for name, dim in dims.items()}
         if self.convs is not None:
             cache["conv"] = {name: jnp.zeros((batch, w.shape[0] - 1, w.shape[1]), dtype)
                              for name, w in self.convs.items()}
@@ -252,7 +268,8 @@ class SoftmaxAttention(nnx.Module):
         q, k = self._logit_qk(q_raw, k_raw, pos_B1)
         # K=V: the cache holds the projection before norm/RoPE, i.e. the value; keys are derived from it.
         entries = {"k": k_raw} if self.v_proj is None else {"k": k, "v": v_raw}
-        if self.spkv is None:
+        policy = cache.get("policy")
+        if policy is None:
             # Slot position % S: the token's own index while the cache holds the whole context, a ring of the
             # last S tokens for a sliding window (S = the window). Slot s holds the newest position <= the
             # current one that is congruent to s; negative: not written yet.
@@ -265,22 +282,26 @@ class SoftmaxAttention(nnx.Module):
             pos_S = position - jnp.mod(position - jnp.arange(S), S)
             pos_BSH = jnp.broadcast_to(pos_S[None, :, None], (B, S, self.Hkv))
             lengths = jnp.full((B, self.Hkv), jnp.minimum(position + 1, S), jnp.int32)
-            if conv_history is not None:
-                new_cache["conv"] = conv_history
         else:
-            new_cache = self.spkv.append(cache, x_B1D, entries, position)
+            gate = {} if self.spkv is None else dict(utility=self.spkv.logits(x_B1D)[:, 0],
+                                                     threshold=self.spkv.logit_threshold)
+            new_cache = cache_policies.append(cache, entries, position, layer_idx=self.ctx.layer_idx, **gate)
             pos_BSH = new_cache["pos"]
             lengths = pruned_cache.lengths(new_cache, position)
+        if conv_history is not None:
+            new_cache["conv"] = conv_history
         keys = values = new_cache["k"]
         derive = {}
         if self.v_proj is None:
             derive = self._derived_keys(pos_BSH)
         else:
             values = new_cache["v"]
-        # Without spkv every head's slots hold the same positions, which is all pos2d needs.
-        gate, _ = self._key_log_gate(pos_BSH[..., 0])
-        o = ops.softmax_decode(q, keys, values, lengths=lengths, key_log_gate=gate, scale=self.cfg.scale,
+        gate, _ = self._key_log_gate(pos_BSH)
+        scale = self.cfg.scale
+        o = ops.softmax_decode(q, keys, values, lengths=lengths, key_log_gate=gate, scale=scale,
                                impl=self.ctx.impl, **derive)
+        if policy is not None:
+            new_cache = policy.observe(new_cache, q, keys, lengths, scale=scale or self.hd ** -0.5, **derive)
         return self.o_proj(o.reshape(B, 1, self.H * self.hd)), new_cache
 
     def _derived_keys(self, pos_BSH: jax.Array) -> dict:

@@ -47,7 +47,8 @@ import pydantic
 from flax import nnx
 from pydantic import Field
 
-from attention import pruned_cache
+from attention import cache_policies
+from attention.cache_policies import CachePolicy
 from attention.base import AuxLoss, Heatmap, MixerContext, Stat, StatsByLayer, StatsReport, current_train_step
 from attention.layers import normal, param, positions_from_segments
 
@@ -149,7 +150,7 @@ class SPKVGate(nnx.Module):
     """The utility predictor of one layer, its gate on the attention logits and its pruned decode cache."""
 
     def __init__(self, cfg: SPKVConfig, ctx: MixerContext, n_kv_heads: int, *, rngs: nnx.Rngs):
-        self.cfg, self.window, self.Hkv = cfg, cfg.window, n_kv_heads
+        self.cfg, self.window, self.Hkv, self.layer_idx = cfg, cfg.window, n_kv_heads, ctx.layer_idx
         d, hidden = ctx.d_model, cfg.hidden or max(ctx.d_model // 4, 1)
         meta = dict(lr_mult=cfg.lr_mult, frozen_last_steps=cfg.anneal.freeze_steps if cfg.anneal else 0)
         self.w1 = param(rngs, normal(ctx.init_std), (d, hidden), ("embed", None), **meta)
@@ -204,16 +205,16 @@ class SPKVGate(nnx.Module):
     # -- pruned decode cache ------------------------------------------------------------------------
 
     def init_cache(self, batch: int, max_len: int, dims: dict[str, int], dtype) -> dict:
-        """Pruned cache (`attention.pruned_cache`) holding, per slot and KV head, one vector per entry of `dims`
-        (name -> width): a ring of the window and a store of `cache.capacity` older keys."""
-        return pruned_cache.init(batch, self.Hkv, dims, dtype, ring=pruned_cache.ring_slots(self.window, max_len),
-                                 capacity=pruned_cache.store_slots(self.cfg.cache.capacity, self.window, max_len))
+        """The pruned cache under the spkv policy (`attention.cache_policies`) holding, per slot and KV head, one
+        vector per entry of `dims` (name -> width): a ring of the window and a store of `cache.capacity` keys."""
+        return cache_policies.init(CachePolicy("spkv"), batch, self.Hkv, dims, dtype, max_len, spkv=self.cfg)
 
     def append(self, cache: dict, x_B1D: jax.Array, entries: dict[str, jax.Array], position) -> dict:
-        """Add the token at `position` (its mixer input x and its cache `entries` [B,1,Hkv,dim]) with its utility
-        logit as score and its keep bit as admission: the token leaving the window enters the store iff kept."""
-        z_BH = self.logits(x_B1D)[:, 0]
-        return pruned_cache.append(cache, entries, position, score=z_BH, admit=z_BH >= self.logit_threshold)
+        """Add the token at `position` (its mixer input x and its cache `entries` [B,1,Hkv,dim]) under the cache's
+        policy, with the gate's utility logits: under spkv the token leaving the window enters the store iff
+        kept, and a full store drops its least useful key."""
+        return cache_policies.append(cache, entries, position, layer_idx=self.layer_idx,
+                                     utility=self.logits(x_B1D)[:, 0], threshold=self.logit_threshold)
 
     def flops_per_token(self) -> float:
         d, hidden = self.w1.shape
