@@ -20,10 +20,14 @@ B, D, DV = 2, 16, 32  # powers of two >= 16, as the decode kernel needs on a GPU
 # cache holds one array as keys and values (K=V sharing); norm / rope: keys derived from the cache.
 # lengths: per (sequence, KV head) held slots, valid: False to read by lengths alone.
 # Options an implementation takes in tests only: small key tiles and several splits of the cache; heads
-# sharing a block (the TPU layout for narrow heads) and the TPU's scalar-prefetched lengths in some cases.
+# sharing a block (the TPU layout for narrow heads), the TPU's scalar-prefetched lengths and xla's contraction
+# on accelerators in some cases.
 TEST_OPTIONS = {"pallas": dict(block_k=16, splits=3), "xla": dict(block_k=16)}
 CASE_OPTIONS = {"gqa-pruned-one-head-empty": {"pallas": dict(heads_per_block=2)},
-                "gqa-lengths-prefetched": {"pallas": dict(prefetch=True, heads_per_block=2)}}
+                "gqa-lengths-prefetched": {"pallas": dict(prefetch=True, heads_per_block=2)},
+                # xla's GPU/TPU contraction (dots) besides the CPU's (multiply and sum)
+                "gqa-lengths-holes-gate": {"xla": dict(contraction="dot")},
+                "gqa-v-is-k-norm-rope-pruned": {"xla": dict(contraction="dot")}}
 
 CASES = {
     "gqa-pruned-one-head-empty": dict(S=40, Hq=4, Hkv=2, keep=0.6, empty_head=True),
