@@ -158,7 +158,8 @@ def write_report(col, *, out: str | Path | None, baseline: str | None, key: str,
     titles = {"by_override.png": f"final {key} against the override", "eval_loss_curves.png": "eval over training",
               "loss_vs_kv_bytes.png": f"final {key} against decode memory per token",
               "loss_vs_flops.png": f"final {key} against forward FLOPs per token"}
-    header_lines = [*what_ran(base), *evidence_lines(below)]
+    judged = sum(1 for r in rows if r["paired"]) + sum(1 for c in (contrast[2] if contrast else []) if c["paired"])
+    header_lines = [*what_ran(base), *evidence_lines(below, judged)]
     if recomputed_by:
         header_lines.append(f"Statistics recomputed from the runs' recorded final evals by {recomputed_by} on "
                             f"{provenance()}.")

@@ -32,13 +32,16 @@ def evidence_bar(rows: list[dict], contrasts: list[dict]) -> list[str]:
     return out
 
 
-def evidence_lines(reasons: list[str]) -> list[str]:
-    """The report's sentence on the bar."""
+def evidence_lines(reasons: list[str], n_differences: int) -> list[str]:
+    """The report's sentence on the bar, and on how many of its `n_differences` judged differences chance alone
+    would call real."""
+    chance = (f" Each of the {n_differences} differences judged here is called at the 95% level on its own: were "
+              f"none real, about {n_differences / 20:.1f} would still be called by chance." if n_differences else "")
     if not reasons:
         return [f"Evidence: every variant and every paired difference has at least {MIN_SEEDS} seeds; a "
-                f"difference is called only where its 95% t-interval excludes 0."]
+                f"difference is called only where its 95% t-interval excludes 0.{chance}"]
     return [f"Evidence: below the bar ({'; '.join(reasons)}). This report is exploratory: no claim rests on it, "
-            f"whatever its intervals say."]
+            f"whatever its intervals say.{chance}"]
 
 
 def _curve(rec: dict, key: str) -> dict[int, float]:

@@ -73,6 +73,8 @@ def test_a_report_meeting_the_bar_goes_to_results(tmp_path, monkeypatch):
     assert not res["exploratory"] and res["out_dir"].as_posix() == "experiments/results/five"
     md = res["markdown"].read_text()
     assert "Evidence: every variant and every paired difference has at least 5 seeds" in md
+    assert "Each of the 1 differences judged here is called at the 95% level on its own: were none real, about " \
+           "0.1 would still be called by chance." in md
     assert "| lower | 5 |" in md and "## Ranking at half the run" in md
     assert json.loads(res["json"].read_text())["evidence_bar"] == {"meets": True, "below": []}
 
