@@ -5,7 +5,8 @@
 #   2. flash attention forward+backward (bf16, causal, GQA 16/4 heads, head dim 64 and 128, T = 1k..16k) against
 #      jax.nn.dot_product_attention (cuDNN and XLA) and our xla op; kda and lightning (B=1, H=16, D=128,
 #      T = 2k..32k), xla against pallas;
-#   3. decode: time and achieved HBM bandwidth, K,V against K=V, S = 4k..64k, xla against pallas;
+#   3. decode: step time and achieved HBM bandwidth on the bytes read, dense against SP-KV's pruned cache at
+#      density 0.1 (window 64), K,V and K=V+rope, S = 8k..64k, xla against pallas;
 #   4. flash-linear-attention's chunk_kda and chunk_simple_gla (PyTorch, Triton) at the linear ops' shapes;
 #   5. train-step tokens/s and MFU of the ~300M config, impl=xla against impl=pallas (bf16).
 # Usage: bash experiments/bench/gpu_suite.sh OUT_DIR   (writes 8 files: the device tool returns at most 8)
@@ -47,9 +48,9 @@ timeout 60 python3 -m lm.bench.ops --ops linear --impl xla pallas --dtype bfloat
   --D 128 --T 2048 8192 32768 --reps 5 --json "$OUT/ops_linear.json" >> "$OUT/suite.log" 2>&1
 echo "ops linear exit $?" | tee -a "$OUT/suite.log"
 
-log "3/5 decode time and bandwidth (bf16, 32/8 heads, d128)"
-timeout 40 python3 -m lm.bench.decode --S 4096 16384 65536 --B 8 --Hq 32 --Hkv 8 --D 128 --impl xla pallas \
-  --json "$OUT/decode.json" >> "$OUT/suite.log" 2>&1
+log "3/5 decode step time and bandwidth, dense and SP-KV (bf16, 32/8 heads, d128)"
+timeout 90 python3 -m lm.bench.decode --S 8192 32768 65536 --B 8 --Hq 32 --Hkv 8 --D 128 --impl xla pallas \
+  --kv K,V K=V+rope --spkv-density 0.1 --reps 10 --json "$OUT/decode.json" >> "$OUT/suite.log" 2>&1
 echo "decode exit $?" | tee -a "$OUT/suite.log"
 
 log "4/5 flash-linear-attention's kda and simple_gla kernels (same shapes as ops_linear)"

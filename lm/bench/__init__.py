@@ -33,5 +33,13 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--D", type=int, default=128, help="head dim")
     p.add_argument("--dtype", default="bfloat16", help="cache and query dtype: float32 | bfloat16")
     p.add_argument("--impl", nargs="+", default=["xla", "pallas"], help="implementations to time")
+    p.add_argument("--kv", nargs="+", default=["K,V", "K=V", "K=V+rope"], choices=("K,V", "K=V", "K=V+rope"),
+                   help="cache kinds: separate K and V, one K=V array, K=V with keys rotated per slot (default all)")
+    p.add_argument("--spkv-density", type=float, nargs="+", default=[], metavar="D",
+                   help="also time SP-KV's pruned cache with keep bits drawn at each density (kept share of the "
+                        "keys older than the window)")
+    p.add_argument("--spkv-window", type=int, default=64, metavar="W", help="SP-KV's ring of recent keys (default 64)")
+    p.add_argument("--spkv-headroom", type=float, default=0.1, metavar="F",
+                   help="SP-KV store capacity = density x (1 + F) of the older keys (default 0.1)")
     p.add_argument("--reps", type=int, default=20, help="timed repetitions (the median is reported)")
     p.add_argument("--json", dest="json_out", default=None, metavar="FILE.json", help="write the rows here")

@@ -256,6 +256,6 @@ def test_bench_decode_json(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["op"], r["kv"]) for r in rows] == [(f"softmax_decode[{i}]", kv) for i in ("xla", "pallas")
                                                   for kv in ("K,V", "K=V", "K=V+rope")]
-    assert all(r["ms"] > 0 and r["GBps"] > 0 for r in rows)
+    assert all(r["step_ms"] > 0 and r["GBps"] > 0 for r in rows)
     # K=V reads one cache array instead of two.
     assert rows[1]["cache_bytes"] * 2 == rows[0]["cache_bytes"] == 40 * 2 * 16 * 4 * 2
