@@ -336,3 +336,13 @@ def test_the_gpt2_recipe_grid_is_tiny_2m_grid_on_gpt2_blocks():
         c = r.cfg
         assert recipe_of(c) == "GPT-2" and c.model.bias and not c.model.depth_scaled_init, r.name
         assert c.train.steps * c.data.batch_size * c.data.seq_len >= 2_000_000 and c.optim.wd_mask == "all"
+
+
+def test_the_text_spkv_sweep_at_2048_tokens():
+    sw = load_sweep("experiments/sweeps/text_spkv_2048.yaml")
+    by = {r.variant: r.cfg for r in sw.runs}
+    spkv = by["spkv-lr0.002"].model.mixers["softmax"].spkv
+    assert (spkv.window, spkv.density_reg, spkv.lr_mult, spkv.anneal.freeze_steps) == (128, 0.0, 5.0, 125)
+    assert by["local128-lr0.002"].model.mixers["softmax"].sliding_window == 128
+    assert all(c.data.seq_len == 2048 and c.train.steps * c.data.batch_size * 2048 >= 2_000_000 for c in by.values())
+    assert sw.seeds == (0, 1, 2, 3, 4) and ("spkv", "local128") in sw.contrasts
