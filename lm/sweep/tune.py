@@ -3,7 +3,8 @@
 A variant's value is chosen once every one of its tuning runs has ended (finished or diverged): the value whose
 run's final eval is best by the sweep's metric (lowest, or highest for accuracy). A diverged run, or one whose
 final eval is not finite, counts as worst. A variant whose tuning runs all diverged gets no value, and its runs
-for the other seeds never start.
+for the other seeds never start. A run counts as finished when the manifest says so, or when its metrics.jsonl
+has an eval at its last step (runs a cluster trained, which do not write the manifest).
 """
 from __future__ import annotations
 
@@ -17,24 +18,29 @@ from lm.sweep.spec import Sweep, with_choices
 def trial_outcomes(sweep: Sweep, statuses: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Per variant, per tried value (as its run-name tag): the final metric of a finished tuning run, "diverged",
     or None while the run has not ended."""
+    steps = {r.name: r.cfg.train.steps for r in sweep.runs if r.stage == "tune"}
     out: dict[str, dict[str, Any]] = {}
     for v in sweep.variants:
         out[v.label] = {}
         for x in sweep.tune.values:
             run = f"{v.label}-{sweep.tune.tag(x)}-s{sweep.tune.seed}"
             status = statuses.get(run)
+            evals = _evals(Path(sweep.sweep_dir) / run)
+            finished = status == "finished" or (status != "diverged" and evals and evals[-1]["step"] >= steps[run])
             out[v.label][sweep.tune.tag(x)] = ("diverged" if status == "diverged" else
-                                               final_metric(Path(sweep.sweep_dir) / run, sweep.metric)
-                                               if status == "finished" else None)
+                                               final_metric(evals, sweep.metric) if finished else None)
     return out
 
 
-def final_metric(run_dir: Path, key: str) -> float:
-    """The last eval's `key` in the run's metrics.jsonl (inf when missing or not finite)."""
+def _evals(run_dir: Path) -> list[dict]:
     from lm.report.collect import read_metrics_lines
 
     path = run_dir / "metrics.jsonl"
-    evals = [r for r in read_metrics_lines(path) if "eval_loss" in r] if path.is_file() else []
+    return [r for r in read_metrics_lines(path) if "eval_loss" in r] if path.is_file() else []
+
+
+def final_metric(evals: list[dict], key: str) -> float:
+    """The last eval's `key` (inf when missing or not finite)."""
     value = evals[-1].get(key) if evals else None
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
 

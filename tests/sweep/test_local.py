@@ -228,3 +228,20 @@ def test_a_tuned_sweep_runs_each_variant_at_its_best_value(small_store, tmp_path
                                                                    ("softmax", "0.004"), ("share_kv", "0.001"),
                                                                    ("share_kv", "0.002"))] + ["softmax-s1", "share_kv-s1"]
     assert "tuning run share_kv-lr0.004-s0 diverged earlier" in capsys.readouterr().out
+
+
+def test_tuning_runs_a_cluster_finished_are_read_from_their_run_directories(tmp_path, write_spec, small_store):
+    """The manifest says nothing (a cluster's jobs do not write it): a tuning run whose metrics have an eval at its
+    last step counts as finished, one that stopped early as not ended, so only softmax gets its value."""
+    from lm.sweep.tune import choose
+
+    spec = write_spec(tiny_spec(small_store, tmp_path / "runs") + "tune: {key: optim.lr, values: [1.0e-3, 2.0e-3]}\n")
+    sw = load_sweep(spec)
+    ends = {"softmax-lr0.001-s0": (4, 2.0), "softmax-lr0.002-s0": (4, 1.7), "share_kv-lr0.001-s0": (4, 1.9),
+            "share_kv-lr0.002-s0": (2, 1.5)}
+    for name, (step, loss) in ends.items():
+        run_dir = tmp_path / "runs" / "tiny" / name
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"step": step, "eval_loss": loss}) + "\n")
+    assert choose(sw, {}) == {"softmax": 0.002}
+    assert choose(sw, {"share_kv-lr0.002-s0": "diverged"}) == {"softmax": 0.002, "share_kv": 0.001}
