@@ -136,7 +136,8 @@ def _jsonl_record(f: SourceFile, lineno: int, line: bytes) -> Record | None:
         raise DataError(f"{f.path} line {lineno} is not valid JSON ({exc.msg}); fix or remove that line") from exc
     text = record.get("text") if isinstance(record, dict) else None
     if not isinstance(text, str):
-        raise DataError(f'{f.path} line {lineno} has no string "text" field; every line must look like {{"text": "..."}}')
+        raise DataError(f'{f.path} line {lineno} has no string "text" field; '
+                        'every line must look like {"text": "..."}')
     return Record(lineno, f"{f.name}:{lineno}", text, replaced)
 
 
@@ -150,7 +151,8 @@ def _parquet(f: SourceFile, start: int, meter: Meter) -> Iterator[Record]:
         raise DataError(f"{f.path} is not a readable parquet file ({exc}); check the file") from exc
     names = pf.schema_arrow.names
     if "text" not in names:
-        raise DataError(f"{f.path} has no 'text' column (columns: {', '.join(names)}); rename the text column to 'text'")
+        raise DataError(f"{f.path} has no 'text' column (columns: {', '.join(names)}); "
+                        "rename the text column to 'text'")
     kind = pf.schema_arrow.field("text").type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise DataError(f"{f.path} column 'text' has type {kind}, not string; store the documents as strings")

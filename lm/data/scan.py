@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 
 from lm.data import readers
 from lm.data.errors import DataError
-from lm.data.sources import SourceFile
 from lm.data.split import Order, key_rank, val_count
 
 _FULL = 2**64
@@ -42,27 +41,25 @@ class Scan:
         return cls(data["documents"], data["bytes"], data["single"], cut(data["val_cut"]), cut(data["sample_cut"]))
 
 
-def scan(files: Iterable[tuple[int, SourceFile]], *, val_fraction: float | None, sample_bytes: int | None,
-         log: Callable[[str], None], prune: bool = True) -> Scan:
-    """Scan the documents of `files` ((file index, file) in corpus order). `val_fraction` None: no hash split
+def scan(read: Callable[[], Iterable[tuple[int, readers.Record]]], *, val_fraction: float | None,
+         sample_bytes: int | None, log: Callable[[str], None], prune: bool = True) -> Scan:
+    """Scan the records `read()` yields ((file index, record) in corpus order). `val_fraction` None: no hash split
     (every document is train); `sample_bytes` None: no BPE sample."""
-    files = list(files)
     kept: list[tuple[Order, int]] = []
     cap, limit, n, total = _FULL, PRUNE_AT, 0, 0
-    for index, f in files:
-        for record in readers.records(f):
-            if not record.text:
-                continue
-            rank = key_rank(record.key)
-            size = len(record.text.encode("utf-8"))
-            n, total = n + 1, total + size
-            if rank < cap:
-                kept.append(((rank, index, record.pos), size))
-            if prune and len(kept) >= limit:
-                need = (val_fraction or 0) * total + (sample_bytes or 0)
-                cap = min(cap, int(min(1.0, 2 * need / total) * _FULL))
-                kept = [k for k in kept if k[0][0] < cap]
-                limit = limit * 2 if len(kept) >= limit // 2 else limit
+    for index, record in read():
+        if not record.text:
+            continue
+        rank = key_rank(record.key)
+        size = len(record.text.encode("utf-8"))
+        n, total = n + 1, total + size
+        if rank < cap:
+            kept.append(((rank, index, record.pos), size))
+        if prune and len(kept) >= limit:
+            need = (val_fraction or 0) * total + (sample_bytes or 0)
+            cap = min(cap, int(min(1.0, 2 * need / total) * _FULL))
+            kept = [k for k in kept if k[0][0] < cap]
+            limit = limit * 2 if len(kept) >= limit // 2 else limit
     if n == 0:
         raise DataError("the corpus has no non-empty documents; check that the source files contain text")
     kept = sorted(k for k in kept if k[0][0] < cap)
@@ -70,7 +67,7 @@ def scan(files: Iterable[tuple[int, SourceFile]], *, val_fraction: float | None,
     if result is None:
         log("scanning the corpus again, keeping every document: the low-ranked ones it kept did not reach the "
             "val share and the tokenizer sample")
-        return scan(files, val_fraction=val_fraction, sample_bytes=sample_bytes, log=log, prune=False)
+        return scan(read, val_fraction=val_fraction, sample_bytes=sample_bytes, log=log, prune=False)
     return result
 
 

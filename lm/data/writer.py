@@ -263,9 +263,9 @@ class _Job:
         cached = state / "scan.json"
         if cached.is_file():
             return Scan.from_json(json.loads(cached.read_text()))
-        scanned = [f for f in self.files if f.role in ("split", "train")]
-        self.log(f"scanning {len(scanned)} files for the " + ("train/val split" if hashed else "tokenizer sample"))
-        result = scan([(f.index, f.file) for f in scanned], val_fraction=self.val_fraction if hashed else None,
+        what = "train/val split" if hashed else "tokenizer sample"
+        result = scan(lambda: self._read(("split", "train"), f"scanning for the {what}"),
+                      val_fraction=self.val_fraction if hashed else None,
                       sample_bytes=BPE_TRAIN_MAX_BYTES if self.kind == "bpe" else None, log=self.log)
         _write_file(cached, json.dumps(result.to_json()).encode())
         return result
@@ -287,19 +287,31 @@ class _Job:
     def _bpe_sample(self, the_scan: Scan) -> list[str]:
         """The train documents ranked from just above the val cut up to the sample cut, in rank order."""
         picked = []
-        for f in self.files:
-            if f.role not in ("split", "train"):
+        for index, record in self._read(("split", "train"), "reading the tokenizer sample"):
+            if not record.text:
                 continue
-            for record in readers.records(f.file):
-                if not record.text:
-                    continue
-                if the_scan.single:
-                    picked.append(((0, 0, 0), split_single(record.text, self.val_fraction)[0]))
-                    continue
-                order = (key_rank(record.key), f.index, record.pos)
-                if order <= the_scan.sample_cut and (the_scan.val_cut is None or order > the_scan.val_cut):
-                    picked.append((order, record.text))
+            if the_scan.single:
+                picked.append(((0, 0, 0), split_single(record.text, self.val_fraction)[0]))
+                continue
+            order = (key_rank(record.key), index, record.pos)
+            if order <= the_scan.sample_cut and (the_scan.val_cut is None or order > the_scan.val_cut):
+                picked.append((order, record.text))
         return [text for _, text in sorted(picked)]
+
+    def _read(self, roles: tuple[str, ...], what: str) -> Iterator[tuple[int, readers.Record]]:
+        """(file index, record) of every file of the corpus with one of `roles`, with a progress line."""
+        files = [f for f in self.files if f.role in roles]
+        progress = Progress(what, sum(f.size for f in files), self.log)
+        done = 0
+        try:
+            for f in files:
+                meter = readers.Meter()
+                for record in readers.records(f.file, 0, meter):
+                    progress.update(documents=bool(record.text), bytes_done=done + meter.done)
+                    yield f.index, record
+                done += f.size
+        finally:
+            progress.close()
 
     # -- the store ---------------------------------------------------------------------------------------------
 
@@ -308,7 +320,8 @@ class _Job:
         dones = [self.work.done(p) for p in range(num_parts)]
         records = [r for p in range(num_parts) for r in self.work.finished_shards(p)]
         first_part = {}  # tokenizer fingerprint -> the first part that used it
-        for p, fingerprint in [*enumerate(d["tokenizer"] for d in dones), *((r["part"], r["tokenizer"]) for r in records)]:
+        used = [*enumerate(d["tokenizer"] for d in dones), *((r["part"], r["tokenizer"]) for r in records)]
+        for p, fingerprint in used:
             first_part.setdefault(fingerprint, p)
         if len(first_part) > 1:
             (a, first), (b, other) = list(first_part.items())[:2]

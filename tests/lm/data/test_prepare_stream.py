@@ -291,6 +291,8 @@ def test_progress_lines_and_the_final_line(corpus, tmp_path, monkeypatch):
     lines = [m for m in messages if m.startswith("tokenizing store:")]
     assert lines and all("documents" in m and "tokens/s" in m and "ETA" in m for m in lines)
     assert "100% of" in lines[-1]
+    scanning = [m for m in messages if m.startswith("scanning for the train/val split:")]
+    assert scanning and "100% of" in scanning[-1] and messages.index(scanning[-1]) < messages.index(lines[0])
     assert messages[-1].startswith(f"wrote token store {tmp_path / 'store'}: vocab 256, train ")
     assert " on disk, in " in messages[-1]
 
