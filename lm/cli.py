@@ -105,8 +105,14 @@ def cmd_generate(args) -> int:
 def cmd_data_prepare(args) -> int:
     from lm import data
 
-    source = args.source[0] if args.source == ["stdlib"] else args.source
-    path = data.prepare(source, args.tokenizer, args.out, overwrite=args.overwrite, val_fraction=args.val_fraction)
+    def spec(entries):
+        return entries[0] if entries == ["stdlib"] else entries
+
+    path = data.prepare(spec(args.source), args.tokenizer, args.out, overwrite=args.overwrite,
+                        val_fraction=args.val_fraction, val_source=spec(args.val_source) if args.val_source else None,
+                        workers=args.workers, shard_tokens=args.shard_tokens, num_parts=args.num_parts, part=args.part)
+    if path is None:  # this part is finished, others are not yet: there is no store to open
+        return 0
     store = data.open_store(path)
     print(f"{path}: vocab {store.vocab_size}, train {store.n_tokens('train'):,} tokens, "
           f"val {store.n_tokens('val'):,} tokens")
@@ -300,13 +306,28 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="data preparation")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     dp = dsub.add_parser("prepare", help="tokenize a corpus into a token store")
-    dp.add_argument("--source", nargs="+", required=True, help="stdlib, or .txt/.jsonl/.parquet files, dirs, globs")
+    dp.add_argument("--source", nargs="+", required=True,
+                    help="stdlib, or .txt/.jsonl/.jsonl.gz/.jsonl.zst/.parquet files, dirs, globs")
     dp.add_argument("--tokenizer", required=True, help="byte | bpe:N | path/to/tokenizer.json")
     dp.add_argument("--out", required=True, metavar="DIR", help="directory of the token store to write")
     dp.add_argument("--overwrite", action="store_true",
                     help="replace an existing token store at --out (never anything else)")
-    dp.add_argument("--val-fraction", type=float, default=0.02, metavar="F",
+    dp.add_argument("--val-fraction", type=float, default=None, metavar="F",
                     help="share of the documents held out for eval (split by document, default 0.02)")
+    dp.add_argument("--val-source", nargs="+", default=None, metavar="FILES",
+                    help="a separate validation corpus (e.g. SlimPajama's validation split): its documents are the val "
+                         "split and every --source document is train, instead of --val-fraction")
+    dp.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="tokenizer processes (default: the machine's cores, at most one per 8 MB of input; 1 "
+                         "tokenizes in this process)")
+    dp.add_argument("--shard-tokens", type=int, default=100_000_000, metavar="N",
+                    help="tokens per shard file (default 100000000); a rerun after a kill continues after the last "
+                         "finished shard")
+    dp.add_argument("--num-parts", type=int, default=1, metavar="N",
+                    help="split the input files into N parts (by size, in order), e.g. one per machine")
+    dp.add_argument("--part", type=int, default=None, metavar="I",
+                    help="prepare only part I (0..N-1); the last part to finish combines them into --out (or run "
+                         "the command without --part); the machines must share --out's file system")
     dp.set_defaults(fn=cmd_data_prepare)
 
     i = sub.add_parser("info", help="parameters, FLOPs per token, KV-cache bytes per token (no training)")
