@@ -313,3 +313,23 @@ def test_scan_keeps_only_low_ranked_documents_and_gets_the_same_split(corpus, tm
     monkeypatch.setattr(scan, "PRUNE_AT", 4)
     out = prepare(source, "bpe:400", tmp_path / "store", val_fraction=0.1, log=None)
     assert_store_equals_oracle(out, docs, 0.1)
+
+
+def test_the_command_line_flags(corpus, tmp_path, capsys):
+    source, docs = corpus
+    (tmp_path / "val.jsonl").write_bytes(jsonl_bytes(synthetic_documents(3, seed=33, max_words=100)))
+    out = str(tmp_path / "store")
+    common = ["data", "prepare", "--source", *source, "--tokenizer", "byte", "--out", out, "--workers", "1",
+              "--shard-tokens", str(SHARD), "--val-source", str(tmp_path / "val.jsonl")]
+    assert main([*common, "--num-parts", "2", "--part", "1"]) == 0
+    assert "part 1 of 2 is finished" in capsys.readouterr().out and not (tmp_path / "store").exists()
+    assert main([*common, "--num-parts", "2", "--part", "0"]) == 0
+    assert f"{out}: vocab 256, train " in capsys.readouterr().out
+    store = open_store(out)
+    assert store.n_documents("train") == len(docs) and store.n_documents("val") == 3
+    assert len(store.meta["splits"]["train"]["shards"]) > 3
+    assert main([*common, "--val-fraction", "0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: val_fraction picks val documents out of the source") and "\n" not in err
+    assert main([*common, "--num-parts", "2", "--part", "2"]) == 2
+    assert "part must be one of 0..1 (of --num-parts 2), got 2" in capsys.readouterr().err
