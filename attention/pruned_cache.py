@@ -114,6 +114,6 @@ def occupancy(cache: dict) -> jax.Array:
 
 
 def entry_bytes(cache: dict) -> int:
-    """Bytes of one slot's cached vectors (keys and values) for one KV head."""
-    return sum(x.shape[-1] * jnp.dtype(x.dtype).itemsize for name, x in cache.items() if name not in META)
+    """Bytes of one slot's cached vectors (keys and values; the mixers name them k and v) for one KV head."""
+    return sum(cache[n].shape[-1] * jnp.dtype(cache[n].dtype).itemsize for n in ("k", "v") if n in cache)
 

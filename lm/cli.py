@@ -51,7 +51,8 @@ def cmd_eval(args) -> int:
                      needle=args.needle, needle_lengths=args.needle_lengths, needle_depths=args.needle_depths,
                      needle_samples=args.needle_samples, needle_filler=args.needle_filler, slide=args.slide,
                      decode=args.decode, decode_batch=args.decode_batch, decode_prompt=args.decode_prompt,
-                     decode_steps=args.decode_steps, decode_repeats=args.decode_repeats)
+                     decode_steps=args.decode_steps, decode_repeats=args.decode_repeats,
+                     cache_policy=args.cache_policy, cache_budget=args.cache_budget, cache_window=args.cache_window)
     res = evaluate(args.run_dir, max_batches=args.batches, overrides=args.set, as_in_training=args.as_in_training,
                    beyond=beyond)
     if args.json:
@@ -276,6 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="timed decode steps (default 32, at most data.seq_len/2)")
     ed.add_argument("--decode-repeats", type=int, default=5, metavar="R",
                     help="timed repeats of the N steps; the median is reported (default 5)")
+    ed.add_argument("--cache-policy", choices=("spkv", "sink-window", "h2o", "random"), default=None,
+                    help="decode through pruned caches under this policy (attention/cache_policies.py): the held-out "
+                         "batches' loss (beside the full forward's), recall with --recall, speed and bytes")
+    ed.add_argument("--cache-budget", type=int, default=None, metavar="B",
+                    help="keys each softmax layer holds per sequence and KV head, window included (needed but for "
+                         "spkv, which otherwise keeps spkv.cache.capacity beside its window)")
+    ed.add_argument("--cache-window", type=int, default=None, metavar="W",
+                    help="recent keys always held (default: the layer's SP-KV window, else half the budget; "
+                         "sink-window: the budget less 4 sinks)")
     with_set(e)
     e.set_defaults(fn=cmd_eval)
 

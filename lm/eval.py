@@ -5,7 +5,8 @@ By default every full batch of the held-out split is scored. Training's evals sc
 reproduces the last eval a run logged (with its config unchanged).
 
 Beyond loss, on request (`lm.evals.Request`): associative recall, needle retrieval and decode speed with the
-caches' measured bytes, under the record's keys `recall`, `needle` and `decode`.
+caches' measured bytes, under the record's keys `recall`, `needle` and `decode`; with a cache policy, the loss,
+recall and bytes through pruned caches under it, under `cache`.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import jax
 import numpy as np
 
 from lm import evals
-from lm.evals import common, decode_speed, needle, recall
+from lm.evals import cache_policy, common, decode_speed, needle, recall
 from lm.train.rundir import RunError, load_run, open_run_data
 from lm.train.setup import data_rows, eval_batch_size
 from lm.train.step import make_eval_step, run_eval_batches
@@ -64,6 +65,8 @@ def evaluate(run_dir: str | Path, *, max_batches: int | None = None, overrides: 
               "summary": report.summary}
     if plan is not None:
         record.update(_run_beyond(cfg, setup, params, beyond, plan))
+        if "policy" in plan:
+            record["cache"] = _run_policy(cfg, setup, params, beyond, plan, batches, res)
     return record
 
 
@@ -89,6 +92,8 @@ def _plan_beyond(cfg, ds, req: evals.Request, log: Callable[[str], None]) -> dic
         if sum(plan["decode"]) > cfg.data.seq_len:
             log(f"note: decoding {sum(plan['decode'])} tokens, more than the {cfg.data.seq_len} the model trained on "
                 f"(data.seq_len): fine for speed and bytes, the tokens themselves are not scored")
+        if req.cache_policy is not None:
+            plan["policy"] = cache_policy.resolve(cfg, req.cache_policy, req.cache_budget, req.cache_window)
     return plan
 
 
@@ -115,14 +120,27 @@ def _run_beyond(cfg, setup, params, req: evals.Request, plan: dict) -> dict:
         prompt = decode_speed.prompt_tokens(np.random.default_rng(decode_speed.PROMPT_SEED), req.decode_batch, P,
                                             ids=pool.content(), text=pool.text)
         out["decode"] = decode_speed.measure_decode(setup.mdef, params, prompt, steps=steps,
-                                                    repeats=req.decode_repeats)
+                                                    repeats=req.decode_repeats, policy=plan.get("policy"))
+    return out
+
+
+def _run_policy(cfg, setup, params, req: evals.Request, plan: dict, batches: list, full: dict) -> dict:
+    """The `cache` record: the scored batches' loss through pruned caches under the plan's policy, beside the
+    full forward's `full`, and with --recall the recall through them."""
+    policy = plan["policy"]
+    out = cache_policy.score(setup.mdef, params, policy, batches, full)
+    if req.recall:
+        C = cfg.data.seq_len
+        predict = cache_policy.predictor(setup.mdef, params, common.rows_for(eval_batch_size(cfg), C, C), policy)
+        out["recall"] = recall.score_recall(predict, pairs=plan["pairs"], seq_len=C, samples=req.recall_samples,
+                                            pool=plan["pool"], power_a=plan["power_a"])
     return out
 
 
 def beyond_lines(record: dict) -> list[str]:
     """The human-readable lines of the evaluations beyond loss a record holds."""
     out = []
-    for key, mod in (("recall", recall), ("needle", needle), ("decode", decode_speed)):
+    for key, mod in (("recall", recall), ("needle", needle), ("decode", decode_speed), ("cache", cache_policy)):
         if key in record:
             out += mod.lines(record[key])
     return out

@@ -1,16 +1,18 @@
 """Autoregressive generation with a fixed-shape cache under jit: greedy, temperature, top-k, top-p; the
 checks of a request against the sampling rules and the context the model was trained on; generation past
-that context in a sliding window."""
+that context in a sliding window; the model's decode caches, optionally under a cache policy."""
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from attention.cache_policies import CachePolicy, CachePolicyError
 from lm.config import Config
 from lm.model import ModelDef
 from lm.train.rundir import RunError
@@ -133,10 +135,37 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, *, temperature: float, t
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("mdef", "max_new_tokens", "temperature", "top_k", "top_p"))
+def init_caches(model, batch: int, max_len: int, policy: CachePolicy | None = None) -> list:
+    """The model's decode caches for `max_len` tokens. Under a cache policy (`attention.cache_policies`) every
+    layer whose cache takes one (softmax layers reading the whole context) gets a pruned cache under it, and
+    layers whose state does not grow (linear mixers, sliding windows) keep theirs. GenerationError when a layer
+    with a growing cache cannot take the policy, or when the policy cannot run on a layer."""
+    if policy is None:
+        return model.init_cache(batch, max_len)
+    caches, took = [], 0
+    for block in model.blocks:
+        mixer = block.mixer
+        growing = mixer.cache_bytes_per_token() > 0
+        if growing and "policy" not in inspect.signature(mixer.init_cache).parameters:
+            raise GenerationError(f"layer {block.label} ({type(mixer).__name__}) keeps a growing cache that takes no "
+                                  f"cache policy; policies apply to softmax layers")
+        try:
+            caches.append(mixer.init_cache(batch, max_len, model.dtype, **({"policy": policy} if growing else {})))
+        except CachePolicyError as e:
+            raise GenerationError(f"layer {block.label}: {e}") from None
+        took += growing
+    if not took:
+        raise GenerationError("no layer of this model keeps a growing KV cache: there is nothing for a cache policy "
+                              "to prune")
+    return caches
+
+
+@functools.partial(jax.jit, static_argnames=("mdef", "max_new_tokens", "temperature", "top_k", "top_p", "policy"))
 def generate_ids(mdef: ModelDef, params, prompt_BP: jax.Array, key: jax.Array, *, max_new_tokens: int,
-                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> jax.Array:
-    """Prompt ids [B,P] -> [B, P + max_new_tokens]. The prompt is fed through the same decode path."""
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 policy: CachePolicy | None = None) -> jax.Array:
+    """Prompt ids [B,P] -> [B, P + max_new_tokens]. The prompt is fed through the same decode path, with the
+    model's caches or, with `policy`, pruned ones under it (`init_caches`)."""
     model = mdef.merge(params)
     B, P = prompt_BP.shape
     total = P + max_new_tokens
@@ -144,7 +173,7 @@ def generate_ids(mdef: ModelDef, params, prompt_BP: jax.Array, key: jax.Array, *
     if m.pos == "learned" and total - 1 > m.max_seq_len:  # the last token is sampled, never fed back
         raise GenerationError(f"{P} + {max_new_tokens} tokens go past the learned position table "
                               f"(model.max_seq_len={m.max_seq_len}); see plan_length")
-    cache, logits_PBV = prefill(model, prompt_BP, model.init_cache(B, total))
+    cache, logits_PBV = prefill(model, prompt_BP, init_caches(model, B, total, policy))
     first = sample_logits(logits_PBV[-1], jax.random.fold_in(key, 0), temperature=temperature, top_k=top_k,
                           top_p=top_p)
 
@@ -160,11 +189,12 @@ def generate_ids(mdef: ModelDef, params, prompt_BP: jax.Array, key: jax.Array, *
     return jnp.concatenate([prompt_BP, new], axis=1)
 
 
-def decode_logits(mdef: ModelDef, params, tokens_BT: jax.Array) -> jax.Array:
-    """Logits [B,T,V] computed token by token through the cache (tests compare it with the full forward)."""
+def decode_logits(mdef: ModelDef, params, tokens_BT: jax.Array, policy: CachePolicy | None = None) -> jax.Array:
+    """Logits [B,T,V] computed token by token through the caches (tests compare it with the full forward); with
+    `policy`, pruned caches under it (`init_caches`)."""
     model = mdef.merge(params)
     B, T = tokens_BT.shape
-    _, out = prefill(model, tokens_BT, model.init_cache(B, T))
+    _, out = prefill(model, tokens_BT, init_caches(model, B, T, policy))
     return jnp.swapaxes(out, 0, 1)
 
 

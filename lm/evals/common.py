@@ -29,10 +29,12 @@ class EvalError(RunError):
     """An evaluation request that cannot be served as asked; the message says what to change."""
 
 
-def predictor(mdef: ModelDef, params, rows: int) -> Predict:
+def predictor(mdef: ModelDef, params, rows: int, logits: Callable | None = None) -> Predict:
     """The argmax next-token predictor of a model, run `rows` sequences at a time (a last short chunk is padded
-    so every call of one length has one shape: one compilation per length)."""
-    fwd = jax.jit(lambda p, t: jnp.argmax(mdef.merge(p)(t), axis=-1).astype(jnp.int32))
+    so every call of one length has one shape: one compilation per length). `logits(model, tokens)` computes
+    the logits (None: the full forward)."""
+    logits = logits or (lambda model, t: model(t))
+    fwd = jax.jit(lambda p, t: jnp.argmax(logits(mdef.merge(p), t), axis=-1).astype(jnp.int32))
 
     def predict(tokens_BT: np.ndarray) -> np.ndarray:
         out = []

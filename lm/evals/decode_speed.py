@@ -12,8 +12,9 @@ kv_cache_bytes_per_token counts keys and values only, and state_bytes_per_sequen
 state; they agree with the arrays for plain caches (K=V sharing caches one array, half of K,V's; linear mixers
 grow by nothing). A pruned (SP-KV) cache (`attention.pruned_cache`) also records each slot's position and score
 (int32 and fp32 per KV head and slot), admission bits for the window and per-head counts; with a capacity set
-its store does not grow with the length. What it holds is given under `spkv`: the entries present after
-decoding times their bytes, against what it allocated and the keys a full store evicted.
+its store does not grow with the length. What it holds is given under `pruned`: the entries present after
+decoding times their bytes, against what it allocated and the keys a full store evicted. With a cache policy
+(`attention.cache_policies`) every softmax layer reading the whole context decodes through such a cache.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ import numpy as np
 from attention import pruned_cache
 from lm.config import Config
 from lm.evals.common import EvalError, can_run_past
-from lm.generate import prefill as prefill_cache
+from attention.cache_policies import CachePolicy
+from lm.generate import init_caches, prefill as prefill_cache
 from lm.info import model_info
 from lm.model import ModelDef
 
@@ -61,8 +63,9 @@ def tree_bytes(tree) -> int:
 
 
 def measure_decode(mdef: ModelDef, params, prompt_BP: np.ndarray, *, steps: int,
-                   repeats: int = DEFAULT_REPEATS) -> dict:
-    """Decode `steps` tokens after `prompt_BP` [B,P]; tokens/s and the caches' bytes (see the module docstring)."""
+                   repeats: int = DEFAULT_REPEATS, policy: CachePolicy | None = None) -> dict:
+    """Decode `steps` tokens after `prompt_BP` [B,P]; tokens/s and the caches' bytes (see the module docstring);
+    with `policy`, through pruned caches under it (`lm.generate.init_caches`)."""
     B, P = prompt_BP.shape
     total = P + steps
     cfg = mdef.cfg
@@ -70,7 +73,7 @@ def measure_decode(mdef: ModelDef, params, prompt_BP: np.ndarray, *, steps: int,
     @jax.jit
     def prefill(params, prompt):
         model = mdef.merge(params)
-        cache, logits_PBV = prefill_cache(model, prompt, model.init_cache(B, total))
+        cache, logits_PBV = prefill_cache(model, prompt, init_caches(model, B, total, policy))
         return cache, jnp.argmax(logits_PBV[-1], axis=-1).astype(jnp.int32)
 
     @jax.jit
@@ -98,13 +101,14 @@ def measure_decode(mdef: ModelDef, params, prompt_BP: np.ndarray, *, steps: int,
     sec = statistics.median(times)
     return {"batch": B, "prompt": P, "steps": steps, "cache_tokens": total, "repeats": repeats,
             "tokens_per_s": B * steps / sec, "ms_per_step": sec / steps * 1e3, "compile_s": compile_s,
-            **cache_report(mdef, params, cache, B, total, cfg)}
+            **cache_report(mdef, params, cache, B, total, cfg, policy)}
 
 
-def cache_report(mdef: ModelDef, params, cache: list, batch: int, length: int, cfg: Config) -> dict:
+def cache_report(mdef: ModelDef, params, cache: list, batch: int, length: int, cfg: Config,
+                 policy: CachePolicy | None = None) -> dict:
     """Measured cache bytes (total, per sequence, per token and fixed, per layer) beside the analytic ones."""
     model = mdef.merge(params)
-    twice = jax.eval_shape(lambda: model.init_cache(batch, 2 * length))
+    twice = jax.eval_shape(lambda: init_caches(model, batch, 2 * length, policy))
     info = model_info(cfg)
     layers, grow, fixed = [], 0, 0
     for block, c, c2 in zip(model.blocks, cache, twice):
@@ -127,9 +131,9 @@ def cache_report(mdef: ModelDef, params, cache: list, batch: int, length: int, c
            "cache_dtype": info["kv_cache_dtype"], "layers": layers}
     out["matches_analytic"] = out["bytes_per_token"] == out["analytic_bytes_per_token"] and \
         out["state_bytes"] == out["analytic_state_bytes"]
-    pruned = spkv_report(model, cache, length)
+    pruned = pruned_report(model, cache, length)
     if pruned:
-        out["spkv"] = pruned
+        out["pruned"] = pruned
     return out
 
 
@@ -139,7 +143,7 @@ def _named(cache) -> dict:
             for p, x in jax.tree_util.tree_flatten_with_path(cache)[0]}
 
 
-def spkv_report(model, cache: list, length: int) -> dict | None:
+def pruned_report(model, cache: list, length: int) -> dict | None:
     """What the pruned caches hold after decoding, per sequence (mean over the batch): the kept entries' key
     and value bytes against a dense cache of the same length and against the bytes allocated (every array of
     the cache), by pruned layer, with the slots allocated and keys evicted per KV head; None without pruned
@@ -186,9 +190,9 @@ def lines(res: dict) -> list[str]:
            f"  cache measured: {n(res['bytes_per_sequence'])} bytes/sequence = {n(res['bytes_per_token'])}/token + "
            f"{n(res['state_bytes'])} fixed; analytic (info, {res['cache_dtype']}): "
            f"{n(res['analytic_bytes_per_token'])}/token + {n(res['analytic_state_bytes'])} fixed ({ok})"]
-    s = res.get("spkv")
+    s = res.get("pruned")
     if s:
-        out.append(f"  SP-KV: holds {n(s['held_kv_bytes_per_sequence'])} KV bytes/sequence of a dense "
+        out.append(f"  pruned caches: hold {n(s['held_kv_bytes_per_sequence'])} KV bytes/sequence of a dense "
                    f"{n(s['dense_kv_bytes_per_sequence'])} ({s['compression']:.2f}x smaller; allocated "
                    f"{n(s['allocated_bytes_per_sequence'])} with positions, scores and admission bits, "
                    f"{s['allocated_vs_dense']:.2f}x dense; {n(s['evicted_per_sequence'])} keys evicted)")

@@ -209,7 +209,7 @@ def test_spkv_cache_reports_what_it_holds(tmp_path):
     # head (2 layers x 2 heads); fixed: admission bits of the 8 window slots, stored and evicted counts.
     assert res["analytic_bytes_per_token"] == kv_token and res["bytes_per_token"] == kv_token + 2 * 2 * 8
     assert res["state_bytes"] == 2 * (8 * 2 + 2 * 4 + 2 * 4) and not res["matches_analytic"]
-    s = res["spkv"]
+    s = res["pruned"]
     assert s["dense_kv_bytes_per_sequence"] == 16 * kv_token
     assert s["held_kv_bytes_per_sequence"] == 8 * kv_token and s["compression"] == 2.0
     assert s["allocated_bytes_per_sequence"] == 16 * res["bytes_per_token"] + res["state_bytes"]
