@@ -121,10 +121,19 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from lm.config import load_config
-    from lm.info import model_info
+    from pathlib import Path
 
-    info = model_info(load_config(args.config, args.set))
+    from lm.config import load_config
+    from lm.info import model_info, spkv_capacity
+
+    run_dir = Path(args.config) if Path(args.config).is_dir() else None
+    if run_dir is not None and not (run_dir / "config.yaml").is_file():
+        raise UsageError(f"{run_dir} is a directory but no run directory (no config.yaml); give a config file or a "
+                         f"run directory")
+    cfg = load_config(run_dir / "config.yaml" if run_dir else args.config, args.set)
+    info = model_info(cfg)
+    if run_dir is not None:
+        info |= {f"spkv_cache_capacity/{name}": s for name, s in spkv_capacity(run_dir, cfg).items()}
     if args.json:
         print(json.dumps(info))
     else:
@@ -341,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp.set_defaults(fn=cmd_data_prepare)
 
     i = sub.add_parser("info", help="parameters, FLOPs per token, KV-cache bytes per token (no training)")
-    i.add_argument("config", help="a YAML config, e.g. configs/tiny/softmax.yaml")
+    i.add_argument("config", help="a YAML config, e.g. configs/tiny/softmax.yaml, or a run directory (for an SP-KV "
+                                  "run also a spkv.cache.capacity from its measured densities)")
     i.add_argument("--json", action="store_true", help="print the result as one JSON object")
     with_set(i)
     i.set_defaults(fn=cmd_info)

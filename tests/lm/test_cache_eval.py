@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from lm.cli import main
@@ -101,3 +102,22 @@ def test_refused_requests(capsys, softmax_run, flags, says):
     assert main(["eval", softmax_run, "--batches", "1", *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
+
+
+def test_info_suggests_a_capacity_from_a_runs_densities(capsys, spkv_run, tmp_path):
+    """The densest head's kept share of the older keys at the last eval, plus 25%, rounded up to 0.01."""
+    from pathlib import Path
+
+    from lm.tracking import read_metrics
+
+    assert main(["info", spkv_run, "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)["spkv_cache_capacity/softmax"]
+    heads = [r for r in read_metrics(Path(spkv_run) / "metrics.jsonl") if "spkv_density_heads" in r][-1]
+    densest = max(d for ds in heads["spkv_density_heads"].values() for d in ds)
+    assert s["density"] == densest and s["capacity"] == min(np.ceil(densest * 125) / 100, 1.0)
+    assert s["set"] == f"model.mixers.softmax.spkv.cache.capacity={s['capacity']}"
+    assert s["kv_vs_dense"] == (8 + np.ceil(s["capacity"] * 24)) / 32
+    assert main(["info", "configs/tiny/spkv.yaml", "--json"]) == 0
+    assert not any(k.startswith("spkv_cache_capacity") for k in json.loads(capsys.readouterr().out))
+    assert main(["info", str(tmp_path)]) == 2
+    assert "no run directory (no config.yaml)" in capsys.readouterr().err
