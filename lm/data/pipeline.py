@@ -96,15 +96,15 @@ class _Windows:
 
     def __init__(self, store: TokenStore, split: str, seq_len: int, packed: bool, rows: Rows = WINDOWS):
         self._tokens = store.split(split)
-        self._offsets = store.doc_offsets(split) if packed else None
+        self._documents = store.documents(split) if packed else None
         self._span = np.arange(seq_len + 1)
         self._rows = rows
 
     def __call__(self, starts) -> dict[str, np.ndarray]:
         index = np.asarray(starts, dtype=np.int64)[:, None] + self._span
         batch = {"tokens": np.asarray(self._tokens[index], dtype=np.int32)}
-        if self._offsets is not None:
-            doc = np.searchsorted(self._offsets, index, side="right")
+        if self._documents is not None:
+            doc = self._documents.containing(index)
             batch["segment_ids"] = (doc - doc[:, :1] + 1).astype(np.int32)
         return self._rows.last_unscored(batch)
 
@@ -114,16 +114,16 @@ class _Documents:
 
     def __init__(self, store: TokenStore, split: str, seq_len: int, rows: Rows):
         self._tokens = store.split(split)
-        self._offsets = store.doc_offsets(split)
+        self._documents = store.documents(split)
         self._width, self._rows = seq_len + 1, rows
         self._keep = seq_len + 1 if rows.score_last else seq_len  # tokens of a document a row holds
 
     def __call__(self, docs) -> dict[str, np.ndarray]:
-        docs = np.asarray(docs, dtype=np.int64)
-        tokens = np.full((len(docs), self._width), self._rows.pad_id, np.int32)
-        lengths = np.minimum(self._offsets[docs + 1] - self._offsets[docs], self._keep)
-        for row, (doc, n) in enumerate(zip(docs, lengths)):
-            tokens[row, :n] = self._tokens[self._offsets[doc]:self._offsets[doc] + n]
+        starts, ends = self._documents.bounds(docs)
+        tokens = np.full((len(starts), self._width), self._rows.pad_id, np.int32)
+        lengths = np.minimum(ends - starts, self._keep)
+        for row, (start, n) in enumerate(zip(starts, lengths)):
+            tokens[row, :n] = self._tokens[start:start + n]
         batch = {"tokens": tokens}
         if not self._rows.score_padding:  # target t is tokens[:, t + 1]: real while t + 1 < the document's length
             batch["loss_mask"] = np.arange(1, self._width)[None, :] < lengths[:, None]
@@ -199,7 +199,7 @@ def train_iterator(store: TokenStore | str | Path, *, seq_len: int, batch_size: 
         if packed:
             raise DataError("data.rows=documents puts one document in each row: there is nothing to pack; set "
                             "data.packed=false")
-        n_docs = len(store.doc_offsets("train")) - 1
+        n_docs = store.n_documents("train")
         ds = (grain.MapDataset.range(n_docs)
               .shuffle(seed=_derive_seed(seed, "shuffle"))
               .repeat()
@@ -245,7 +245,7 @@ def eval_batches(store: TokenStore | str | Path, *, seq_len: int, batch_size: in
     index, count = _process_slot(process_index, process_count, batch_size)
     local = batch_size // count
     if rows.kind == "documents":
-        n_batches = (len(store.doc_offsets("val")) - 1) // batch_size
+        n_batches = store.n_documents("val") // batch_size
         if n_batches == 0:
             raise DataError(f"the val split of {store.path} has fewer documents than one eval batch of {batch_size}; "
                             f"lower the batch size or hold out more (`attnlab data prepare ... --val-fraction`)")

@@ -60,7 +60,8 @@ def test_document_index_across_shards(stores):
 
 
 @pytest.mark.parametrize("rows, packed", [(Rows(), False), (Rows(), True), (Rows("documents", pad_id=0), False),
-                                          (Rows("documents", pad_id=0, score_padding=False), False)])
+                                          (Rows("documents", pad_id=0, score_padding=False), False),
+                                          (Rows("documents", pad_id=0, score_last=False), False)])
 def test_pipeline_batches_do_not_depend_on_the_shards(stores, rows, packed):
     one, many = stores
     kw = dict(seq_len=64, batch_size=4, seed=3, packed=packed, rows=rows, process_index=0, process_count=1)
