@@ -1,12 +1,14 @@
-"""Implementation dispatch for attention ops: reference / xla / pallas / auto, with no silent fallback.
+"""Implementation dispatch for attention ops: reference / xla / pallas / cudnn / splash / auto, with no silent
+fallback.
 
 Every op registers its implementations here. `resolve` picks one:
 
-- an explicit impl must exist and, for pallas, its `supports(...)` check must pass; otherwise
-  `ImplUnavailable` is raised with the reason;
-- "auto" takes pallas when a kernel is registered and supports the call on a GPU or TPU, else xla, and
-  records the choice and the reason so the run can log it (see `choices()`). On the CPU auto never takes
-  pallas: kernels run there only interpreted (what the tests check), far slower than xla.
+- an explicit impl must exist and, for a kernel (pallas, or the library kernels cudnn and splash), its
+  `supports(...)` check must pass; otherwise `ImplUnavailable` is raised with the reason;
+- "auto" asks the op's chooser (`register_auto`) where it has one; otherwise it takes pallas when a kernel is
+  registered and supports the call on a GPU or TPU, else xla. It records the choice and the reason so the run
+  can log it (see `choices()`). On the CPU auto never takes a kernel: kernels run there only interpreted (what
+  the tests check), far slower than xla.
 
 Choices are recorded at trace time (ops are called inside jit), keyed by op and a caller label.
 """
@@ -18,7 +20,9 @@ from typing import Any, Callable
 
 import jax
 
-IMPLS = ("reference", "xla", "pallas", "auto")
+IMPLS = ("reference", "xla", "pallas", "cudnn", "splash", "auto")
+# Implementations that run a kernel and say which calls they serve (`supports`): ours, and the library kernels.
+KERNEL_IMPLS = ("pallas", "cudnn", "splash")
 
 
 class ImplUnavailable(RuntimeError):
@@ -34,26 +38,34 @@ class Choice:
 
 
 _impls: dict[str, dict[str, Callable[..., Any]]] = {}
-# op -> function(**call_info) -> None when the pallas kernel supports the call, else a reason string.
-_pallas_supports: dict[str, Callable[..., str | None]] = {}
+# (op, kernel impl) -> function(**call_info) -> None when the kernel supports the call, else a reason string.
+_supports: dict[tuple[str, str], Callable[..., str | None]] = {}
+# op -> function(backend=, why_not={kernel impl: None or reason}, **call_info) -> (impl, reason) for auto.
+_auto: dict[str, Callable[..., tuple[str, str]]] = {}
 _choices: dict[tuple[str, str], Choice] = {}
 _lock = threading.Lock()
 _label = threading.local()
 
 
 def register(op: str, impl: str, *, supports: Callable[..., str | None] | None = None):
-    """Decorator: register `fn` as implementation `impl` of `op`. A pallas kernel's `supports(**call_info)`
-    says which calls it serves."""
-    if impl not in ("reference", "xla", "pallas"):
-        raise ValueError(f"cannot register impl {impl!r}; use reference, xla or pallas")
+    """Decorator: register `fn` as implementation `impl` of `op`. A kernel's `supports(**call_info)` says which
+    calls it serves."""
+    if impl not in ("reference", "xla") + KERNEL_IMPLS:
+        raise ValueError(f"cannot register impl {impl!r}; use reference, xla, {', '.join(KERNEL_IMPLS)}")
 
     def deco(fn):
         _impls.setdefault(op, {})[impl] = fn
-        if impl == "pallas":
-            _pallas_supports[op] = supports or (lambda **_: None)
+        if impl in KERNEL_IMPLS:
+            _supports[(op, impl)] = supports or (lambda **_: None)
         return fn
 
     return deco
+
+
+def register_auto(op: str, choose: Callable[..., tuple[str, str]]) -> None:
+    """Let `choose(backend=..., why_not={impl: None or the reason it cannot run}, **call_info)` pick auto's
+    implementation of `op` and say why."""
+    _auto[op] = choose
 
 
 KERNEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -85,11 +97,18 @@ def backend() -> str:
     return jax.default_backend()
 
 
-def _pallas_reason(op: str, call_info: dict[str, Any]) -> str | None:
-    """None when a pallas kernel for `op` can run this call, else why not."""
-    if "pallas" not in _impls.get(op, {}):
-        return f"no Pallas kernel is registered for {op}"
-    return _pallas_supports[op](backend=backend(), **call_info)
+def _kernel_reason(op: str, impl: str, call_info: dict[str, Any]) -> str | None:
+    """None when kernel implementation `impl` of `op` can run this call, else why not."""
+    if impl not in _impls.get(op, {}):
+        return f"no {impl} kernel is registered for {op}"
+    return _supports[(op, impl)](backend=backend(), **call_info)
+
+
+def why_not(op: str, impl: str, **call_info: Any) -> str | None:
+    """None when implementation `impl` of `op` can run this call, else why not (reference and xla run all)."""
+    if impl not in _impls.get(op, {}):
+        return f"{impl} is not implemented for {op}"
+    return _kernel_reason(op, impl, call_info) if impl in KERNEL_IMPLS else None
 
 
 def resolve(op: str, impl: str, **call_info: Any) -> Callable[..., Any]:
@@ -99,18 +118,21 @@ def resolve(op: str, impl: str, **call_info: Any) -> Callable[..., Any]:
     table = _impls.get(op)
     if not table:
         raise ImplUnavailable(f"op {op!r} has no registered implementation")
-    if impl == "auto":
-        why_not = _pallas_reason(op, call_info)
+    if impl == "auto" and op in _auto:
+        why_not = {k: _kernel_reason(op, k, call_info) for k in KERNEL_IMPLS if k in table}
+        chosen, reason = _auto[op](backend=backend(), why_not=why_not, **call_info)
+    elif impl == "auto":
+        why_not = _kernel_reason(op, "pallas", call_info)
         if why_not is None and backend() == "cpu":
             why_not = "on the CPU Pallas kernels run only interpreted (for tests); xla is faster"
 
         chosen = "pallas" if why_not is None else "xla"
         reason = "pallas kernel supports this call" if why_not is None else why_not
     else:
-        if impl == "pallas":
-            why_not = _pallas_reason(op, call_info)
+        if impl in KERNEL_IMPLS and impl in table:
+            why_not = _kernel_reason(op, impl, call_info)
             if why_not is not None:
-                raise ImplUnavailable(f"{op}: impl='pallas' cannot run here: {why_not}")
+                raise ImplUnavailable(f"{op}: impl={impl!r} cannot run here: {why_not}")
         elif impl not in table:
             raise ImplUnavailable(f"{op}: impl={impl!r} is not implemented")
         chosen, reason = impl, "requested"

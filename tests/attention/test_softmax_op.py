@@ -199,19 +199,21 @@ def test_no_score_matrix_is_materialised():
     assert max(sizes) <= full // 4, f"largest intermediate has {max(sizes)} elements; B*H*T*S = {full}"
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas-pipeline"])
-def test_bf16_inputs_against_fp32_reference(impl):
+@pytest.mark.parametrize("impl, name", [(impl, "mqa-gate-local-window") for impl in ("xla", "pallas", "pallas-pipeline")]
+                         + [(impl, "v-is-k-sliding-window") for impl in ("cudnn", "splash")])
+def test_bf16_inputs_against_fp32_reference(impl, name):
     # bf16 keeps 8 significant bits (unit roundoff 2**-9 ~ 2e-3), and both fast forms round P and dS to
     # bf16 before their matmuls. Measured rel-RMSE, xla and pallas alike: o 1.8e-3, dq 3.1e-3, dk 2.9e-3,
     # dv 3.1e-3, gate 2.4e-3; the bf16 rounding of the outputs alone accounts for 1.5e-3 to 2.7e-3. Bound 1e-2.
-    name = "mqa-gate-local-window"
+    # The library kernels (no gate) on a gate-free case; cuDNN takes bf16 only and runs in the GPU suite.
     arrays, _ = case_arrays(name)
-    as_bf16 = {x: arrays[x].astype(jnp.bfloat16) for x in ("q", "k", "v", "gate")}
+    as_bf16 = {x: arrays[x].astype(jnp.bfloat16) for x in ("q", "k", "v", "gate") if arrays[x] is not None}
     got = _run_case(impl, name, **as_bf16)
     want = _run_case("reference", name, **{x: a.astype(jnp.float32) for x, a in as_bf16.items()})
-    assert all(x.dtype == jnp.bfloat16 for x in got)
+    assert all(x is None or x.dtype == jnp.bfloat16 for x in got)
     for what, a, e in zip(("o", "dq", "dk", "dv", "dgate"), got, want):
-        assert_close(a, e, rel=1e-2, name=f"bf16 {what}")
+        if e is not None:
+            assert_close(a, e, rel=1e-2, name=f"bf16 {what}")
 
 
 # --- decode -------------------------------------------------------------------------------------
@@ -300,7 +302,56 @@ def test_argument_errors(case):
         softmax_attention(kw.pop("q"), kw.pop("k"), kw.pop("v"), **kw)
 
 
-def test_auto_takes_xla_on_the_cpu_and_pallas_elsewhere_and_says_why():
+_PLAIN = dict(dtype=jnp.dtype(jnp.bfloat16), q_shape=(1, 256, 8, 128), k_shape=(1, 256, 2, 128),
+              v_shape=(1, 256, 2, 128), causal=True, sliding_window=None, local_window=None, has_key_log_gate=False,
+              has_segment_ids=False, kv_shared=False)
+
+
+def _auto_on(backend, **change):
+    """auto's choice for a call on `backend`, with the library kernels' own supports checks."""
+    from attention.ops.softmax import auto, library
+    info = _PLAIN | change
+    why_not = {"pallas": None, "cudnn": library.cudnn_supports(backend=backend, **info),
+               "splash": library.splash_supports(backend=backend, **info)}
+    return auto.choose(backend=backend, why_not=why_not, **info)
+
+
+def test_auto_takes_a_library_kernel_for_plain_calls_and_ours_for_what_only_it_does():
+    assert _auto_on("gpu")[0] == "cudnn" and "unmeasured" in _auto_on("gpu")[1]
+    assert _auto_on("tpu")[0] == "splash"
+    assert _auto_on("gpu", sliding_window=128)[0] == "cudnn"
+    assert _auto_on("tpu", has_segment_ids=True)[0] == "splash"
+    for backend in ("gpu", "tpu"):
+        impl, why = _auto_on(backend, has_key_log_gate=True, local_window=64)
+        assert impl == "pallas" and "SP-KV gate" in why
+        impl, why = _auto_on(backend, kv_shared=True)
+        assert impl == "pallas" and "once" in why
+    # What cuDNN refuses falls to our kernel, and the reason says why cuDNN was not taken.
+    impl, why = _auto_on("gpu", dtype=jnp.dtype(jnp.float32))
+    assert impl == "pallas" and "not cudnn: cuDNN's fused attention takes bfloat16 or float16" in why
+    impl, why = _auto_on("gpu", has_segment_ids=True)
+    assert impl == "pallas" and "packed-document" in why
+    assert _auto_on("cpu") == ("xla", "on the CPU kernels run only interpreted (for tests); xla is faster")
+
+
+def test_library_kernels_say_what_they_do_not_serve():
+    from attention.ops.softmax.library import cudnn_supports, splash_supports
+
+    assert cudnn_supports(backend="gpu", **_PLAIN) is None and splash_supports(backend="tpu", **_PLAIN) is None
+    assert "NVIDIA GPUs only" in cudnn_supports(backend="tpu", **_PLAIN)
+    assert "TPU kernel" in splash_supports(backend="gpu", **_PLAIN)
+    assert "top-left" in cudnn_supports(backend="gpu", **_PLAIN | dict(q_shape=(1, 128, 8, 128)))
+    assert "multiples of 8 up to" in cudnn_supports(backend="gpu", **_PLAIN | dict(
+        q_shape=(1, 256, 8, 100), k_shape=(1, 256, 2, 100), v_shape=(1, 256, 2, 100)))
+    gated = _PLAIN | dict(has_key_log_gate=True)
+    assert "gate" in cudnn_supports(backend="gpu", **gated) and "gate" in splash_supports(backend="tpu", **gated)
+    assert "see no key" in splash_supports(backend="tpu", **_PLAIN | dict(q_shape=(1, 512, 8, 128)))
+    with pytest.raises(dispatch.ImplUnavailable, match="impl='cudnn' cannot run here: cuDNN attention runs on"):
+        softmax_attention(_q, _k, _v, impl="cudnn")
+
+
+def test_auto_records_its_choice_and_reason():
+    # fp32: xla on the CPU, our kernel on a GPU (cuDNN takes bf16/fp16 only), splash on a TPU.
     dispatch.clear_choices()
 
     @jax.jit
@@ -311,8 +362,8 @@ def test_auto_takes_xla_on_the_cpu_and_pallas_elsewhere_and_says_why():
 
     auto, ref = both(_q, _k, _v)
     recorded = dict(dispatch.choices())["layer0.softmax"]
-    on_cpu = jax.default_backend() == "cpu"
-    assert (recorded.op, recorded.requested, recorded.chosen) == ("softmax_attention", "auto",
-                                                                  "xla" if on_cpu else "pallas")
-    assert ("interpreted" if on_cpu else "supports this call") in recorded.reason
+    chosen, says = {"cpu": ("xla", "interpreted"), "gpu": ("pallas", "not cudnn"),
+                    "tpu": ("splash", "splash")}[jax.default_backend()]
+    assert (recorded.op, recorded.requested, recorded.chosen) == ("softmax_attention", "auto", chosen)
+    assert says in recorded.reason
     assert_close(auto, ref, rel=1e-5, name="auto")

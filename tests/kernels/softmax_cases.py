@@ -12,14 +12,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import pytest
+
 from attention.ops import dispatch
+from attention.ops.softmax.api import call_info
 from tests.numerics import assert_close
 
 OP = "softmax_attention"
 OUTPUTS = ("o", "dq", "dk", "dv", "dgate")
 # Options an implementation takes in tests only: small tiles, so every case spans several query and key
 # blocks and the tile-skipping paths run.
-TEST_OPTIONS = {"xla": dict(block_q=16, block_k=16), "pallas": dict(block_q=16, block_k=16)}
+TEST_OPTIONS = {"xla": dict(block_q=16, block_k=16), "pallas": dict(block_q=16, block_k=16),
+                "splash": dict(block=128)}
+# Library kernels serve only some cases (and backends); the others skip, naming why.
+LIBRARY = ("cudnn", "splash")
 # Other builds of a registered implementation that tests run by name: the flash kernel's TPU pipeline driver,
 # interpreted on the CPU (the pallas entry is its portable row driver).
 VARIANTS = {"pallas-pipeline": ("pallas", dict(block_q=16, block_k=16, driver="pipeline"))}
@@ -85,6 +91,8 @@ CASES = {
     "T<S-window-gate": dict(T=24, S=70, Hq=2, Hkv=2, sliding_window=30, gate=True, local_window=10),
     # Bottom-right aligned, the first 16 queries precede every key: rows with nothing to see.
     "T>S-gate-local0": dict(T=40, S=24, Hq=2, Hkv=1, gate=True, local_window=0),
+    # Documents and a window without a gate: what splash serves of the packed-document cases.
+    "segments-gqa-window": dict(T=77, S=77, Hq=4, Hkv=2, sliding_window=40, segments=[[0, 20, 50], [0, 64]]),
     # SP-KV's hard gate (0 or -inf; about 30% of the keys kept, per kv head): what compact keys serve.
     "hard-gate-gqa-window-segments": dict(T=77, S=77, Hq=4, Hkv=2, gate="hard", local_window=12,
                                           sliding_window=50, segments=[[0, 30], [0, 50]]),
@@ -107,8 +115,18 @@ def case_arrays(name, **replace):
 
 def run(impl, name, **replace):
     """(o, dq, dk, dv, dgate) of case `name` through implementation `impl` (with its test options);
-    `replace` swaps in other q/k/v/gate arrays."""
+    `replace` swaps in other q/k/v/gate arrays. A library kernel that does not serve the case (or runs only on
+    another backend) skips the test, naming why."""
     arrays, static = case_arrays(name, **replace)
+    base = VARIANTS.get(impl, (impl,))[0]
+    options = dict(static["opts"])
+    info = call_info(arrays["q"], arrays["k"], arrays["k"] if static["share_kv"] else arrays["v"],
+                     causal=options.get("causal", True), sliding_window=options.get("sliding_window"),
+                     local_window=options.get("local_window"), key_log_gate=arrays["gate"],
+                     segment_ids=arrays["segment_ids"])
+    why = dispatch.why_not(OP, base, **info) if base in LIBRARY else None
+    if why is not None:
+        pytest.skip(f"{impl} does not serve {name}: {why}")
     return _run(implementations()[impl], **arrays, **static)
 
 

@@ -35,12 +35,18 @@ def softmax_attention(q, k, v, *, causal=True, sliding_window=None, local_window
     """
     _validate(q, k, v, causal=causal, sliding_window=sliding_window, local_window=local_window,
               key_log_gate=key_log_gate, segment_ids=segment_ids, scale=scale)
-    fn = dispatch.resolve(
-        "softmax_attention", impl, dtype=jnp.dtype(q.dtype), q_shape=q.shape, k_shape=k.shape,
-        v_shape=v.shape, causal=causal, sliding_window=sliding_window, local_window=local_window,
-        has_key_log_gate=key_log_gate is not None, has_segment_ids=segment_ids is not None)
+    fn = dispatch.resolve("softmax_attention", impl, **call_info(
+        q, k, v, causal=causal, sliding_window=sliding_window, local_window=local_window,
+        key_log_gate=key_log_gate, segment_ids=segment_ids))
     return fn(q, k, v, causal=causal, sliding_window=sliding_window, local_window=local_window,
               key_log_gate=key_log_gate, segment_ids=segment_ids, scale=scale)
+
+
+def call_info(q, k, v, *, causal, sliding_window, local_window, key_log_gate, segment_ids) -> dict:
+    """What dispatch knows of a call: what each implementation's `supports` and auto's choice read."""
+    return dict(dtype=jnp.dtype(q.dtype), q_shape=q.shape, k_shape=k.shape, v_shape=v.shape, causal=causal,
+                sliding_window=sliding_window, local_window=local_window, has_key_log_gate=key_log_gate is not None,
+                has_segment_ids=segment_ids is not None, kv_shared=v is k)
 
 
 def _validate(q, k, v, *, causal, sliding_window, local_window, key_log_gate, segment_ids, scale):
