@@ -44,8 +44,10 @@ class WorkDir:
         except (OSError, ValueError):
             return None
 
-    def start(self, plan: dict, write) -> None:
-        """Create the directory for `plan`, or join the same plan; DataError for a plan that is not this one."""
+    def start(self, plan: dict, write, log) -> None:
+        """Create the directory for `plan`, or join the same plan. An unfinished one-part preparation of something
+        else is removed (saying so); parts of something else are refused (DataError), since other machines may
+        still be writing them."""
         old = self.plan()
         if old is not None and old != plan:
             if old["num_parts"] > 1 or plan["num_parts"] > 1:
@@ -53,7 +55,9 @@ class WorkDir:
                     f"{self.path} holds parts of another preparation of {self.out} ({_describe(old, plan)}); run "
                     f"every part with the same --source, --tokenizer, --val-fraction/--val-source and --num-parts, "
                     f"or remove {self.path} to start over")
-            self.discard(f"it held an unfinished preparation of another corpus or tokenizer ({_describe(old, plan)})")
+            why = f"it held an unfinished preparation of another corpus or tokenizer ({_describe(old, plan)})"
+            self.discard(why)
+            log(f"removed {self.path}: {why}")
             old = None
         if old is None:
             self.path.mkdir(parents=True, exist_ok=True)

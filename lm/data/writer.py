@@ -11,7 +11,8 @@ Memory depends on the workers and the batch size, not on the corpus. Everything 
 `.NAME.prepare/` beside the store: a preparation killed at any point, rerun with the same command, continues after
 its last finished shard and ends with the same bytes as one never stopped. `num_parts`/`part` prepare a disjoint
 share of the input files (whole files, balanced by size, in corpus order), on as many machines; when every part
-is finished their shards form one store, the same as one preparation would write.
+is finished their shards form one store, the same as one preparation would write. Each part scans every input
+file for the split (the cut depends on the whole corpus); with `val_source` and a tokenizer file there is no scan.
 
 A bad input (unreadable file, invalid line, corrupt archive) is a DataError and leaves nothing behind; a failure
 of the machine (no space, a killed worker, an interrupt) keeps the finished shards for the rerun.
@@ -75,6 +76,8 @@ def prepare(source: str | list[str], tokenizer: str, out: str | Path, *, overwri
     val_source: a separate corpus that is the val split (then `val_fraction` does not apply); workers: tokenizer
     processes (default: the cores, one per 8 MB of input at most); num_parts/part: prepare only part `part` of
     `num_parts`. Returns `out`, or None when a part is finished but others are not yet (nothing to open yet).
+    Worker processes start with spawn, which imports the caller's main module again: a script that calls prepare
+    with workers > 1 needs the usual `if __name__ == "__main__":` guard.
     """
     out = Path(out)
     log = log or (lambda message: None)
@@ -96,7 +99,7 @@ def prepare(source: str | list[str], tokenizer: str, out: str | Path, *, overwri
     work = WorkDir(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        work.start({"request": request, "num_parts": num_parts}, _write_file)
+        work.start({"request": request, "num_parts": num_parts}, _write_file, log)
     except OSError as exc:
         if exc.errno in _WRITE_ERRNOS and not any(work.path.glob("part-*")):
             work.remove()

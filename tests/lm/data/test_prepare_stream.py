@@ -333,3 +333,34 @@ def test_the_command_line_flags(corpus, tmp_path, capsys):
     assert err.startswith("error: val_fraction picks val documents out of the source") and "\n" not in err
     assert main([*common, "--num-parts", "2", "--part", "2"]) == 2
     assert "part must be one of 0..1 (of --num-parts 2), got 2" in capsys.readouterr().err
+
+
+def test_an_unfinished_preparation_of_something_else_is_removed_saying_so(corpus, tmp_path, monkeypatch):
+    source, docs = corpus
+    real_finish = writer.ShardWriter.finish
+
+    def interrupt(self, end):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer.ShardWriter, "finish", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(source, "byte", tmp_path / "store", shard_tokens=SHARD, log=None)
+    monkeypatch.setattr(writer.ShardWriter, "finish", real_finish)
+    messages = []
+    out = prepare(source, "byte", tmp_path / "store", val_fraction=0.1, log=messages.append)
+    assert any(m.startswith(f"removed {tmp_path / '.store.prepare'}: it held an unfinished preparation") and
+               "val_fraction 0.02 there, 0.1 here" in m for m in messages)
+    assert_store_equals_oracle(out, docs, 0.1)
+
+
+def test_more_parts_than_files(tmp_path):
+    (tmp_path / "txt").mkdir()
+    texts = synthetic_documents(2, seed=34, max_words=200)
+    for i, text in enumerate(texts):
+        (tmp_path / "txt" / f"d{i}.txt").write_text(text)
+    source = [str(tmp_path / "txt")]
+    for part in range(5):
+        prepare(source, "byte", tmp_path / "parts", num_parts=5, part=part, val_fraction=0.5, log=None)
+    one = prepare(source, "byte", tmp_path / "one", val_fraction=0.5, log=None)
+    assert open_store(tmp_path / "parts").fingerprint == open_store(one).fingerprint
+    assert_store_equals_oracle(tmp_path / "parts", [(f"txt/d{i}.txt", t) for i, t in enumerate(texts)], 0.5)
