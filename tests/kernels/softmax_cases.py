@@ -27,8 +27,8 @@ TEST_OPTIONS = {"xla": dict(block_q=16, block_k=16), "pallas": dict(block_q=16, 
 # Library kernels serve only some cases (and backends); the others skip, naming why.
 LIBRARY = ("cudnn", "splash")
 # Other builds of a registered implementation that tests run by name: the flash kernel's TPU pipeline driver,
-# interpreted on the CPU (the pallas entry is its portable row driver).
-VARIANTS = {"pallas-pipeline": ("pallas", dict(block_q=16, block_k=16, driver="pipeline"))}
+# interpreted on any backend (the pallas entry is its portable row driver).
+VARIANTS = {"pallas-pipeline": ("pallas", dict(block_q=16, block_k=16, driver="pipeline", interpret=True))}
 
 
 @functools.cache
