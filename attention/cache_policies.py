@@ -12,7 +12,9 @@ the admission bit and score they give a token:
                  Default window: budget - 4 (the paper's 4 sink tokens).
     h2o          H2O (heavy hitters): every key admitted, scored by the attention it has received since it was
                  cached, summed over the query heads that read its KV head (updated after every read), so a full
-                 store drops the key with the least accumulated attention.
+                 store drops the key with the least accumulated attention. The decode op returns outputs only, so
+                 the attention is computed again by a second, dense pass over the held keys (`attention_mass`):
+                 compare h2o's loss and bytes, not its speed.
     random       every key admitted with a uniform random score (by seed, layer and position): the store is a
                  uniform random sample of the older keys.
 

@@ -159,3 +159,11 @@ def test_decode_through_the_cache_is_attention_over_the_held_keys(capacity):
                                     visible)
             assert_close(o_TBHD[t, b], want, rel=1e-5, name=f"b{b} t{t}")
     assert (total_evicted > 0) == (capacity == 2)
+
+
+def test_decode_refuses_malformed_lengths():
+    q, kv = jnp.zeros((2, 1, 4, 8)), jnp.zeros((2, 5, 2, 8))
+    with pytest.raises(ValueError, match=r"lengths must be \(2, 2\)"):
+        ops.softmax_decode(q, kv, kv, lengths=jnp.zeros((2,), jnp.int32))
+    with pytest.raises(ValueError, match="lengths must be integers"):
+        ops.softmax_decode(q, kv, kv, lengths=jnp.zeros((2, 2)))
