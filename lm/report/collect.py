@@ -45,6 +45,7 @@ class RunRef:
     axis_label: str | None = None
     stage: str = "main"  # "tune": a tuning run of a `tune` sweep (reported in its own table)
     waiting: bool = False  # a run of a `tune` sweep whose value is not chosen yet
+    result: Path | None = None  # an inference-time variant's record (lm/sweep/evals.py); run_dir is its source's
 
 
 @dataclasses.dataclass
@@ -152,6 +153,14 @@ def manifest_runs(sweep_dir: Path, manifest: dict) -> list[RunRef]:
                            status=run.get("status"), config_label=run.get("config_label"),
                            axis_label=run.get("axis_label"), stage=run.get("stage") or "main",
                            waiting=bool(run.get("waiting"))))
+    for ev in manifest.get("evals") or []:
+        given, result = Path(ev["run_dir"]), Path(ev["result"])
+        run_dir = next((c for c in ([given] if given.is_absolute() else [given, sweep_dir / given.name])
+                        if c.is_dir()), None)
+        found = next((c for c in ([result] if result.is_absolute() else [result, sweep_dir / "evals" / result.name])
+                      if c.is_file()), sweep_dir / "evals" / result.name)
+        refs.append(RunRef(name=ev["name"], variant=ev["variant"], seed=int(ev["seed"]), run_dir=run_dir,
+                           result=found))
     return refs
 
 
@@ -209,6 +218,15 @@ def read_run(ref: RunRef, cache: dict[str, dict]) -> tuple[dict, Config | None]:
         return {**base, "reason": f"diverged, at step {last_step} of {cfg.train.steps}"}, cfg
     final = evals[-1]
     extras = extra_metrics(rows, final["step"])
+    if ref.result is not None:  # the source's checkpoint scored again: its metrics replace the run's final eval
+        if not ref.result.is_file():
+            return {**base, "reason": "not evaluated yet"}, cfg
+        from lm.sweep.evals import metrics_of
+
+        doc = json.loads(ref.result.read_text())
+        final = {**metrics_of(doc), "step": final["step"]}
+        extras = {k: v for k, v in final.items() if k not in STANDARD_EVAL and k != "step"}
+        evals, base["eval_of"] = [], doc["source"]
     return {
         **base, "config": ref.config or str(cfg_path), "overrides": list(ref.overrides),
         "steps": cfg.train.steps, "step": last_step, "eval_step": final["step"],

@@ -64,8 +64,10 @@ def midpoint_step(rows: list[dict], key: str) -> int | None:
 def ranking_check(rows: list[dict], key: str) -> dict | None:
     """The variants at the midpoint eval against the final eval: per variant its mean at both and its rank
     (1 = best) at both, and its verdict against its baseline at both; whether the orders are equal, and Kendall's
-    tau between them. None with fewer than two variants or no common midpoint eval."""
-    mid = midpoint_step(rows, key)
+    tau between them, over the variants that trained (an inference-time variant has no curve). None with fewer
+    than two such variants or no common midpoint eval."""
+    rows = [r for r in rows if all(_curve(rec, key) for rec in r["records"])]  # not inference-time variants
+    mid = midpoint_step(rows, key) if rows else None
     if mid is None or len(rows) < 2:
         return None
     sign = -1.0 if key in HIGHER_IS_BETTER else 1.0

@@ -51,10 +51,15 @@ def manifest(sweep: Sweep, statuses: dict[str, str] | None = None) -> dict:
              for seed in sweep.seeds for v in sweep.waiting]
     tune = {"tune": {"key": sweep.tune.key, "values": list(sweep.tune.values), "seed": sweep.tune.seed,
                      "choices": dict(sweep.choices)}} if sweep.tune else {}
+    from lm.sweep.evals import pending, result_path
+
+    evals = {"evals": [{"name": f"{e.label}-s{r.seed}", "variant": e.label, "seed": r.seed, "of": r.name,
+                        "run_dir": r.run_dir, "result": str(result_path(sweep, e, r.seed)), "settings": e.settings()}
+                       for e, r in pending(sweep)]} if sweep.evals else {}
     return {
         "name": sweep.name, "group": sweep.group, "baseline": sweep.baseline, "description": sweep.description,
         "spec": sweep.path, "seeds": list(sweep.seeds), "configs": list(sweep.configs), "axis": list(sweep.axis),
-        "metric": sweep.metric, "contrasts": [list(c) for c in sweep.contrasts], **tune, "runs": runs,
+        "metric": sweep.metric, "contrasts": [list(c) for c in sweep.contrasts], **tune, "runs": runs, **evals,
     }
 
 
@@ -152,8 +157,6 @@ def run_local(sweep: Sweep, *, only: Iterable[str] | None = None, console: Conso
     console = console or Console()
     sweep = resolved(sweep, previous_statuses(sweep))
     runs = select(sweep, only, allow_none=bool(sweep.waiting))
-    if not runs and not sweep.waiting:
-        return 0
     statuses = previous_statuses(sweep)
     chosen = {r.name for r in runs}
     for r in runs:
@@ -184,6 +187,11 @@ def run_local(sweep: Sweep, *, only: Iterable[str] | None = None, console: Conso
     if sweep.waiting:
         say(f"sweep {sweep.name}: no value chosen for {', '.join(sweep.waiting)} (their tuning runs have not all "
             f"ended, or all diverged); their other runs did not start", style="yellow")
+    if sweep.evals:
+        from lm.sweep.evals import run_evals
+
+        run_evals(sweep, statuses, say)
+        write_manifest(sweep.manifest_path, manifest(sweep, statuses))
     console.print(_summary(sweep, done, losses))
     return 0
 

@@ -18,6 +18,9 @@ expanded into runs.
     overrides: {lr3e-3: {optim.lr: 3e-3}}  # optional axis: variants = configs x overrides
     tune: {key: optim.lr, values: [1.0e-3, 2.0e-3, 4.0e-3], seed: 0}   # optional: per variant, the best value
                                          # of `key` on one seed, then every seed at that value
+    evals:                               # optional: inference-time variants, a trained variant's checkpoints
+      dense_h2o: {of: dense, cache_policy: h2o, cache_budget: 72}   # scored again through pruned caches
+      spkv_tau07: {of: spkv, set: {model.mixers.softmax.spkv.threshold: 0.7}}   # or with eval-time settings
     cluster: {slurm: {...}, tpu_vm: {...}} # defaults of `attnlab sweep --emit` (see CLUSTER_KEYS)
 
 A variant is a config label, or `<config label>-<override label>` with an overrides axis; a run is a variant
@@ -50,8 +53,9 @@ import yaml
 from lm.config import Config, ConfigError, _Loader, load_config, parse_yaml
 
 TOP_KEYS = ("name", "description", "group", "baseline", "metric", "contrasts", "seeds", "out_dir", "common",
-            "configs", "overrides", "tune", "cluster")
+            "configs", "overrides", "tune", "evals", "cluster")
 TUNE_KEYS = ("key", "values", "seed")
+EVAL_KEYS = ("of", "set", "cache_policy", "cache_budget", "cache_window")
 METRICS = ("eval_loss", "eval_bpb", "eval_ppl", "eval_acc")  # what a report may compare by default
 CONFIG_KEYS = ("config", "set", "init_from")
 # Cluster settings: key -> (type, help shown in errors). Every key is optional.
@@ -116,6 +120,24 @@ class Tune:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalVariant:
+    """An inference-time variant: each seed's run of variant `of`, its final checkpoint scored again on the batches
+    its training evals scored, with `overrides` (e.g. the SP-KV threshold) and, with `cache_policy`, decoding
+    through pruned caches of `cache_budget` keys per layer and KV head (attention/cache_policies.py)."""
+
+    label: str
+    of: str
+    overrides: tuple[str, ...] = ()
+    cache_policy: str | None = None
+    cache_budget: int | None = None
+    cache_window: int | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return {"of": self.of, "overrides": list(self.overrides), "cache_policy": self.cache_policy,
+                "cache_budget": self.cache_budget, "cache_window": self.cache_window}
+
+
+@dataclasses.dataclass(frozen=True)
 class Sweep:
     path: str  # the spec file, as the user named it (relative to the working directory when inside it)
     name: str
@@ -135,6 +157,7 @@ class Sweep:
     tune: Tune | None = None
     choices: dict[str, Any] = dataclasses.field(default_factory=dict)  # variant -> the tuned value chosen
     common_overrides: tuple[str, ...] = ()  # what every run gets (kept to build the tuned runs later)
+    evals: tuple[EvalVariant, ...] = ()
 
     @property
     def waiting(self) -> tuple[str, ...]:
@@ -457,7 +480,8 @@ def load_sweep(path: str | Path) -> Sweep:
     metric = data.get("metric", "eval_loss")
     if metric not in METRICS:
         spec.fail("metric", f"{metric!r} is not one of {', '.join(METRICS)}")
-    contrasts = _contrasts(spec, data.get("contrasts"), [v.label for v in variants])
+    evals = _evals(spec, data.get("evals"), variants, common)
+    contrasts = _contrasts(spec, data.get("contrasts"), [v.label for v in variants] + [e.label for e in evals])
     tune = _tune(spec, data.get("tune"), seeds, variants)
     cluster = _cluster(spec, data.get("cluster"))
     _check_loads(spec, variants, common, configs, axis)
@@ -469,7 +493,44 @@ def load_sweep(path: str | Path) -> Sweep:
         runs = _runs(spec.fail, trials, [tune.seed], common, out_dir, name, group, stage="tune")
     return Sweep(spec.path, name, description.strip(), group, baseline, tuple(seeds), out_dir, common,
                  tuple(variants), tuple(runs), cluster, tuple(configs), tuple(axis), metric, contrasts, tune,
-                 common_overrides=common)
+                 common_overrides=common, evals=tuple(evals))
+
+
+def _evals(spec: _Spec, value: Any, variants: list[Variant], common: tuple[str, ...]) -> list[EvalVariant]:
+    """`evals: {label: {of, set, cache_policy, cache_budget, cache_window}}`."""
+    from attention.cache_policies import POLICIES
+
+    by = {v.label: v for v in variants}
+    out = []
+    for label, raw in spec.mapping(value, "evals").items():
+        key = f"evals.{label}"
+        if not isinstance(label, str) or not _LABEL.fullmatch(label):
+            spec.fail(key, "a label may only contain letters, digits and _.+-")
+        if label in by:
+            spec.fail(key, f"{label!r} is also a variant of the sweep; rename one")
+        raw = spec.mapping(raw, key)
+        for k in raw:
+            if k not in EVAL_KEYS:
+                near = difflib.get_close_matches(str(k), EVAL_KEYS, n=1, cutoff=0.5)
+                spec.fail(f"{key}.{k}", f"unknown key ({f'did you mean {near[0]}?' if near else 'valid: ' + ', '.join(EVAL_KEYS)})")
+        of = raw.get("of")
+        if of not in by:
+            spec.fail(f"{key}.of", _not_a_variant(of, sorted(by), list(by)))
+        policy = raw.get("cache_policy")
+        if policy is not None and policy not in POLICIES:
+            spec.fail(f"{key}.cache_policy", f"{policy!r} is not one of {', '.join(POLICIES)}")
+        for k in ("cache_budget", "cache_window"):
+            n = raw.get(k)
+            if n is not None and (policy is None or isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                spec.fail(f"{key}.{k}", "a positive whole number, and only with cache_policy" if policy else
+                          "applies with cache_policy")
+        overrides = spec.overrides(raw.get("set"), f"{key}.set")
+        try:
+            load_config(by[of].config, list(common + by[of].overrides + overrides))
+        except ConfigError as e:
+            spec.fail(f"{key}.set", _first_line_errors(e))
+        out.append(EvalVariant(label, of, overrides, policy, raw.get("cache_budget"), raw.get("cache_window")))
+    return out
 
 
 def _set(tune: Tune, value: Any) -> tuple[str]:
@@ -592,5 +653,5 @@ def _runs(fail, variants: list[Variant], seeds: list[int], common: tuple[str, ..
     return runs
 
 
-__all__ = ["Sweep", "Run", "Variant", "Tune", "load_sweep", "with_choices", "format_value", "display_path", "CLUSTER_KEYS",
+__all__ = ["Sweep", "Run", "Variant", "Tune", "EvalVariant", "load_sweep", "with_choices", "format_value", "display_path", "CLUSTER_KEYS",
            "check_cluster_value"]

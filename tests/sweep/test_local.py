@@ -245,3 +245,34 @@ def test_tuning_runs_a_cluster_finished_are_read_from_their_run_directories(tmp_
         (run_dir / "metrics.jsonl").write_text(json.dumps({"step": step, "eval_loss": loss}) + "\n")
     assert choose(sw, {}) == {"softmax": 0.002}
     assert choose(sw, {"share_kv-lr0.002-s0": "diverged"}) == {"softmax": 0.002, "share_kv": 0.001}
+
+
+def test_eval_variants_score_each_seed_again_and_join_the_report(small_store, tmp_path, write_spec, monkeypatch):
+    """After the runs train, each seed's softmax checkpoint is scored through a sink + window cache of 12 keys;
+    the report pairs that variant with softmax seed by seed, its loss the cache's, its full loss beside it."""
+    import lm.report.cli
+    from lm.report.cli import make_report
+
+    spec = write_spec(tiny_spec(small_store, tmp_path / "runs")
+                      + "evals: {softmax_sink: {of: softmax, cache_policy: sink-window, cache_budget: 12}}\n")
+    assert cmd_sweep(args_of(str(spec), "--local")) == 0
+    doc = read(tmp_path / "runs" / "tiny" / "sweep.json")
+    for seed in (0, 1):
+        rec = read(tmp_path / "runs" / "tiny" / "evals" / f"softmax_sink-s{seed}.json")
+        assert rec["source"] == f"softmax-s{seed}" and rec["record"]["cache"]["policy"] == "sink-window"
+        assert rec["record"]["cache"]["budget"] == 12
+    assert [e["name"] for e in doc["evals"]] == ["softmax_sink-s0", "softmax_sink-s1"]
+    before = (tmp_path / "runs" / "tiny" / "evals" / "softmax_sink-s0.json").stat().st_mtime_ns
+    assert cmd_sweep(args_of(str(spec), "--local")) == 0  # nothing is scored again
+    assert (tmp_path / "runs" / "tiny" / "evals" / "softmax_sink-s0.json").stat().st_mtime_ns == before
+    monkeypatch.setattr(lm.report.cli, "RESULTS", tmp_path / "results")
+    res = make_report([tmp_path / "runs" / "tiny"], wandb_mode="disabled")
+    data = json.loads(res["json"].read_text())
+    sink = [r for r in data["runs"] if r["variant"] == "softmax_sink"]
+    soft = {r["seed"]: r for r in data["runs"] if r["variant"] == "softmax"}
+    assert [r["seed"] for r in sink] == [0, 1] and all(r["eval_of"] == f"softmax-s{r['seed']}" for r in sink)
+    for r in sink:
+        cache = read(tmp_path / "runs" / "tiny" / "evals" / f"softmax_sink-s{r['seed']}.json")["record"]["cache"]
+        assert r["eval_loss"] == cache["loss"] and r["full_eval_loss"] == pytest.approx(soft[r["seed"]]["eval_loss"])
+    row = next(v for v in data["variants"] if v["variant"] == "softmax_sink")
+    assert row["paired"]["n"] == 2 and row["baseline"] == "softmax"

@@ -346,3 +346,39 @@ def test_the_text_spkv_sweep_at_2048_tokens():
     assert by["local128-lr0.002"].model.mixers["softmax"].sliding_window == 128
     assert all(c.data.seq_len == 2048 and c.train.steps * c.data.batch_size * 2048 >= 2_000_000 for c in by.values())
     assert sw.seeds == (0, 1, 2, 3, 4) and ("spkv", "local128") in sw.contrasts
+
+
+EVALS = GOOD + "evals: {kv_h2o: {of: share_kv, cache_policy: h2o, cache_budget: 8}}\n"
+
+
+@pytest.mark.parametrize("text, expect", [
+    (GOOD + "evals: {x: {of: mha}}\n", "evals.x.of: 'mha' is not a variant of this sweep"),
+    (GOOD + "evals: {x: {of: softmax, cache_policy: lru}}\n", "evals.x.cache_policy: 'lru' is not one of spkv"),
+    (GOOD + "evals: {x: {of: softmax, cache_budget: 8}}\n", "evals.x.cache_budget: applies with cache_policy"),
+    (GOOD + "evals: {x: {of: softmax, cache_policy: h2o, cache_budget: 0}}\n", "evals.x.cache_budget: a positive"),
+    (GOOD + "evals: {x: {of: softmax, set: {model.mixers.softmax.spkv.treshold: 0.7}}}\n", "evals.x.set: "),
+    (GOOD + "evals: {softmax: {of: share_kv}}\n", "evals.softmax: 'softmax' is also a variant"),
+    (GOOD + "evals: {x: {oof: softmax}}\n", "evals.x.oof: unknown key (did you mean of?)"),
+])
+def test_eval_variant_mistakes_are_one_line_errors(write_spec, text, expect):
+    assert expect in error_of(write_spec, text)
+
+
+def test_eval_variants_name_a_trained_variant_and_join_contrasts(write_spec):
+    sw = load_sweep(write_spec(EVALS + "contrasts: [[kv_h2o, share_kv]]\n"))
+    (e,) = sw.evals
+    assert (e.label, e.of, e.cache_policy, e.cache_budget, e.overrides) == ("kv_h2o", "share_kv", "h2o", 8, ())
+    assert sw.contrasts == (("kv_h2o", "share_kv"),) and len(sw.runs) == 4  # nothing more to train
+    doc = manifest(sw)
+    assert [(x["name"], x["of"]) for x in doc["evals"]] == [("kv_h2o-s0", "share_kv-s0"), ("kv_h2o-s1", "share_kv-s1")]
+    assert doc["evals"][0]["result"] == "runs/sweeps/demo/evals/kv_h2o-s0.json"
+
+
+def test_the_long_context_spkv_sweep_compares_cache_policies_at_one_budget():
+    sw = load_sweep("experiments/sweeps/long_spkv_random.yaml")
+    by = {e.label: e for e in sw.evals}
+    assert {by[k].cache_budget for k in ("spkv_cache72", "dense_sink72", "dense_h2o72", "dense_random72")} == {72}
+    assert (by["dense_h2o72"].of, by["dense_h2o72"].cache_policy, by["spkv_cache72"].cache_policy) == ("dense", "h2o",
+                                                                                                     "spkv")
+    assert by["spkv_tau07"].overrides == ("model.mixers.softmax.spkv.threshold=0.7",)
+    assert ("spkv_cache72", "dense_h2o72") in sw.contrasts
