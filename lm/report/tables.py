@@ -176,10 +176,13 @@ def tuning_cells(col: Collection, key: str) -> tuple[list[str], list[list[str]],
                                                            format_value(t["values"][-1])):
             edges.append(variant)
         cells.append(row)
-    note = (f"Each variant's {t['key']} was chosen by its final {key} on seed {t['seed']} alone, then every seed ran "
-            f"at that value; the seed-{t['seed']} run in the tables above is that tuning run, the best of "
-            f"{len(t['values'])} for every variant, so seed {t['seed']} flatters each variant a little and the paired "
-            f"differences share that bias.")
+    note = f"Each variant's {t['key']} was chosen by its final {key} on seed {t['seed']} alone, then every seed ran " \
+           f"at that value"
+    if any(r["seed"] == t["seed"] for r in col.records):
+        note += (f"; the seed-{t['seed']} run in the tables above is that tuning run, the best of {len(t['values'])} "
+                 f"for every variant, so seed {t['seed']} flatters each variant a little and the paired differences "
+                 f"share that bias")
+    note += "."
     if edges:
         note += (f" At the edge of the grid ({', '.join(edges)}): a value beyond it may be better, so these "
                  f"variants may be under-tuned.")
