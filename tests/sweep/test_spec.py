@@ -382,3 +382,15 @@ def test_the_long_context_spkv_sweep_compares_cache_policies_at_one_budget():
                                                                                                      "spkv")
     assert by["spkv_tau07"].overrides == ("model.mixers.softmax.spkv.threshold=0.7",)
     assert ("spkv_cache72", "dense_h2o72") in sw.contrasts
+
+
+def test_the_zoology_model_ranking_shares_figure_2s_setup():
+    """Every model of mqar_zoology_models is attention.yaml's task, blocks and training with another mixer."""
+    sw = load_sweep("experiments/sweeps/mqar_zoology_models.yaml")
+    fig2 = {r.variant.split("-lr")[0]: r.cfg for r in load_sweep("experiments/sweeps/mqar_zoology_fig2.yaml").runs}
+    assert sw.tune == load_sweep("experiments/sweeps/mqar_zoology_fig2.yaml").tune and sw.metric == "eval_acc"
+    for r in sw.runs:
+        c, ref = r.cfg, fig2["attention_d128-" + r.variant.split("-")[1]]
+        assert c.model.d_model == 128 and c.model.mlp.kind == "identity", r.name
+        assert (c.data.model_dump(), c.optim.model_dump(exclude={"lr"}), c.train.steps) == (
+            ref.data.model_dump(), ref.optim.model_dump(exclude={"lr"}), ref.train.steps), r.name
