@@ -30,6 +30,9 @@ from jax import lax
 from kernels_pallas import platform
 
 SUB = 16          # rows of the sub-blocks the intra-chunk kernels work in (Triton's smallest dot)
+# Scoped VMEM each kernel may use on TPU: the project's bound (`report.VMEM_BOUND_BYTES`), within every chip's
+# capacity; the pipeline's kernels need at most ~1 MiB a grid step at K = V = 128 (`kernels lower --report`).
+VMEM_LIMIT_BYTES = 16 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +75,7 @@ def compiler_params(plan: Plan, axes: int, *, warps: int | None = None, sequenti
     last when `sequential_last` (TPU); `warps` overrides the plan's Triton warps for kernels with larger tiles."""
     semantics = ("parallel",) * (axes - 1) + ("arbitrary" if sequential_last else "parallel",)
     return platform.compiler_params(gpu=dict(num_warps=warps or plan.num_warps, num_stages=2),
-                                    tpu=dict(dimension_semantics=semantics))
+                                    tpu=dict(dimension_semantics=semantics, vmem_limit_bytes=VMEM_LIMIT_BYTES))
 
 
 def iota(shape, axis):

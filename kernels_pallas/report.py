@@ -60,6 +60,7 @@ class KernelStructure:
     loops: list[int]               # trip count of every loop in the body (-1: not static)
     vmem_bytes: int                # TPU only: per grid step, tile-padded, blocks x buffers + scratch
     vmem_blocks: list[str]         # one 'shape dtype xN' per VMEM buffer, for reading the figure
+    vmem_limit_bytes: int | None = None   # TPU: the scoped limit the kernel declares (None: the compiler's default)
     ptxas: dict[str, int] | None = None
 
     @property
@@ -82,7 +83,8 @@ class KernelStructure:
         return dict(name=self.name, grid=list(self.grid), programs=self.programs, dots=len(self.dots),
                     dots_bf16_fp32acc=self.fast_dots, dot_flops_per_program=self.flops,
                     bf16_flop_share=round(self.fast_flop_share, 4), loops=self.loops,
-                    vmem_bytes=self.vmem_bytes, vmem_blocks=self.vmem_blocks, ptxas=self.ptxas)
+                    vmem_bytes=self.vmem_bytes, vmem_blocks=self.vmem_blocks, vmem_limit_bytes=self.vmem_limit_bytes,
+                    ptxas=self.ptxas)
 
 
 def _sub_jaxprs(params: dict[str, Any]) -> Iterator[jcore.Jaxpr]:
@@ -195,8 +197,9 @@ def kernel_structures(fn, *args, target: str) -> list[KernelStructure]:
         _walk_body(eqn.params["jaxpr"], 1, dots, loops)
         vmem, parts = _vmem(eqn) if target == "tpu" else (0, [])
         name = eqn.params.get("name") or str(eqn.params["jaxpr"].debug_info.func_name)
+        limit = getattr(eqn.params.get("compiler_params"), "vmem_limit_bytes", None) if target == "tpu" else None
         out.append(KernelStructure(name=name, grid=tuple(int(g) for g in gm.grid), dots=dots, loops=loops,
-                                   vmem_bytes=vmem, vmem_blocks=parts))
+                                   vmem_bytes=vmem, vmem_blocks=parts, vmem_limit_bytes=limit))
     return out
 
 
@@ -302,7 +305,9 @@ def format_row(row: dict[str, Any]) -> str:
         over = [chip for chip, cap in TPU_VMEM_BYTES.items() if row["vmem_bytes"] > cap]
         fits = f"over {','.join(over)}" if over else ("fits every chip" if row["vmem_bytes"] <= VMEM_BOUND_BYTES
                                                        else "fits, above the 16 MiB bound")
-        line += f"  VMEM {mib:7.2f} MiB/step ({fits})"
+        limit = row.get("vmem_limit_bytes")
+        declared = f", limit {limit / MiB:.0f} MiB" if limit else ", no limit set"
+        line += f"  VMEM {mib:7.2f} MiB/step ({fits}{declared})"
     if row.get("ptxas"):
         p = row["ptxas"]
         line += (f"  sm_90a: {p['registers']} regs, {p['spill_store_bytes']} B spill stores, "
