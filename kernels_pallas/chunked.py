@@ -30,7 +30,7 @@ from jax import lax
 from kernels_pallas import platform
 
 SUB = 16          # rows of the sub-blocks the intra-chunk kernels work in (Triton's smallest dot)
-# Scoped VMEM each kernel may use on TPU: the project's bound (`report.VMEM_BOUND_BYTES`), within every chip's
+# Scoped VMEM each kernel may use on TPU: the project's bound (`lm.bench.kernels.VMEM_BOUND_BYTES`), within every chip's
 # capacity; the pipeline's kernels need at most ~1 MiB a grid step at K = V = 128 (`kernels lower --report`).
 VMEM_LIMIT_BYTES = 16 << 20
 

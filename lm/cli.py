@@ -199,13 +199,14 @@ def cmd_kernels_lower(args) -> int:
 
 
 def _kernels_report(args) -> int:
-    from kernels_pallas import report
+    from kernels_pallas import platform
+    from lm.bench import kernels as report
 
     if any(t < 1 for t in args.T):
         raise UsageError(f"--T takes positive token counts, got {args.T}")
     if args.ptxas and not report.ptxas_available():
         raise UsageError("--ptxas needs the triton package (it ships ptxas): pip install 'attnlab[ptxas]'")
-    targets = ("tpu", "gpu") if args.platform is None else (report.platform.normalize(args.platform),)
+    targets = ("tpu", "gpu") if args.platform is None else (platform.normalize(args.platform),)
     for row in report.report_rows(tuple(args.T), only=args.kernel, ptxas=args.ptxas, targets=targets):
         print(json.dumps(row) if args.json else report.format_row(row), flush=True)
     return 0

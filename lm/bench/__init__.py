@@ -1,5 +1,6 @@
 """Benchmarks behind `attnlab bench`: train-step tokens/s and MFU (step.py), op forward+backward timings (ops.py),
-decode-step time and bandwidth (decode.py).
+decode-step time and bandwidth (decode.py); and the structure of the Pallas kernels behind `attnlab kernels lower
+--report` (kernels.py: grids, dots, loops, TPU VMEM, GPU registers; no timing).
 
 This module stays light (no jax import): the CLI builds its parser from it on every command."""
 from __future__ import annotations

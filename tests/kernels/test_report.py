@@ -14,7 +14,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas import platform, report
+from kernels_pallas import platform
+from lm.bench import kernels as report
 from lm import cli
 
 
