@@ -214,17 +214,16 @@ class _Job:
         state = self.work.part_dir(part)
         state.mkdir(parents=True, exist_ok=True)
         records = self.work.finished_shards(part)
-        the_scan = self._scan(state)
-        tok = self._tokenizer(state, the_scan)
         if records:
             file_index, pos = records[-1]["end"]
             self.log(f"resuming {self.out} part {part}: {len(records)} shards finished")
         else:
             file_index, pos = (files[0].index if files else 0), 0
-        todo = [f for f in files if f.index >= file_index]
-        if not records:
             self.log(f"preparing {self.out}" + (f" part {part}" if len(files) != len(self.files) else "")
                      + f": {len(files)} files, {size(sum(f.size for f in files))}")
+        todo = [f for f in files if f.index >= file_index]
+        the_scan = self._scan(state)
+        tok = self._tokenizer(state, the_scan)
         progress = Progress(f"tokenizing {self.out.name}" + (f" part {part}" if len(self.files) != len(files) else ""),
                             sum(f.size for f in files), self.log,
                             done_bytes=sum(f.size for f in files if f.index < file_index))
@@ -242,11 +241,12 @@ class _Job:
                         if doc.pieces and writer.full:
                             writer.finish(last)
                         writer.note(doc.role, empty=not doc.pieces, replaced=doc.replaced)
+                        n_tokens = 0
                         for split, text in doc.pieces:
                             ids = next(tokens)
                             writer.add(split, ids, len(text.encode("utf-8")))
-                            progress.update(tokens=len(ids))
-                        progress.update(documents=bool(doc.pieces), bytes_done=doc.bytes_done)
+                            n_tokens += len(ids)
+                        progress.update(documents=bool(doc.pieces), tokens=n_tokens, bytes_done=doc.bytes_done)
                         last = (doc.file_index, doc.pos)
             end = (files[-1].index + 1, 0) if files else (0, 0)
             writer.finish(end)
