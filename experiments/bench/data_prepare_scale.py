@@ -187,11 +187,13 @@ def run_prepare(args: list[str], *, cwd: Path = ROOT, env: dict | None = None, k
     proc = subprocess.Popen([sys.executable, "-m", "lm.cli", "data", "prepare", *args], cwd=cwd,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines, peak, load, main_cpu = [], [0], [], [0.0]
+    lines, peak, load, main_cpu, setup_cpu = [], [0], [], [0.0], [None]
 
     def read():
         for line in proc.stdout:
             lines.append((time.perf_counter() - started, line.rstrip("\n")))
+            if line.startswith("trained "):  # tokenizing starts: no worker has run yet, the process's CPU is all
+                setup_cpu[0] = _cpu_s(proc.pid)
 
     def sample():
         # The process tree is looked up every 5 s only (workers start once): walking /proc costs CPU time
@@ -216,7 +218,8 @@ def run_prepare(args: list[str], *, cwd: Path = ROOT, env: dict | None = None, k
     after = os.times()
     return {"returncode": proc.returncode, "wall_s": time.perf_counter() - started, "peak_rss_bytes": peak[0],
             "cpu_s": (after.children_user - before.children_user) + (after.children_system - before.children_system),
-            "main_cpu_s": main_cpu[0], "load": statistics.mean(load) if load else os.getloadavg()[0], "lines": lines}
+            "main_cpu_s": main_cpu[0], "setup_cpu_s": setup_cpu[0],
+            "load": statistics.mean(load) if load else os.getloadavg()[0], "lines": lines}
 
 
 def _phases(lines: list[tuple[float, str]]) -> dict:
@@ -315,13 +318,14 @@ def measure_floor(work: Path, store: Path) -> dict:
             batches.append(batch)
             batch, chars = [], 0
     batches.append(batch)
-    times = []
+    times, cpu = [], []
     for _ in range(3):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         n_tokens = sum(len(e.ids) for b in batches for e in tok.encode_batch_fast(b, add_special_tokens=False))
         times.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
     return {"name": "floor", "tokens": n_tokens, "text_bytes": size, "best_s": min(times),
-            "median_s": statistics.median(times)}
+            "median_s": statistics.median(times), "median_cpu_s": statistics.median(cpu), "load": os.getloadavg()[0]}
 
 
 # -- the report --------------------------------------------------------------------------------------------------
@@ -331,13 +335,20 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def _tokenize_cpu(r: dict) -> float | None:
+    """CPU seconds of all processes from the end of the BPE training to the end of the run."""
+    return r["cpu_s"] - r["setup_cpu_s"] if r.get("setup_cpu_s") is not None else None
+
+
 def _row(r: dict) -> str:
     corpus = f"{_gb(r['text_bytes'])} " + (".jsonl" if r["name"].startswith("before") else ".jsonl.zst")
     tokenize = f"{r['tokenize_s']:.0f} s" if r.get("tokenize_s") else "-"
     rate = f"{r['tokens'] / r['tokenize_s']:,.0f}" if r.get("tokenize_s") else "-"
+    cpu = _tokenize_cpu(r)
+    per_cpu = f"{r['tokens'] / cpu:,.0f}" if cpu else "-"
     return (f"| {r['name']} | {corpus} | {r['workers'] or '-'} | {r['wall_s']:.0f} s | {r['setup_s'] or 0:.0f} s | "
             f"{tokenize} | {r['tokens'] / 1e6:.1f} M | {rate} | {r['cpu_s']:.0f} s | {r.get('main_cpu_s', 0):.0f} s | "
-            f"{_gb(r['peak_rss_bytes'])} | {r['load']:.1f} |")
+            f"{per_cpu} | {_gb(r['peak_rss_bytes'])} | {r['load']:.1f} |")
 
 
 def report(results: list[dict], out: Path) -> None:
@@ -345,7 +356,8 @@ def report(results: list[dict], out: Path) -> None:
     for r in results:
         by.setdefault(r["name"], []).append(r)
     lines = ["| run | corpus | workers | wall | before tokenizing | tokenizing | tokens | tokens/s tokenizing | "
-             "CPU, all processes | CPU, main process | peak RSS, sum of processes | load |", "|---" * 12 + "|"]
+             "CPU, all processes | CPU, main process | tokens per CPU-second tokenizing | peak RSS, sum of processes | "
+             "load |", "|---" * 13 + "|"]
     for key in [k for k in by if k.startswith("before")] + ["small-w1", "small-w2", "large-w2"]:
         lines += [_row(r) for r in by.get(key, [])]
     text = [report_head("Token-store preparation at scale", "experiments.bench.data_prepare_scale"),
@@ -370,11 +382,17 @@ def report(results: list[dict], out: Path) -> None:
     if by.get("floor"):
         f = by["floor"][0]
         floor = f["tokens"] / f["median_s"]
-        ours = [r["tokens"] / r["tokenize_s"] / r["workers"] for r in by.get("small-w1", []) + by.get("small-w2", [])]
+        per_cpu = f", {f['tokens'] / f['median_cpu_s']:,.0f} tokens per CPU-second" if f.get("median_cpu_s") else ""
         text.append(f"Floor: Hugging Face tokenizers' encode_batch_fast on one thread, 1 MB batches, the same "
-                    f"tokenizer, the first {f['text_bytes'] / 2**20:.0f} MB of the corpus: {floor:,.0f} tokens/s "
-                    f"(median of 3)" + (f"; prepare's tokenizing per worker: {statistics.median(ours):,.0f} tokens/s "
-                                        f"({statistics.median(ours) / floor:.2f}x the floor)" if ours else "") + ".")
+                    f"tokenizer, the first {f['text_bytes'] / 2**20:.0f} MB of the corpus (median of 3, load "
+                    f"{f['load']:.1f}): {floor:,.0f} tokens/s{per_cpu}.")
+        ours = [r["tokens"] / _tokenize_cpu(r) for r in by.get("small-w1", []) + by.get("small-w2", [])
+                if _tokenize_cpu(r)]
+        if ours and f.get("median_cpu_s"):
+            per_cpu = f["tokens"] / f["median_cpu_s"]
+            text.append(f"Prepare's tokenizing, everything included (reading, decompressing, JSON, the workers, "
+                        f"writing): {statistics.median(ours):,.0f} tokens per CPU-second of all its processes, "
+                        f"{statistics.median(ours) / per_cpu:.2f}x the floor's (median of {len(ours)} runs).")
     if by.get("kill"):
         k = by["kill"][0]
         text.append(f"Kill: SIGKILL to the process group with {k['shards_at_kill']} of {k['shards']} shards "
