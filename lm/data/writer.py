@@ -161,7 +161,12 @@ def _listing(parts: list[int]) -> str:
 
 def _corpus_files(src, val_src) -> list[_File]:
     entries = [(f, "split" if val_src is None else "train") for f in src.files]
-    entries += [(f, "val") for f in val_src.files] if val_src is not None else []
+    if val_src is not None:
+        both = {f.path.resolve() for f in src.files} & {f.path.resolve() for f in val_src.files}
+        if both:
+            raise DataError(f"{sorted(both)[0]} is in both --source and --val-source (and {len(both) - 1} more); "
+                            "a validation corpus must not share files with the training corpus")
+        entries += [(f, "val") for f in val_src.files]
     return [_File(i, f, role, f.path.stat().st_size) for i, (f, role) in enumerate(entries)]
 
 

@@ -228,6 +228,9 @@ def test_val_source_is_the_val_split(corpus, tmp_path):
     assert again.meta["tokenizer"]["fingerprint"] == store.meta["tokenizer"]["fingerprint"]
     with pytest.raises(DataError, match="pass one of --val-fraction and --val-source"):
         prepare(source, "byte", tmp_path / "x", val_source=[str(other_val)], val_fraction=0.1, log=None)
+    with pytest.raises(DataError, match=r"a\.jsonl is in both --source and --val-source \(and 0 more\)"):
+        prepare(source, "byte", tmp_path / "x", val_source=[f"{source[0]}/a.jsonl"], log=None)
+    assert not (tmp_path / "x").exists() and not (tmp_path / ".x.prepare").exists()
 
 
 def _break_zst_checksum(path):
