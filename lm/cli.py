@@ -1,4 +1,4 @@
-"""The `attnlab` command line: train, eval, generate, data prepare, info, bench, plan, kernels lower, demo.
+"""The `attnlab` command line: train, eval, generate, data prepare, info, bench, plan, kernels lower/tune, demo.
 
 Problems with the user's input (config, data, checkpoints, arguments) are printed as one-line
 `error:` messages with exit status 2; a run stopped because its steps kept failing exits with 3.
@@ -212,6 +212,28 @@ def _kernels_report(args) -> int:
     return 0
 
 
+def cmd_kernels_tune(args) -> int:
+    import jax
+
+    from kernels_pallas.flash import gpu_tiles, tiles
+    from lm.bench import flash_tiles
+
+    if jax.default_backend() != "gpu":
+        raise UsageError(f"kernels tune times the flash kernels on the GPU it runs on; this machine's backend is "
+                         f"{jax.default_backend()} (the GPU suite runs it: experiments/bench/gpu_suite.sh)")
+    if args.T < 1 or args.reps < 1 or any(d < 1 for d in args.D):
+        raise UsageError(f"--T, --reps and --D take positive numbers; got {args.T}, {args.reps}, {args.D}")
+    kind, table = tiles.device_kind(), args.table or gpu_tiles.TABLE
+    timings = gpu_tiles.tune(flash_tiles.measure_on_device(args.T, args.reps), kind, args.D, path=table)
+    for key, times in timings.items():
+        ran = [(t, c) for t, c in times if t is not None]
+        best_s, best = min(ran, key=lambda tc: tc[0])
+        print(f"{kind} {key}: {len(ran)} of {len(times)} candidates ran; best {best_s * 1e3:.2f} ms {best.as_json()}",
+              flush=True)
+    print(f"wrote {table}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from lm.demo import demo
 
@@ -401,6 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --report: registers, spills and shared memory per GPU kernel for sm_90a "
                          "(compiles each Triton module; needs the triton package)")
     kl.set_defaults(fn=cmd_kernels_lower)
+    kt = ksub.add_parser("tune", help="time the flash kernels' candidate tiles on this GPU (forward and backward, "
+                                      "bf16, GQA 16/4) and write the fastest into its table entry")
+    kt.add_argument("--T", type=int, default=8192, help="tokens of the timed call (default 8192)")
+    kt.add_argument("--D", type=int, nargs="+", default=[64, 128], help="head dims to tune (default 64 128)")
+    kt.add_argument("--reps", type=int, default=5, help="timed repetitions per candidate (median)")
+    kt.add_argument("--table", default=None, help="the table to update (default kernels_pallas/flash/gpu_tiles.json)")
+    kt.set_defaults(fn=cmd_kernels_tune)
 
     bd = bsub.add_parser("decode", help="decode-step time and memory bandwidth of softmax_decode, K,V and K=V")
     from lm.bench import add_decode_arguments

@@ -20,13 +20,17 @@ import jax.numpy as jnp
 from kernels_pallas import platform
 from kernels_pallas.flash import backward as rows_backward
 from kernels_pallas.flash import forward as rows_forward
-from kernels_pallas.flash import compact, pipeline
+from kernels_pallas.flash import compact, gpu_tiles, pipeline
+from kernels_pallas.flash import tiles as tiles_lib
 from kernels_pallas.flash.tiles import Plan
 
-# (block_q, block_k, num_warps, num_stages) per target. cpu: interpret mode, where fewer and larger tiles run
-# faster; gpu: the FA2-class Triton starting point; tpu: 512-row blocks, which the pipeline keeps at a few MiB
-# of VMEM per grid step (pipeline.vmem_estimate). gpu and tpu entries are unmeasured starting points.
-BLOCKS = {"cpu": (128, 128, 4, 2), "gpu": (64, 64, 4, 2), "tpu": (512, 512, 4, 2)}
+# (block_q, block_k) per target. cpu: interpret mode, where fewer and larger tiles run faster; tpu: 512-row
+# blocks, which the pipeline keeps at a few MiB of VMEM per grid step (pipeline.vmem_estimate), unmeasured.
+# GPU tiles (blocks, and each kernel's warps and stages) come from the per-chip table in gpu_tiles.json.
+BLOCKS = {"cpu": (128, 128), "tpu": (512, 512)}
+# Triton launch parameters where no GPU is targeted (interpret mode ignores them): (num_warps, num_stages) of the
+# forward, dq and dk/dv kernels.
+LAUNCH = ((4, 2), (4, 2), (4, 2))
 # The smallest block a target accepts: Triton's dots need 16 rows; TPU's blocks need 8 sublanes and 128 lanes.
 MIN_BLOCK = {"cpu": (8, 8), "gpu": (16, 16), "tpu": (128, 128)}
 
@@ -41,24 +45,29 @@ def _block(preferred: int, length: int, smallest: int) -> int:
 
 
 def flash_attention(q, k, v=None, *, causal=True, sliding_window=None, local_window=None, key_log_gate=None,
-                    doc_ids=None, scale=None, block_q=None, block_k=None, interpret=None, driver=None):
+                    doc_ids=None, scale=None, block_q=None, block_k=None, launch=None, interpret=None, driver=None):
     """Softmax attention with GQA, K=V (v None), windows, documents and the SP-KV key gate.
 
     Semantics are `attention.ops.softmax_attention`'s (bottom-right aligned positions; key_log_gate [B,S,Hkv]
     added to a key's logit when t - s >= local_window, or always when local_window is None; a row that sees no
     key gives 0) except that documents come as doc_ids [B,T] (equal id = same document; T == S). Inputs are not
     checked here: the op's API does that. driver: "rows" or "pipeline"; None takes the pipeline exactly when
-    building for a TPU (tests run the pipeline interpreted on the CPU by naming it).
+    building for a TPU (tests run the pipeline interpreted on the CPU by naming it). block_q, block_k and launch
+    (Triton's warps and stages per kernel) override the target's tiles.
     """
     tgt = platform.target()
     if driver not in (None, "rows", "pipeline"):
         raise ValueError(f"driver must be 'rows', 'pipeline' or None; got {driver!r}")
     use_pipeline = tgt == "tpu" if driver is None else driver == "pipeline"
-    pref_q, pref_k, warps, stages = BLOCKS[tgt]
-    min_q, min_k = MIN_BLOCK[tgt]
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     Dv = D if v is None else v.shape[-1]
+    if tgt == "gpu":
+        tiles = gpu_tiles.lookup(tiles_lib.device_kind(), max(D, Dv))
+        (pref_q, pref_k), default_launch = (tiles.block_q, tiles.block_k), tiles.launch
+    else:
+        (pref_q, pref_k), default_launch = BLOCKS[tgt], LAUNCH
+    min_q, min_k = MIN_BLOCK[tgt]
     bq = block_q or _block(pref_q, T, min_q)
     bk = block_k or _block(pref_k, S, min_k)
     plan = Plan(t=T, s=S, t_pad=-(-T // bq) * bq, s_pad=-(-S // bk) * bk, block_q=bq, block_k=bk,
@@ -66,7 +75,7 @@ def flash_attention(q, k, v=None, *, causal=True, sliding_window=None, local_win
                 sliding_window=sliding_window, local_window=local_window if key_log_gate is not None else None,
                 has_gate=key_log_gate is not None, has_segments=doc_ids is not None, kv_shared=v is None,
                 interpret=interpret if interpret is not None else platform.resolve_interpret(None),
-                num_warps=warps, num_stages=stages, pipeline=use_pipeline)
+                launch=tuple(launch or default_launch), pipeline=use_pipeline, exp2=not use_pipeline)
     # Triton wants power-of-two tiles of at least 16 along a dot's contraction: zero head-dim padding changes no
     # dot product, and extra v columns are cut. (The layout change copies q, k, v anyway.)
     d_pad = max(16, _pow2_at_least(D)) if tgt == "gpu" else D

@@ -19,34 +19,23 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas.flash import tiles
-from kernels_pallas.flash.forward import compiler_params, kv_bounds, row_specs, unpack
+from kernels_pallas.flash.forward import compiler_params, kv_loop, row_specs, unpack
 from kernels_pallas.flash.tiles import Plan
 
 
 def _dq_kernel(*refs, plan: Plan):
     r, (do_ref, lse_ref, delta_ref, dq_ref) = unpack(plan, refs)
-    i = pl.program_id(2)
-    q, do, lse, delta = r.q[...], do_ref[...], lse_ref[...], delta_ref[...]
+    i = plan.q_order(pl.program_id(2))
+    do, delta = do_ref[...], delta_ref[...]
+    lse = tiles.in_logit_base(plan, lse_ref[...])
     q_doc = None if r.q_doc is None else r.q_doc[...]
-    bk = plan.block_k
 
-    def body(j, dq):
-        keys = pl.ds(pl.multiple_of(j * bk, bk), bk)
-        k_doc = None if r.k_doc is None else r.k_doc[:, keys]
+    def tile(k, v, s, dq):
+        p = tiles.exp_of(plan)(s - lse)
+        ds = p * (tiles.dot(do, v, contract=(1, 1)) - delta)
+        return dq + tiles.dot(ds.astype(k.dtype), k)
 
-        def work(dq):
-            k = r.k[keys, :]
-            v = k if plan.kv_shared else r.v[keys, :]
-            gate = None if r.gate is None else r.gate[:, keys]
-            k_pos = None if r.k_pos is None else r.k_pos[:, keys]
-            s, _ = tiles.logits(plan, q, k, i, j, gate, q_doc, k_doc, k_pos=k_pos)
-            p = jnp.exp(s - lse)
-            ds = p * (tiles.dot(do, v, contract=(1, 1)) - delta)
-            return dq + tiles.dot(ds.astype(k.dtype), k)
-
-        return tiles.when_documents_meet(q_doc, k_doc, work, dq)
-
-    dq = lax.fori_loop(*kv_bounds(plan, r, i), body, jnp.zeros(dq_ref.shape, jnp.float32))
+    dq = kv_loop(plan, r, i, r.q[...], q_doc, tile, jnp.zeros(dq_ref.shape, jnp.float32))
     dq_ref[...] = (dq * plan.scale).astype(dq_ref.dtype)
 
 
@@ -63,17 +52,22 @@ def _dkv_kernel(*refs, plan: Plan):
     k_doc = None if r.k_doc is None else r.k_doc[...]
     k_pos = None if r.k_pos is None else r.k_pos[...]
     bq = plan.block_q
-    lo, hi = (tiles.pick(r.ranges, 0, j), tiles.pick(r.ranges, 1, j)) if plan.compact else plan.q_range(j)
+    if plan.compact:
+        lo, hi = tiles.pick(r.ranges, 0, j), tiles.pick(r.ranges, 1, j)
+        a, b = hi, hi
+    else:
+        (lo, hi), (a, b) = plan.q_range(j), plan.full_q_range(j)
 
-    def query_block(g, i, carry):
+    def query_block(g, masked, i, carry):
         rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
-        q_doc = None if r.q_doc is None else r.q_doc[rows, :]
+        q_doc = None if r.q_doc is None or not masked else r.q_doc[rows, :]
 
         def work(carry):
             dk, dv, dgate = carry
             q, do = r.q[g, rows, :], do_ref[g, rows, :]
-            s, gated = tiles.logits(plan, q, k, i, j, gate, q_doc, k_doc, k_pos=k_pos)
-            p = jnp.exp(s - lse_ref[g, rows, :])
+            s, gated = tiles.logits(plan, q, k, i, j, gate, q_doc, k_doc if masked else None, masked=masked,
+                                    k_pos=k_pos)
+            p = tiles.exp_of(plan)(s - tiles.in_logit_base(plan, lse_ref[g, rows, :]))
             dv = dv + tiles.dot(p.astype(do.dtype), do, contract=(0, 0))
             ds = p * (tiles.dot(do, v, contract=(1, 1)) - delta_ref[g, rows, :])
             dk = dk + tiles.dot(ds.astype(q.dtype), q, contract=(0, 0))
@@ -82,10 +76,10 @@ def _dkv_kernel(*refs, plan: Plan):
                 dgate = dgate + jnp.sum(gated_ds, axis=0, keepdims=True)
             return dk, dv, dgate
 
-        return tiles.when_documents_meet(q_doc, k_doc, work, carry)
+        return tiles.when_documents_meet(q_doc, k_doc, work, carry) if masked else work(carry)
 
     def head(g, carry):
-        return lax.fori_loop(lo, hi, functools.partial(query_block, g), carry)
+        return tiles.edge_then_inner(lo, a, b, hi, functools.partial(query_block, g), carry)
 
     init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32),
             None if gate is None else jnp.zeros(gate.shape, jnp.float32))
@@ -130,11 +124,11 @@ def backward(plan: Plan, q, k, v, gate, q_doc, k_doc, o, lse, do, k_pos=None, ra
     inputs = [x for x in (q, k, v, gate, q_doc, k_doc) if x is not None]
     width = lambda x: 0 if x is None else x.shape[-1]  # noqa: E731
     bq = plan.block_q
-    row = lambda width: pl.BlockSpec((None, None, bq, width), lambda b, h, i: (b, h, i, 0))  # noqa: E731
+    row = lambda width: pl.BlockSpec((None, None, bq, width), lambda b, h, i: (b, h, plan.q_order(i), 0))  # noqa: E731
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, plan=plan), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(B, Hq, plan.num_q_blocks), in_specs=row_specs(plan, D, Dv, width(ranges)) + [row(Dv), row(1), row(1)],
-        out_specs=row(D), interpret=plan.interpret, compiler_params=compiler_params(plan), name="flash_dq",
+        out_specs=row(D), interpret=plan.interpret, compiler_params=compiler_params(plan, "dq"), name="flash_dq",
     )(*inputs, *([k_pos, ranges] if plan.compact else []), do, lse, delta)
 
     G, bk = plan.group, plan.block_k
@@ -151,7 +145,7 @@ def backward(plan: Plan, q, k, v, gate, q_doc, k_doc, o, lse, do, k_pos=None, ra
     outs = pl.pallas_call(
         functools.partial(_dkv_kernel, plan=plan), out_shape=out_shape, grid=(B, Hkv, plan.num_k_blocks),
         in_specs=_column_specs(plan, D, Dv, width(key_ranges)) + [whole(Dv), whole(1), whole(1)],
-        out_specs=out_specs, interpret=plan.interpret, compiler_params=compiler_params(plan), name="flash_dkv",
+        out_specs=out_specs, interpret=plan.interpret, compiler_params=compiler_params(plan, "dkv"), name="flash_dkv",
     )(*inputs, *([k_pos, key_ranges] if plan.compact else []), do, lse, delta)
     outs = list(outs)
     dk = outs.pop(0)

@@ -40,14 +40,8 @@ VMEM_BYTES = {"TPU v4": 16 * MIB, "TPU v4 lite": 16 * MIB, "TPU v5 lite": 128 * 
               "TPU7x": 64 * MIB}
 
 
-def device_kind() -> str:
-    """The chip being built for: the lowering's abstract device, else the default device."""
-    abstract = jax.sharding.get_abstract_mesh().abstract_device
-    return abstract.device_kind if abstract is not None else jax.devices()[0].device_kind
-
-
 def vmem_capacity() -> int:
-    return VMEM_BYTES.get(device_kind(), min(VMEM_BYTES.values()))
+    return VMEM_BYTES.get(tiles.device_kind(), min(VMEM_BYTES.values()))
 
 
 def _padded_bytes(shape, dtype) -> int:

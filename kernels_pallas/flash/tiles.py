@@ -9,8 +9,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from jax import lax
+
+
+def device_kind() -> str:
+    """The chip kernels are built for: the lowering's abstract device (`platform.lower`), else the default
+    device."""
+    abstract = jax.sharding.get_abstract_mesh().abstract_device
+    return abstract.device_kind if abstract is not None else jax.devices()[0].device_kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +40,10 @@ class Plan:
     has_segments: bool
     kv_shared: bool             # one array is both key and value
     interpret: Any              # False, True (generic interpret) or pltpu.InterpretParams (the TPU interpreter)
-    num_warps: int
-    num_stages: int
+    launch: tuple               # Triton's (num_warps, num_stages) of the forward, dq and dk/dv kernels
     pipeline: bool              # the TPU key-block pipeline (pipeline.py) instead of the row driver
     compact: bool = False       # SP-KV's compact keys (compact.py): positions carried, visible at t - s >= local_window
+    exp2: bool = False          # logits in base 2 (log2(e) folded into the scale), exp2 in the softmax; lse stays natural
 
     @property
     def offset(self) -> int:
@@ -49,6 +57,11 @@ class Plan:
     def num_k_blocks(self) -> int:
         return self.s_pad // self.block_k
 
+    def q_order(self, i):
+        """The query block that row-driver program i handles: causal rows in reverse, so the blocks that see the
+        most keys start first and the short ones fill in at the end."""
+        return self.num_q_blocks - 1 - i if self.causal else i
+
     def kv_range(self, i):
         """[lo, hi) of the key blocks that causal and window masks leave visible to query block i."""
         first = self.offset + i * self.block_q
@@ -58,6 +71,48 @@ class Plan:
         lo = lax.div(key_lo, self.block_k)
         hi = lax.div(key_hi + self.block_k - 1, self.block_k)
         return lo, jnp.where(key_hi > key_lo, hi, lo)
+
+    def full_kv_range(self, i):
+        """[a, b) within kv_range(i): the key blocks whose every pair is visible and gated alike (no documents,
+        not compact, a whole key block), which need no mask. Empty when there are none."""
+        lo, hi = self.kv_range(i)
+        if self.has_segments or self.compact:
+            return hi, hi
+        bk = self.block_k
+        first = self.offset + i * self.block_q
+        last = self.offset + jnp.minimum((i + 1) * self.block_q, self.t) - 1
+        b = jnp.int32(self.s // bk)
+        if self.causal:
+            b = jnp.minimum(b, lax.div(jnp.maximum(first + 1, 0), bk))
+        if self.local_window is not None:
+            b = jnp.minimum(b, lax.div(jnp.maximum(first - self.local_window + 1, 0), bk))
+        a = lo
+        if self.sliding_window is not None:
+            a = jnp.maximum(a, lax.div(jnp.maximum(last - self.sliding_window + 1, 0) + bk - 1, bk))
+        a = jnp.minimum(a, hi)
+        return a, jnp.clip(b, a, hi)
+
+    def full_q_range(self, j):
+        """[a, b) within q_range(j): the query blocks that see every key of key block j alike (as full_kv_range)."""
+        lo, hi = self.q_range(j)
+        if self.has_segments or self.compact:
+            return hi, hi
+        bq = self.block_q
+        k_first, k_last = j * self.block_k, (j + 1) * self.block_k - 1
+        a = lo
+        if self.causal:
+            a = jnp.maximum(a, lax.div(jnp.maximum(k_last - self.offset, 0) + bq - 1, bq))
+        if self.local_window is not None:
+            a = jnp.maximum(a, lax.div(jnp.maximum(k_last + self.local_window - self.offset, 0) + bq - 1, bq))
+        b = hi
+        if self.sliding_window is not None:
+            # Query block i's last real row must be within the window of the block's first key: a prefix of the
+            # blocks, all of them when the last real row is.
+            reach = k_first + self.sliding_window - self.offset
+            b = jnp.minimum(b, jnp.where(self.t <= reach, hi, lax.div(jnp.maximum(reach, 0), bq)))
+        # A key block with padded keys needs their mask everywhere.
+        a = jnp.where((j + 1) * self.block_k <= self.s, jnp.minimum(a, hi), hi)
+        return a, jnp.clip(b, a, hi)
 
     def q_range(self, j):
         """[lo, hi) of the query blocks that causal and window masks let see some key of key block j."""
@@ -71,14 +126,45 @@ class Plan:
         return lo, jnp.where(q_hi > q_lo, hi, lo)
 
 
-def online_softmax_step(m, l, acc, s, v):
+def edge_then_inner(lo, a, b, hi, step, carry):
+    """Carry through [lo, hi) with step(masked, index, carry): first the edges [lo, a) and [b, hi) as one loop
+    with masks, then the inner [a, b) without (two loop bodies to compile, not three)."""
+    head = a - lo
+
+    def edge(t, carry):
+        return step(True, jnp.where(t < head, lo + t, b + t - head), carry)
+
+    carry = lax.fori_loop(0, head + hi - b, edge, carry)
+    return lax.fori_loop(a, b, lambda j, carry: step(False, j, carry), carry)
+
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def exp_of(plan: Plan):
+    """The exponential of the plan's logits: jnp.exp, or jnp.exp2 for base-2 ones (plan.exp2)."""
+    return jnp.exp2 if plan.exp2 else jnp.exp
+
+
+def lse_of(plan: Plan, m, l):
+    """The natural log-sum-exp of a row from its running max m and sum l (in the logits' base)."""
+    return m + jnp.log(l) if not plan.exp2 else (m + jnp.log2(l)) * LN2
+
+
+def in_logit_base(plan: Plan, lse):
+    """A natural log-sum-exp in the base of the plan's logits."""
+    return lse * LOG2E if plan.exp2 else lse
+
+
+def online_softmax_step(m, l, acc, s, v, exp=jnp.exp):
     """One key tile of the online softmax: running row max m [R,1], row sum l [R,1] and output acc [R,Dv] (fp32)
-    updated with logits s [R,bk] (-inf where masked) and values v [bk,Dv]. A row that has seen no visible key
-    keeps max -inf; it is shifted by 0 so exp stays exp(-inf) = 0."""
+    updated with logits s [R,bk] (-inf where masked) and values v [bk,Dv]; exp is jnp.exp2 for base-2 logits. A
+    row that has seen no visible key keeps max -inf; it is shifted by 0 so exp stays exp(-inf) = 0."""
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp(s - m_safe)
-    alpha = jnp.exp(m - m_safe)
+    p = exp(s - m_safe)
+    alpha = exp(m - m_safe)
     return m_new, alpha * l + jnp.sum(p, axis=1, keepdims=True), alpha * acc + dot(p.astype(v.dtype), v)
 
 
@@ -109,7 +195,8 @@ def pick(ref, row: int, i):
 
 def logits(plan: Plan, q, k, i, j, gate=None, q_doc=None, k_doc=None, *, masked=True, keys_major=False,
            k_pos=None):
-    """Masked fp32 logits [bq, bk] of tile (i, j) and the gated-key mask (None when the gate covers every key).
+    """Masked fp32 logits [bq, bk] of tile (i, j) (base 2 when plan.exp2) and the gated-key mask (None when the
+    gate covers every key).
 
     q [bq, D], k [bk, D]; gate [1, bk] fp32; q_doc [bq, 1] and k_doc [1, bk] document indices. Masked entries are
     -inf, so exp gives an exact 0 with a zero derivative. Compact keys (plan.compact) bring their positions k_pos
@@ -119,7 +206,10 @@ def logits(plan: Plan, q, k, i, j, gate=None, q_doc=None, k_doc=None, *, masked=
     (lse, delta) broadcast lane-dense in the TPU dk/dv kernel. masked=False is for a tile that `blocks` calls
     FULL (every pair visible, the gate on every pair): the scaled dot plus the gate, with no compare at all.
     """
-    s = (dot(k, q, contract=(1, 1)) if keys_major else dot(q, k, contract=(1, 1))) * plan.scale
+    s = (dot(k, q, contract=(1, 1)) if keys_major else dot(q, k, contract=(1, 1))) * (
+        plan.scale * LOG2E if plan.exp2 else plan.scale)
+    if gate is not None and plan.exp2:
+        gate = gate * LOG2E
     if not masked:
         return (s if gate is None else s + gate), None
     q_axis = 1 if keys_major else 0

@@ -29,8 +29,8 @@ def _plan(t, s, block_q, block_k, causal, window, local_window=None, has_gate=Fa
     pad = lambda n, b: -(-n // b) * b  # noqa: E731
     return Plan(t=t, s=s, t_pad=pad(t, block_q), s_pad=pad(s, block_k), block_q=block_q, block_k=block_k,
                 group=1, scale=1.0, causal=causal, sliding_window=window, local_window=local_window,
-                has_gate=has_gate, has_segments=has_segments, kv_shared=False, interpret=True, num_warps=4,
-                num_stages=2, pipeline=False)
+                has_gate=has_gate, has_segments=has_segments, kv_shared=False, interpret=True,
+                launch=((4, 2),) * 3, pipeline=False)
 
 
 @hypothesis.settings(max_examples=60, deadline=None)
@@ -281,3 +281,83 @@ def test_tpu_builds_use_the_pipeline_within_vmem():
              for t in (8192, 32768)]
     estimates = {pipeline.vmem_estimate(p, 128, 128, jnp.bfloat16) for p in plans}
     assert len(estimates) == 1 and estimates.pop() <= 16 * pipeline.MIB
+
+
+# --- the row driver on GPU: unmasked inner tiles, heaviest blocks first, the per-chip tile table ------------
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(t=st.integers(1, 70), extra=st.integers(0, 30), block_q=st.sampled_from([4, 8, 16]),
+                  block_k=st.sampled_from([4, 8, 16]), causal=st.booleans(),
+                  window=st.one_of(st.none(), st.integers(1, 40)), local=st.one_of(st.none(), st.integers(0, 20)))
+def test_unmasked_ranges_are_exactly_the_full_tiles(t, extra, block_q, block_k, causal, window, local):
+    """The loops run [a, b) of each range without masks: exactly the tiles `blocks` calls FULL (checked against
+    brute force above), from the query side (forward, dq) and the key side (dk/dv)."""
+    causal = causal or window is not None
+    plan = _plan(t, t + extra, block_q, block_k, causal, window, local, has_gate=local is not None)
+    full = blocks.static_kinds(plan) == blocks.FULL
+    for i in range(plan.num_q_blocks):
+        a, b = (int(x) for x in plan.full_kv_range(i))
+        lo, hi = (int(x) for x in plan.kv_range(i))
+        assert lo <= a <= b <= hi and set(range(a, b)) == set(np.flatnonzero(full[i])), f"query block {i}"
+    for j in range(plan.num_k_blocks):
+        a, b = (int(x) for x in plan.full_q_range(j))
+        lo, hi = (int(x) for x in plan.q_range(j))
+        assert lo <= a <= b <= hi and set(range(a, b)) == set(np.flatnonzero(full[:, j])), f"key block {j}"
+
+
+def test_causal_rows_start_with_the_longest():
+    plan = _plan(64, 64, 16, 16, causal=True, window=None)
+    assert [plan.q_order(i) for i in range(4)] == [3, 2, 1, 0]
+    assert [_plan(64, 64, 16, 16, causal=False, window=None).q_order(i) for i in range(4)] == [0, 1, 2, 3]
+
+
+def test_gpu_tile_table_tune_writes_the_fastest_and_lookup_reads_it(tmp_path):
+    from kernels_pallas.flash import gpu_tiles
+
+    table = tmp_path / "tiles.json"
+    table.write_text(gpu_tiles.TABLE.read_text())
+    fast = gpu_tiles.Tiles(128, 64, ((8, 3), (4, 3), (8, 3)))
+    others = [gpu_tiles.Tiles(64, 64, ((4, 2),) * 3), gpu_tiles.Tiles(64, 128, ((4, 2),) * 3)]
+
+    def measure(tiles, head_dim):  # a fake clock: `fast` wins, one candidate cannot run at head dim 128
+        if tiles == others[1] and head_dim == 128:
+            return None
+        return 1.0 if tiles == fast else 2.0
+
+    timings = gpu_tiles.tune(measure, "NVIDIA H100 80GB HBM3", [64, 128], path=table, tiles=[*others, fast])
+    assert [t for t, _ in timings["d128"]] == [2.0, None, 1.0]
+    written = gpu_tiles.load(table)
+    assert set(written) == {"default", "NVIDIA H100 80GB HBM3"}
+    assert gpu_tiles.lookup("NVIDIA H100 80GB HBM3", 128, written) == fast
+    assert gpu_tiles.lookup("NVIDIA H100 80GB HBM3", 96, written) == fast        # padded to d128
+    assert gpu_tiles.lookup("NVIDIA A100", 64, written) == gpu_tiles.lookup("default", 64, written)
+    assert gpu_tiles.lookup("default", 256, written) == gpu_tiles.lookup("default", 128, written)  # the largest
+    with pytest.raises(RuntimeError, match="no candidate tile ran"):
+        gpu_tiles.tune(lambda tiles, d: None, "x", [64], path=table, tiles=others)
+
+
+def test_gpu_builds_take_the_chips_tiles_and_the_cli_tunes_only_on_a_gpu(capsys):
+    """Lowered for an H200 the kernels get the table's default tiles (8 warps for dk/dv at head dim 128); the
+    tuner needs a GPU."""
+    from kernels_pallas.flash import gpu_tiles
+    from lm import cli
+    from lm.bench import kernels
+
+    want = gpu_tiles.lookup("NVIDIA H200", 128)
+    case = next(c for c in catalog.cases() if c.kernel == "flash" and c.shape == "bfloat16 d128 T2048 mha")
+    launch = [(warps, stages) for _, _, warps, stages in kernels.triton_modules(case.fn, *case.args)]
+    assert launch == [want.launch[0], want.launch[1], want.launch[2]]
+    assert cli.main(["kernels", "tune"]) == 2
+    assert "on the GPU it runs on; this machine's backend is cpu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_default_gpu_tiles_compile_without_spills(head_dim):
+    from kernels_pallas.flash import gpu_tiles
+    from lm.bench import flash_tiles, kernels
+
+    if not kernels.ptxas_available():
+        pytest.skip("needs the triton wheel's ptxas (pip install 'attnlab[ptxas]')")
+    assert flash_tiles.spills(gpu_tiles.lookup("default", head_dim), head_dim) == {
+        "flash_forward": 0, "flash_dq": 0, "flash_dkv": 0}
