@@ -221,8 +221,20 @@ def _specs(plan: Plan, d: int, dv: int, q_index, k_index):
     return specs
 
 
+# The block lists are prefetched whole into SMEM (1 MiB per core on v5e and v5p); half of it is theirs.
+SMEM_BUDGET = 512 * 1024
+
+
 def _row_lists(plan: Plan, gate, q_doc, k_doc, *, by_query: bool):
-    return blocks.block_lists(plan, blocks.tile_kinds(plan, gate, q_doc, k_doc), by_query=by_query)
+    lists = blocks.block_lists(plan, blocks.tile_kinds(plan, gate, q_doc, k_doc), by_query=by_query)
+    need = lists.entries.size * 4
+    if need > SMEM_BUDGET:
+        # Per (sequence, kv head) with a gate, per sequence with documents: 16 KiB each at T=32768 and 512-row
+        # blocks. A call over fewer sequences or kv heads (or longer blocks) fits.
+        raise ValueError(f"the TPU pipeline's block lists {tuple(lists.entries.shape)} need {need // 1024} KiB of "
+                         f"SMEM, over its {SMEM_BUDGET // 1024} KiB: split the batch (or the kv heads) over "
+                         f"calls or devices, or use longer blocks")
+    return lists
 
 
 def _call(kernel, plan: Plan, lists: blocks.Lists, steps: int, grid, in_specs, out_specs, out_shape, scratch,
