@@ -1,7 +1,8 @@
 """The `attnlab` command line: train, eval, generate, data prepare, info, bench, plan, kernels lower/tune, demo.
 
 Problems with the user's input (config, data, checkpoints, arguments) are printed as one-line
-`error:` messages with exit status 2; a run stopped because its steps kept failing exits with 3.
+`error:` messages with exit status 2; a run stopped because its steps kept failing exits with 3; a process of a
+multi-process run whose peer is gone exits with 4 (lm/distributed.py).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 
 class UsageError(ValueError):
@@ -39,7 +41,15 @@ def cmd_train(args) -> int:
                                                cpu_devices=args.cpu_devices, timeout_s=args.init_timeout))
     from lm.train import train
 
-    res = train(load_config(args.config, args.set), init_from=args.init_from, restart=args.restart)
+    try:
+        res = train(load_config(args.config, args.set), init_from=args.init_from, restart=args.restart)
+    except _user_errors():
+        distributed.finish(ok=False)  # the other processes of a multi-process run learn how this one ended
+        raise
+    except BaseException:
+        distributed.finish(ok=False, own_error=False)
+        raise
+    distributed.finish(ok=True)
     return 3 if res.status == "diverged" else 0
 
 
@@ -472,8 +482,19 @@ def main(argv: list[str] | None = None) -> int:
         # Before anything else (the parser's modules import jax): a SIGTERM or SIGHUP while the run starts up is
         # held for the loop, which then stops cleanly, instead of ending the process; as the program, also while it
         # exits.
+        from lm import distributed
+
         with stop.early(restore=not program):
-            return _main(argv)
+            try:
+                code = _main(argv)
+            except BaseException:
+                if program and distributed.part_failed():  # jax would abort in its exit barrier after this
+                    traceback.print_exc()
+                    distributed.exit_now(1)
+                raise
+        if program and distributed.part_failed():
+            distributed.exit_now(code)
+        return code
     return _main(argv)
 
 

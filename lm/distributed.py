@@ -11,8 +11,13 @@ Where the place comes from, first match wins:
 Every process runs the same loop on the same global mesh and takes the same decisions; process 0 alone holds the
 run directory's lock and writes config.yaml, data.json, metrics.jsonl, W&B and the heatmaps. Checkpoints are
 written by all processes together (each its shards). The processes must see one shared run directory.
-Processes started from flags or the environment first meet on the coordinator's PORT+1 (`rendezvous`), so that
-a missing or misconfigured process is a one-line error rather than an abort inside jax's runtime.
+Every multi-process run first meets on the coordinator's PORT+1 (`rendezvous`; for SLURM and TPU pods the
+coordinator, count and id come from jax's cluster detection first), so that a missing or misconfigured process is
+a one-line error rather than an abort inside jax's runtime. The connections stay open for the run (`_Links`): when
+a process dies, the others learn it at once (TCP keepalive finds a host that went down) and each prints one line,
+which process is gone, the last checkpoint and to rerun all processes, and exits with EXIT_PEER_LOST, before
+jax's runtime would abort them with pages of gRPC errors. A process that stops with an error says so; the others
+give it FAIL_GRACE_S to be the same error everywhere (each then prints its own) before they stop too.
 On CPU, cross-process collectives go through gloo, and `--cpu-devices N` gives each process N host devices
 (how the tests build a 2-process x 4-device mesh on one machine).
 """
@@ -22,6 +27,8 @@ import dataclasses
 import os
 import re
 import socket
+import sys
+import threading
 import time
 from typing import Mapping
 
@@ -106,19 +113,42 @@ def initialize(launch: Launch) -> None:
     if not launch.multi:
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = {}
-    if launch.source not in ("slurm", "tpu"):
-        # jax's runtime aborts the process (a C++ stack trace, no exception) when the processes do not all
-        # register in time; meeting first on PORT+1 turns that into a one-line error that names who is missing.
-        rendezvous(launch)
-        kwargs = dict(coordinator_address=launch.coordinator, num_processes=launch.num_processes,
-                      process_id=launch.process_id)
+    if launch.source in ("slurm", "tpu"):
+        launch = detected(launch)
+    # jax's runtime aborts the process (a C++ stack trace, no exception) when the processes do not all register in
+    # time; meeting first on PORT+1 turns that into a one-line error that names who is missing.
+    global _links
+    _links = _Links(launch.process_id, launch.num_processes, rendezvous(launch))
+    _links.start()
+    # The preemption notices (SIGTERM handling is lm.stop's) would only add log lines when a process is lost.
+    jax.config.update("jax_enable_preemption_service", False)
+    # A watcher that hears of a lost process takes the GIL at once: the runtime hears of it at the same moment.
+    sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
     try:
-        jax.distributed.initialize(initialization_timeout=launch.timeout_s, **kwargs)
+        # Detection is off: jax's would give a SLURM process one GPU (SLURM_LOCALID) where ours owns its node's.
+        jax.distributed.initialize(launch.coordinator, launch.num_processes, launch.process_id,
+                                   initialization_timeout=launch.timeout_s, cluster_detection_method="deactivate")
     except Exception as e:  # jax raises its runtime's errors (unavailable, ...) as plain exceptions
-        where = f" at {launch.coordinator}" if launch.coordinator else f" ({launch.source} detection)"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise LaunchError(f"jax.distributed could not start{where}: {first}") from None
+        raise LaunchError(f"jax.distributed could not start at {launch.coordinator}: {first}") from None
+
+
+def detected(launch: Launch) -> Launch:
+    """`launch` (source slurm or tpu) with the coordinator, process count and id jax's cluster detection finds."""
+    from jax._src.clusters import ClusterEnv
+
+    try:
+        coordinator, n, me, _ = ClusterEnv.auto_detect_unset_distributed_params(
+            None, None, None, None, None, launch.timeout_s)
+    except Exception as e:  # the metadata server or the scheduler's variables: whatever failed, say it once
+        raise LaunchError(f"{launch.source} detection failed: {type(e).__name__}: {e}") from None
+    if coordinator is None or n is None or me is None:
+        raise LaunchError(f"{launch.source} detection found no coordinator; pass --coordinator, --num-processes "
+                          f"and --process-id")
+    host, port = _split(coordinator)
+    if port == 65535:  # the rendezvous needs PORT+1 (SLURM's port is derived from the job id, up to 65535)
+        coordinator = f"{host}:{port - 1}"
+    return dataclasses.replace(launch, coordinator=coordinator, num_processes=int(n), process_id=int(me))
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -126,21 +156,21 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def rendezvous(launch: Launch) -> None:
+def rendezvous(launch: Launch) -> dict[int, socket.socket]:
     """All `launch.num_processes` processes meet on the coordinator's host at PORT+1 before jax starts: process
     0 listens, the others connect (retrying until the timeout) and say their id and process count. Raises
-    LaunchError on every process when they do not all arrive in time, or disagree."""
+    LaunchError on every process when they do not all arrive in time, or disagree. Returns the open connections
+    (process 0: one per other process; the others: the one to process 0), by the process at the other end."""
     host, port = _split(launch.coordinator)
     n, me, deadline = launch.num_processes, launch.process_id, time.monotonic() + launch.timeout_s
     if n == 1:
-        return
+        return {}
     if me == 0:
-        _serve(host, port, n, deadline, launch.timeout_s)
-    else:
-        _join(host, port, n, me, deadline, launch.timeout_s)
+        return _serve(host, port, n, deadline, launch.timeout_s)
+    return {0: _join(host, port, n, me, deadline, launch.timeout_s)}
 
 
-def _serve(host: str, port: int, n: int, deadline: float, timeout_s: int) -> None:
+def _serve(host: str, port: int, n: int, deadline: float, timeout_s: int) -> dict[int, socket.socket]:
     for p in (port, port + 1):
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -178,16 +208,18 @@ def _serve(host: str, port: int, n: int, deadline: float, timeout_s: int) -> Non
                 conn.sendall(f"error {problem}".encode())
                 conn.close()
     for conn in peers.values():
-        with conn:
-            try:
-                conn.sendall((f"error {problem}" if problem else "ok").encode())
-            except OSError:
-                pass
+        try:
+            conn.sendall((f"error {problem}" if problem else "ok").encode())
+        except OSError:
+            pass
+        if problem:
+            conn.close()
     if problem:
         raise LaunchError(problem)
+    return peers
 
 
-def _join(host: str, port: int, n: int, me: int, deadline: float, timeout_s: int) -> None:
+def _join(host: str, port: int, n: int, me: int, deadline: float, timeout_s: int) -> socket.socket:
     while True:
         try:
             conn = socket.create_connection((host, port + 1), timeout=max(min(deadline - time.monotonic(), 5), 0.001))
@@ -198,16 +230,171 @@ def _join(host: str, port: int, n: int, me: int, deadline: float, timeout_s: int
                                   f"--coordinator {host}:{port} --num-processes {n} --process-id 0, or raise "
                                   f"--init-timeout") from None
             time.sleep(0.2)
-    with conn:
-        conn.sendall(f"{me} {n}".encode())
-        conn.settimeout(max(deadline - time.monotonic(), 0.001) + 5)
-        try:
-            reply = conn.recv(1024).decode()
-        except OSError:
-            reply = ""
+    conn.sendall(f"{me} {n}".encode())
+    conn.settimeout(max(deadline - time.monotonic(), 0.001) + 5)
+    try:
+        reply = conn.recv(2).decode()  # "ok", or the start of "error ..."
+        if reply != "ok":
+            reply += conn.recv(1024).decode()
+    except OSError:
+        reply = ""
     if reply != "ok":
+        conn.close()
         raise LaunchError(reply.removeprefix("error ") if reply.startswith("error ")
                           else f"process 0 at {host}:{port + 1} went away before all {n} processes arrived")
+    return conn
+
+
+EXIT_PEER_LOST = 4  # the exit status of a process whose run lost another process
+FAIL_GRACE_S = 10.0  # how long the others wait for a process that stopped with an error to be joined by theirs
+PROGRESS_EVERY_S = 60.0  # at most one progress line per process in this long
+_links: _Links | None = None
+_progress: dict[str, int | None] = {"step": None, "checkpoint": None}
+_last_progress_line = -float("inf")
+
+
+GONE = "is gone (its process ended or its host went down)"
+FAILED = "stopped with an error (its own output says which)"
+
+
+class _Links:
+    """The rendezvous connections of one process, kept open while the run lasts, each watched by a thread.
+
+    Messages, one per line: `bye` (the sender ends normally), `fail` (it stops with an error), `gone K` (process 0
+    tells the others that process K is gone). A connection that ends without `bye` or `fail` is a process that
+    died; process 0 passes that on to the rest.
+    """
+
+    def __init__(self, me: int, n: int, conns: dict[int, socket.socket]):
+        self.me, self.n, self.conns = me, n, conns
+        self.ended: set[int] = set()  # processes that said bye or fail
+        self.trouble: tuple[int, str] | None = None  # the first other process that failed or is gone, and how
+        self.lock = threading.Lock()
+        self.closing = False
+        self.failed = False  # this process's part ended with an error
+        for conn in conns.values():
+            conn.settimeout(None)
+            _keepalive(conn)
+
+    def start(self) -> None:
+        for pid, conn in self.conns.items():
+            threading.Thread(target=self._watch, args=(pid, conn), daemon=True, name=f"peer-{pid}").start()
+
+    def _watch(self, pid: int, conn: socket.socket) -> None:
+        buf = b""
+        while True:
+            try:
+                data = conn.recv(256)
+            except OSError:
+                data = b""
+            if not data:
+                if pid not in self.ended:
+                    self._lost(pid, GONE)
+                return
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                word, _, arg = line.decode(errors="replace").partition(" ")
+                if word == "bye":
+                    self.ended.add(pid)
+                elif word == "fail":  # nothing else comes from it; give this process time to end by itself
+                    self.ended.add(pid)
+                    self.trouble = self.trouble or (pid, FAILED)
+                    time.sleep(FAIL_GRACE_S)
+                    self._lost(pid, FAILED)
+                    return
+                elif word == "gone" and arg.isdigit():
+                    self._lost(int(arg), GONE)
+
+    def _lost(self, pid: int, how: str) -> None:
+        self.trouble = self.trouble or (pid, how)
+        with self.lock:
+            if self.closing:
+                return
+            self.closing = True
+        self._report(pid, how)
+
+    def _report(self, pid: int | None, how: str) -> None:
+        """The one line about process `pid` (None: `how` says it all), and the end of this process (process 0
+        first tells the rest)."""
+        if self.me == 0 and pid is not None:
+            self._send(f"gone {pid}", skip=pid)
+        step, ckpt = _progress["step"], _progress["checkpoint"]
+        where = f"the last checkpoint is step {ckpt}" if ckpt is not None else "no checkpoint was saved yet"
+        at = f" (this one, process {self.me}, was at step {step})" if step is not None else ""
+        what = how if pid is None else f"process {pid} of {self.n} {how}"
+        sys.stdout.flush()
+        sys.stderr.write(f"error: {what}; {where}{at}: rerun all {self.n} processes to resume\n")
+        exit_now(EXIT_PEER_LOST)
+
+    def _send(self, message: str, skip: int | None = None) -> None:
+        for pid, conn in self.conns.items():
+            if pid != skip:
+                try:
+                    conn.sendall((message + "\n").encode())
+                except OSError:
+                    pass
+
+    def close(self, ok: bool, blame_others: bool = False) -> None:
+        """Tell the others this process ends (`ok`: normally; else with an error), and stop watching. With
+        `blame_others`, an error that follows another process's failure or death reports that process instead."""
+        with self.lock:
+            if self.closing:
+                return
+            self.closing = True
+        if blame_others and self.trouble is not None:
+            self._report(*self.trouble)
+        self.failed = not ok
+        self._send("bye" if ok else "fail")
+        for conn in self.conns.values():
+            conn.close()
+
+
+def _keepalive(conn: socket.socket) -> None:
+    """TCP keepalive probes every few seconds, so a host that went down (no FIN) ends the connection in ~30 s."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 4)):
+        if hasattr(socket, name):
+            conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def finish(ok: bool, own_error: bool = True) -> None:
+    """The end of this process's part in a multi-process run (a no-op otherwise): tell the others. An error that
+    is not the process's own (not the user's input: a collective that failed, say) may follow another process's
+    failure: then, after a moment for the watchers to hear of it, the line names that process instead."""
+    if _links is None:
+        return
+    if not (ok or own_error):
+        time.sleep(2.0)
+    _links.close(ok, blame_others=not (ok or own_error))
+
+
+def part_failed() -> bool:
+    """Whether this process's part in a multi-process run ended with an error. Such a process must end with
+    `exit_now`: jax's exit handler would wait in a shutdown barrier for processes that may never come and then abort
+    with a C++ trace."""
+    return _links is not None and _links.failed
+
+
+def exit_now(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def note_progress(step: int | None = None, checkpoint: int | None = None) -> None:
+    """Where this process is (the last step done, the last checkpoint saved), for the line a lost process prints;
+    with several processes, a sparse `process I of N: step S` line (at most every PROGRESS_EVERY_S) shows it is
+    alive in its own shell."""
+    global _last_progress_line
+    if checkpoint is not None:
+        _progress["checkpoint"] = checkpoint
+    if step is None:
+        return
+    _progress["step"] = step
+    if _links is not None and time.monotonic() - _last_progress_line >= PROGRESS_EVERY_S:
+        _last_progress_line = time.monotonic()
+        print(f"process {_links.me} of {_links.n}: step {step}", flush=True)
 
 
 def is_primary() -> bool:

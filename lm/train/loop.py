@@ -127,6 +127,7 @@ def _restore_or_init(setup: Setup, ds: lmdata.Dataset, ckpt: Checkpointer, init_
     if restored is not None:
         step, state, meta, data_state = restored
         batches.set_state(data_state)
+        distributed.note_progress(checkpoint=step)
         say(f"resuming {run_dir} from step {step}"
             + (f"; --init-from {init_from} applies only to a fresh run and is ignored" if init_from else ""))
         changes = config_changes(meta.get("config", {}), cfg)
@@ -215,6 +216,7 @@ class _Run:
         """Checkpoint `pos`; the seconds the loop was held go into the next log record (ckpt_stall_s)."""
         self.ckpt_stall += self.ckpt.save(pos.step, pos.state, checkpoint_meta(self.cfg, pos.step, self.run_id),
                                           pos.data_state)
+        distributed.note_progress(checkpoint=pos.step)
 
     def evaluate(self, step: int, params) -> tuple[dict, StatsReport]:
         """Eval on the held-out batches, recorded in metrics.jsonl and W&B, heatmaps saved as PNGs."""
@@ -327,6 +329,7 @@ def _train_steps(run: _Run, pos: _Position, batches, batch: dict, stop_at: int) 
                 _log_interval(run, pos.step, pending, throughput)
                 return
             if log_due:
+                distributed.note_progress(step=pos.step)
                 rec, last = _log_interval(run, pos.step, pending, throughput)
                 progress.update(task, completed=pos.step, info=f"loss {rec['loss']:.4f}  {rec['tokens_per_s']:,.0f}"
                                                                f" tok/s  mfu {rec['mfu'] * 100:.1f}%")

@@ -4,10 +4,12 @@ batch."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +175,57 @@ def test_processes_that_disagree_on_the_count_are_told_so():
         _, err = p.communicate(timeout=120)
         assert p.returncode == 2, err
         assert err.strip() == "error: process 1 was started with 3 processes, process 0 with 2", err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_process_that_dies_ends_the_others_with_one_line(small_store, tmp_path, victim):
+    """kill -9 one of two processes mid-run: the other prints which process is gone, the last checkpoint and to
+    rerun all processes, and exits 4 at once, not with jax's runtime abort a minute later after pages of gRPC
+    errors. Before that it printed its own progress line. When process 0 dies, jax's coordination service dies with
+    it and the runtime in process 1 logs that in the same instant: its lines come first, then the run's."""
+    port = _free_port()
+    args = _args(small_store, tmp_path, "peer", (2, 1, 1), **{"train.steps": 100000, "train.ckpt_every": 3})
+    procs = [subprocess.Popen([sys.executable, "-m", "lm.cli", *args, "--cpu-devices", "1", "--coordinator",
+                               f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)], cwd=ROOT,
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    ckpts = tmp_path / "peer" / "checkpoints"
+    t0 = time.monotonic()
+    # Once checkpoint 6 is on disk, every process has finished saving checkpoint 3 (step 4 waited for it).
+    while not (ckpts.is_dir() and any(p.name.isdigit() and int(p.name) >= 6 for p in ckpts.iterdir())):
+        assert time.monotonic() - t0 < 300 and all(p.poll() is None for p in procs), "no checkpoint appeared"
+        time.sleep(0.2)
+    procs[victim].kill()
+    procs[victim].wait()
+    survivor = procs[1 - victim]
+    t_kill = time.monotonic()
+    out, err = survivor.communicate(timeout=120)
+    waited = time.monotonic() - t_kill
+    assert survivor.returncode == 4, (out, err)
+    line = err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: process {victim} of 2 is gone \(its process ended or its host went down\); the "
+                        rf"last checkpoint is step \d+ \(this one, process {1 - victim}, was at step \d+\): rerun "
+                        rf"all 2 processes to resume", line), line
+    assert waited < 30, f"the survivor took {waited:.0f} s to stop"
+    assert victim == 0 or len(err.strip().splitlines()) == 1, err
+    assert f"process {1 - victim} of 2: step " in out
+    saved = int(re.search(r"last checkpoint is step (\d+)", line).group(1))
+    assert saved in {int(p.name) for p in ckpts.iterdir() if p.name.isdigit()}
+
+
+@pytest.mark.slow
+def test_a_process_that_stops_with_an_error_alone_ends_the_others(small_store, tmp_path):
+    """Process 1 alone cannot open its data: it prints its own error (exit 2); process 0, which would wait for it
+    in the run's first collective, says which process stopped and exits 4 after the grace period."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "lm.cli", *_args(small_store, tmp_path, "half", (2, 1, 1)),
+                               *(["--set", f"data.source={tmp_path / 'missing'}"] if i else []), "--cpu-devices", "1",
+                               "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    (_, err0), (_, err1) = (p.communicate(timeout=300) for p in procs)
+    assert (procs[0].returncode, procs[1].returncode) == (4, 2), (err0, err1)
+    assert err1.strip().startswith(f"error: data.source '{tmp_path / 'missing'}' does not exist"), err1
+    assert err0.strip().splitlines()[-1].startswith("error: process 1 of 2 stopped with an error (its own output says "
+                                                    "which); no checkpoint was saved yet"), err0

@@ -1,7 +1,7 @@
-"""The emitted SLURM scripts against a real SLURM (one node on localhost, tests/sweep/slurm_node.py): submit_all.sh
-submits a tiny run with a one-minute time limit; SLURM's warning before the limit makes the run save, the job
-requeues itself, and the run continues attempt after attempt to the losses of an uninterrupted run, with every
-attempt's output kept in the run's log. Root only (it installs and starts SLURM's daemons)."""
+"""Against a real SLURM (one node on localhost, tests/sweep/slurm_node.py; root only: it installs and starts SLURM's
+daemons): the emitted submit_all.sh submits a tiny run with a one-minute time limit; SLURM's warning before the limit
+makes the run save, the job requeues itself, and the run continues attempt after attempt to the losses of an
+uninterrupted run, with every attempt's output kept in the run's log. And a job step of two tasks is one run."""
 from __future__ import annotations
 
 import os
@@ -49,32 +49,37 @@ cluster:
 """
 
 
-@pytest.mark.slow
-def test_a_time_limited_run_requeues_itself_to_the_uninterrupted_losses(small_store, tmp_path, write_spec):
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """The environment (SLURM_CONF) of a one-node SLURM, up for this module's tests."""
     try:
         slurm_node.install()
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         pytest.skip(f"SLURM could not be installed: {e}")
+    with slurm_node.slurm_node(tmp_path_factory.mktemp("slurm")) as env:
+        yield env
+
+
+@pytest.mark.slow
+def test_a_time_limited_run_requeues_itself_to_the_uninterrupted_losses(slurm, small_store, tmp_path, write_spec):
     out = tmp_path / "runs"
     sweep = load_sweep(write_spec(_spec(small_store, out)))
     launch, _ = emit(sweep, "slurm", tmp_path / "launch")
     run_dir = out / "slurm_tiny" / "tiny-s0"
-    with slurm_node.slurm_node(tmp_path / "slurm") as env:
-        res = subprocess.run(["bash", str(launch / "submit_all.sh")], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=120)
-        assert res.returncode == 0, res.stdout + res.stderr
-        job = re.search(r"array job (\d+)", res.stdout).group(1) + "_0"
-        # The reference, uninterrupted, while SLURM runs its attempts.
-        ref = train(load_config("configs/tiny/softmax.yaml", tiny_overrides(small_store, tmp_path, "ref",
-                                                                             **SETTINGS)))
-        assert ref.status == "finished"
-        state = {}
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 900:
-            state = slurm_node.job_state(env, job)
-            if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-                break
-            time.sleep(2)
+    res = subprocess.run(["bash", str(launch / "submit_all.sh")], cwd=tmp_path, env=slurm, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    job = re.search(r"array job (\d+)", res.stdout).group(1) + "_0"
+    # The reference, uninterrupted, while SLURM runs its attempts.
+    ref = train(load_config("configs/tiny/softmax.yaml", tiny_overrides(small_store, tmp_path, "ref", **SETTINGS)))
+    assert ref.status == "finished"
+    state = {}
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 900:
+        state = slurm_node.job_state(slurm, job)
+        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            break
+        time.sleep(2)
     log = (out / "slurm_tiny" / "logs" / "tiny-s0.log").read_text()
     assert state.get("JobState") == "COMPLETED", (state, log[-3000:])
     attempts = re.findall(r"^== job \d+ \(attempt (\d+)\)", log, re.M)
@@ -89,3 +94,18 @@ def test_a_time_limited_run_requeues_itself_to_the_uninterrupted_losses(small_st
     final = [r["eval_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
     assert final[-1:] == [r["eval_loss"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")
                           if "eval_loss" in r][-1:]
+
+
+@pytest.mark.slow
+def test_a_job_step_of_two_tasks_is_one_run(slurm, small_store, tmp_path):
+    """`srun -n 2 attnlab train`: the two tasks find their place through jax's SLURM detection, meet, and train one
+    run (process 0 alone writes its metrics) whose every process says it is alive."""
+    over = tiny_overrides(small_store, tmp_path, "two", **{"train.steps": 4, "mesh.data": 2, "data.batch_size": 8})
+    env = {**slurm, "PATH": f"{Path(sys.executable).parent}:{slurm['PATH']}"}
+    res = subprocess.run(["srun", "-n", "2", "--cpus-per-task=1", "attnlab", "train", "configs/tiny/softmax.yaml",
+                          *sum((["--set", o] for o in over), []), "--cpu-devices", "1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "jax 0.11.2 sees 2 cpu device(s) (cpu) over 2 processes, this one is process 0" in res.stdout
+    assert "process 0 of 2: step 1" in res.stdout and "process 1 of 2: step 1" in res.stdout
+    assert [r["step"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
