@@ -187,6 +187,29 @@ def run(a: argparse.Namespace) -> list[dict]:
     return rows
 
 
+DTYPES = ("float32", "bfloat16")
+
+
+def check_arguments(a: argparse.Namespace) -> None:
+    """UsageError naming the first argument the benchmark cannot run with."""
+    from attention.ops import dispatch
+    from lm.cli import UsageError
+
+    impls = sorted(dispatch.implementations("softmax_decode"))
+    unknown = [i for i in a.impl if i not in impls]
+    if unknown:
+        raise UsageError(f"--impl {' '.join(unknown)}: softmax_decode has no such implementation (it has "
+                         f"{', '.join(impls)})")
+    if a.dtype not in DTYPES:
+        raise UsageError(f"--dtype {a.dtype}: the decode benchmark runs {' or '.join(DTYPES)}")
+    for name in ("S", "B", "Hq", "Hkv", "D", "reps"):
+        values = getattr(a, name)
+        if any(v < 1 for v in (values if isinstance(values, list) else [values])):
+            raise UsageError(f"--{name} must be at least 1, got {values}")
+    if a.Hq % a.Hkv:
+        raise UsageError(f"--Hq {a.Hq} is not a multiple of --Hkv {a.Hkv} (each kv head serves Hq/Hkv query heads)")
+
+
 def check_spkv_arguments(a: argparse.Namespace) -> None:
     """UsageError naming the first SP-KV cache argument the benchmark cannot run with."""
     from lm.cli import UsageError
@@ -203,6 +226,7 @@ def check_spkv_arguments(a: argparse.Namespace) -> None:
 
 
 def bench(a: argparse.Namespace, command: str) -> list[dict]:
+    check_arguments(a)
     check_spkv_arguments(a)
     rows = run(a)
     if a.json_out:

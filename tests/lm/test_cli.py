@@ -259,3 +259,15 @@ def test_bench_decode_json(tmp_path):
     assert all(r["step_ms"] > 0 and r["GBps"] > 0 for r in rows)
     # K=V reads one cache array instead of two.
     assert rows[1]["cache_bytes"] * 2 == rows[0]["cache_bytes"] == 40 * 2 * 16 * 4 * 2
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--dtype", "fp8"], "--dtype fp8: the decode benchmark runs float32 or bfloat16"),
+    (["--impl", "xla", "foo"], "--impl foo: softmax_decode has no such implementation (it has pallas, reference, xla)"),
+    (["--S", "0"], "--S must be at least 1, got [0]"),
+    (["--Hq", "6", "--Hkv", "4"], "--Hq 6 is not a multiple of --Hkv 4"),
+])
+def test_bench_decode_refuses_what_it_cannot_run(capsys, args, says):
+    assert main(["bench", "decode", "--S", "40", "--B", "1", "--Hq", "4", "--Hkv", "2", "--D", "16", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {says}"), err
