@@ -109,10 +109,15 @@ def _query_tile(plan: Plan, r, i, entry, masked: bool):
     return scores, k, v
 
 
+def _query_step(plan: Plan, lists: blocks.Lists, entries_ref):
+    """(query block, step, list entry) of a forward or dq grid step (batch, head, query block, step)."""
+    b, h, i, s = (pl.program_id(a) for a in range(4))
+    return i, s, _entry(lists, entries_ref, b, h // plan.group, i, s)
+
+
 def _forward_kernel(entries_ref, *refs, plan: Plan, lists: blocks.Lists, steps: int):
     r, (o_ref, lse_ref, m_ref, l_ref, acc_ref) = unpack(plan, refs)
-    b, h, i, s = (pl.program_id(a) for a in range(4))
-    entry = _entry(lists, entries_ref, b, h // plan.group, i, s)
+    i, s, entry = _query_step(plan, lists, entries_ref)
 
     @pl.when(s == 0)
     def _init():
@@ -139,8 +144,7 @@ def _forward_kernel(entries_ref, *refs, plan: Plan, lists: blocks.Lists, steps: 
 
 def _dq_kernel(entries_ref, *refs, plan: Plan, lists: blocks.Lists, steps: int):
     r, (do_ref, lse_ref, delta_ref, dq_ref, acc_ref) = unpack(plan, refs)
-    b, h, i, s = (pl.program_id(a) for a in range(4))
-    entry = _entry(lists, entries_ref, b, h // plan.group, i, s)
+    i, s, entry = _query_step(plan, lists, entries_ref)
 
     @pl.when(s == 0)
     def _init():
