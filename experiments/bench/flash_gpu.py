@@ -135,7 +135,8 @@ def markdown(rows, impls, info, command) -> str:
     return (f"# Softmax attention forward+backward on {info['device']}\n\nCommand: `{command}`\n\n"
             f"Machine: {info['device']}; python {info['python']}, jax {info['jax']}; {info['date']}. bf16, B=1, "
             f"causal; median of the rounds; TFLOP/s of the visible pairs' matmuls (4*D FLOPs per pair forward, "
-            f"2.5x that backward); SP-KV rows: ours with the gate, the dense kernels without it.\n\n" + "\n".join(lines) + "\n"
+            f"2.5x that backward); SP-KV rows: ours with the gate, the dense kernels without it.\n\n"
+            + "\n".join(lines) + "\n"
             + ("\n## Errors\n\n" + "\n".join(errors) + "\n" if errors else "")
             + ("\n## Not run\n\n" + "\n".join(skipped) + "\n" if skipped else ""))
 

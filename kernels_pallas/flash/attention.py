@@ -81,19 +81,9 @@ def flash_attention(q, k, v=None, *, causal=True, sliding_window=None, local_win
     d_pad = max(16, _pow2_at_least(D)) if tgt == "gpu" else D
     dv_pad = max(16, _pow2_at_least(Dv)) if tgt == "gpu" else Dv
 
-    def heads_first(x, length, width):
-        x = jnp.swapaxes(x, 1, 2)
-        return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, width - x.shape[3])))
-
-    qh = heads_first(q, plan.t_pad, d_pad)
-    kh = heads_first(k, plan.s_pad, d_pad)
-    vh = None if v is None else heads_first(v, plan.s_pad, dv_pad)
-
-    def gate_row(g_BSH):
-        # Padded keys are closed (-inf), so a block's closed-gate test sees only its real keys.
-        return jnp.pad(jnp.swapaxes(g_BSH.astype(jnp.float32), 1, 2)[:, :, None, :],
-                       ((0, 0), (0, 0), (0, 0), (0, plan.s_pad - S)), constant_values=-jnp.inf)
-
+    qh = _heads_first(q, plan.t_pad, d_pad)
+    kh = _heads_first(k, plan.s_pad, d_pad)
+    vh = None if v is None else _heads_first(v, plan.s_pad, dv_pad)
     q_doc = k_doc = ids = None
     if doc_ids is not None:
         # Edge padding keeps each block's document range as tight as its real rows (tiles are skipped by
@@ -104,16 +94,32 @@ def flash_attention(q, k, v=None, *, causal=True, sliding_window=None, local_win
         q_doc = jnp.pad(ids, ((0, 0), (0, plan.t_pad - T)), mode="edge")[:, None, :]
         q_doc = q_doc if plan.pipeline else jnp.swapaxes(q_doc, 1, 2)
         k_doc = jnp.pad(ids, ((0, 0), (0, plan.s_pad - S)), mode="edge")[:, None, :]
-    gate = None if key_log_gate is None else gate_row(key_log_gate)
+    gate = None if key_log_gate is None else _gate_row(key_log_gate, plan.s_pad)
     plans, parts = (plan,), ((kh, vh, gate, k_doc, None, None, None),)
     if key_log_gate is not None and local_window is not None and causal and not plan.pipeline:
-        plans, parts = _spkv_parts(plan, k, v, key_log_gate, ids, kh, vh, k_doc, heads_first, gate_row,
-                                   (d_pad, dv_pad), tgt)
+        plans, parts = _spkv_parts(plan, k, v, key_log_gate, ids, kh, vh, k_doc, (d_pad, dv_pad), tgt)
     o = _flash(plans, qh, q_doc, parts)
     return jnp.swapaxes(o[:, :, :T, :Dv], 1, 2)
 
 
-def _spkv_parts(plan: Plan, k, v, key_log_gate, ids, kh, vh, k_doc, heads_first, gate_row, widths, tgt):
+def _heads_first(x, length, width):
+    """[B,T,H,X] -> [B,H,length,width], zero-padded."""
+    x = jnp.swapaxes(x, 1, 2)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, width - x.shape[3])))
+
+
+def _key_row(x_BSH, s_pad, **pad):
+    """[B,S,H] -> [B,H,1,s_pad]: a row per kv head, padded as jnp.pad's keywords say."""
+    return jnp.pad(jnp.swapaxes(x_BSH, 1, 2)[:, :, None, :], ((0, 0), (0, 0), (0, 0), (0, s_pad - x_BSH.shape[1])),
+                   **pad)
+
+
+def _gate_row(gate_BSH, s_pad):
+    # Padded keys are closed (-inf), so a block's closed-gate test sees only its real keys.
+    return _key_row(gate_BSH.astype(jnp.float32), s_pad, constant_values=-jnp.inf)
+
+
+def _spkv_parts(plan: Plan, k, v, key_log_gate, ids, kh, vh, k_doc, widths, tgt):
     """SP-KV as two key sets that share one softmax (`compact`): the local window's band of the dense keys
     (when local_window > 0) and the kept keys gathered into compact blocks with their positions, per-head
     document ids and loop ranges. (plans, parts) for `_flash`."""
@@ -121,22 +127,20 @@ def _spkv_parts(plan: Plan, k, v, key_log_gate, ids, kh, vh, k_doc, heads_first,
     index, position, _ = compact.kept_order(key_log_gate)
     k_far = compact.gather(k, index, position)
     v_far = None if v is None else compact.gather(v, index, position)
-    row = lambda x, fill: jnp.pad(jnp.swapaxes(x, 1, 2)[:, :, None, :],  # noqa: E731
-                                  ((0, 0), (0, 0), (0, 0), (0, plan.s_pad - S)), constant_values=fill)
     far_doc = None
     if ids is not None:
         held = jnp.take_along_axis(ids[:, :, None], jnp.clip(position, 0, S - 1), axis=1)
-        far_doc = jnp.pad(jnp.swapaxes(held, 1, 2)[:, :, None, :], ((0, 0), (0, 0), (0, 0), (0, plan.s_pad - S)),
-                          mode="edge")
+        far_doc = _key_row(held, plan.s_pad, mode="edge")
     # Triton reads the ranges tables as whole blocks: power-of-two widths.
     table = (lambda n: _pow2_at_least(n)) if tgt == "gpu" else (lambda n: n)
     ranges, key_ranges = compact.block_ranges(
         position, t=plan.t, offset=plan.offset, block_q=plan.block_q, block_k=plan.block_k,
         local_window=plan.local_window, sliding_window=plan.sliding_window,
         widths=(table(plan.num_q_blocks), table(plan.num_k_blocks)))
-    far = (heads_first(k_far, plan.s_pad, widths[0]), None if v is None else heads_first(v_far, plan.s_pad, widths[1]),
-           gate_row(compact.gather(key_log_gate, index, position)), far_doc, row(position, compact.FAR), ranges,
-           key_ranges)
+    far = (_heads_first(k_far, plan.s_pad, widths[0]),
+           None if v is None else _heads_first(v_far, plan.s_pad, widths[1]),
+           _gate_row(compact.gather(key_log_gate, index, position), plan.s_pad), far_doc,
+           _key_row(position, plan.s_pad, constant_values=compact.FAR), ranges, key_ranges)
     plans, parts = (dataclasses.replace(plan, compact=True),), (far,)
     if plan.local_window > 0:
         band = min(plan.local_window, plan.sliding_window or plan.local_window)

@@ -43,7 +43,7 @@ class Plan:
     launch: tuple               # Triton's (num_warps, num_stages) of the forward, dq and dk/dv kernels
     pipeline: bool              # the TPU key-block pipeline (pipeline.py) instead of the row driver
     compact: bool = False       # SP-KV's compact keys (compact.py): positions carried, visible at t - s >= local_window
-    exp2: bool = False          # logits in base 2 (log2(e) folded into the scale), exp2 in the softmax; lse stays natural
+    exp2: bool = False          # logits in base 2 (log2(e) folded into the scale), exp2; lse stays natural
 
     @property
     def offset(self) -> int:

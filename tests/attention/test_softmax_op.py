@@ -199,8 +199,8 @@ def test_no_score_matrix_is_materialised():
     assert max(sizes) <= full // 4, f"largest intermediate has {max(sizes)} elements; B*H*T*S = {full}"
 
 
-@pytest.mark.parametrize("impl, name", [(impl, "mqa-gate-local-window") for impl in ("xla", "pallas", "pallas-pipeline")]
-                         + [(impl, "v-is-k-sliding-window") for impl in ("cudnn", "splash")])
+@pytest.mark.parametrize("impl, name", [(i, "mqa-gate-local-window") for i in ("xla", "pallas", "pallas-pipeline")]
+                         + [(i, "v-is-k-sliding-window") for i in ("cudnn", "splash")])
 def test_bf16_inputs_against_fp32_reference(impl, name):
     # bf16 keeps 8 significant bits (unit roundoff 2**-9 ~ 2e-3), and both fast forms round P and dS to
     # bf16 before their matmuls. Measured rel-RMSE, xla and pallas alike: o 1.8e-3, dq 3.1e-3, dk 2.9e-3,

@@ -4,8 +4,9 @@
   local-window exemption, which no library kernel has; ours also skips gate-closed tiles and, under a hard gate,
   attends to the compact blocks of kept keys), and one array as both key and value (read once).
 - Every other call takes the first kernel of its backend's PREFERENCE that supports it (xla when none does); each
-  entry says what it rests on, and the reason names the kernels that refused the call. Until the GPU suite (experiments/bench/gpu_suite.sh) measures them, the GPU and TPU rows rest
-  on published and structural evidence, and say so.
+  entry says what it rests on, and the reason names the kernels that refused the call. Until the GPU suite
+  (experiments/bench/gpu_suite.sh) measures them, the GPU and TPU rows rest on published and structural
+  evidence, and say so.
 """
 from __future__ import annotations
 
