@@ -45,9 +45,8 @@ class Plan:
     interpret: bool
     num_warps: int
     block_v: int        # V columns per program of the sequential passes (more programs than (batch, head))
-    sequential: str     # how a pass over chunks carries its state: "grid" (TPU: the chunks are the innermost,
-                        # sequential grid axis and the state lives in VMEM scratch) or "loop" (Triton, whose grid
-                        # steps are independent: a loop over the chunks inside the program)
+    parallel: str       # the drivers (chunk_call.py) of the parallel kernels and of the passes over chunks:
+    sequential: str     # "grid" (chunks as grid axes) or "loop" (a loop over chunks inside each program)
 
     @property
     def num_chunks(self) -> int:
@@ -82,11 +81,16 @@ def iota(shape, axis):
     return lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
+# (parallel, sequential) drivers per target: the accelerators run a program per chunk; TPU carries a pass's state
+# through its sequential grid axis, Triton through a loop; the CPU interpreter loops (see chunk_call.py).
+DRIVERS = {"cpu": ("loop", "loop"), "gpu": ("grid", "loop"), "tpu": ("grid", "grid")}
+
+
 def make_plan(q, v, *, chunks, min_chunk, block_v, chunk=None, scale=None, has_segments=False,
-              interpret=None, sequential=None) -> Plan:
+              interpret=None, drivers=None) -> Plan:
     """The plan of a call on q [B,T,H,K], v [B,T,H,V]: the target's (chunk, num_warps) from `chunks`, shrunk for
     short inputs to the next power of two >= T (not below `min_chunk`), unless `chunk` is given; V split in
-    blocks of `block_v[target]` (or all of V); the sequential passes' driver for the target unless given."""
+    blocks of `block_v[target]` (or all of V); the target's (parallel, sequential) drivers unless `drivers`."""
     tgt = platform.target()
     pref, warps = chunks[tgt]
     T, K = q.shape[1], q.shape[3]
@@ -95,8 +99,8 @@ def make_plan(q, v, *, chunks, min_chunk, block_v, chunk=None, scale=None, has_s
     bv = block_v[tgt]
     return Plan(t=T, t_pad=-(-T // C) * C, chunk=C, scale=float(K) ** -0.5 if scale is None else float(scale),
                 has_segments=has_segments, interpret=platform.resolve_interpret(interpret), num_warps=warps,
-                block_v=bv if V % bv == 0 else V,
-                sequential=sequential or ("grid" if tgt == "tpu" else "loop"))
+                block_v=bv if V % bv == 0 else V, parallel=(drivers or DRIVERS[tgt])[0],
+                sequential=(drivers or DRIVERS[tgt])[1])
 
 
 def heads_first(plan: Plan, x):

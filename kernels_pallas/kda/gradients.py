@@ -20,12 +20,11 @@ gate and are left out rather than added and cancelled, which would cost strong g
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
 
-from kernels_pallas.chunked import Plan, compiler_params, dot, first_row, iota, last_row, masked, masks
+from kernels_pallas.chunk_call import Operand, chunk_call, operand
+from kernels_pallas.chunked import Plan, dot, first_row, iota, last_row, masked, masks
 from kernels_pallas.kda.intra import column, masked_exp, row
 
 F32 = jnp.float32
@@ -34,58 +33,54 @@ F32 = jnp.float32
 CHUNK_GRADS_WARPS, SCORE_GRADS_WARPS = 8, 8
 
 
-def _chunk_grads_kernel(*refs, plan: Plan):
-    (q_ref, k_ref, v_ref, g_ref, beta_ref, t_ref, akk_ref, s_ref, ds_ref, vnew_ref, dvnew_ref,
-     do_ref) = refs[:12]
-    doc_ref, prev_ref = refs[12:14] if plan.has_segments else (None, None)
-    dq_ref, dk_ref, dv_ref, dbeta_ref, dg_ref, dexit_ref, daqk_ref, dakk_ref, daqkt_ref, dakkt_ref = refs[-10:]
+def _chunk_grads_body(at, plan: Plan):
     C = plan.chunk
-    dtype = v_ref.dtype
-    m = masks(plan, pl.program_id(2), doc_ref[...], prev_ref[...]) if plan.has_segments else masks(plan, 0)
+    dtype = at.refs["v"].dtype
+    m = masks(plan, at.n, at.load("doc"), at.load("prev")) if plan.has_segments else masks(plan, at.n)
     i, j = iota((C, C), 0), iota((C, C), 1)
     causal, strict = i >= j, i > j
     if m.same is not None:
         causal, strict = causal & m.same, strict & m.same
     # In the order that keeps the fewest tiles live at once (Triton's registers): the [C, C] chain first.
-    G = g_ref[...]
-    beta = beta_ref[...].astype(F32)
-    S = s_ref[...]
-    v, v_new, dv_new, do = v_ref[...], vnew_ref[...], dvnew_ref[...], do_ref[...]
+    G = at.load("G")
+    beta = at.load("beta").astype(F32)
+    S = at.load("S")
+    v, v_new, dv_new, do = at.load("v"), at.load("v_new"), at.load("dv_new"), at.load("do")
     # Through W = T beta k_in and U = T beta v, the inverse T = (I + L)^-1, and dW = -dv_new S^T.
     dW = -dot(dv_new, S, contract=(1, 1))
-    k_in = masked(m.carry_in, k_ref[...].astype(F32) * jnp.exp(G))
+    k_in = masked(m.carry_in, at.load("k").astype(F32) * jnp.exp(G))
     Bk, Bv = beta * k_in, beta * v.astype(F32)
     dT = dot(dW.astype(dtype), Bk.astype(dtype), contract=(1, 1)) + dot(dv_new, Bv.astype(dtype), contract=(1, 1))
-    Td = t_ref[...].astype(dtype)
+    Td = at.load("T").astype(dtype)
     dBk = dot(Td, dW.astype(dtype), contract=(0, 0))
     dBv = dot(Td, dv_new, contract=(0, 0))
     dL = jnp.where(strict, -dot(dot(Td, dT.astype(dtype), contract=(0, 0)).astype(dtype), Td, contract=(1, 1)), 0.0)
-    dv_ref[...] = (beta * dBv).astype(dv_ref.dtype)
-    dbeta_ref[...] = (jnp.sum(dBk * k_in, axis=1, keepdims=True) + jnp.sum(dBv * v.astype(F32), axis=1, keepdims=True)
-                      + jnp.sum(dL * akk_ref[...], axis=1, keepdims=True))
+    at.store("dv", beta * dBv)
+    at.store("dbeta", jnp.sum(dBk * k_in, axis=1, keepdims=True) + jnp.sum(dBv * v.astype(F32), axis=1, keepdims=True)
+             + jnp.sum(dL * at.load("akk"), axis=1, keepdims=True))
     dAkk = beta * dL
-    dakk_ref[...] = dAkk
-    dakkt_ref[...] = dAkk.T
+    at.store("dakk", dAkk)
+    at.store("dakkt", dAkk.T)
     dAqk = jnp.where(causal, dot(do, v_new, contract=(1, 1)), 0.0)
-    daqk_ref[...] = dAqk
-    daqkt_ref[...] = dAqk.T
+    at.store("daqk", dAqk)
+    at.store("daqkt", dAqk.T)
     dk_in = beta * dBk
     # Through the output (qg = scale q exp(G)) and the outgoing state (kg = k exp(Gamma - G), d = exp(Gamma)).
     eG = jnp.exp(G)
     dqg = dot(do, S, contract=(1, 1))
-    dq_ref[...] = masked(m.carry_in, dqg * eG)
+    at.store("dq", masked(m.carry_in, dqg * eG))
     Gamma = last_row(G)
-    dS = ds_ref[...]
+    dS = at.load("dS")
     dd = jnp.sum(S.astype(F32) * dS.astype(F32), axis=1, keepdims=True).reshape(1, -1)
     # Every G_i sums the gates up to i; the chunk's total decay sums them all (added at the last row, so the
     # suffix sums hand it to every token); kg_j's exponent sums the gates after j (an exclusive prefix sum).
     dGamma = dd * masked(m.through, jnp.exp(Gamma))
-    qg = masked(m.carry_in, (q_ref[...].astype(F32) * plan.scale) * eG)
-    dg_ref[...] = dqg * qg + dk_in * k_in + jnp.where(iota((C, 1), 0) == C - 1, dGamma, 0.0)
+    qg = masked(m.carry_in, (at.load("q").astype(F32) * plan.scale) * eG)
+    at.store("dg", dqg * qg + dk_in * k_in + jnp.where(iota((C, 1), 0) == C - 1, dGamma, 0.0))
     e_exit = masked(m.to_exit, jnp.exp(Gamma - G))
     dkg = dot(v_new, dS, contract=(1, 1))
-    dk_ref[...] = masked(m.carry_in, dk_in * eG) + dkg * e_exit
-    dexit_ref[...] = dkg * (k_ref[...].astype(F32) * e_exit)
+    at.store("dk", masked(m.carry_in, dk_in * eG) + dkg * e_exit)
+    at.store("dexit", dkg * (at.load("k").astype(F32) * e_exit))
 
 
 def chunk_grads(plan: Plan, *, q, k, v, G, beta, T, akk, states, dstates, v_new, dv_new, do, doc, prev):
@@ -94,35 +89,26 @@ def chunk_grads(plan: Plan, *, q, k, v, G, beta, T, akk, states, dstates, v_new,
     transposes [.., C] fp32): the parts of the gradients that do not pass through the score matrices, and the
     score matrices' cotangents."""
     B, H, Tp, K = q.shape
-    V = v.shape[-1]
     C = plan.chunk
-    row_ = lambda width: pl.BlockSpec((None, None, C, width), lambda b, h, n: (b, h, n, 0))  # noqa: E731
-    state = pl.BlockSpec((None, None, None, K, V), lambda b, h, n: (b, h, n, 0, 0))
-    in_specs = [row_(K), row_(K), row_(V), row_(K), row_(1), row_(C), row_(C), state, state, row_(V), row_(V),
-                row_(V)]
-    args = [q, k, v, G, beta, T, akk, states, dstates, v_new, dv_new, do]
+    inputs = [operand(nm, "row", x) for nm, x in (("q", q), ("k", k), ("v", v), ("G", G), ("beta", beta), ("T", T),
+                                                 ("akk", akk), ("v_new", v_new), ("dv_new", dv_new), ("do", do))]
+    inputs += [operand("S", "states", states), operand("dS", "states", dstates)]
     if plan.has_segments:
-        in_specs += [pl.BlockSpec((None, C, 1), lambda b, h, n: (b, n, 0))] * 2
-        args += [doc, prev]
-    f32 = lambda width: jax.ShapeDtypeStruct((B, H, Tp, width), F32)  # noqa: E731
-    out_shape = (f32(K), f32(K), jax.ShapeDtypeStruct(v.shape, v.dtype), f32(1), f32(K), f32(K), f32(C), f32(C),
-                 f32(C), f32(C))
-    out_specs = (row_(K), row_(K), row_(V), row_(1), row_(K), row_(K), row_(C), row_(C), row_(C), row_(C))
-    return pl.pallas_call(
-        lambda *refs: _chunk_grads_kernel(*refs, plan=plan), grid=(B, H, plan.num_chunks), in_specs=in_specs,
-        out_specs=out_specs, out_shape=out_shape, interpret=plan.interpret, name="kda_chunk_grads",
-        compiler_params=compiler_params(plan, 3, warps=CHUNK_GRADS_WARPS),
-    )(*args)
+        inputs += [operand("doc", "doc", doc), operand("prev", "doc", prev)]
+    f32 = lambda nm, width: Operand(nm, "row", (B, H, Tp, width), F32)  # noqa: E731
+    outputs = [f32("dq", K), f32("dk", K), Operand("dv", "row", v.shape, v.dtype), f32("dbeta", 1), f32("dg", K),
+               f32("dexit", K), f32("daqk", C), f32("dakk", C), f32("daqkt", C), f32("dakkt", C)]
+    return tuple(chunk_call(plan, lambda at: _chunk_grads_body(at, plan), inputs=inputs, outputs=outputs,
+                            name="kda_chunk_grads", batch_heads=(B, H), V=v.shape[-1], warps=CHUNK_GRADS_WARPS))
 
 
-def _score_grads_kernel(qi_ref, ki_ref, gi_ref, q_ref, k_ref, g_ref, daqk_ref, dakk_ref, daqkt_ref, dakkt_ref,
-                        dq_ref, dk_ref, dg_ref, *, plan: Plan):
+def _score_grads_body(at, plan: Plan):
     C, BC = plan.chunk, plan.sub
-    dtype = q_ref.dtype
-    r = pl.program_id(3) * BC
-    qi, ki, Gi = qi_ref[...].astype(F32) * plan.scale, ki_ref[...].astype(F32), gi_ref[...]
-    q, k, G = q_ref[...].astype(F32) * plan.scale, k_ref[...].astype(F32), g_ref[...]
-    daqk, dakk = daqk_ref[...], dakk_ref[...]
+    dtype = at.refs["q"].dtype
+    r = at.i * BC
+    qi, ki, Gi = at.load("qi").astype(F32) * plan.scale, at.load("ki").astype(F32), at.load("Gi")
+    q, k, G = at.load("q").astype(F32) * plan.scale, at.load("k").astype(F32), at.load("G")
+    daqk, dakk = at.load("daqk"), at.load("dakk")
     rows_c = iota((C, 1), 0)
     cols = iota((BC, C), 1)
     # Row role: rows I against earlier columns, exponents relative to row r.
@@ -138,8 +124,8 @@ def _score_grads_kernel(qi_ref, ki_ref, gi_ref, q_ref, k_ref, g_ref, daqk_ref, d
     later = rows_c >= r + BC
     el = masked_exp(later, G - Gl)
     after = cols >= r + BC
-    dk_col = jnp.exp(Gl - Gi) * (dot(jnp.where(after, daqkt_ref[...], 0.0).astype(dtype), (el * q).astype(dtype))
-                                 + dot(jnp.where(after, dakkt_ref[...], 0.0).astype(dtype), (el * k).astype(dtype)))
+    dk_col = jnp.exp(Gl - Gi) * (dot(jnp.where(after, at.load("daqkt"), 0.0).astype(dtype), (el * q).astype(dtype))
+                                 + dot(jnp.where(after, at.load("dakkt"), 0.0).astype(dtype), (el * k).astype(dtype)))
     dG = qi * dq + ki * dk_row - ki * dk_col
     # The diagonal block, a column at a time.
     i = iota((BC, 1), 0)
@@ -158,22 +144,18 @@ def _score_grads_kernel(qi_ref, ki_ref, gi_ref, q_ref, k_ref, g_ref, daqk_ref, d
         return dq, dk, dG
 
     dq, dk, dG = lax.fori_loop(0, BC, diagonal, (dq, dk_row + dk_col, dG))
-    dq_ref[...] = dq
-    dk_ref[...] = dk
-    dg_ref[...] = dG
+    at.store("dq", dq)
+    at.store("dk", dk)
+    at.store("dg", dG)
 
 
 def score_grads(plan: Plan, *, q, k, G, daqk, dakk, daqkt, dakkt):
     """dAqk, dAkk (and their transposes) [B,H,Tp,C] fp32 -> their parts of (dq~ w.r.t. the scaled q, dk, dG)
     [B,H,Tp,K] fp32."""
     B, H, Tp, K = q.shape
-    C, BC, S = plan.chunk, plan.sub, plan.subs
-    sub = lambda width: pl.BlockSpec((None, None, BC, width), lambda b, h, n, i: (b, h, n * S + i, 0))  # noqa
-    whole = pl.BlockSpec((None, None, C, K), lambda b, h, n, i: (b, h, n, 0))
-    out = jax.ShapeDtypeStruct((B, H, Tp, K), F32)
-    return pl.pallas_call(
-        lambda *refs: _score_grads_kernel(*refs, plan=plan), grid=(B, H, plan.num_chunks, S),
-        in_specs=[sub(K), sub(K), sub(K), whole, whole, whole, sub(C), sub(C), sub(C), sub(C)],
-        out_specs=(sub(K), sub(K), sub(K)), out_shape=(out, out, out), interpret=plan.interpret,
-        name="kda_score_grads", compiler_params=compiler_params(plan, 4, warps=SCORE_GRADS_WARPS),
-    )(q, k, G, q, k, G, daqk, dakk, daqkt, dakkt)
+    inputs = [operand("qi", "sub", q), operand("ki", "sub", k), operand("Gi", "sub", G), operand("q", "row", q),
+              operand("k", "row", k), operand("G", "row", G), operand("daqk", "sub", daqk),
+              operand("dakk", "sub", dakk), operand("daqkt", "sub", daqkt), operand("dakkt", "sub", dakkt)]
+    outputs = [Operand(nm, "sub", q.shape, F32) for nm in ("dq", "dk", "dg")]
+    return tuple(chunk_call(plan, lambda at: _score_grads_body(at, plan), inputs=inputs, outputs=outputs,
+                            name="kda_score_grads", batch_heads=(B, H), subs=True, warps=SCORE_GRADS_WARPS))

@@ -18,12 +18,11 @@ algebra, log2(C) steps); then W and U are two matmuls on the inputs' dtype.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
 
-from kernels_pallas.chunked import Plan, compiler_params, dot, first_row, iota, masked, masks
+from kernels_pallas.chunk_call import Operand, chunk_call, operand
+from kernels_pallas.chunked import Plan, dot, first_row, iota, masked, masks
 
 F32 = jnp.float32
 # Triton warps per kernel where the plan's 4 spill (sm_90a, ptxas; `kernels lower --report --ptxas`): the solve's
@@ -46,65 +45,51 @@ def column(x, c):
     return jnp.sum(jnp.where(iota(x.shape, 1) == c, x, 0.0), axis=1, keepdims=True)
 
 
-def _scores_kernel(*refs, plan: Plan):
-    qi_ref, ki_ref, gi_ref, k_ref, g_ref = refs[:5]
-    doc_ref, prev_ref, doci_ref = refs[5:8] if plan.has_segments else (None, None, None)
-    aqk_ref, akk_ref = refs[-2:]
-    C, BC = plan.chunk, plan.sub
-    n, I = pl.program_id(2), pl.program_id(3)
-    dtype = aqk_ref.dtype
-    r = I * BC
-    qi = qi_ref[...].astype(F32) * plan.scale
-    ki = ki_ref[...].astype(F32)
-    Gi, G = gi_ref[...], g_ref[...]
-    Gr = first_row(Gi)
-    # Earlier sub-blocks: two matmuls with every exponent relative to row r.
-    earlier = iota((C, 1), 0) < r
-    ks = masked_exp(earlier, Gr - G) * k_ref[...].astype(F32)
-    ei = jnp.exp(Gi - Gr)
-    aqk = dot((qi * ei).astype(dtype), ks.astype(dtype), contract=(1, 1))
-    akk = dot((ki * ei).astype(dtype), ks.astype(dtype), contract=(1, 1))
-    # The diagonal sub-block, a column at a time.
-    i = iota((BC, 1), 0)
-    cols = iota((BC, C), 1)
-
-    def diagonal(j, acc):
-        aqk, akk = acc
-        kj, Gj = row(ki, j), row(Gi, j)
-        w = masked_exp(i >= j, Gi - Gj) * kj
-        put = cols == r + j
-        aqk = jnp.where(put, jnp.sum(qi * w, axis=1, keepdims=True), aqk)
-        akk = jnp.where(put & (i > j), jnp.sum(ki * w, axis=1, keepdims=True), akk)
-        return aqk, akk
-
-    aqk, akk = lax.fori_loop(0, BC, diagonal, (aqk, akk))
-    if plan.has_segments:
-        m = masks(plan, n, doc_ref[...], prev_ref[...], rows=doci_ref[...])
-        aqk, akk = masked(m.same, aqk), masked(m.same, akk)
-    aqk_ref[...] = aqk.astype(dtype)
-    akk_ref[...] = akk
-
-
 def scores(plan: Plan, *, q, k, G, doc, prev):
     """q, k [B,H,Tp,K]; G [B,H,Tp,K] fp32 -> (Aqk [B,H,Tp,C] in q's dtype with the scale, Akk [B,H,Tp,C] fp32):
     row t holds token t's scores against its chunk's C tokens."""
     B, H, Tp, K = q.shape
-    C, BC, S = plan.chunk, plan.sub, plan.subs
-    sub = lambda width: pl.BlockSpec((None, None, BC, width), lambda b, h, n, i: (b, h, n * S + i, 0))  # noqa
-    whole = pl.BlockSpec((None, None, C, K), lambda b, h, n, i: (b, h, n, 0))
-    in_specs = [sub(K), sub(K), sub(K), whole, whole]
-    args = [q, k, G, k, G]
+    C, BC = plan.chunk, plan.sub
+    dtype = q.dtype
+    inputs = [operand("qi", "sub", q), operand("ki", "sub", k), operand("Gi", "sub", G), operand("k", "row", k),
+              operand("G", "row", G)]
     if plan.has_segments:
-        in_specs += [pl.BlockSpec((None, C, 1), lambda b, h, n, i: (b, n, 0))] * 2
-        in_specs.append(pl.BlockSpec((None, BC, 1), lambda b, h, n, i: (b, n * S + i, 0)))
-        args += [doc, prev, doc]
-    return pl.pallas_call(
-        lambda *refs: _scores_kernel(*refs, plan=plan), grid=(B, H, plan.num_chunks, S), in_specs=in_specs,
-        out_specs=(sub(C), sub(C)),
-        out_shape=(jax.ShapeDtypeStruct((B, H, Tp, C), q.dtype), jax.ShapeDtypeStruct((B, H, Tp, C), F32)),
-        interpret=plan.interpret, name="kda_scores",
-        compiler_params=compiler_params(plan, 4, warps=SCORES_WARPS),
-    )(*args)
+        inputs += [operand("doc", "doc", doc), operand("prev", "doc", prev), operand("doci", "doc_sub", doc)]
+
+    def body(at):
+        r = at.i * BC
+        qi = at.load("qi").astype(F32) * plan.scale
+        ki = at.load("ki").astype(F32)
+        Gi, G_ = at.load("Gi"), at.load("G")
+        Gr = first_row(Gi)
+        # Earlier sub-blocks: two matmuls with every exponent relative to row r.
+        ks = (masked_exp(iota((C, 1), 0) < r, Gr - G_) * at.load("k").astype(F32)).astype(dtype)
+        ei = jnp.exp(Gi - Gr)
+        aqk = dot((qi * ei).astype(dtype), ks, contract=(1, 1))
+        akk = dot((ki * ei).astype(dtype), ks, contract=(1, 1))
+        # The diagonal sub-block, a column at a time.
+        i = iota((BC, 1), 0)
+        cols = iota((BC, C), 1)
+
+        def diagonal(j, acc):
+            aqk, akk = acc
+            kj, Gj = row(ki, j), row(Gi, j)
+            w = masked_exp(i >= j, Gi - Gj) * kj
+            put = cols == r + j
+            aqk = jnp.where(put, jnp.sum(qi * w, axis=1, keepdims=True), aqk)
+            akk = jnp.where(put & (i > j), jnp.sum(ki * w, axis=1, keepdims=True), akk)
+            return aqk, akk
+
+        aqk, akk = lax.fori_loop(0, BC, diagonal, (aqk, akk))
+        if plan.has_segments:
+            m = masks(plan, at.n, at.load("doc"), at.load("prev"), rows=at.load("doci"))
+            aqk, akk = masked(m.same, aqk), masked(m.same, akk)
+        at.store("aqk", aqk)
+        at.store("akk", akk)
+
+    outputs = [Operand("aqk", "sub", (B, H, Tp, C), dtype), Operand("akk", "sub", (B, H, Tp, C), F32)]
+    return tuple(chunk_call(plan, body, inputs=inputs, outputs=outputs, name="kda_scores", batch_heads=(B, H),
+                            subs=True, warps=SCORES_WARPS))
 
 
 def unit_lower_inverse(L):
@@ -120,40 +105,28 @@ def unit_lower_inverse(L):
     return lax.fori_loop(0, max(1, (C - 1).bit_length()), double, X)
 
 
-def _solve_kernel(*refs, plan: Plan, with_inverse: bool):
-    akk_ref, beta_ref, k_ref, v_ref, g_ref = refs[:5]
-    doc_ref, prev_ref = refs[5:7] if plan.has_segments else (None, None)
-    w_ref, u_ref = refs[-3:-1] if with_inverse else refs[-2:]
-    dtype = w_ref.dtype
-    beta = beta_ref[...].astype(F32)
-    T = unit_lower_inverse(beta * akk_ref[...])
-    m = masks(plan, pl.program_id(2), doc_ref[...], prev_ref[...]) if plan.has_segments else masks(plan, 0)
-    k_in = masked(m.carry_in, k_ref[...].astype(F32) * jnp.exp(g_ref[...]))
-    Td = T.astype(dtype)
-    w_ref[...] = dot(Td, (beta * k_in).astype(dtype)).astype(dtype)
-    u_ref[...] = dot(Td, (beta * v_ref[...].astype(F32)).astype(dtype)).astype(dtype)
-    if with_inverse:
-        refs[-1][...] = T
-
-
 def solve(plan: Plan, *, akk, beta, k, v, G, doc, prev, with_inverse=False):
     """akk [B,H,Tp,C] fp32; beta [B,H,Tp,1]; k, G [B,H,Tp,K]; v [B,H,Tp,V] -> (W [B,H,Tp,K], U [B,H,Tp,V] in
     v's dtype[, T = (I + beta Akk)^-1 [B,H,Tp,C] fp32 when with_inverse])."""
     B, H, Tp, K = k.shape
-    V = v.shape[-1]
-    C = plan.chunk
-    row_ = lambda width: pl.BlockSpec((None, None, C, width), lambda b, h, n: (b, h, n, 0))  # noqa: E731
-    in_specs = [row_(C), row_(1), row_(K), row_(V), row_(K)]
-    args = [akk, beta, k, v, G]
+    dtype = v.dtype
+    inputs = [operand("akk", "row", akk), operand("beta", "row", beta), operand("k", "row", k),
+              operand("v", "row", v), operand("G", "row", G)]
     if plan.has_segments:
-        in_specs += [pl.BlockSpec((None, C, 1), lambda b, h, n: (b, n, 0))] * 2
-        args += [doc, prev]
-    out_specs = [row_(K), row_(V)] + ([row_(C)] if with_inverse else [])
-    out_shape = [jax.ShapeDtypeStruct(k.shape, v.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-    out_shape += [jax.ShapeDtypeStruct(akk.shape, F32)] if with_inverse else []
-    return pl.pallas_call(
-        lambda *refs: _solve_kernel(*refs, plan=plan, with_inverse=with_inverse), grid=(B, H, plan.num_chunks),
-        in_specs=in_specs, out_specs=tuple(out_specs), out_shape=tuple(out_shape),
-        interpret=plan.interpret, name="kda_solve",
-        compiler_params=compiler_params(plan, 3, warps=SOLVE_WARPS),
-    )(*args)
+        inputs += [operand("doc", "doc", doc), operand("prev", "doc", prev)]
+
+    def body(at):
+        b = at.load("beta").astype(F32)
+        T = unit_lower_inverse(b * at.load("akk"))
+        m = masks(plan, at.n, at.load("doc"), at.load("prev")) if plan.has_segments else masks(plan, at.n)
+        k_in = masked(m.carry_in, at.load("k").astype(F32) * jnp.exp(at.load("G")))
+        Td = T.astype(dtype)
+        at.store("W", dot(Td, (b * k_in).astype(dtype)))
+        at.store("U", dot(Td, (b * at.load("v").astype(F32)).astype(dtype)))
+        if with_inverse:
+            at.store("T", T)
+
+    outputs = [Operand("W", "row", k.shape, dtype), Operand("U", "row", v.shape, dtype)]
+    outputs += [Operand("T", "row", akk.shape, F32)] if with_inverse else []
+    return tuple(chunk_call(plan, body, inputs=inputs, outputs=outputs, name="kda_solve", batch_heads=(B, H),
+                            warps=SOLVE_WARPS))

@@ -37,13 +37,14 @@ BLOCK_V = {"cpu": 32, "gpu": 32, "tpu": 128}
 
 
 def lightning_attention(q, k, v, log_decay, *, scale=None, initial_state=None, doc_ids=None, chunk=None,
-                        interpret=None, sequential=None):
+                        interpret=None, drivers=None):
     """q, k [B,T,H,K]; v [B,T,H,V]; log_decay [H] (<= 0); initial_state [B,H,K,V] or None; doc_ids [B,T] int
     document indices (0 for the first document, counting up at each start; None: one document).
     Returns (o [B,T,H,V] in v's dtype, final state [B,H,K,V] fp32). Inputs are checked by the op's API.
-    sequential picks the sequential passes' driver ("grid" | "loop"; default the target's)."""
+    drivers: (parallel, sequential) kernels' drivers, "grid" | "loop" each (default the target's; see
+    chunk_call.py)."""
     plan = make_plan(q, v, chunks=CHUNKS, min_chunk=MIN_CHUNK, block_v=BLOCK_V, chunk=chunk, scale=scale,
-                     has_segments=doc_ids is not None, interpret=interpret, sequential=sequential)
+                     has_segments=doc_ids is not None, interpret=interpret, drivers=drivers)
     B, _, H, K = q.shape
     h0 = initial_state_or_zeros(initial_state, B, H, K, v.shape[-1])
     doc, prev = document_columns(plan, doc_ids)

@@ -9,11 +9,11 @@ from kernels_pallas.lightning import lightning_attention
 
 @dispatch.register("lightning", "pallas", supports=chunk_kernel_supports("lightning"))
 def lightning_pallas(q, k, v, log_decay, *, scale=None, initial_state=None, output_final_state=False,
-                     segment_ids=None, chunk=None, interpret=None, sequential=None):
+                     segment_ids=None, chunk=None, interpret=None, drivers=None):
     """chunk overrides the kernel's per-target chunk (tests); interpret=None interprets exactly on the CPU;
-    sequential picks the sequential passes' driver (tests: "grid", TPU's, also runs interpreted)."""
+    drivers picks the kernels' drivers (tests: ("grid", "grid"), the accelerators' layout, also runs interpreted)."""
     B, T = q.shape[:2]
     doc = doc_index(segment_ids, B, T)
     o, final = lightning_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state, doc_ids=doc,
-                                   chunk=chunk, interpret=interpret, sequential=sequential)
+                                   chunk=chunk, interpret=interpret, drivers=drivers)
     return o, (final if output_final_state else None)
