@@ -8,15 +8,15 @@ from __future__ import annotations
 import json
 
 import jax
-import pytest
 import jax.numpy as jnp
+import pytest
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas import platform
-from lm.bench import kernels as report
+from kernels_pallas import catalog, platform
 from lm import cli
+from lm.bench import kernels as report
 
 
 def _kernel(x_ref, w_ref, o_ref, acc_ref):
@@ -140,3 +140,19 @@ def test_linear_kernels_are_chunk_parallel_tensor_core_pipelines(linear_rows, fa
             assert all(0 < n <= 16 for n in r["loops"]), f"{r['name']} loops over more than a 16-row block: {r}"
     dots = sum(r["dots"] for r in rows)
     assert 3 * sum(r["dots_bf16_fp32acc"] for r in rows) >= 2 * dots, "fewer than 2/3 of the dots take bf16 operands"
+
+
+def test_linear_forward_kernels_compile_without_spills():
+    """Every forward kernel of kda and lightning compiles for sm_90a (ptxas from the triton wheel) without register
+    spills, at the report's shapes (T shortened: only loop bounds depend on it)."""
+    assert report.ptxas_available(), "the test extra installs triton, whose ptxas this check needs"
+    forward = {"kda_scores", "kda_solve", "kda_state_pass", "kda_output", "lightning_state_pass", "lightning_output"}
+    spills, seen = {}, set()
+    for case in catalog.report_cases(1024):
+        if case.kernel not in LINEAR:
+            continue
+        for name, ir, warps, stages in report.triton_modules(case.fn, *case.args):
+            if name in forward and name not in seen:
+                seen.add(name)
+                spills[name] = report.ptxas_usage(ir, warps, stages)["spill_store_bytes"]
+    assert spills == dict.fromkeys(forward, 0)
