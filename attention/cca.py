@@ -45,7 +45,7 @@ from attention import ops
 from attention.base import MixerConfig, MixerContext, visible_keys_per_query
 from attention import spkv
 from attention.spkv import SPKVConfig, SPKVGate
-from attention.layers import Linear, apply_rope, l2_normalize, param, positions_from_segments
+from attention.layers import Linear, apply_rope, delay, l2_normalize, param, positions_from_segments
 
 # eps inside the rsqrt of the QK L2 norm (the value the reference layers use).
 L2_EPS = 1e-12
@@ -96,18 +96,6 @@ def _uniform(bound: float):
     return lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
-def _delay(x_BT_, steps: int, doc_pos_BT: jax.Array, fill=0.0) -> jax.Array:
-    """x[t - steps] where that row lies in t's document (doc_pos_BT[t] >= steps), else `fill`."""
-    if steps == 0:
-        return x_BT_
-    T = x_BT_.shape[1]
-    pad = [(0, 0)] * x_BT_.ndim
-    pad[1] = (steps, 0)
-    shifted = jnp.pad(x_BT_, pad)[:, :T]
-    keep = (doc_pos_BT >= steps).reshape(doc_pos_BT.shape + (1,) * (x_BT_.ndim - 2))
-    return jnp.where(keep, shifted, fill)
-
-
 class CausalConvStack(nnx.Module):
     """conv1 (depthwise, k0 taps) then conv2 (per head, d x d per tap, k1 taps) over time, fp32.
 
@@ -135,7 +123,7 @@ class CausalConvStack(nnx.Module):
         if self.w0 is not None:
             w0 = self.w0[...]
             k0 = w0.shape[0]
-            a = sum(w0[j] * _delay(a, k0 - 1 - j, doc_pos_BT) for j in range(k0))
+            a = sum(w0[j] * delay(a, k0 - 1 - j, doc_pos_BT) for j in range(k0))
             if self.b0 is not None:
                 a = a + self.b0[...]
         if self.w1 is None:
@@ -143,7 +131,7 @@ class CausalConvStack(nnx.Module):
         w1 = self.w1[...]
         k1 = w1.shape[0]
         pad_row = 0.0 if self.b0 is None else self.b0[...]
-        c = sum(jnp.einsum("bthi,hoi->btho", _delay(a, k1 - 1 - j, doc_pos_BT, pad_row), w1[j])
+        c = sum(jnp.einsum("bthi,hoi->btho", delay(a, k1 - 1 - j, doc_pos_BT, pad_row), w1[j])
                 for j in range(k1))
         return c if self.b1 is None else c + self.b1[...]
 
@@ -219,7 +207,7 @@ class CCAttention(nnx.Module):
         q, k = self._finish_qk(self.q_conv(q0, doc_pos_BT), self.k_conv(k0, doc_pos_BT), q0, k0, positions)
         v_prev = None
         if self.shift_from is not None:
-            v_prev = _delay(v_BTW[..., self.shift_from:], 1, doc_pos_BT, self._shift_fill())
+            v_prev = delay(v_BTW[..., self.shift_from:], 1, doc_pos_BT, self._shift_fill())
         v = self._values(v_BTW, v_prev)
         gate = None if self.spkv is None else self.spkv(x_BTD, segment_ids)
         o = ops.softmax_attention(q, k, v, causal=True, local_window=None if gate is None else self.spkv.window,

@@ -196,6 +196,21 @@ def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
     return idx - last_start
 
 
+def delay(x_BT_: jax.Array, steps: int, doc_pos_BT: jax.Array | None = None, fill=0.0) -> jax.Array:
+    """x[t - steps] where that row lies in t's document (doc_pos_BT[t] >= steps; None: one document from t = 0),
+    else `fill`."""
+    if steps == 0:
+        return x_BT_
+    T = x_BT_.shape[1]
+    if doc_pos_BT is None:
+        doc_pos_BT = jnp.arange(T, dtype=jnp.int32)[None]
+    pad = [(0, 0)] * x_BT_.ndim
+    pad[1] = (steps, 0)
+    shifted = jnp.pad(x_BT_, pad)[:, :T]
+    keep = (doc_pos_BT >= steps).reshape(doc_pos_BT.shape + (1,) * (x_BT_.ndim - 2))
+    return jnp.where(keep, shifted, fill)
+
+
 def l2_normalize(x: jax.Array, eps: float) -> jax.Array:
     """x / sqrt(sum(x^2) + eps) over the last axis, in fp32 (eps inside the square root)."""
     x32 = x.astype(jnp.float32)

@@ -34,6 +34,12 @@ addition to the logits, so `_key_log_gate` supplies either. They cannot be combi
 window (pos2d's bias reaches every key) and takes one term. A sliding window already drops old keys, so it
 excludes spkv too.
 
+`value_shift` (a control for CCA, from its paper's eq. 10): the second half of the value channels (kv heads
+n_kv/2.. for an even n_kv, else the split falls inside a head) is the previous token's projection, with its own
+weights: those columns of v_proj applied to x[t-1], i.e. the projection shifted down one row. Half the value
+heads then see only the previous token; parameters and FLOPs stay those of one value projection. A document's
+first token reads the projection of a zero row (the bias, if any); decode keeps the previous token's half row.
+
 Decode caches: a dense one (a ring of the window with sliding_window), read up to the current position; or a
 pruned one (attention/pruned_cache.py) under a cache policy (attention/cache_policies.py): SP-KV's on an SP-KV
 layer, or a baseline at a budget of keys (`init_cache(..., policy=...)`), read up to each head's held length.
@@ -53,7 +59,8 @@ from attention.base import MixerConfig, MixerContext, visible_keys_per_query
 from attention import cache_policies, pruned_cache, spkv
 from attention.cache_policies import CachePolicy, CachePolicyError
 from attention.spkv import SPKVConfig, SPKVGate
-from attention.layers import Linear, RMSNorm, apply_rope, causal_conv, normal, param, positions_from_segments
+from attention.layers import (Linear, RMSNorm, apply_rope, causal_conv, delay, normal, param,
+                              positions_from_segments)
 
 # The paper's init for the 2D-position mixing weights, independent of model.init_std.
 POS2D_INIT_STD = 0.02
@@ -84,6 +91,8 @@ class SoftmaxConfig(MixerConfig):
     # that KDA puts on its q, k and v projections, here on softmax attention's. None: off.
     short_conv: Optional[int] = Field(None, ge=2)
     short_conv_init: Literal["uniform", "normal"] = "uniform"  # as KDAConfig.conv_init
+    # A control for CCA: its value shift (half the value channels from the previous token) on softmax attention.
+    value_shift: bool = False
 
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
@@ -121,6 +130,17 @@ class SoftmaxConfig(MixerConfig):
         if self.short_conv is not None and (self.share != "none" or self.spkv is not None):
             errs.append("short_conv: the conv control is for separate projections without SP-KV; "
                         f"got share: {self.share}, spkv: {'set' if self.spkv is not None else 'null'}")
+        if self.value_shift:
+            if self.value_is_key():
+                errs.append(f"value_shift: shifts the value projection, which share: {self.share} does not have "
+                            "(the key is the value); set share: none or qk, or value_shift: false")
+            if self.short_conv is not None:
+                errs.append("value_shift: cannot be combined with short_conv (the conv already hands each value "
+                            "the previous tokens); set one of them")
+            if (self.kv_heads() * self.dim(ctx.d_model)) % 2:
+                errs.append(f"value_shift: half of the n_kv_heads * head_dim = {self.kv_heads()} * "
+                            f"{self.dim(ctx.d_model)} value channels take the previous token, so the product "
+                            "must be even")
         if self.spkv is not None:
             errs += self.spkv.check(ctx)
             if self.pos2d.enabled:
@@ -164,6 +184,7 @@ class SoftmaxAttention(nnx.Module):
         self.spkv = SPKVGate(cfg.spkv, ctx, Hkv, rngs=rngs) if cfg.spkv is not None else None
         self.use_rope = cfg.rope(ctx)
         self.convs = self._short_convs(cfg, ctx, rngs) if cfg.short_conv is not None else None
+        self.shift_from = Hkv * hd // 2 if cfg.value_shift else None
 
     def _short_convs(self, cfg: SoftmaxConfig, ctx: MixerContext, rngs: nnx.Rngs) -> nnx.Dict:
         """Depthwise conv weights [W, width] for q, k and v, initialised as KDAConfig.conv_init describes."""
@@ -196,6 +217,23 @@ class SoftmaxAttention(nnx.Module):
             out[name] = jax.nn.silu(causal_conv(raw, w, hist, doc_pos)).astype(raw.dtype)
         return (self._heads(out["q"], self.H), self._heads(out["k"], self.Hkv), self._heads(out["v"], self.Hkv),
                 new_history)
+
+    def _shift_fill(self):
+        """What the shifted value half reads before a document starts: the projection of a zero row."""
+        b = self.v_proj.bias
+        return 0.0 if b is None else b[...][self.shift_from:].astype(self.ctx.dtype)
+
+    def _shift_values(self, v_BTHD: jax.Array, doc_pos_BT: jax.Array | None = None,
+                      prev_BW: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """value_shift: channels [shift_from:] of each value row from the row before, in the forward from
+        `doc_pos_BT` (None: one document), in decode the previous token's half row `prev_BW`. Returns the values
+        and the last row's own half (the next decode step's `prev_BW`)."""
+        v_BTW = v_BTHD.reshape(*v_BTHD.shape[:2], -1)
+        late = v_BTW[..., self.shift_from:]
+        shifted = delay(late, 1, doc_pos_BT, self._shift_fill()) if prev_BW is None \
+            else prev_BW[:, None].astype(late.dtype)
+        v_BTW = jnp.concatenate([v_BTW[..., :self.shift_from], shifted], axis=-1)
+        return v_BTW.reshape(v_BTHD.shape), late[:, -1]
 
     def _for_logits(self, x_BTHD: jax.Array, norm: RMSNorm | None, positions_BT: jax.Array) -> jax.Array:
         """What the scores see of a query or key: qk-norm, then RoPE (values never come through here)."""
@@ -232,8 +270,11 @@ class SoftmaxAttention(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         B, T, _ = x_BTD.shape
-        doc_pos = None if segment_ids is None or self.convs is None else positions_from_segments(segment_ids)
+        local_state = self.convs is not None or self.shift_from is not None
+        doc_pos = None if segment_ids is None or not local_state else positions_from_segments(segment_ids)
         q_raw, k_raw, v, _ = self._project(x_BTD, doc_pos=doc_pos)
+        if self.shift_from is not None:
+            v, _ = self._shift_values(v, doc_pos)
         q, k = self._logit_qk(q_raw, k_raw, positions)
         gate, local_window = self._key_log_gate(positions, x_BTD, segment_ids)
         o = ops.softmax_attention(q, k, v, causal=True, sliding_window=self.cfg.sliding_window,
@@ -259,12 +300,17 @@ class SoftmaxAttention(nnx.Module):
         if self.convs is not None:
             cache["conv"] = {name: jnp.zeros((batch, w.shape[0] - 1, w.shape[1]), dtype)
                              for name, w in self.convs.items()}
+        if self.shift_from is not None:
+            late = self.Hkv * self.hd - self.shift_from
+            cache["v_shift"] = jnp.broadcast_to(self._shift_fill(), (batch, late)).astype(dtype)
         return cache
 
     def decode(self, x_B1D: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
         B = x_B1D.shape[0]
         pos_B1 = jnp.full((B, 1), position, jnp.int32)
         q_raw, k_raw, v_raw, conv_history = self._project(x_B1D, cache.get("conv"))
+        if self.shift_from is not None:
+            v_raw, v_shift = self._shift_values(v_raw, prev_BW=cache["v_shift"])
         q, k = self._logit_qk(q_raw, k_raw, pos_B1)
         # K=V: the cache holds the projection before norm/RoPE, i.e. the value; keys are derived from it.
         entries = {"k": k_raw} if self.v_proj is None else {"k": k, "v": v_raw}
@@ -290,6 +336,8 @@ class SoftmaxAttention(nnx.Module):
             lengths = pruned_cache.lengths(new_cache, position)
         if conv_history is not None:
             new_cache["conv"] = conv_history
+        if self.shift_from is not None:
+            new_cache["v_shift"] = v_shift.astype(cache["v_shift"].dtype)
         keys = values = new_cache["k"]
         derive = {}
         if self.v_proj is None:
@@ -327,13 +375,13 @@ class SoftmaxAttention(nnx.Module):
         return 0 if self.cfg.sliding_window is not None else self._token_bytes(dtype_bytes)
 
     def state_bytes(self) -> int:
-        """The fixed part of the cache: a sliding window's ring of `sliding_window` keys (and values), and with
-        short_conv the last W-1 raw q, k, v projections."""
+        """The fixed part of the cache: a sliding window's ring of `sliding_window` keys (and values), with
+        short_conv the last W-1 raw q, k, v projections, with value_shift the previous token's shifted half row."""
         ring = 0 if self.cfg.sliding_window is None else self.cfg.sliding_window * self._token_bytes()
-        if self.convs is None:
-            return ring
-        width = sum(w.shape[1] for w in self.convs.values())
-        return ring + (self.cfg.short_conv - 1) * width * jnp.dtype(self.ctx.dtype).itemsize
+        values = 0 if self.shift_from is None else self.Hkv * self.hd - self.shift_from
+        if self.convs is not None:
+            values += (self.cfg.short_conv - 1) * sum(w.shape[1] for w in self.convs.values())
+        return ring + values * jnp.dtype(self.ctx.dtype).itemsize
 
     def flops_per_token(self, seq_len: int) -> float:
         """Matmul FLOPs: the projections that exist (3nd² -> 2nd² -> nd² as q and v share k's), the output

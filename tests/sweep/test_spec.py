@@ -263,10 +263,10 @@ def test_ablation_specs_hold_the_reported_configs_and_budgets():
 
 def test_the_2m_token_tiny_sweep_tunes_the_lr_per_variant_over_five_seeds():
     """tiny_2m: >= 2M tokens per run, lr from a 3-point grid on seed 0, then seeds 0-4; evals at half and end; every
-    contrast names two of its variants; the all-local control has SP-KV's window."""
+    contrast names two of its variants; the all-local control has SP-KV's window; the value-shift control."""
     sw = load_sweep("experiments/sweeps/tiny_2m.yaml")
     assert sw.seeds == (0, 1, 2, 3, 4) and sw.tune.key == "optim.lr" and sw.tune.values == (1e-3, 2e-3, 4e-3)
-    assert len(sw.variants) == 15 and len(sw.runs) == 45 and all(r.stage == "tune" for r in sw.runs)
+    assert len(sw.variants) == 16 and len(sw.runs) == 48 and all(r.stage == "tune" for r in sw.runs)
     for r in sw.runs:
         c = r.cfg
         assert c.train.steps * c.data.batch_size * c.data.seq_len >= 2_000_000, r.name
@@ -276,6 +276,9 @@ def test_the_2m_token_tiny_sweep_tunes_the_lr_per_variant_over_five_seeds():
     assert (spkv.density_reg, spkv.lr_mult, spkv.anneal.freeze_steps) == (0.0, 5.0, 125)
     assert by["local32-lr0.002"].model.mixers["softmax"].sliding_window == spkv.window == 32
     assert ("spkv", "local32") in sw.contrasts and ("cca_latent", "softmax_qknorm") in sw.contrasts
+    assert ("softmax_vshift", "softmax") in sw.contrasts
+    assert by["softmax_vshift-lr0.002"].model.mixers["softmax"].value_shift
+    assert not by["softmax-lr0.002"].model.mixers["softmax"].value_shift
 
 
 def test_a_config_label_baseline_pairs_within_the_axis(write_spec):
