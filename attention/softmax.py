@@ -40,16 +40,23 @@ weights: those columns of v_proj applied to x[t-1], i.e. the projection shifted 
 heads then see only the previous token; parameters and FLOPs stay those of one value projection. A document's
 first token reads the projection of a zero row (the bias, if any); decode keeps the previous token's half row.
 
+`local_heads` (a per-head hybrid, what `attnlab design-hybrid --per-head` writes, after SP-KV's "Strategy D"):
+the listed KV heads and the query heads that read them attend within `sliding_window`, the other heads to the
+whole context. The layer's heads split into a global and a local group, each one call of the op (and, in decode,
+one cache: the local group's a ring of the window), the outputs put back in head order; so the cache holds
+exactly what the analytic counts say.
+
 Decode caches: a dense one (a ring of the window with sliding_window), read up to the current position; or a
 pruned one (attention/pruned_cache.py) under a cache policy (attention/cache_policies.py): SP-KV's on an SP-KV
 layer, or a baseline at a budget of keys (`init_cache(..., policy=...)`), read up to each head's held length.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pydantic
 from flax import nnx
 from pydantic import Field
@@ -83,6 +90,8 @@ class SoftmaxConfig(MixerConfig):
     pos: Optional[Literal["rope", "none"]] = None  # None: rope when the model uses rope, else none (NoPE layers)
     qk_norm: bool = False
     sliding_window: Optional[int] = None
+    # The KV heads that attend within sliding_window (the rest read the whole context); None: every head.
+    local_heads: Optional[list[int]] = None
     scale: Optional[float] = Field(None, gt=0)  # None: head_dim ** -0.5
     share: Literal["none", "kv", "qk", "qkv"] = "none"
     pos2d: Pos2dConfig = Field(default_factory=Pos2dConfig)
@@ -119,6 +128,14 @@ class SoftmaxConfig(MixerConfig):
             errs.append(f"head_dim: RoPE needs an even head_dim, got {self.dim(ctx.d_model)}")
         if self.sliding_window is not None and not (1 <= self.sliding_window <= ctx.seq_len):
             errs.append(f"sliding_window: must be in [1, data.seq_len={ctx.seq_len}], got {self.sliding_window}")
+        if self.local_heads is not None:
+            if self.sliding_window is None:
+                errs.append("local_heads: names the KV heads that attend within sliding_window, which is not set; "
+                            "set sliding_window or local_heads: null")
+            bad = [h for h in self.local_heads if not 0 <= h < self.kv_heads()]
+            if not self.local_heads or bad or len(set(self.local_heads)) != len(self.local_heads):
+                errs.append(f"local_heads: must list distinct KV heads in [0, {self.kv_heads()}), at least one; got "
+                            f"{self.local_heads} (null: every head attends within sliding_window)")
         if self.pos == "rope" and ctx.pos == "learned":
             errs.append("pos: rope inside a mixer of a model with learned positions is not supported")
         if self.query_is_key() and self.kv_heads() != self.n_heads:
@@ -155,6 +172,31 @@ class SoftmaxConfig(MixerConfig):
         return (self.pos or ("rope" if ctx.pos == "rope" else "none")) == "rope"
 
 
+class HeadGroup(NamedTuple):
+    """Heads that attend alike: KV heads `kv` and the query heads `q` that read them (None: all), window `window`."""
+
+    kv: tuple[int, ...] | None
+    q: tuple[int, ...] | None
+    window: int | None
+
+    def take(self, x_BTH_: jax.Array, query: bool = False) -> jax.Array:
+        """x's heads (axis 2) of this group: its query heads with `query`, else its KV heads."""
+        idx = self.q if query else self.kv
+        return x_BTH_ if idx is None else jnp.take(x_BTH_, jnp.asarray(idx, jnp.int32), axis=2)
+
+
+def head_groups(cfg: SoftmaxConfig) -> tuple[HeadGroup, ...]:
+    """The layer's head groups: all heads at `sliding_window`, or with local_heads the global heads (no window)
+    then the local ones."""
+    if cfg.local_heads is None:
+        return (HeadGroup(None, None, cfg.sliding_window),)
+    group = cfg.n_heads // cfg.kv_heads()
+    local = sorted(cfg.local_heads)
+    split = ([h for h in range(cfg.kv_heads()) if h not in local], None), (local, cfg.sliding_window)
+    return tuple(HeadGroup(tuple(kv), tuple(h * group + j for h in kv for j in range(group)), window)
+                 for kv, window in split if kv)
+
+
 def sincos_features(positions: jax.Array, dim: int) -> jax.Array:
     """Transformer sinusoids of integer positions, [..., dim] fp32: channel 2i is sin(p·ω_i), 2i+1 is
     cos(p·ω_i), ω_i = 10000^(-2i/dim); an odd dim ends on a sin."""
@@ -185,6 +227,10 @@ class SoftmaxAttention(nnx.Module):
         self.use_rope = cfg.rope(ctx)
         self.convs = self._short_convs(cfg, ctx, rngs) if cfg.short_conv is not None else None
         self.shift_from = Hkv * hd // 2 if cfg.value_shift else None
+        self.groups = head_groups(cfg)
+        # Query head order after the groups' outputs are concatenated.
+        self.q_order = None if cfg.local_heads is None else \
+            tuple(int(i) for i in np.argsort([h for g in self.groups for h in g.q]))
 
     def _short_convs(self, cfg: SoftmaxConfig, ctx: MixerContext, rngs: nnx.Rngs) -> nnx.Dict:
         """Depthwise conv weights [W, width] for q, k and v, initialised as KDAConfig.conv_init describes."""
@@ -277,10 +323,20 @@ class SoftmaxAttention(nnx.Module):
             v, _ = self._shift_values(v, doc_pos)
         q, k = self._logit_qk(q_raw, k_raw, positions)
         gate, local_window = self._key_log_gate(positions, x_BTD, segment_ids)
-        o = ops.softmax_attention(q, k, v, causal=True, sliding_window=self.cfg.sliding_window,
-                                  local_window=local_window, key_log_gate=gate, segment_ids=segment_ids,
-                                  scale=self.cfg.scale, impl=self.ctx.impl)
-        return self.o_proj(o.reshape(B, T, self.H * self.hd))
+        outs = []
+        for g in self.groups:
+            k_g = g.take(k)
+            outs.append(ops.softmax_attention(
+                g.take(q, query=True), k_g, k_g if v is k else g.take(v), causal=True, sliding_window=g.window,
+                local_window=local_window, key_log_gate=None if gate is None else g.take(gate),
+                segment_ids=segment_ids, scale=self.cfg.scale, impl=self.ctx.impl))
+        return self.o_proj(self._merge_heads(outs).reshape(B, T, self.H * self.hd))
+
+    def _merge_heads(self, outs: list[jax.Array]) -> jax.Array:
+        """The groups' outputs [B,T,Hq_g,D] in the layer's query head order."""
+        if self.q_order is None:
+            return outs[0]
+        return jnp.take(jnp.concatenate(outs, axis=2), jnp.asarray(self.q_order, jnp.int32), axis=2)
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32, policy: CachePolicy | None = None) -> dict:
         """The dense KV cache (a ring of `sliding_window` slots for a sliding-window layer), or the pruned one
@@ -290,13 +346,16 @@ class SoftmaxAttention(nnx.Module):
             policy = CachePolicy("spkv")
         if policy is not None:
             if self.cfg.sliding_window is not None:
-                raise CachePolicyError("a sliding-window layer already holds only its window; cache policies apply "
-                                       "to layers that read the whole context")
+                raise CachePolicyError("a sliding-window layer already holds only its window (with local_heads, its "
+                                       "local heads do); cache policies apply to layers whose every head reads the "
+                                       "whole context")
             cache = cache_policies.init(policy, batch, self.Hkv, dims, dtype, max_len, spkv=self.cfg.spkv)
         else:
-            # A sliding-window layer keeps only its last `sliding_window` keys: a ring of that many slots.
-            slots = max_len if self.cfg.sliding_window is None else min(max_len, self.cfg.sliding_window)
-            cache = {name: jnp.zeros((batch, slots, self.Hkv, dim), dtype) for name, dim in dims.items()}
+            # Sliding-window heads keep only their last `window` keys: a ring of that many slots.
+            rings = [{name: jnp.zeros((batch, max_len if g.window is None else min(max_len, g.window),
+                                       self.Hkv if g.kv is None else len(g.kv), dim), dtype)
+                      for name, dim in dims.items()} for g in self.groups]
+            cache = rings[0] if len(rings) == 1 else {"groups": rings}
         if self.convs is not None:
             cache["conv"] = {name: jnp.zeros((batch, w.shape[0] - 1, w.shape[1]), dtype)
                              for name, w in self.convs.items()}
@@ -316,41 +375,50 @@ class SoftmaxAttention(nnx.Module):
         entries = {"k": k_raw} if self.v_proj is None else {"k": k, "v": v_raw}
         policy = cache.get("policy")
         if policy is None:
-            # Slot position % S: the token's own index while the cache holds the whole context, a ring of the
-            # last S tokens for a sliding window (S = the window). Slot s holds the newest position <= the
-            # current one that is congruent to s; negative: not written yet.
-            S = cache["k"].shape[1]
-            new_cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], e.astype(cache[name].dtype),
-                                                                   position % S, axis=1)
-                         for name, e in entries.items()}
-            # Slots [0, min(position + 1, S)) are written, and a ring of S = sliding_window slots holds exactly
-            # the window: the held length is all the op needs.
-            pos_S = position - jnp.mod(position - jnp.arange(S), S)
-            pos_BSH = jnp.broadcast_to(pos_S[None, :, None], (B, S, self.Hkv))
-            lengths = jnp.full((B, self.Hkv), jnp.minimum(position + 1, S), jnp.int32)
+            rings = cache["groups"] if len(self.groups) > 1 else [cache]
+            outs, new_rings = [], []
+            for g, ring in zip(self.groups, rings):
+                ring, pos_BSH, lengths = self._ring_append(ring, {n: g.take(e) for n, e in entries.items()}, position)
+                outs.append(self._read(g.take(q, query=True), ring, pos_BSH, lengths))
+                new_rings.append(ring)
+            new_cache = {**cache, "groups": new_rings} if len(self.groups) > 1 else {**cache, **new_rings[0]}
+            o = self._merge_heads(outs)
         else:
             gate = {} if self.spkv is None else dict(utility=self.spkv.logits(x_B1D)[:, 0],
                                                      threshold=self.spkv.logit_threshold)
             new_cache = cache_policies.append(cache, entries, position, layer_idx=self.ctx.layer_idx, **gate)
-            pos_BSH = new_cache["pos"]
             lengths = pruned_cache.lengths(new_cache, position)
+            o = self._read(q, new_cache, new_cache["pos"], lengths)
+            derive = {} if self.v_proj is not None else self._derived_keys(new_cache["pos"])
+            new_cache = policy.observe(new_cache, q, new_cache["k"], lengths, scale=self.cfg.scale or self.hd ** -0.5,
+                                       **derive)
         if conv_history is not None:
             new_cache["conv"] = conv_history
         if self.shift_from is not None:
             new_cache["v_shift"] = v_shift.astype(cache["v_shift"].dtype)
-        keys = values = new_cache["k"]
-        derive = {}
-        if self.v_proj is None:
-            derive = self._derived_keys(pos_BSH)
-        else:
-            values = new_cache["v"]
-        gate, _ = self._key_log_gate(pos_BSH)
-        scale = self.cfg.scale
-        o = ops.softmax_decode(q, keys, values, lengths=lengths, key_log_gate=gate, scale=scale,
-                               impl=self.ctx.impl, **derive)
-        if policy is not None:
-            new_cache = policy.observe(new_cache, q, keys, lengths, scale=scale or self.hd ** -0.5, **derive)
         return self.o_proj(o.reshape(B, 1, self.H * self.hd)), new_cache
+
+    def _ring_append(self, ring: dict, entries: dict, position) -> tuple[dict, jax.Array, jax.Array]:
+        """Write the token at `position` into a dense cache of S slots; returns it with each slot's position
+        [B,S,Hkv] and the held length [B,Hkv]. Slot position % S: the token's own index while the cache holds the
+        whole context, a ring of the last S tokens for a sliding window (S = the window). Slot s holds the newest
+        position <= the current one that is congruent to s; negative: not written yet."""
+        B, S, H = ring["k"].shape[:3]
+        ring = {name: jax.lax.dynamic_update_slice_in_dim(ring[name], e.astype(ring[name].dtype), position % S, axis=1)
+                for name, e in entries.items()}
+        # Slots [0, min(position + 1, S)) are written, and a ring of S = window slots holds exactly the window: the
+        # held length is all the op needs.
+        pos_S = position - jnp.mod(position - jnp.arange(S), S)
+        return (ring, jnp.broadcast_to(pos_S[None, :, None], (B, S, H)),
+                jnp.full((B, H), jnp.minimum(position + 1, S), jnp.int32))
+
+    def _read(self, q: jax.Array, cache: dict, pos_BSH: jax.Array, lengths: jax.Array) -> jax.Array:
+        """The decode op over a cache's held slots; a K=V cache holds the values and the op derives the keys."""
+        derive = {} if self.v_proj is not None else self._derived_keys(pos_BSH)
+        values = cache["k"] if self.v_proj is None else cache["v"]
+        gate, _ = self._key_log_gate(pos_BSH)
+        return ops.softmax_decode(q, cache["k"], values, lengths=lengths, key_log_gate=gate, scale=self.cfg.scale,
+                                  impl=self.ctx.impl, **derive)
 
     def _derived_keys(self, pos_BSH: jax.Array) -> dict:
         """How the op derives the scores' keys from a K=V cache, which holds the raw shared projection (the
@@ -366,18 +434,21 @@ class SoftmaxAttention(nnx.Module):
     def schedule_values(self, step: int, total: int) -> dict[str, float]:
         return {} if self.spkv is None else self.spkv.schedule_values(step, total)
 
-    def _token_bytes(self, dtype_bytes: int | None = None) -> int:
+    def _token_bytes(self, dtype_bytes: int | None = None, group: HeadGroup | None = None) -> int:
+        """Cache bytes of one token (of a head group's KV heads; None: all)."""
         nbytes = dtype_bytes or jnp.dtype(self.ctx.dtype).itemsize
-        return (1 if self.v_proj is None else 2) * self.Hkv * self.hd * nbytes
+        heads = self.Hkv if group is None or group.kv is None else len(group.kv)
+        return (1 if self.v_proj is None else 2) * heads * self.hd * nbytes
 
     def cache_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
-        """What the cache grows by per token: 0 with a sliding window, whose ring is fixed (state_bytes)."""
-        return 0 if self.cfg.sliding_window is not None else self._token_bytes(dtype_bytes)
+        """What the cache grows by per token: the heads that read the whole context (a window's ring is fixed:
+        state_bytes)."""
+        return sum(self._token_bytes(dtype_bytes, g) for g in self.groups if g.window is None)
 
     def state_bytes(self) -> int:
         """The fixed part of the cache: a sliding window's ring of `sliding_window` keys (and values), with
         short_conv the last W-1 raw q, k, v projections, with value_shift the previous token's shifted half row."""
-        ring = 0 if self.cfg.sliding_window is None else self.cfg.sliding_window * self._token_bytes()
+        ring = sum(g.window * self._token_bytes(group=g) for g in self.groups if g.window is not None)
         values = 0 if self.shift_from is None else self.Hkv * self.hd - self.shift_from
         if self.convs is not None:
             values += (self.cfg.short_conv - 1) * sum(w.shape[1] for w in self.convs.values())
@@ -389,13 +460,14 @@ class SoftmaxAttention(nnx.Module):
         by Σw (H·hd), the key's bias (a product and a sum per column channel) and one add per visible score."""
         d, H, Hkv, hd = self.ctx.d_model, self.H, self.Hkv, self.hd
         proj_out = (0 if self.q_proj is None else H * hd) + Hkv * hd + (0 if self.v_proj is None else Hkv * hd)
-        visible = visible_keys_per_query(seq_len, self.cfg.sliding_window)
-        flops = 2 * d * proj_out + 2 * H * hd * d + 4 * H * hd * visible
+        # QK^T and PV of each head group over the keys its window leaves visible.
+        scores = sum((H if g.q is None else len(g.q)) * visible_keys_per_query(seq_len, g.window) for g in self.groups)
+        flops = 2 * d * proj_out + 2 * H * hd * d + 4 * hd * scores
         if self.convs is not None:
             flops += 2 * self.cfg.short_conv * proj_out
         if self.pos2d_w is not None:
             m_col = self.cfg.pos2d.channels - self.cfg.pos2d.channels // 2
-            flops += H * hd + 2 * m_col + H * visible
+            flops += H * hd + 2 * m_col + scores
         if self.spkv is not None:
             flops += self.spkv.flops_per_token()
         return flops
