@@ -9,6 +9,9 @@ checkpoint that is still intact; orbax's own log records and its worker threads'
 are kept off the console. A checkpoint that fails to restore is moved to `checkpoints_corrupt/` (kept,
 never deleted) and the previous one is used.
 
+The directory may be a URL (gs://bucket/run/checkpoints): orbax writes there through tensorstore, and a corrupt
+checkpoint is moved on the object store.
+
 In a multi-process run every process saves and restores (each its own shards; orbax's process 0 writes the JSON
 items and renames the finished step); only process 0 moves or removes directories. A restore target may be
 sharded over another mesh than the one that saved: orbax reads each process's shards of the new layout.
@@ -28,6 +31,9 @@ from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from lm import storage
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +167,8 @@ class Checkpointer:
         that fails to restore is skipped and left where it is. `async_save`: `save` returns once the arrays are
         copied to host memory and orbax writes them in the background; the write is awaited at the next save or
         at `close`, and a failed background write raises CheckpointError there, naming its own step."""
-        self.dir = Path(directory).absolute()
+        # A URL (gs://...) stays one: orbax and epath write there directly.
+        self.dir = epath.Path(directory) if storage.is_remote(directory) else epath.Path(Path(directory).absolute())
         self.warn = warn
         self.read_only = read_only
         self.async_save = async_save
@@ -228,12 +235,15 @@ class Checkpointer:
                               f"{advice} — {intact}"
                               + (f" (could not remove the partial write {leftover})" if leftover else "")) from e
 
-    def _discard_partial(self, step: int) -> Path | None:
+    def _discard_partial(self, step: int) -> epath.Path | None:
         """Remove what a failed save of `step` left (orbax's temporary directory); the leftover path if that
         failed too."""
         leftover = None
         for tmp in (self.dir.glob(f"{step}{TMP_SUFFIX}*") if jax.process_index() == 0 else ()):
-            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                tmp.rmtree()
+            except OSError:
+                pass
             if tmp.exists():
                 leftover = tmp
         try:
@@ -277,13 +287,17 @@ class Checkpointer:
         except Exception:  # unreadable metadata: the full restore below reports and quarantines it
             return None
 
-    def _quarantine(self, step: int) -> Path:
+    def _quarantine(self, step: int) -> epath.Path:
         src = self.dir / str(step)
         dst_root = self.dir.parent / "checkpoints_corrupt"
         dst_root.mkdir(exist_ok=True)
         dst = dst_root / f"{step}-{int(time.time())}"
         if src.exists() and jax.process_index() == 0:  # one mover in a multi-process run
-            shutil.move(str(src), dst)
+            if storage.is_remote(str(src)):
+                fs, path = storage.filesystem(str(src))
+                fs.mv(path, storage.filesystem(str(dst))[1], recursive=True)
+            else:
+                shutil.move(str(src), str(dst))
         self.mngr.reload()
         return dst
 

@@ -25,11 +25,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lm.design_hybrid import DesignError
     from lm.distributed import LaunchError
     from lm.report import ReportError
+    from lm.storage import StorageError
     from lm.tracking import TrackingError
     from lm.train import RunError
 
     return (ConfigError, DataError, RunError, CheckpointError, TrackingError, ImplUnavailable, UsageError,
-            LaunchError, ReportError, DesignError)
+            LaunchError, ReportError, DesignError, StorageError)
 
 
 def cmd_train(args) -> int:
@@ -79,14 +80,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from pathlib import Path
-
     import jax
     import jax.numpy as jnp
 
     from lm.generate import GenerationError, generate_sliding, plan_length, sampling_settings
     from lm.train import load_run
-    from lm.train.rundir import open_run_data
+    from lm.train.rundir import local_run_dir, open_run_data
 
     # The arguments first: a mistake there is reported before the run is loaded.
     sampling = sampling_settings(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
@@ -94,7 +93,7 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise GenerationError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
     cfg, setup, params, step = load_run(args.run_dir)
-    tok = open_run_data(Path(args.run_dir), cfg, lambda message: print(message, file=sys.stderr)).tokenizer()
+    tok = open_run_data(local_run_dir(args.run_dir), cfg, lambda message: print(message, file=sys.stderr)).tokenizer()
     if tok is None:
         raise GenerationError(f"{args.run_dir} was trained on {cfg.data.source}, which has no tokenizer to encode "
                               f"a text prompt")

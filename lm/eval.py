@@ -19,7 +19,7 @@ import numpy as np
 
 from lm import evals
 from lm.evals import cache_policy, common, decode_speed, needle, recall
-from lm.train.rundir import RunError, load_run, open_run_data
+from lm.train.rundir import RunError, load_run, local_run_dir, open_run_data
 from lm.train.setup import data_rows, eval_batch_size
 from lm.train.step import make_eval_step, run_eval_batches
 
@@ -41,7 +41,7 @@ def evaluate(run_dir: str | Path, *, max_batches: int | None = None, overrides: 
     beyond = beyond or evals.Request()
     beyond.check()
     cfg, setup, params, step = load_run(run_dir, overrides)
-    ds = open_run_data(Path(run_dir), cfg, log)  # refuses data that changed since training
+    ds = open_run_data(local_run_dir(run_dir), cfg, log)  # refuses data that changed since training
     plan = _plan_beyond(cfg, ds, beyond, log) if beyond.any() else None
     if as_in_training:
         max_batches = cfg.train.eval_steps

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from lm import storage
 from lm.data import pipeline
 from lm.data.errors import DataError
 from lm.data.store import TokenStore, check_vocab, default_store_path, open_store
@@ -48,10 +49,11 @@ class Dataset(Protocol):
 class StoreDataset:
     """A prepared token store (see lm/data/store.py)."""
 
-    def __init__(self, store: TokenStore):
-        self.store = store
+    def __init__(self, store: TokenStore, url: str | None = None):
+        """`url`: where the store is when `store` is a local copy of one on object storage (lm/storage.py)."""
+        self.store, self.url = store, url
         self.vocab_size = store.vocab_size
-        self.description = f"token store {store.path}"
+        self.description = f"token store {url or store.path}"
 
     def train_iterator(self, **kw):
         return pipeline.train_iterator(self.store, **kw)
@@ -69,11 +71,12 @@ class StoreDataset:
 
     def identity(self) -> dict:
         tok = self.store.meta["tokenizer"]
-        return {"kind": "token_store", "path": str(self.store.path.resolve()), "fingerprint": self.store.fingerprint,
-                "tokenizer": tok["spec"], "tokenizer_fingerprint": tok["fingerprint"], "vocab_size": self.vocab_size}
+        return {"kind": "token_store", "path": self.url or str(self.store.path.resolve()),
+                "fingerprint": self.store.fingerprint, "tokenizer": tok["spec"],
+                "tokenizer_fingerprint": tok["fingerprint"], "vocab_size": self.vocab_size}
 
     def resolved_source(self) -> tuple[str, str]:
-        return str(self.store.path.resolve()), self.store.meta["tokenizer"]["spec"]
+        return self.url or str(self.store.path.resolve()), self.store.meta["tokenizer"]["spec"]
 
 
 # name -> factory(task_settings: dict, seed: int) -> Dataset
@@ -101,6 +104,11 @@ def open_dataset(source: str, *, tokenizer: str, data_dir: str | Path, task: dic
         # prepare() reuses a matching store in well under a second and refuses one built from another corpus.
         path = default_store_path(data_dir, "stdlib", tokenizer)
         return StoreDataset(open_store(prepare("stdlib", tokenizer, path, val_fraction=val_fraction, log=log)))
+    if storage.is_remote(source):  # read from a local copy, made once
+        try:
+            return StoreDataset(open_store(storage.local_store(source, log=log or (lambda _: None))), url=source)
+        except storage.StorageError as e:
+            raise DataError(f"data.source: {e}") from None
     p = Path(source)
     if not p.exists():
         # The store's tokenizer is not data.tokenizer (which only applies to stdlib), so the hint names none.

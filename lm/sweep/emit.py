@@ -234,9 +234,10 @@ def _slurm_job(ctx: _Ctx, run: Run) -> str:
         'cd "${SLURM_SUBMIT_DIR:-.}"',
         f"mkdir -p {shlex.quote(str(Path(log).parent))}",
         f"exec >> {shlex.quote(log)} 2>&1",
-        'echo "== job ${SLURM_JOB_ID:-none} (attempt $((${SLURM_RESTART_COUNT:-0} + 1))) on $(hostname), $(date \'+%F %T\') =="',
-        f"test -f {shlex.quote(run.config)} || {{ echo \"error: no {run.config} here ($PWD): submit from the repository "
-        f"root\"; exit 2; }}",
+        'echo "== job ${SLURM_JOB_ID:-none} (attempt $((${SLURM_RESTART_COUNT:-0} + 1))) on $(hostname), '
+        '$(date \'+%F %T\') =="',
+        f"test -f {shlex.quote(run.config)} || {{ echo \"error: no {run.config} here ($PWD): submit from the "
+        f"repository root\"; exit 2; }}",
         *_setup_lines(s),
         'echo "W&B settings from the environment: $(compgen -e | grep \'^WANDB_\' | tr \'\\n\' \' \' || true)"',
         "stopping=0",

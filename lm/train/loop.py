@@ -29,9 +29,10 @@ from lm.checkpoint import Checkpointer
 from lm.config import Config, dump_config, load_config
 from lm.model import LM, count_params
 from lm.tracking import MetricsFile, WandbRun, make_progress, new_run_id, read_metrics, save_heatmap
-from lm.train.rundir import (RunError, RunResult, check_same_run, checkpoint_meta, config_changes, history,
-                             library_logs, open_run_data, params_from_run, record_data, run_dir_of, run_lock,
-                             schedule_change, set_aside_history)
+from lm.storage import RunStorage
+from lm.train.rundir import (RunError, RunResult, check_same_run, checkpoint_dir, checkpoint_meta, config_changes,
+                             history, library_logs, open_run_data, params_from_run, record_data, run_dir_of, run_lock,
+                             run_storage, run_url, schedule_change, set_aside_history)
 from lm.train.setup import Setup, build, data_rows, eval_batch_size, resolved_config
 from lm.train.step import make_eval_step, make_train_step, run_eval_batches, to_device_batch
 
@@ -53,8 +54,10 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
     say = _printer(console)
     devices.check_platform(cfg.run.platform)
     say(devices.describe())
-    run_dir = run_dir_of(cfg)
-    with run_lock(run_dir), library_logs(run_dir):
+    run_dir, remote = run_dir_of(cfg), run_storage(cfg)
+    with run_lock(run_dir, shared=remote is None), library_logs(run_dir):
+        if remote is not None:  # the run directory is a URL: its files come to the local mirror first
+            remote.pull()
         ds = open_run_data(run_dir, cfg, say)
         cfg = resolved_config(cfg, ds)
         # The eval split is cut before anything compiles or is written: a corpus too small for it fails at once.
@@ -62,12 +65,15 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
                                    max_batches=cfg.train.eval_steps, process_index=jax.process_index(),
                                    process_count=jax.process_count(), rows=data_rows(cfg))
         setup = build(cfg)
-        ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.ckpt_keep, warn=lambda m: say(f"warning: {m}"),
+        ckpt = Checkpointer(checkpoint_dir(cfg), keep=cfg.train.ckpt_keep, warn=lambda m: say(f"warning: {m}"),
                             async_save=cfg.train.async_checkpoint)
         try:
-            result = _train_locked(setup, ds, eval_set, ckpt, init_from, restart, max_steps_this_run, console)
+            result = _train_locked(setup, ds, eval_set, ckpt, init_from, restart, max_steps_this_run, console,
+                                   remote)
         finally:
             ckpt.close()
+            if remote is not None and distributed.is_primary():
+                remote.push()
     if result.message:
         say(result.message)
     return result
@@ -75,17 +81,19 @@ def train(cfg: Config, *, console: Console | None = None, max_steps_this_run: in
 
 def _train_locked(setup: Setup, ds: lmdata.Dataset, eval_set: list, ckpt: Checkpointer,
                   init_from: str | Path | None, restart: bool, max_steps_this_run: int | None,
-                  console: Console) -> RunResult:
+                  console: Console, remote: RunStorage | None) -> RunResult:
     cfg, run_dir, say = setup.cfg, run_dir_of(setup.cfg), _printer(console)
     start = _restore_or_init(setup, ds, ckpt, init_from, restart, say)
     if distributed.is_primary():
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         record_data(run_dir, ds.identity())
+        if remote is not None:
+            remote.push()
     if start.step >= cfg.train.steps:
-        return RunResult(run_dir, "already_finished", start.step, None, f"run {run_dir} already finished at "
+        return RunResult(run_dir, "already_finished", start.step, None, f"run {run_url(cfg)} already finished at "
                          f"step {start.step} (train.steps={cfg.train.steps})")
     stop_at = cfg.train.steps if max_steps_this_run is None else min(cfg.train.steps, start.step + max_steps_this_run)
-    return _run(setup, ds, eval_set, ckpt, start, stop_at, init_from, console)
+    return _run(setup, ds, eval_set, ckpt, start, stop_at, init_from, console, remote)
 
 
 def _printer(console: Console) -> Callable[[str], None]:
@@ -119,7 +127,7 @@ def _restore_or_init(setup: Setup, ds: lmdata.Dataset, ckpt: Checkpointer, init_
     """The newest checkpoint of the run if it has one (refused if it is of a different run), else a fresh
     state, with the parameters of `init_from` where they match. A fresh state over a directory with history
     needs `restart`."""
-    cfg, run_dir = setup.cfg, run_dir_of(setup.cfg)
+    cfg, run_dir, where = setup.cfg, run_dir_of(setup.cfg), run_url(setup.cfg)
     restored = ckpt.restore_latest(setup.abstract_state(), check_meta=lambda meta: check_same_run(run_dir, meta, cfg))
     batches = ds.train_iterator(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, seed=cfg.run.seed,
                                 packed=cfg.data.packed, process_index=jax.process_index(),
@@ -128,7 +136,7 @@ def _restore_or_init(setup: Setup, ds: lmdata.Dataset, ckpt: Checkpointer, init_
         step, state, meta, data_state = restored
         batches.set_state(data_state)
         distributed.note_progress(checkpoint=step)
-        say(f"resuming {run_dir} from step {step}"
+        say(f"resuming {where} from step {step}"
             + (f"; --init-from {init_from} applies only to a fresh run and is ignored" if init_from else ""))
         changes = config_changes(meta.get("config", {}), cfg)
         if changes:
@@ -137,15 +145,15 @@ def _restore_or_init(setup: Setup, ds: lmdata.Dataset, ckpt: Checkpointer, init_
         if lr_note:
             say(lr_note)
         return _Start(step, state, batches, meta.get("wandb_id") or new_run_id(), resumed=True)
-    found, lost_progress = history(run_dir)
+    found, lost_progress = history(run_dir, run_storage(cfg))
     if lost_progress and not restart:
-        raise RunError(f"{run_dir} has history ({'; '.join(found)}) but no usable checkpoint to resume from; "
+        raise RunError(f"{where} has history ({'; '.join(found)}) but no usable checkpoint to resume from; "
                        f"to train it again from step 0 pass --restart (the old metrics are kept as "
                        f"metrics.<time>.jsonl), or use another run.name")
     if found:
-        say(f"starting {run_dir} from step 0 (no checkpoint was saved yet); its earlier metrics are kept in "
+        say(f"starting {where} from step 0 (no checkpoint was saved yet); its earlier metrics are kept in "
             f"{set_aside_history(run_dir)}" if not lost_progress else
-            f"restarting {run_dir} from step 0; earlier metrics kept in {set_aside_history(run_dir)}")
+            f"restarting {where} from step 0; earlier metrics kept in {set_aside_history(run_dir)}")
     state = jax.jit(setup.fresh_state, out_shardings=setup.state_sh)()
     if init_from is not None:
         state["params"] = params_from_run(state["params"], init_from, say)
@@ -203,6 +211,7 @@ class _Run:
     costs: _Costs
     metrics: MetricsFile
     wandb: WandbRun
+    remote: RunStorage | None = None  # the run directory is a URL: the mirror's files are copied up (process 0)
     ckpt_stall: float = 0.0  # seconds checkpoint saves held the loop since the last log record
 
     @property
@@ -212,8 +221,16 @@ class _Run:
     def say(self, msg: str) -> None:
         _printer(self.console)(msg)
 
+    def sync(self, force: bool = True) -> None:
+        """Copy the mirror's new files (metrics, W&B, logs) to a URL run directory; without `force` only when the
+        last copy is a while old."""
+        if self.remote is not None and distributed.is_primary():
+            self.remote.push(force=force)
+
     def save(self, pos: _Position) -> None:
-        """Checkpoint `pos`; the seconds the loop was held go into the next log record (ckpt_stall_s)."""
+        """Checkpoint `pos`; the seconds the loop was held go into the next log record (ckpt_stall_s). The metrics
+        of the steps it holds are stored before it."""
+        self.sync()
         self.ckpt_stall += self.ckpt.save(pos.step, pos.state, checkpoint_meta(self.cfg, pos.step, self.run_id),
                                           pos.data_state)
         distributed.note_progress(checkpoint=pos.step)
@@ -248,7 +265,7 @@ class _Position:
 
 
 def _run(setup: Setup, ds: lmdata.Dataset, eval_set: list, ckpt: Checkpointer, start: _Start, stop_at: int,
-         init_from: str | Path | None, console: Console) -> RunResult:
+         init_from: str | Path | None, console: Console, remote: RunStorage | None = None) -> RunResult:
     """Compile, open the run's outputs, step to `stop_at`, evaluate and save."""
     cfg, run_dir = setup.cfg, run_dir_of(setup.cfg)
     early = distributed.agree(stop.pending() or 0)  # every process stops here, or none
@@ -272,7 +289,7 @@ def _run(setup: Setup, ds: lmdata.Dataset, eval_set: list, ckpt: Checkpointer, s
             _printer(console)(f"W&B: replayed {replayed} metrics records a killed segment may have lost")
     metrics = MetricsFile(run_dir / "metrics.jsonl" if primary else None, start.step if start.resumed else None)
     run = _Run(setup, console, start.run_id, ckpt, train_step, eval_step, model.report_stats, model.schedule_values,
-               eval_set, ds.bits_per_byte_factor(), costs, metrics, wandb)
+               eval_set, ds.bits_per_byte_factor(), costs, metrics, wandb, remote)
     pos = _Position(start.step, start.state, start.batches.get_state())
     try:
         _train_steps(run, pos, start.batches, first, stop_at)
@@ -368,6 +385,7 @@ def _log_interval(run: _Run, step: int, pending: list[dict], throughput: _Throug
     rec.update(run.schedule_values(step - 1, run.cfg.train.steps))  # the mixers' schedules at the last step
     run.metrics.write(rec)
     run.wandb.log(rec, step)
+    run.sync(force=False)
     if not run.console.is_terminal:
         run.say(f"step {step}: loss {rec['loss']:.4f} lr {rec['lr']:.2e} gnorm {rec['grad_norm']:.3f} "
                 f"{tps:,.0f} tok/s mfu {rec['mfu'] * 100:.1f}%")

@@ -3,7 +3,8 @@ it, reading back a trained run, and starting a new run from another run's parame
 
 Layout: config.yaml (the resolved config), metrics.jsonl (one JSON object per logged step), checkpoints/
 (params, optimizer state, step, data iterator, RNG, W&B id), wandb/ (W&B files), the eval heatmap PNGs, and
-.lock, held by the one process that trains in the directory.
+.lock, held by the one process that trains in the directory. A run directory at a URL (run.out_dir gs://...) has
+its checkpoints there and the rest in a local mirror that is copied up (lm/storage.py).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import jax
 import numpy as np
 import pydantic
 
+from lm import storage
 from lm.checkpoint import Checkpointer
 from lm.config import Config, load_config
 from lm.model import Params
@@ -44,8 +46,27 @@ class RunResult:
     message: str = ""
 
 
+def run_url(cfg: Config) -> str:
+    """Where the run directory is: a local path, or a URL (gs://...) for object storage (lm/storage.py)."""
+    return storage.join(cfg.run.out_dir, cfg.run.name)
+
+
 def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.run.out_dir) / cfg.run.name
+    """The local directory the run's files are written in: the run directory itself, or its mirror when the run
+    directory is a URL."""
+    url = run_url(cfg)
+    return storage.mirror_of(url) if storage.is_remote(url) else Path(url)
+
+
+def checkpoint_dir(cfg: Config) -> str:
+    """The run's checkpoints: always in the run directory itself, a URL included (orbax writes there directly)."""
+    return storage.join(run_url(cfg), "checkpoints")
+
+
+def run_storage(cfg: Config) -> storage.RunStorage | None:
+    """The mirror of a run directory on object storage, None for a local one."""
+    url = run_url(cfg)
+    return storage.RunStorage(url) if storage.is_remote(url) else None
 
 
 LOCK = ".lock"
@@ -79,9 +100,11 @@ def exclusive(run_dir: Path):
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path):
+def run_lock(run_dir: Path, shared: bool = True):
     """`exclusive(run_dir)` held by process 0 for the block; the other processes of a multi-process run wait for
-    it and stop with a RunError when process 0 could not take it (its own output says why)."""
+    it and stop with a RunError when process 0 could not take it (its own output says why). With `shared` (the run
+    directory is not a URL, whose checkpoints every host writes to directly), every process must see the directory
+    process 0 writes to, else checkpoints would be split over the hosts' disks."""
     from lm.distributed import from_primary
 
     if jax.process_count() == 1:
@@ -89,8 +112,11 @@ def run_lock(run_dir: Path):
             yield
         return
     if jax.process_index() != 0:
-        if not from_primary(0):
+        nonce = from_primary(0)
+        if not nonce:
             raise RunError(f"process 0 could not take the lock of {run_dir} (its output says why)")
+        if shared:
+            _check_shared(run_dir, nonce)
         yield
         return
     with contextlib.ExitStack() as stack:
@@ -99,12 +125,34 @@ def run_lock(run_dir: Path):
         except BaseException:
             from_primary(0)
             raise
-        from_primary(1)
+        nonce = int.from_bytes(os.urandom(3), "big") + 1
+        (run_dir / SHARED).write_text(str(nonce))
+        from_primary(nonce)
+        if shared:
+            _check_shared(run_dir, nonce)
         yield
 
 
+SHARED = ".shared"  # process 0's token in a multi-process run's directory, which every process must read back
+
+
+def _check_shared(run_dir: Path, nonce: int) -> None:
+    """RunError on every process unless each one reads process 0's token in `run_dir` (a shared file system)."""
+    from lm.distributed import agree
+
+    try:
+        seen = int((run_dir / SHARED).read_text())
+    except (OSError, ValueError):
+        seen = None
+    blind = agree(jax.process_index() + 1 if seen != nonce else 0)
+    if blind:
+        raise RunError(f"run.out_dir {run_dir.parent} is not shared by the hosts of this run (process {blind - 1} "
+                       f"does not see what process 0 writes there), so checkpoints would be split over their disks; "
+                       f"put it on a file system every host mounts, or on object storage (gs://bucket/runs)")
+
+
 @contextlib.contextmanager
-def library_logs(run_dir: Path, names: tuple[str, ...] = ("absl", "orbax", "jax._src.distributed")):
+def library_logs(run_dir: Path, names: tuple[str, ...] = ("absl", "orbax", "jax._src.distributed", "gcsfs", "fsspec")):
     """Send what the libraries log (orbax's warnings and errors through absl, retries, tracebacks) to
     run_dir/logs/libraries.log instead of the console, for the block: the run's own lines say what happened
     and where; the details are in the file."""
@@ -133,20 +181,22 @@ def library_logs(run_dir: Path, names: tuple[str, ...] = ("absl", "orbax", "jax.
             pass
 
 
-def history(run_dir: Path) -> tuple[list[str], bool]:
+def history(run_dir: Path, remote: storage.RunStorage | None = None) -> tuple[list[str], bool]:
     """What a run directory holds from earlier training besides usable checkpoints (logged metrics, corrupt
     checkpoints), and whether a fresh start would lose trained progress: only corrupt checkpoints mean that.
-    Metrics alone (a run killed before its first save) are steps that a fresh start computes again."""
+    Metrics alone (a run killed before its first save) are steps that a fresh start computes again. `remote`:
+    the run directory is a URL, whose corrupt checkpoints are there, not in the mirror `run_dir`."""
     found = []
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
         lines = sum(1 for ln in metrics.read_text().splitlines() if ln.strip())
         found.append(f"metrics.jsonl with {lines} records")
     corrupt = run_dir / "checkpoints_corrupt"
-    lost_progress = corrupt.is_dir() and any(corrupt.iterdir())
-    if lost_progress:
-        found.append(f"{len(list(corrupt.iterdir()))} unusable checkpoint(s) in checkpoints_corrupt/")
-    return found, lost_progress
+    n_corrupt = len(remote.listdir("checkpoints_corrupt")) if remote else \
+        len(list(corrupt.iterdir())) if corrupt.is_dir() else 0
+    if n_corrupt:
+        found.append(f"{n_corrupt} unusable checkpoint(s) in checkpoints_corrupt/")
+    return found, bool(n_corrupt)
 
 
 def set_aside_history(run_dir: Path) -> Path | None:
@@ -280,18 +330,29 @@ def open_run_data(run_dir: Path, cfg: Config, log: Callable[[str], None]):
     return open_data(cfg, log, check=lambda ds: check_data(run_dir, ds.identity()))
 
 
+def local_run_dir(run_dir: str | Path) -> Path:
+    """A trained run's files on this machine: the directory itself, or for a URL its mirror, filled from it."""
+    if not storage.is_remote(run_dir):
+        return Path(run_dir)
+    remote = storage.RunStorage(str(run_dir))
+    remote.pull()
+    return remote.local
+
+
 def load_run(run_dir: str | Path, overrides: list[str] = ()) -> tuple[Config, Setup, Any, int]:
-    """(config, setup, params, step) of the newest usable checkpoint of a run directory."""
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
+    """(config, setup, params, step) of the newest usable checkpoint of a run directory (a path or a URL)."""
+    local = local_run_dir(run_dir)
+    checkpoints = storage.join(str(run_dir), "checkpoints")
+    cfg_path = local / "config.yaml"
     if not cfg_path.exists():
         raise RunError(f"{run_dir} is not a run directory (no config.yaml); give runs/<name> of a trained run")
     cfg = load_config(cfg_path, list(overrides))
     setup = build(cfg)
-    if not (run_dir / "checkpoints").is_dir():
+    if not (storage.filesystem(checkpoints)[0].isdir(checkpoints) if storage.is_remote(checkpoints)
+            else Path(checkpoints).is_dir()):
         raise RunError(f"{run_dir} has no checkpoint yet; train it first (attnlab train {cfg_path})")
     # Read-only: evaluating or sampling a run changes nothing in its directory, corrupt checkpoints included.
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.ckpt_keep, read_only=True,
+    ckpt = Checkpointer(checkpoints, keep=cfg.train.ckpt_keep, read_only=True,
                         warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     try:
         restored = ckpt.restore_latest(setup.abstract_state())

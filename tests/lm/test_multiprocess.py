@@ -229,3 +229,24 @@ def test_a_process_that_stops_with_an_error_alone_ends_the_others(small_store, t
     assert err1.strip().startswith(f"error: data.source '{tmp_path / 'missing'}' does not exist"), err1
     assert err0.strip().splitlines()[-1].startswith("error: process 1 of 2 stopped with an error (its own output says "
                                                     "which); no checkpoint was saved yet"), err0
+
+
+@pytest.mark.slow
+def test_a_run_directory_the_hosts_do_not_share_is_refused(small_store, tmp_path):
+    """Process 1 looks for the run directory somewhere process 0 does not write (as on a host whose disk it is not):
+    both refuse in one line before anything is written, rather than splitting checkpoints over the hosts' disks."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "lm.cli", *_args(small_store, tmp_path / f"disk{i}", "run",
+                                                                        (2, 1, 1)), "--cpu-devices", "1",
+                               "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 2, err
+        assert err.strip().splitlines()[-1] == (
+            f"error: run.out_dir {tmp_path / 'disk0'} is not shared by the hosts of this run (process 1 does not see "
+            f"what process 0 writes there), so checkpoints would be split over their disks; put it on a file system "
+            f"every host mounts, or on object storage (gs://bucket/runs)").replace(
+            str(tmp_path / "disk0"), str(tmp_path / f"disk{procs.index(p)}")), err
+    assert not (tmp_path / "disk0" / "run" / "checkpoints").exists()
