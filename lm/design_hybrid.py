@@ -247,9 +247,10 @@ def layer_costs(cfg: Config, context: int) -> list[int]:
     return [b.mixer.cache_bytes_per_token() * context + b.mixer.state_bytes() for b in model.blocks]
 
 
-def render(d: Design, base: str | None = None) -> str:
-    """The config file: a header with the derivation, then the resolved config; or, with `base` (a config path
-    as the file should name it), `base:` and only what the design sets (run.name, model.pattern, model.mixers)."""
+def render(d: Design, base: str | None = None, notes: Sequence[str] = ()) -> str:
+    """The config file: a header with the derivation (and `notes`, more lines of it), then the resolved config; or,
+    with `base` (a config path as the file should name it), `base:` and only what the design sets (run.name,
+    model.pattern, model.mixers)."""
     flag = " --per-head" if d.per_head else ""
     lines = [f"# Designed by `attnlab design-hybrid {' '.join(d.run_dirs)}{flag} --budget {d.budget:g} --rest "
              f"{d.rest}` from the SP-KV gate densities of {len(d.run_dirs)} run(s) (evals at steps "
@@ -261,6 +262,7 @@ def render(d: Design, base: str | None = None) -> str:
         lines.append(f"# Per-layer density (mean over KV heads): {', '.join(f'{x:.3f}' for x in d.densities)}.")
     lines.append(f"# Layout: {', '.join(d.layout)}; decode cache {d.cost:.3f} of the all-global model at {d.context} "
                  f"tokens (local heads hold the last {d.window} keys).")
+    lines += [f"# {note}" for note in notes]
     if base is None:
         return "\n".join(lines) + "\n" + dump_config(d.config)
     full = d.config.to_dict()
