@@ -13,7 +13,7 @@ from flax import nnx
 from attention.base import MixerContext, Stat
 from attention.cache_policies import CachePolicy, CachePolicyError
 from attention.softmax import SoftmaxAttention, SoftmaxConfig, head_groups
-from tests.attention.mixers import params_of, set_params
+from tests.attention.mixers import decode_all, params_of, set_params
 from tests.numerics import assert_close
 
 E, B, T, W = 32, 2, 13, 4
@@ -34,17 +34,6 @@ POSITIONS = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
 @nnx.jit
 def _forward(m, x):
     return m(x, positions=POSITIONS)
-
-
-@nnx.jit
-def _decode_all(m, x_BTD):
-    def step(cache, xs):
-        x_BD, t = xs
-        y, cache = m.decode(x_BD[:, None], cache, t)
-        return cache, y[:, 0]
-
-    _, y_TBD = jax.lax.scan(step, m.init_cache(B, T), (x_BTD.swapaxes(0, 1), jnp.arange(T)))
-    return y_TBD.swapaxes(0, 1)
 
 
 def _with_identity_output(m: SoftmaxAttention) -> SoftmaxAttention:
@@ -89,7 +78,7 @@ def test_decode_reproduces_forward(cfg):
     m = SoftmaxAttention(SoftmaxConfig(sliding_window=W, **cfg), _ctx(), rngs=nnx.Rngs(0))
     full = _forward(m, _x())
     nnx.pop(m, Stat)
-    assert_close(_decode_all(m, _x()), full, rel=1e-5, name=str(cfg))
+    assert_close(decode_all(m, _x()), full, rel=1e-5, name=str(cfg))
 
 
 def _bytes(tree) -> int:

@@ -13,7 +13,7 @@ from flax import nnx
 from attention.base import MixerContext, Stat
 from attention.softmax import SoftmaxAttention, SoftmaxConfig
 from attention.spkv import SPKVConfig
-from tests.attention.mixers import params_of, set_params
+from tests.attention.mixers import decode_all, params_of, set_params
 from tests.numerics import assert_close
 
 E, B, T = 32, 2, 12
@@ -31,18 +31,6 @@ def _x(seed=0, shape=(B, T, E)):
 @nnx.jit
 def _forward(m, x, positions, segment_ids):
     return m(x, positions=positions, segment_ids=segment_ids)
-
-
-@nnx.jit
-def _decode_all(m, x_BTD):
-    def step(cache, xs):
-        x_BD, t = xs
-        y, cache = m.decode(x_BD[:, None], cache, t)
-        return cache, y[:, 0]
-
-    _, y_TBD = jax.lax.scan(step, m.init_cache(x_BTD.shape[0], x_BTD.shape[1]),
-                            (x_BTD.swapaxes(0, 1), jnp.arange(x_BTD.shape[1])))
-    return y_TBD.swapaxes(0, 1)
 
 
 def _positions(Bn=B, Tn=T):
@@ -108,7 +96,7 @@ def test_decode_reproduces_forward(name, bias):
     x = _x()
     full = _forward(m, x, _positions(), None)
     nnx.pop(m, Stat)
-    assert_close(_decode_all(m, x), full, rel=1e-5, name=name)
+    assert_close(decode_all(m, x), full, rel=1e-5, name=name)
 
 
 def test_same_parameters_and_flops_as_softmax_and_the_output_changes():
