@@ -63,7 +63,7 @@ CLUSTER_KEYS: dict[str, dict[str, type]] = {
     "slurm": {"partition": str, "account": str, "nodes": int, "gpus_per_node": int, "cpus_per_task": int, "mem": str,
               "exclusive": bool, "time": str, "grace": int, "max_running": int, "setup": list},
     "tpu_vm": {"name": str, "zone": str, "project": str, "accelerator_type": str, "workers": int, "repo_dir": str,
-               "setup": list},
+               "bucket": str, "setup": list},
 }
 DEFAULT_OUT_DIR = "runs/sweeps"
 _LABEL = re.compile(r"[A-Za-z0-9_.+-]+")
@@ -446,6 +446,8 @@ def check_cluster_value(kind: str, key: str, value: Any, fail) -> Any:
         fail(f"must be a one-line string (got {value!r})")
     if key == "time" and not _SLURM_TIME.fullmatch(value):
         fail(f"{value!r} is not a SLURM time limit like 24:00:00 or 1-12:00:00")
+    if key == "bucket" and not value.startswith("gs://"):
+        fail(f"{value!r} is not a Cloud Storage URL like gs://BUCKET/attnlab")
     if key == "mem" and not re.fullmatch(r"\d+[KMGT]?", value):
         fail(f"{value!r} is not a SLURM memory size like 200G or 0 (all of the node's memory)")
     return value

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,11 +28,16 @@ configs:
 cluster:
   slurm: {partition: h100, nodes: 2, gpus_per_node: 4, time: "2:00:00", setup: [source .venv/bin/activate],
           cpus_per_task: 16, mem: 200G, exclusive: true, max_running: 1}
-  tpu_vm: {name: my-tpu, zone: us-east5-a, workers: 4, accelerator_type: v5p-32}
+  tpu_vm: {name: my-tpu, zone: us-east5-a, workers: 4, accelerator_type: v5p-32, bucket: gs://bkt/attnlab}
 """
 JOB = {"slurm": ".sbatch", "tpu-vm": ".sh", "shell": ".sh"}
 PLATFORM = {"slurm": ["run.platform=gpu"], "tpu-vm": ["run.platform=tpu"], "shell": []}  # what the jobs must see
-EXTRA = {"slurm": ["array.sbatch"], "tpu-vm": [], "shell": []}  # files beside the per-run scripts
+EXTRA = {"slurm": ["array.sbatch"], "tpu-vm": ["setup.sh", "queue.sh"], "shell": []}  # beside the per-run scripts
+BUCKET = "gs://bkt/attnlab"  # SPEC's: the pod's jobs keep the runs' directories in the bucket
+
+
+def on_cluster(kind: str, path: str, bucket: str = BUCKET) -> str:
+    return f"{bucket}/{path}" if kind == "tpu-vm" else path
 
 
 def bash_n(path: Path) -> None:
@@ -39,21 +45,27 @@ def bash_n(path: Path) -> None:
     assert res.returncode == 0, f"{path}: {res.stderr}"
 
 
-def check_scripts_match_manifest(out: Path, kind: str) -> dict:
-    """bash -n on every script; each job runs exactly its manifest entry's command. Returns the manifest."""
+def check_scripts_match_manifest(out: Path, kind: str, bucket: str = BUCKET, store: str | None = None) -> dict:
+    """bash -n on every script; each job runs exactly its manifest entry's command (a TPU pod's: with the run
+    directory in the bucket and the bucket's copy of `store`, the runs' token store). Returns the manifest."""
     doc = json.loads((out / "sweep.json").read_text())
     by = {r["name"]: r for r in doc["runs"]}
     for path in sorted(out.iterdir()):
         if path.suffix in (".sh", ".sbatch"):
             bash_n(path)
             text = path.read_text()
-            assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
+            # The TPU workers' queue goes on after a failed run: no -e.
+            assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text or path.name == "queue.sh"
     for name, run in by.items():
         text = (out / f"{name}{JOB[kind]}").read_text()
         cmds = train_commands(text)
         assert len(cmds) == 1, (name, cmds)
         got = parse_train(cmds[0])
-        assert got["config"] == run["config"] and got["overrides"] == run["overrides"] + PLATFORM[kind], name
+        want = [f"run.out_dir={on_cluster(kind, o.split('=', 1)[1], bucket)}" if o.startswith("run.out_dir=") else o
+                for o in run["overrides"]]
+        if kind == "tpu-vm" and store:
+            want.append(f"data.source={bucket}/stores/{Path(store).name}")
+        assert got["config"] == run["config"] and got["overrides"] == want + PLATFORM[kind], name
         assert f"run.name={name}" in got["overrides"]
     return doc
 
@@ -69,7 +81,7 @@ def test_every_kind_parses_and_runs_the_manifest_commands(write_spec, tmp_path, 
     assert doc["runs"][1]["name"] == "cont-s0" and doc["runs"][1]["overrides"][-4:] == [
         "run.name=cont-s0", "run.out_dir=runs/sweeps/adapt", "run.seed=0", "wandb.group=adapt"]
     cont = parse_train(train_commands((out / f"cont-s1{JOB[kind]}").read_text())[0])
-    assert cont["init_from"] == "runs/sweeps/adapt/base-s1"
+    assert cont["init_from"] == on_cluster(kind, "runs/sweeps/adapt/base-s1")
     assert "wandb.tags=[\"a b\", \"c\"]" in cont["overrides"]  # a value with a space survives the shell quoting
     assert render(sw, kind, tmp_path / kind) == files  # deterministic
 
@@ -174,13 +186,104 @@ def test_tpu_vm_settings(write_spec, tmp_path):
     sw = load_sweep(write_spec(SPEC))
     _, files = emit(sw, "tpu-vm", tmp_path / "t", flags={"name": "other-tpu"})
     job = files["base-s0.sh"]
-    assert "gcloud compute tpus tpu-vm ssh other-tpu --zone=us-east5-a --worker=all" in job
+    assert "gcloud compute tpus tpu-vm ssh other-tpu --worker=all --zone=us-east5-a" in job
     assert "--command 'cd attnlab && attnlab train configs/tiny/softmax.yaml" in job
     no_tpu = load_sweep(write_spec(SPEC.split("cluster:")[0], "bare.yaml"))
     with pytest.raises(ConfigError, match=r"needs the TPU VM's name: set cluster.tpu_vm.name in .* or pass --tpu-name"):
         render(no_tpu, "tpu-vm", tmp_path / "x")
-    _, files = emit(no_tpu, "tpu-vm", tmp_path / "y", flags={"name": "n", "zone": "z"})
-    assert "ssh n --zone=z --worker=all" in files["cont-s1.sh"]
+    # Workers share no disk: without a bucket, only a single-host TPU VM keeps its runs on its own disk.
+    with pytest.raises(ConfigError, match=r"^--emit tpu-vm: the several workers of n share no disk, so the runs need a "
+                                          r"bucket: set cluster.tpu_vm.bucket"):
+        render(no_tpu, "tpu-vm", tmp_path / "y", flags={"name": "n", "zone": "z"})
+    one = load_sweep(write_spec(SPEC.split("cluster:")[0] + "cluster: {tpu_vm: {name: n, zone: z, workers: 1}}\n",
+                                "one.yaml"))
+    files = render(one, "tpu-vm", tmp_path / "z")
+    assert "ssh n --worker=all --zone=z" in files["cont-s1.sh"] and "gs://" not in files["cont-s1.sh"]
+    with pytest.raises(ConfigError, match=r"cluster.tpu_vm.bucket: 'bkt' is not a Cloud Storage URL"):
+        load_sweep(write_spec(SPEC.replace("bucket: gs://bkt/attnlab", "bucket: bkt"), "nobucket.yaml"))
+
+
+QUEUE_HEAD = """\
+set -uo pipefail
+cd attnlab
+logs=~/attnlab-logs/adapt
+mkdir -p "$logs"
+failed=()
+run() {  # NAME COMMAND...
+  local name=$1 status=0; shift
+  echo "$(date '+%F %T') $name: starting"
+  "$@" >> "$logs/$name.log" 2>&1 || status=$?
+  if [ "$status" = 0 ]; then echo "$(date '+%F %T') $name: ended"; else
+    echo "$(date '+%F %T') $name: failed with exit status $status (its log: $logs/$name.log)"; failed+=("$name"); fi
+  gcloud storage cp "$logs/$name.log" gs://bkt/attnlab/runs/sweeps/adapt/logs/"$name.$(hostname).log" >/dev/null \
+2>&1 || echo "could not copy $name's log to the bucket"
+}
+run base-s0 attnlab train configs/tiny/softmax.yaml \\
+  --set train.steps=20 \\
+  --set optim.warmup_steps=2 \\
+  --set 'wandb.tags=["a b", "c"]' \\
+  --set run.name=base-s0 \\
+  --set run.out_dir=gs://bkt/attnlab/runs/sweeps/adapt \\
+  --set run.seed=0 \\
+  --set wandb.group=adapt \\
+  --set run.platform=tpu
+"""
+
+
+def test_tpu_vm_queue_is_the_expected_text_and_goes_on_past_a_failed_run(write_spec, tmp_path):
+    """queue.sh (what every worker runs, detached) against expected text; then run here with stand-ins for attnlab
+    (cont-s0 fails) and gcloud: every run is tried in order, the failed one is named, each log is copied up."""
+    sw = load_sweep(write_spec(SPEC))
+    out, files = emit(sw, "tpu-vm", tmp_path / "t")
+    assert QUEUE_HEAD in files["queue.sh"]
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (out / "queue.sh").write_text(files["queue.sh"].replace("cd attnlab", f"cd {repo}"))
+    calls = tmp_path / "calls.txt"
+    env = _stand_ins(tmp_path / "bin", attnlab=f'echo "$*" >> {calls}\ncase "$*" in *run.name=cont-s0*) exit 3;; esac\n',
+                     gcloud=f'echo "gcloud $*" >> {calls}\n')
+    env["HOME"] = str(tmp_path)
+    res = subprocess.run(["bash", str(out / "queue.sh")], env=env, capture_output=True, text=True)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert res.stdout.splitlines()[-1] == "queue ended: 1 of 4 runs failed: cont-s0"
+    assert "cont-s0: failed with exit status 3 (its log: " in res.stdout
+    trained = [ln.split("run.name=")[1].split()[0] for ln in calls.read_text().splitlines() if "run.name=" in ln]
+    assert trained == ["base-s0", "cont-s0", "base-s1", "cont-s1"]
+    copied = [ln for ln in calls.read_text().splitlines() if ln.startswith("gcloud storage cp")]
+    assert len(copied) == 4 and copied[1].endswith(f"gs://bkt/attnlab/runs/sweeps/adapt/logs/cont-s0.{socket.gethostname()}.log")
+
+
+def test_tpu_vm_setup_and_submit_with_stand_ins(write_spec, tmp_path, small_store):
+    """setup.sh copies the runs' store to the bucket (meta.json last) and the committed code to every worker, where
+    it installs for the TPU; submit_all.sh refuses while the store is not in the bucket, then starts the queue on
+    every worker under nohup."""
+    spec = SPEC.replace("common: {", f"common: {{data.source: {small_store}, ")
+    sw = load_sweep(write_spec(spec))
+    out, _ = emit(sw, "tpu-vm", tmp_path / "t")
+    calls, there = tmp_path / "calls.txt", tmp_path / "in-bucket"
+    env = _stand_ins(tmp_path / "bin", gcloud=f'echo "$*" >> {calls}\n'
+                     f'case "$*" in "storage ls"*) test -e {there};; *) true;; esac\n')
+    res = subprocess.run(["bash", str(out / "submit_all.sh")], env=env, capture_output=True, text=True)
+    url = f"gs://bkt/attnlab/stores/{small_store.name}"
+    assert res.returncode == 2 and res.stderr.splitlines() == [
+        f"error: token store {url} (data.source of 4 run(s)) is not there: run setup.sh first", "nothing submitted"]
+    res = subprocess.run(["bash", str(out / "setup.sh")], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    setup = calls.read_text().splitlines()[1:]
+    assert setup[1] == f"storage rsync -r -x meta\\.json$ {small_store} {url}"
+    assert setup[2] == f"storage cp {small_store}/meta.json {url}/meta.json"
+    assert setup[3].startswith("compute tpus tpu-vm scp ") and setup[3].endswith(
+        "attnlab-src.tar.gz my-tpu:attnlab-src.tar.gz --worker=all --zone=us-east5-a")
+    assert setup[4].endswith("--command mkdir -p attnlab && tar -xzf attnlab-src.tar.gz -C attnlab && cd attnlab && "
+                             "make install DEVICE=tpu && .venv/bin/python -m lm.devices tpu")
+    there.touch()
+    calls.unlink()
+    res = subprocess.run(["bash", str(out / "submit_all.sh")], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    submit = calls.read_text().splitlines()
+    assert submit[-2] == "compute tpus tpu-vm scp queue.sh my-tpu:attnlab-queue-adapt.sh --worker=all --zone=us-east5-a"
+    assert submit[-1].endswith("--command nohup bash attnlab-queue-adapt.sh > attnlab-queue-adapt.log 2>&1 < "
+                               "/dev/null &")
 
 
 def test_shell_scripts_run_from_anywhere_and_stale_scripts_go(write_spec, tmp_path):
@@ -229,7 +332,7 @@ def test_committed_paper_scripts_are_what_the_emitter_writes(size, kind):
     assert sorted(on_disk) == sorted(expected), f"emit again: files differ in {rel}"
     stale = [name for name in expected if on_disk[name] != expected[name]]
     assert not stale, f"{rel}: {stale[:3]} differ from the emitter's output; emit again (see the spec's header)"
-    doc = check_scripts_match_manifest(ROOT / rel, kind)
+    doc = check_scripts_match_manifest(ROOT / rel, kind, sw.cluster["tpu_vm"]["bucket"], "data/slimpajama-gpt2")
     assert doc["spec"] == f"experiments/sweeps/projection_sharing_{size}.yaml"
     assert len(doc["runs"]) == len(sw.variants) * len(sw.seeds)
 

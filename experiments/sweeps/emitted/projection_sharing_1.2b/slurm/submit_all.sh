@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../../../../.."
 problems=0
 test -f data/slimpajama-gpt2/meta.json || { echo "error: token store data/slimpajama-gpt2 (data.source of 15 run(s)) does not exist: prepare it first (attnlab data prepare --source FILES --tokenizer TOKENIZER --out data/slimpajama-gpt2)" >&2; problems=1; }
-( source .venv/bin/activate && python -m lm.devices gpu ) || problems=1
+( source .venv/bin/activate && python -m lm.devices gpu ) || { problems=1; }
 [ "$problems" = 0 ] || { echo "nothing submitted" >&2; exit 2; }
 mkdir -p runs/sweeps/projection_sharing_1.2b && { test -e runs/sweeps/projection_sharing_1.2b/sweep.json || cp experiments/sweeps/emitted/projection_sharing_1.2b/slurm/sweep.json runs/sweeps/projection_sharing_1.2b/sweep.json; }
 rejected=()

@@ -3,9 +3,9 @@
 # Written by `attnlab sweep --emit`; edit the spec and run it again rather than editing this file:
 #   attnlab sweep experiments/sweeps/projection_sharing_1.2b.yaml --emit tpu-vm --out experiments/sweeps/emitted/projection_sharing_1.2b/tpu-vm
 # TPU VM attnlab-v5p-32 in us-east5-a (v5p-32, 4 workers), the repository at ~/attnlab on every
-# worker. Every worker runs the same command and they join one run (TPU_WORKER_HOSTNAMES); the run
-# directory must be on a filesystem all workers share (edit out_dir in the spec). A run stopped early
-# saved a checkpoint: running this script again resumes it.
+# worker; the runs live in gs://BUCKET/attnlab.
+# One run in the foreground, on every worker: they join one run. If the ssh session drops, the run saves and
+# stops (SIGHUP); running this script again resumes it. submit_all.sh runs every run detached instead.
 set -euo pipefail
-gcloud compute tpus tpu-vm ssh attnlab-v5p-32 --zone=us-east5-a --worker=all \
-  --command 'cd attnlab && source .venv/bin/activate && attnlab train configs/paper_qkv/1.2b/share_kv_gqa8.yaml --set model.remat=block --set run.name=share_kv_gqa8-s44 --set run.out_dir=runs/sweeps/projection_sharing_1.2b --set run.seed=44 --set wandb.group=projection-sharing-1.2b --set run.platform=tpu'
+gcloud compute tpus tpu-vm ssh attnlab-v5p-32 --worker=all --zone=us-east5-a \
+  --command 'cd attnlab && source .venv/bin/activate && attnlab train configs/paper_qkv/1.2b/share_kv_gqa8.yaml --set model.remat=block --set run.name=share_kv_gqa8-s44 --set run.out_dir=gs://BUCKET/attnlab/runs/sweeps/projection_sharing_1.2b --set run.seed=44 --set wandb.group=projection-sharing-1.2b --set data.source=gs://BUCKET/attnlab/stores/slimpajama-gpt2 --set run.platform=tpu'

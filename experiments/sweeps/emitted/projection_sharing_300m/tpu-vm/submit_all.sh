@@ -2,32 +2,17 @@
 # Every run of sweep projection_sharing_300m (experiments/sweeps/projection_sharing_300m.yaml).
 # Written by `attnlab sweep --emit`; edit the spec and run it again rather than editing this file:
 #   attnlab sweep experiments/sweeps/projection_sharing_300m.yaml --emit tpu-vm --out experiments/sweeps/emitted/projection_sharing_300m/tpu-vm
-# Runs every run, one after another, on the TPU VM (run from anywhere; the commands run on the workers).
-# The manifest goes where the runs are, unless one is there already.
+# TPU VM attnlab-v5p-16 in us-east5-a (v5p-16, 2 workers), the repository at ~/attnlab on every
+# worker; the runs live in gs://BUCKET/attnlab.
+# Starts the queue (queue.sh) on every worker, detached: it runs every run in order and goes on when this
+# machine goes away. Run setup.sh first. The manifest goes where the runs are, unless one is there already.
 set -euo pipefail
 cd "$(dirname "$0")"
-gcloud compute tpus tpu-vm ssh attnlab-v5p-16 --zone=us-east5-a --worker=0 --command 'mkdir -p attnlab/runs/sweeps/projection_sharing_300m && test -e attnlab/runs/sweeps/projection_sharing_300m/sweep.json' || gcloud compute tpus tpu-vm scp sweep.json attnlab-v5p-16:attnlab/runs/sweeps/projection_sharing_300m/sweep.json --zone=us-east5-a --worker=0
-bash qkv-s42.sh
-bash gqa4-s42.sh
-bash mqa-s42.sh
-bash share_kv-s42.sh
-bash share_kv_gqa4-s42.sh
-bash share_qk-s42.sh
-bash share_kv_mqa-s42.sh
-bash share_qkv-s42.sh
-bash qkv-s43.sh
-bash gqa4-s43.sh
-bash mqa-s43.sh
-bash share_kv-s43.sh
-bash share_kv_gqa4-s43.sh
-bash share_qk-s43.sh
-bash share_kv_mqa-s43.sh
-bash share_qkv-s43.sh
-bash qkv-s44.sh
-bash gqa4-s44.sh
-bash mqa-s44.sh
-bash share_kv-s44.sh
-bash share_kv_gqa4-s44.sh
-bash share_qk-s44.sh
-bash share_kv_mqa-s44.sh
-bash share_qkv-s44.sh
+problems=0
+gcloud storage ls gs://BUCKET/attnlab/stores/slimpajama-gpt2/meta.json >/dev/null 2>&1 || { echo "error: token store gs://BUCKET/attnlab/stores/slimpajama-gpt2 (data.source of 24 run(s)) is not there: run setup.sh first" >&2; problems=1; }
+[ "$problems" = 0 ] || { echo "nothing submitted" >&2; exit 2; }
+gcloud storage ls gs://BUCKET/attnlab/runs/sweeps/projection_sharing_300m/sweep.json >/dev/null 2>&1 || gcloud storage cp sweep.json gs://BUCKET/attnlab/runs/sweeps/projection_sharing_300m/sweep.json
+gcloud compute tpus tpu-vm scp queue.sh attnlab-v5p-16:attnlab-queue-projection_sharing_300m.sh --worker=all --zone=us-east5-a
+gcloud compute tpus tpu-vm ssh attnlab-v5p-16 --worker=all --zone=us-east5-a \
+  --command 'nohup bash attnlab-queue-projection_sharing_300m.sh > attnlab-queue-projection_sharing_300m.log 2>&1 < /dev/null &'
+echo "the queue runs on every worker; follow it with: gcloud compute tpus tpu-vm ssh attnlab-v5p-16 --worker=0 --zone=us-east5-a --command 'tail -f attnlab-queue-projection_sharing_300m.log'"
