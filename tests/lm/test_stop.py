@@ -5,13 +5,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from lm.tracking import read_metrics
 from tests.lm.conftest import tiny_overrides
+from tests.lm.test_train import _wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = "configs/tiny/softmax.yaml"
@@ -32,21 +32,12 @@ def _catches(pid: int, signum: int) -> bool:
     return False
 
 
-def _wait(pred, timeout=60.0) -> bool:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads signal handlers from /proc (Linux)")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_during_start_up_exits_cleanly(small_store, tmp_path, signum):
     p = _train(small_store, tmp_path, "early")
     # As soon as the handler is in: the CLI's first lines, long before jax is imported.
-    assert _wait(lambda: p.poll() is not None or _catches(p.pid, signum)), "no handler was installed"
+    assert _wait_for(lambda: p.poll() is not None or _catches(p.pid, signum)), "no handler was installed"
     assert (tmp_path / "early").exists() is False  # still starting
     p.send_signal(signum)
     out, _ = p.communicate(timeout=300)
@@ -60,7 +51,7 @@ def test_a_signal_during_start_up_exits_cleanly(small_store, tmp_path, signum):
 def test_sighup_mid_run_saves_like_sigterm(small_store, tmp_path):
     p = _train(small_store, tmp_path, "hup", **{"train.steps": 100000})
     metrics = tmp_path / "hup" / "metrics.jsonl"
-    assert _wait(lambda: p.poll() is not None or (metrics.exists() and len(metrics.read_text().splitlines()) >= 3),
+    assert _wait_for(lambda: p.poll() is not None or (metrics.exists() and len(metrics.read_text().splitlines()) >= 3),
                  timeout=300)
     p.send_signal(signal.SIGHUP)
     out, _ = p.communicate(timeout=120)
