@@ -111,6 +111,7 @@ def test_same_parameters_and_flops_as_softmax_and_the_output_changes():
     assert shifted.state_bytes() == late * 4 and plain.state_bytes() == 0
     x = _x()
     y_plain, y_shift = _forward(plain, x, _positions(), None), _forward(shifted, x, _positions(), None)
+    assert y_shift.shape == (B, T, E) and shifted.init_cache(B, T)["v_shift"].shape == (B, late)
     # Same weights: the first query sees only itself, and its shifted half is the zero row's projection.
     assert np.abs(np.asarray(y_shift[:, 1:] - y_plain[:, 1:])).max() > 1e-3
 
