@@ -312,4 +312,4 @@ def format_row(row: dict[str, Any]) -> str:
         p = row["ptxas"]
         line += (f"  sm_90a: {p['registers']} regs, {p['spill_store_bytes']} B spill stores, "
                  f"{p['shared_bytes'] // 1024} KiB smem")
-    return line
+    return line.rstrip()
