@@ -1,13 +1,12 @@
 """`flash_attention`: the Pallas flash-attention entry point in the op's layout, joined to its backward.
 
 Takes the `softmax_attention` layout (q [B,T,Hq,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv] or None when one array is
-both key and value), moves heads before time, zero-pads T and S to whole blocks (a partial block would read
-garbage, and 0 x NaN is NaN; padded keys are masked by position) and, for Triton, the head dims to powers of
-two. The kernels see only whole blocks.
+both key and value). Two drivers, each with its layout (`layouts`):
 
-Two drivers: the portable row driver (forward.py, backward.py: a loop over key blocks inside each program; CPU
-interpret and Triton) and the TPU key-block pipeline (pipeline.py: the loop is a sequential grid axis, VMEM per
-grid step independent of T), which every TPU build uses.
+- the portable row driver (forward.py, backward.py: a loop over key blocks inside each program; CPU interpret
+  and Triton) reads and writes the op's arrays in place, ragged T and S masked inside the kernels;
+- the TPU key-block pipeline (pipeline.py: the loop is a sequential grid axis, VMEM per grid step independent
+  of T), which every TPU build uses, reads heads-first copies zero-padded to whole blocks.
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 from kernels_pallas import platform
 from kernels_pallas.flash import backward as rows_backward
 from kernels_pallas.flash import forward as rows_forward
-from kernels_pallas.flash import compact, gpu_tiles, pipeline
+from kernels_pallas.flash import compact, gpu_tiles, layouts, pipeline
 from kernels_pallas.flash import tiles as tiles_lib
 from kernels_pallas.flash.tiles import Plan
 
@@ -50,15 +49,19 @@ def flash_attention(q, k, v=None, *, causal=True, sliding_window=None, local_win
 
     Semantics are `attention.ops.softmax_attention`'s (bottom-right aligned positions; key_log_gate [B,S,Hkv]
     added to a key's logit when t - s >= local_window, or always when local_window is None; a row that sees no
-    key gives 0) except that documents come as doc_ids [B,T] (equal id = same document; T == S). Inputs are not
-    checked here: the op's API does that. driver: "rows" or "pipeline"; None takes the pipeline exactly when
-    building for a TPU (tests run the pipeline interpreted on the CPU by naming it). block_q, block_k and launch
-    (Triton's warps and stages per kernel) override the target's tiles.
+    key gives 0) except that documents come as doc_ids [B,T]: sorted document indices from 0 (T == S). Inputs
+    are not checked here: the op's API does that. driver: "rows" or "pipeline"; None takes the pipeline exactly
+    when building for a TPU (tests run the pipeline interpreted on the CPU by naming it; the row driver's
+    masked loads do not lower for TPU). block_q, block_k and launch (Triton's warps and stages per kernel)
+    override the target's tiles.
     """
     tgt = platform.target()
     if driver not in (None, "rows", "pipeline"):
         raise ValueError(f"driver must be 'rows', 'pipeline' or None; got {driver!r}")
     use_pipeline = tgt == "tpu" if driver is None else driver == "pipeline"
+    if tgt == "tpu" and not use_pipeline:
+        raise ValueError("the row driver reads ragged blocks with masked loads, which Mosaic does not lower; "
+                         "TPU builds take driver='pipeline' (or None)")
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     Dv = D if v is None else v.shape[-1]
@@ -70,82 +73,54 @@ def flash_attention(q, k, v=None, *, causal=True, sliding_window=None, local_win
     min_q, min_k = MIN_BLOCK[tgt]
     bq = block_q or _block(pref_q, T, min_q)
     bk = block_k or _block(pref_k, S, min_k)
+    # Triton wants power-of-two tiles of at least 16 along a dot's contraction: the tiles' columns past the head
+    # dims read as zero, which changes no dot product, and are not written.
+    width = (lambda n: max(16, _pow2_at_least(n))) if tgt == "gpu" and not use_pipeline else (lambda n: n)
     plan = Plan(t=T, s=S, t_pad=-(-T // bq) * bq, s_pad=-(-S // bk) * bk, block_q=bq, block_k=bk,
                 group=Hq // Hkv, scale=float(D) ** -0.5 if scale is None else float(scale), causal=causal,
                 sliding_window=sliding_window, local_window=local_window if key_log_gate is not None else None,
                 has_gate=key_log_gate is not None, has_segments=doc_ids is not None, kv_shared=v is None,
                 interpret=interpret if interpret is not None else platform.resolve_interpret(None),
-                launch=tuple(launch or default_launch), pipeline=use_pipeline, exp2=not use_pipeline)
-    # Triton wants power-of-two tiles of at least 16 along a dot's contraction: zero head-dim padding changes no
-    # dot product, and extra v columns are cut. (The layout change copies q, k, v anyway.)
-    d_pad = max(16, _pow2_at_least(D)) if tgt == "gpu" else D
-    dv_pad = max(16, _pow2_at_least(Dv)) if tgt == "gpu" else Dv
-
-    qh = _heads_first(q, plan.t_pad, d_pad)
-    kh = _heads_first(k, plan.s_pad, d_pad)
-    vh = None if v is None else _heads_first(v, plan.s_pad, dv_pad)
-    q_doc = k_doc = ids = None
-    if doc_ids is not None:
-        # Edge padding keeps each block's document range as tight as its real rows (tiles are skipped by
-        # range). Padded query rows then see real keys, harmlessly: their outputs are cut and their
-        # cotangent is zero; padded keys are masked by position. The pipeline reads query ids as a lane-dense
-        # row [B,1,T], the row driver as a column [B,T,1].
-        ids = doc_ids.astype(jnp.int32)
-        q_doc = jnp.pad(ids, ((0, 0), (0, plan.t_pad - T)), mode="edge")[:, None, :]
-        q_doc = q_doc if plan.pipeline else jnp.swapaxes(q_doc, 1, 2)
-        k_doc = jnp.pad(ids, ((0, 0), (0, plan.s_pad - S)), mode="edge")[:, None, :]
-    gate = None if key_log_gate is None else _gate_row(key_log_gate, plan.s_pad)
-    plans, parts = (plan,), ((kh, vh, gate, k_doc, None, None, None),)
+                launch=tuple(launch or default_launch), pipeline=use_pipeline, exp2=not use_pipeline,
+                head_dims=(D, Dv), tile_dims=(width(D), width(Dv)))
+    lay = layouts.of(plan)
+    ids = None if doc_ids is None else doc_ids.astype(jnp.int32)
+    q_doc = None if ids is None else lay.documents(plan, ids, keys=False)
+    k_doc = None if ids is None else lay.documents(plan, ids, keys=True)
+    gate = None if key_log_gate is None else lay.key_rows(plan, key_log_gate, -jnp.inf)
+    plans, parts = (plan,), ((lay.keys(plan, k), None if v is None else lay.keys(plan, v), gate, k_doc,
+                              None, None, None),)
     if key_log_gate is not None and local_window is not None and causal and not plan.pipeline:
-        plans, parts = _spkv_parts(plan, k, v, key_log_gate, ids, kh, vh, k_doc, (d_pad, dv_pad), tgt)
-    o = _flash(plans, qh, q_doc, parts)
-    return jnp.swapaxes(o[:, :, :T, :Dv], 1, 2)
+        plans, parts = _spkv_parts(plan, k, v, key_log_gate, ids, parts[0], tgt)
+    return lay.output(plan, _flash(plans, lay.queries(plan, q), q_doc, parts))
 
 
-def _heads_first(x, length, width):
-    """[B,T,H,X] -> [B,H,length,width], zero-padded."""
-    x = jnp.swapaxes(x, 1, 2)
-    return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, width - x.shape[3])))
-
-
-def _key_row(x_BSH, s_pad, **pad):
-    """[B,S,H] -> [B,H,1,s_pad]: a row per kv head, padded as jnp.pad's keywords say."""
-    return jnp.pad(jnp.swapaxes(x_BSH, 1, 2)[:, :, None, :], ((0, 0), (0, 0), (0, 0), (0, s_pad - x_BSH.shape[1])),
-                   **pad)
-
-
-def _gate_row(gate_BSH, s_pad):
-    # Padded keys are closed (-inf), so a block's closed-gate test sees only its real keys.
-    return _key_row(gate_BSH.astype(jnp.float32), s_pad, constant_values=-jnp.inf)
-
-
-def _spkv_parts(plan: Plan, k, v, key_log_gate, ids, kh, vh, k_doc, widths, tgt):
+def _spkv_parts(plan: Plan, k, v, key_log_gate, ids, dense, tgt):
     """SP-KV as two key sets that share one softmax (`compact`): the local window's band of the dense keys
-    (when local_window > 0) and the kept keys gathered into compact blocks with their positions, per-head
-    document ids and loop ranges. (plans, parts) for `_flash`."""
+    (when local_window > 0; `dense` is their part) and the kept keys gathered into compact blocks with their
+    positions, per-head document ids and loop ranges. (plans, parts) for `_flash`."""
     S = k.shape[1]
+    lay = layouts.of(plan)
     index, position, _ = compact.kept_order(key_log_gate)
-    k_far = compact.gather(k, index, position)
-    v_far = None if v is None else compact.gather(v, index, position)
     far_doc = None
     if ids is not None:
         held = jnp.take_along_axis(ids[:, :, None], jnp.clip(position, 0, S - 1), axis=1)
-        far_doc = _key_row(held, plan.s_pad, mode="edge")
+        far_doc = lay.key_rows(plan, held, layouts.EDGE)
     # Triton reads the ranges tables as whole blocks: power-of-two widths.
     table = (lambda n: _pow2_at_least(n)) if tgt == "gpu" else (lambda n: n)
     ranges, key_ranges = compact.block_ranges(
         position, t=plan.t, offset=plan.offset, block_q=plan.block_q, block_k=plan.block_k,
         local_window=plan.local_window, sliding_window=plan.sliding_window,
         widths=(table(plan.num_q_blocks), table(plan.num_k_blocks)))
-    far = (_heads_first(k_far, plan.s_pad, widths[0]),
-           None if v is None else _heads_first(v_far, plan.s_pad, widths[1]),
-           _gate_row(compact.gather(key_log_gate, index, position), plan.s_pad), far_doc,
-           _key_row(position, plan.s_pad, constant_values=compact.FAR), ranges, key_ranges)
+    far = (lay.keys(plan, compact.gather(k, index, position)),
+           None if v is None else lay.keys(plan, compact.gather(v, index, position)),
+           lay.key_rows(plan, compact.gather(key_log_gate, index, position), -jnp.inf), far_doc,
+           lay.key_rows(plan, position, compact.FAR), ranges, key_ranges)
     plans, parts = (dataclasses.replace(plan, compact=True),), (far,)
     if plan.local_window > 0:
         band = min(plan.local_window, plan.sliding_window or plan.local_window)
         plans = (dataclasses.replace(plan, sliding_window=band, has_gate=False, local_window=None),) + plans
-        parts = ((kh, vh, None, k_doc, None, None, None),) + parts
+        parts = (dense[:2] + (None,) + dense[3:],) + parts
     return plans, parts
 
 
@@ -153,14 +128,15 @@ def _spkv_parts(plan: Plan, k, v, key_log_gate, ids, kh, vh, k_doc, widths, tgt)
 _DRIVERS = {False: (rows_forward.forward, rows_backward.backward), True: (pipeline.forward, pipeline.backward)}
 
 
-def _merge(outs):
+def _merge(outs, lse_column):
     """(o, lse) of one softmax over the union of the parts' keys from each part's (o, lse): lse is their log-sum-
-    exp, o their lse-weighted mean. An lse of +inf marks a row that saw no key (weight 0), as it does here."""
+    exp, o their lse-weighted mean. An lse of +inf marks a row that saw no key (weight 0), as it does here.
+    lse_column(lse) broadcasts an lse against its output (the driver's layout)."""
     lses = [jnp.where(lse == jnp.inf, -jnp.inf, lse) for _, lse in outs]
     lse = functools.reduce(jnp.logaddexp, lses)
     seen = lse > -jnp.inf
     shift = jnp.where(seen, lse, 0.0)
-    o = sum(o_p.astype(jnp.float32) * jnp.exp(l_p - shift) for (o_p, _), l_p in zip(outs, lses))
+    o = sum(o_p.astype(jnp.float32) * jnp.exp(lse_column(l_p - shift)) for (o_p, _), l_p in zip(outs, lses))
     return o.astype(outs[0][0].dtype), jnp.where(seen, lse, jnp.inf)
 
 
@@ -169,7 +145,7 @@ def _forward(plans, q, q_doc, parts):
     for plan, (k, v, gate, k_doc, k_pos, ranges, _) in zip(plans, parts):
         extra = (k_pos, ranges) if plan.compact else ()
         outs.append(_DRIVERS[plan.pipeline][0](plan, q, k, v, gate, q_doc, k_doc, *extra))
-    return outs[0] if len(outs) == 1 else _merge(outs)
+    return outs[0] if len(outs) == 1 else _merge(outs, layouts.of(plans[0]).lse_column)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.pallas import triton as pltriton
 
 
 def device_kind() -> str:
@@ -44,6 +45,8 @@ class Plan:
     pipeline: bool              # the TPU key-block pipeline (pipeline.py) instead of the row driver
     compact: bool = False       # SP-KV's compact keys (compact.py): positions carried, visible at t - s >= local_window
     exp2: bool = False          # logits in base 2 (log2(e) folded into the scale), exp2; lse stays natural
+    head_dims: tuple = (0, 0)   # (D, Dv) of q/k and v
+    tile_dims: tuple = (0, 0)   # the tiles' widths: the head dims, or (Triton) the next powers of two
 
     @property
     def offset(self) -> int:
@@ -56,6 +59,23 @@ class Plan:
     @property
     def num_k_blocks(self) -> int:
         return self.s_pad // self.block_k
+
+    def cols(self, which: int) -> int | None:
+        """The head dim (0: q/k, 1: v) where the tiles are wider and their extra columns must be masked."""
+        return self.head_dims[which] if self.tile_dims[which] > self.head_dims[which] else None
+
+    def query_rows(self, i, masked: bool = True):
+        """The real rows of query block i (a traced count, past block_q in every block but the last), or None
+        when no row needs a bound: T is a whole number of blocks, or the tile is an inner (unmasked) one, which
+        the loops never take from a ragged end. (When T is under one block the inner loop is empty but its body
+        is still traced, and interpret mode cannot trace a whole block's read from a shorter array: bounded.)"""
+        inner = not masked and self.t >= self.block_q
+        return None if self.t % self.block_q == 0 or inner else self.t - i * self.block_q
+
+    def key_rows(self, j, masked: bool = True):
+        """As query_rows, for key block j of the S keys."""
+        inner = not masked and self.s >= self.block_k
+        return None if self.s % self.block_k == 0 or inner else self.s - j * self.block_k
 
     def q_order(self, i):
         """The query block that row-driver program i handles: causal rows in reverse, so the blocks that see the
@@ -171,10 +191,13 @@ def online_softmax_step(m, l, acc, s, v, exp=jnp.exp):
 def when_documents_meet(q_doc, k_doc, work, carry):
     """work(carry) if some query of the tile shares a document with some key, else carry unchanged: tiles
     between different documents are skipped, not masked. q_doc [bq, 1], k_doc [1, bk] are sorted document
-    indices (None: no documents, always work)."""
+    indices, -1 past the end of a ragged array (None: no documents, always work)."""
     if q_doc is None:
         return work(carry)
-    meet = (jnp.min(q_doc) <= jnp.max(k_doc)) & (jnp.min(k_doc) <= jnp.max(q_doc))
+    # Rows past the end read as -1 (`forward.query_column`); they must not widen the block's range.
+    q_lo = jnp.min(jnp.where(q_doc >= 0, q_doc, jnp.iinfo(jnp.int32).max))
+    k_lo = jnp.min(jnp.where(k_doc >= 0, k_doc, jnp.iinfo(jnp.int32).max))
+    meet = (q_lo <= jnp.max(k_doc)) & (k_lo <= jnp.max(q_doc))
     return lax.cond(meet, work, lambda c: c, carry)
 
 
@@ -184,6 +207,37 @@ def dot(a, b, *, contract=(1, 0)):
     precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
     return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
                            preferred_element_type=jnp.float32, precision=precision)
+
+
+def load(ref, index=(), *, rows=None, cols=None, other=0):
+    """ref[index], a [rows, cols] tile or a row vector, with its rows from `rows` on (a count, traced or None)
+    and its columns from `cols` on (static or None) read as `other`: the reads past the end of a ragged array.
+    Triton would read them from whatever memory follows, interpret mode gives NaN, and 0 x NaN is NaN."""
+    view = ref.at[index] if index else ref
+    mask = _bounds(view.shape, rows, cols)
+    return view[...] if mask is None else pltriton.load(view, mask=mask, other=other)
+
+
+def store(ref, value, index=(), *, rows=None, cols=None):
+    """ref[index] = value, writing only the rows before `rows` and the columns before `cols` (as `load`):
+    a partial block's writes past the end would land on the next sequence's rows."""
+    view = ref.at[index] if index else ref
+    mask = _bounds(view.shape, rows, cols)
+    if mask is None:
+        view[...] = value
+    else:
+        pltriton.store(view, value, mask=mask)
+
+
+def _bounds(shape, rows, cols):
+    """The mask of `load` and `store`: a [r, 1] row bound and a [1, c] column bound, broadcast only where both
+    apply (a mask constant along the columns keeps Triton's loads vectorized and holds fewer registers)."""
+    ones = (1,) * (len(shape) - 1)
+    mask = None if rows is None else lax.broadcasted_iota(jnp.int32, shape[:1] + ones, 0) < rows
+    if cols is not None and len(shape) > 1:
+        in_cols = lax.broadcasted_iota(jnp.int32, ones + shape[-1:], len(shape) - 1) < cols
+        mask = in_cols if mask is None else mask & in_cols
+    return mask
 
 
 def pick(ref, row: int, i):

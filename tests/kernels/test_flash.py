@@ -14,6 +14,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
+from attention.ops.softmax.api import documents
 from attention.ops.softmax.reference import softmax_attention_reference
 import pytest
 from jax.experimental.pallas import tpu as pltpu
@@ -115,8 +116,8 @@ def test_k_equals_v_is_one_operand_in_every_kernel():
     def train_shared(q, k):
         return jax.grad(lambda q, k: softmax_attention_pallas(q, k, k).sum(), argnums=(0, 1))(q, k)
 
-    def count(calls):  # operands shaped as k or v, heads first: [B, Hkv, S, D]
-        return [c.count((1, 2, 32, 8)) for c in calls]
+    def count(calls):  # operands shaped as k or v, read in place: [B, S, Hkv, D]
+        return [c.count((1, 32, 2, 8)) for c in calls]
 
     assert count(_pallas_operands(train_shared, q, k)) == [1, 1, 1]
     assert count(_pallas_operands(train, q, k, v)) == [2, 2, 2]
@@ -370,3 +371,77 @@ def test_pipeline_refuses_block_lists_beyond_its_smem_budget():
     assert pipeline._row_lists(plan, small, None, None, by_query=True).entries.shape == (2, 4, 64, 64)
     with pytest.raises(ValueError, match=r"block lists \(8, 8, 64, 64\) need 1024 KiB of SMEM"):
         pipeline._row_lists(plan, jnp.zeros((8, 8, 1, 32768), jnp.float32), None, None, by_query=True)
+
+
+# --- the row driver reads the op's layout in place; ragged T and S end in masked blocks ---------------------
+
+
+def _grads_of(fn, q, k, v, gate, do, **opts):
+    o, vjp = jax.vjp(lambda q, k, v, g: fn(q, k, v, key_log_gate=g, **opts), q, k, v, gate)
+    return (o, *vjp(do))
+
+
+@pytest.mark.parametrize("T, hard_gate", [(77, False), (50, True)])
+def test_gpu_build_interpreted_masks_ragged_rows_and_head_dims(T, hard_gate):
+    """The GPU build (the default tiles for head dim 64: 128 query rows, 64 keys; tiles 32 and 64 wide for head
+    dims 24 and 40) run interpreted: T ends in partial blocks (T = 50: shorter than one block on both sides)
+    and the tiles' columns pass the head dims, both read through masked loads (interpret mode fills the rest
+    with NaN) and written through masked stores. GQA, local window and gate (dense, or hard: the compact
+    keys), documents; fp32 against the oracle."""
+    rng = np.random.default_rng(3)
+    Hq, Hkv, D, Dv = 4, 2, 24, 40
+    q, k, v, do = (jnp.asarray(rng.standard_normal(sh, np.float32)) for sh in
+                   ((2, T, Hq, D), (2, T, Hkv, D), (2, T, Hkv, Dv), (2, T, Hq, Dv)))
+    gate = -np.abs(rng.standard_normal((2, T, Hkv))).astype(np.float32)
+    if hard_gate:
+        gate = np.where(gate > -0.5, 0.0, -np.inf).astype(np.float32)
+    segments = softmax_cases._segments(T, [[0, 30], [0, 50]])
+    args = (q, k, v, jnp.asarray(gate), do)
+    opts = dict(sliding_window=60, local_window=12)
+    want = jax.jit(lambda: _grads_of(softmax_attention_reference, *args, segment_ids=segments, **opts))()
+    with platform.targeting("gpu"):
+        got = jax.jit(lambda: _grads_of(functools.partial(flash_attention, interpret=True), *args,
+                                        doc_ids=documents(segments), **opts))()
+    for what, a, e in zip(("o", "dq", "dk", "dv", "dgate"), got, want):
+        assert_close(a, e, rel=1e-5, name=what)
+
+
+def test_gpu_lowering_copies_no_operand_through_hbm():
+    """Lowered for cuda, one forward + backward has no transpose, pad or slice of a q/k/v/o-sized tensor, at a
+    ragged T and a head dim that is not a power of two, with the SP-KV gate (compact keys) or without. The
+    TPU pipeline's heads-first copies show that the count sees them."""
+    from experiments.bench.flash_layout_copies import layout_copies, lowered_step
+
+    T, D = 200, 80
+    for gate in (False, True):
+        assert layout_copies(lowered_step(T, D, gate=gate, platform_name="cuda", Hq=4, Hkv=2), T * D) == {}
+    tpu = layout_copies(lowered_step(T, D, gate=False, platform_name="tpu", Hq=4, Hkv=2), T * D)
+    assert tpu[("transpose", f"1x4x{T}x{D}")] >= 2, tpu  # q and dO, heads first
+
+
+def test_triton_masks_exactly_the_ragged_blocks():
+    """Every store of every kernel is masked when T ends in a partial block and the head dim is not a power of
+    two; with whole blocks and a power-of-two head dim no load or store is."""
+    from lm.bench import kernels
+
+    def modules(T, D):
+        spec = [jax.ShapeDtypeStruct((1, T, h, D), jnp.bfloat16) for h in (4, 2, 2)]
+        grads = jax.grad(lambda q, k, v: jnp.sum(flash_attention(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+        return {name: ir for name, ir, _, _ in kernels.triton_modules(grads, *spec)}
+
+    def access(ir, op):  # (masked, unmasked) counts: a masked tt.load / tt.store has a mask operand
+        ops = [line.split(":")[0] for line in ir.splitlines() if op in line]
+        return sum(line.count(",") >= (2 if op == "tt.store" else 1) for line in ops), len(ops)
+
+    whole, ragged = modules(256, 128), modules(250, 80)
+    assert set(whole) == set(ragged) == {"flash_forward", "flash_dq", "flash_dkv"}
+    for name in whole:
+        assert access(whole[name], "tt.load")[0] == 0 and access(whole[name], "tt.store")[0] == 0, name
+        masked, total = access(ragged[name], "tt.store")
+        assert masked == total > 0, name
+
+
+def test_row_driver_refuses_a_tpu_build():
+    q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+    with platform.targeting("tpu"), pytest.raises(ValueError, match="Mosaic does not lower"):
+        jax.eval_shape(functools.partial(flash_attention, driver="rows"), q, q, q)
