@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import jax
 
+# Why auto takes xla on the CPU (one wording for every op).
+CPU_INTERPRETED = "on the CPU Pallas kernels run only interpreted (for tests); xla is faster"
 IMPLS = ("reference", "xla", "pallas", "cudnn", "splash", "auto")
 # Implementations that run a kernel and say which calls they serve (`supports`): ours, and the library kernels.
 KERNEL_IMPLS = ("pallas", "cudnn", "splash")
@@ -124,7 +126,7 @@ def resolve(op: str, impl: str, **call_info: Any) -> Callable[..., Any]:
     elif impl == "auto":
         why_not = _kernel_reason(op, "pallas", call_info)
         if why_not is None and backend() == "cpu":
-            why_not = "on the CPU Pallas kernels run only interpreted (for tests); xla is faster"
+            why_not = CPU_INTERPRETED
 
         chosen = "pallas" if why_not is None else "xla"
         reason = "pallas kernel supports this call" if why_not is None else why_not

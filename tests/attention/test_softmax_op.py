@@ -331,7 +331,7 @@ def test_auto_takes_a_library_kernel_for_plain_calls_and_ours_for_what_only_it_d
     assert impl == "pallas" and "not cudnn: cuDNN's fused attention takes bfloat16 or float16" in why
     impl, why = _auto_on("gpu", has_segment_ids=True)
     assert impl == "pallas" and "packed-document" in why
-    assert _auto_on("cpu") == ("xla", "on the CPU kernels run only interpreted (for tests); xla is faster")
+    assert _auto_on("cpu") == ("xla", "on the CPU Pallas kernels run only interpreted (for tests); xla is faster")
 
 
 def test_library_kernels_say_what_they_do_not_serve():

@@ -29,7 +29,7 @@ def choose(*, backend, why_not, has_key_log_gate, kv_shared, **_) -> tuple[str, 
     """(implementation, reason) for one call; why_not maps each kernel implementation to None (it can run the
     call) or the reason it cannot."""
     if backend not in PREFERENCE:
-        return "xla", "on the CPU kernels run only interpreted (for tests); xla is faster"
+        return "xla", dispatch.CPU_INTERPRETED
     ours = why_not.get("pallas") is None
     if ours and has_key_log_gate:
         return "pallas", "the SP-KV gate with its local window: only our kernel has it (and skips closed tiles)"
