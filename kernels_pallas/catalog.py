@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import platform
-from kernels_pallas.flash import KeyTransform, flash_attention, flash_decode
+from kernels_pallas.flash import KeyTransform, PagedKV, flash_attention, flash_decode
 from kernels_pallas.kda import kda_attention
 from kernels_pallas.lightning import lightning_attention
 
@@ -70,7 +70,7 @@ FLASH_VARIANTS = ("mha", "mha-noncausal-ragged", "gqa4-k=v-window", "gqa4-gate-l
 
 
 def _decode_case(dtype, d: int, variant: str, *, S: int = 8192, B: int = 4, Hq: int = 32) -> Case:
-    Hkv, shared, derive, held = Hq // 4, False, False, False
+    Hkv, shared, derive, held, paged = Hq // 4, False, False, False, False
     if variant == "gqa4-k=v-ragged":
         S, shared = 5000, True
     elif variant == "gqa4-k=v-norm-rope":
@@ -79,26 +79,41 @@ def _decode_case(dtype, d: int, variant: str, *, S: int = 8192, B: int = 4, Hq: 
         Hkv = 1
     elif variant == "gqa4-k=v-rope-pruned":  # an SP-KV cache: per-head lengths, no holes, keys rotated per slot
         S, shared, derive, held = 3136, True, True, True
+    elif variant.endswith("-paged"):  # the pruned cache: a ring of 64 and a paged store of 52 pages of 64 per pair
+        S, held, paged = 64, True, True
+        shared = derive = "k=v-rope" in variant
     spec = jax.ShapeDtypeStruct
     args = [spec((B, 1, Hq, d), dtype), spec((B, S, Hkv, d), dtype)]
     args += [] if shared else [spec((B, S, Hkv, d), dtype)]
     args.append(spec((B, Hkv), jnp.int32) if held else spec((B, S, Hkv), jnp.float32))
     args += [spec((d,), jnp.float32), spec((B, S, Hkv), jnp.int32)] if derive else []
+    page, n = 64, 52
+    P = B * Hkv * n
+    if paged:
+        args += [spec((P, page, d), dtype)] + ([] if shared else [spec((P, page, d), dtype)])
+        args += [spec((B, Hkv, n), jnp.int32), spec((B, Hkv), jnp.int32)]
+        args += [spec((P, page), jnp.int32)] if derive else []
 
     def fn(*xs):
         q, k, *rest = xs
         v = None if shared else rest.pop(0)
         bias, lengths = (None, rest.pop(0)) if held else (rest.pop(0), None)
-        if not derive:
-            return flash_decode(q, k, v, bias, lengths=lengths)
-        norm_scale, pos = rest
-        return flash_decode(q, k, v, bias, lengths=lengths, key_transform=KeyTransform(norm_eps=1e-5, rope_theta=1e4),
-                            key_norm_scale=norm_scale, key_positions=pos)
+        kw = dict(lengths=lengths)
+        if derive:
+            norm_scale, pos = rest.pop(0), rest.pop(0)
+            kw |= dict(key_transform=KeyTransform(norm_eps=1e-5, rope_theta=1e4), key_norm_scale=norm_scale,
+                       key_positions=pos)
+        if paged:
+            pk = rest.pop(0)
+            pv = None if shared else rest.pop(0)
+            kw["pages"] = PagedKV(pk, pv, *rest)
+        return flash_decode(q, k, v, bias, **kw)
 
     return Case("decode", f"{jnp.dtype(dtype).name} d{d} S{S} {variant}", fn, tuple(args))
 
 
-DECODE_VARIANTS = ("gqa4", "gqa4-k=v-ragged", "gqa4-k=v-norm-rope", "mqa", "gqa4-k=v-rope-pruned")
+DECODE_VARIANTS = ("gqa4", "gqa4-k=v-ragged", "gqa4-k=v-norm-rope", "mqa", "gqa4-k=v-rope-pruned", "gqa4-paged",
+                   "gqa4-k=v-rope-paged")
 
 
 def _chunked_dims(variant: str, T: int, H: int) -> tuple[int, int, int, bool]:

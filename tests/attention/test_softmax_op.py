@@ -19,6 +19,7 @@ import pytest
 
 from attention.ops import dispatch
 from attention.ops.softmax import softmax_attention, softmax_decode
+from attention.ops.softmax.api import KeyPages
 from attention.ops.softmax.reference import softmax_attention_reference
 from attention.ops.softmax import xla
 from attention.ops.softmax.xla import _Plan, softmax_attention_xla
@@ -268,6 +269,24 @@ def test_decode_argument_errors():
         softmax_decode(q, k, v, ok, key_norm_scale=jnp.ones(3))
     with pytest.raises(ValueError, match="key_rope_theta needs key_positions"):
         softmax_decode(q, k, v, ok, key_rope_theta=1e4)
+
+
+def test_decode_refuses_malformed_pages():
+    q, k, v, _, _ = inputs(1, 8, 2, 1)  # k [B, 8, 1, 16]
+    pool, pool_v = jnp.zeros((3, 4, k.shape[-1])), jnp.zeros((3, 4, v.shape[-1]))
+    good = KeyPages(pool, pool_v, jnp.zeros((B, 1, 2), jnp.int32), jnp.zeros((B, 1), jnp.int32))
+    for bad, says in ((good._replace(k=pool[..., :3]), "pages.k must be"),
+                      (good._replace(v=pool_v[:2]), "pages.v must be"),
+                      (good._replace(k=pool.astype(jnp.bfloat16)), "dense cache's dtypes"),
+                      (good._replace(table=jnp.zeros((B, 2, 2), jnp.int32)), "pages.table must be"),
+                      (good._replace(table=jnp.zeros((B, 1, 2))), "pages.table must be integers"),
+                      (good._replace(lengths=jnp.zeros((B,), jnp.int32)), "pages.lengths must be"),
+                      (good._replace(positions=jnp.zeros((3, 5), jnp.int32)), "pages.positions must be")):
+        with pytest.raises(ValueError, match=says):
+            softmax_decode(q, k, v, pages=bad)
+    with pytest.raises(ValueError, match="pages.positions"):
+        softmax_decode(q, k, v, pages=good, key_rope_theta=1e4,
+                       key_positions=jnp.zeros(k.shape[:3], jnp.int32))
 
 
 # --- public op: validation and dispatch ----------------------------------------------------------

@@ -18,6 +18,7 @@ Conventions shared by every implementation:
 from __future__ import annotations
 
 import numbers
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 from jax import lax
@@ -111,8 +112,26 @@ def matmul_precision(dtype):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
+class KeyPages(NamedTuple):
+    """A paged store of keys and values that `softmax_decode` reads beside the dense cache: a pool of P pages of
+    `page` slots shared by the batch's (sequence, kv head) pairs, each pair owning a list of pages. Pair (b, h)
+    holds slots [0, lengths[b, h]) of its list: slot i is row i % page of page table[b, h, i // page]. Table
+    entries past a pair's held pages and rows past its length may hold anything.
+
+    k [P, page, D] and v [P, page, Dv] (v may be k itself: K=V), in the dense cache's dtype; table [B, Hkv, n]
+    int; lengths [B, Hkv] int; positions [P, page] int, each slot's token position (needed to rotate derived
+    keys, key_rope_theta); key_log_gate [P, page] (<= 0) added to each slot's logit (None: nothing)."""
+
+    k: Any
+    v: Any
+    table: Any
+    lengths: Any
+    positions: Any = None
+    key_log_gate: Any = None
+
+
 def softmax_decode(q, k, v, valid=None, *, lengths=None, key_log_gate=None, scale=None, key_norm_scale=None,
-                   key_norm_eps=1e-5, key_rope_theta=None, key_positions=None, impl="auto"):
+                   key_norm_eps=1e-5, key_rope_theta=None, key_positions=None, pages=None, impl="auto"):
     """One query token against a KV cache: q [B,1,Hq,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv] -> [B,1,Hq,Dv].
 
     lengths [B,Hkv] int: kv head h of sequence b holds slots [0, lengths[b,h]) and only those are read (the
@@ -126,6 +145,10 @@ def softmax_decode(q, k, v, valid=None, *, lengths=None, key_log_gate=None, scal
     the value): RMS-normalised with scale key_norm_scale [D] (eps key_norm_eps), then rotated by RoPE
     (key_rope_theta, half-split pairs) at key_positions [B,S,Hkv] int, in fp32 (`transform_keys`). Values are
     the cached v as stored, so passing k itself as v reads one array for both.
+
+    pages (`KeyPages`, optional): a paged store each (sequence, kv head) also reads, up to its own length, in the
+    same softmax (a pruned cache's store: pages of a pool shared by the batch); the key transform applies to it
+    too, at pages.positions.
     """
     if q.ndim != 4 or q.shape[1] != 1:
         raise ValueError(f"q must be [batch, 1, heads, dim]; got shape {tuple(q.shape)}")
@@ -149,10 +172,60 @@ def softmax_decode(q, k, v, valid=None, *, lengths=None, key_log_gate=None, scal
                              f"got {got}")
         if D % 2:
             raise ValueError(f"RoPE pairs channels i and i + D/2: head dim {D} must be even")
+    if pages is not None:
+        _validate_pages(pages, k, v, key_rope_theta)
+        if pages.k.shape[0] == 0 or pages.table.shape[-1] == 0:
+            pages = None  # an empty pool holds nothing
     fn = dispatch.resolve("softmax_decode", impl, dtype=jnp.dtype(q.dtype), q_shape=q.shape, k_shape=k.shape,
-                          v_shape=v.shape, has_key_log_gate=key_log_gate is not None)
+                          v_shape=v.shape, has_key_log_gate=key_log_gate is not None,
+                          page_size=None if pages is None else pages.k.shape[1])
     return fn(q, k, v, valid, lengths=lengths, key_log_gate=key_log_gate, scale=scale, key_norm_scale=key_norm_scale,
-              key_norm_eps=key_norm_eps, key_rope_theta=key_rope_theta, key_positions=key_positions)
+              key_norm_eps=key_norm_eps, key_rope_theta=key_rope_theta, key_positions=key_positions, pages=pages)
+
+
+def _validate_pages(pages, k, v, key_rope_theta) -> None:
+    if not isinstance(pages, KeyPages):
+        raise ValueError(f"pages must be a KeyPages; got {type(pages).__name__}")
+    B, _, Hkv, D = k.shape
+    Dv = v.shape[-1]
+    if pages.k.ndim != 3 or pages.k.shape[-1] != D:
+        raise ValueError(f"pages.k must be [pages, page, head_dim] with head_dim {D}; got {tuple(pages.k.shape)}")
+    P, page = pages.k.shape[:2]
+    if tuple(pages.v.shape) != (P, page, Dv):
+        raise ValueError(f"pages.v must be [pages, page, value_dim] = {(P, page, Dv)}; got {tuple(pages.v.shape)}")
+    if pages.k.dtype != k.dtype or pages.v.dtype != v.dtype:
+        raise ValueError(f"pages must hold the dense cache's dtypes ({k.dtype}, {v.dtype}); got "
+                         f"({pages.k.dtype}, {pages.v.dtype})")
+    if pages.table.ndim != 3 or tuple(pages.table.shape[:2]) != (B, Hkv):
+        raise ValueError(f"pages.table must be [batch, kv_heads, pages per pair] with batch, kv_heads = {(B, Hkv)}; "
+                         f"got {tuple(pages.table.shape)}")
+    if tuple(pages.lengths.shape) != (B, Hkv):
+        raise ValueError(f"pages.lengths must be [batch, kv_heads] = {(B, Hkv)}; got {tuple(pages.lengths.shape)}")
+    for name, x in (("table", pages.table), ("lengths", pages.lengths)):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"pages.{name} must be integers; got dtype {x.dtype}")
+    for name, x in (("positions", pages.positions), ("key_log_gate", pages.key_log_gate)):
+        if x is not None and tuple(x.shape) != (P, page):
+            raise ValueError(f"pages.{name} must be [pages, page] = {(P, page)}; got {tuple(x.shape)}")
+    if key_rope_theta is not None and pages.positions is None:
+        raise ValueError("key_rope_theta rotates the keys at their positions: pages.positions [pages, page] is needed")
+
+
+def paged_dense(pages):
+    """The pages as a dense cache: (k [B,n*page,Hkv,D], v, readable [B,n*page,Hkv], positions or None, gate or
+    None), pair (b, h)'s slot i at row i. For the oracle and for the passes that need every held key at once."""
+    P, page = pages.k.shape[:2]
+    table = jnp.clip(pages.table, 0, P - 1)
+    B, Hkv, n = table.shape
+
+    def dense(x):  # [P, page, ...] -> [B, n * page, Hkv, ...]
+        x = jnp.moveaxis(x[table], 1, 3)  # [B, n, page, Hkv, ...]
+        return x.reshape(B, n * page, Hkv, *x.shape[4:])
+
+    ok = jnp.arange(n * page)[None, :, None] < jnp.clip(pages.lengths, 0, n * page)[:, None, :]
+    k = dense(pages.k)
+    return (k, k if pages.v is pages.k else dense(pages.v), ok,
+            *(None if x is None else dense(x) for x in (pages.positions, pages.key_log_gate)))
 
 
 def readable(valid, lengths, shape):

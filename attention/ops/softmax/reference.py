@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from attention.ops import dispatch
-from attention.ops.softmax.api import documents, readable, resolve_scale, transform_keys
+from attention.ops.softmax.api import documents, paged_dense, readable, resolve_scale, transform_keys
 
 
 @dispatch.register("softmax_attention", "reference")
@@ -48,11 +48,21 @@ def softmax_attention_reference(q, k, v, *, causal=True, sliding_window=None, lo
 
 
 @dispatch.register("softmax_decode", "reference")
-def softmax_decode_reference(q, k, v, valid=None, *, lengths=None, key_log_gate=None, scale=None, **key_transform):
+def softmax_decode_reference(q, k, v, valid=None, *, lengths=None, key_log_gate=None, scale=None, pages=None,
+                             **key_transform):
     """The dense oracle above, non-causal, with every key a head may not read gated to -inf, on the keys
-    `transform_keys` derives (fp32). Slots a head may not read are zeroed first: they may hold anything."""
+    `transform_keys` derives (fp32). Slots a head may not read are zeroed first: they may hold anything. A paged
+    store is laid out densely after the cache's slots (`paged_dense`)."""
     ok = readable(valid, lengths, k.shape[:3])
     gate = jnp.zeros(ok.shape, jnp.float32) if key_log_gate is None else key_log_gate.astype(jnp.float32)
+    if pages is not None:
+        pk, pv, p_ok, p_pos, p_gate = paged_dense(pages)
+        k, v, ok = (jnp.concatenate(pair, axis=1) for pair in ((k, pk), (v, pv), (ok, p_ok)))
+        p_gate = jnp.zeros(p_ok.shape, jnp.float32) if p_gate is None else p_gate.astype(jnp.float32)
+        gate = jnp.concatenate([gate, p_gate], axis=1)
+        if key_transform.get("key_rope_theta") is not None:
+            key_transform = {**key_transform,
+                             "key_positions": jnp.concatenate([key_transform["key_positions"], p_pos], axis=1)}
     keys = transform_keys(jnp.where(ok[..., None], k, 0), **key_transform)
     return softmax_attention_reference(q, keys, jnp.where(ok[..., None], v, 0), causal=False,
                                        key_log_gate=jnp.where(ok, gate, -jnp.inf), scale=scale)

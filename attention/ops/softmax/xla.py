@@ -396,25 +396,46 @@ def _decode_contractions(kind: str):
 
 @dispatch.register("softmax_decode", "xla")
 def softmax_decode_xla(q, k, v, valid=None, *, lengths=None, key_log_gate=None, scale=None, key_norm_scale=None,
-                       key_norm_eps=1e-5, key_rope_theta=None, key_positions=None, block_k=None, contraction=None):
+                       key_norm_eps=1e-5, key_rope_theta=None, key_positions=None, pages=None, block_k=None,
+                       contraction=None):
     """An online softmax over key blocks, read in the cache's own dtype with fp32 accumulation, for as many
     blocks as the longest held length of the batch (a dynamic loop bound: a pruned or part-filled cache costs
-    what it holds); shorter heads mask the rest of it. Derived keys (norm, RoPE) are made per block, so a K=V
-    cache is read once. block_k and contraction override the backend's choices (tests)."""
+    what it holds); shorter heads mask the rest of it. A paged store follows in the same softmax, its pages
+    gathered through the page table a block of pages at a time, for as many blocks as the pair holding the most
+    pages needs. Derived keys (norm, RoPE) are made per block, so a K=V cache is read once. block_k and
+    contraction override the backend's choices (tests)."""
     B, _, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     Dv, G = v.shape[-1], Hq // Hkv
     f32 = jnp.float32
     backend = dispatch.backend()
-    bk = min(block_k or DECODE_BLOCK[backend], S)
+    block = block_k or DECODE_BLOCK[backend]
+    bk = min(block, S)
     scores, weighted = _decode_contractions(contraction or DECODE_CONTRACTION[backend])
     length_BH = jnp.full((B, Hkv), S, jnp.int32) if lengths is None else jnp.clip(lengths, 0, S).astype(jnp.int32)
-    n_blocks = (jnp.max(length_BH) + bk - 1) // bk
     q_BHGD = q[:, 0].reshape(B, Hkv, G, D) * resolve_scale(scale, D)
     derive = key_norm_scale is not None or key_rope_theta is not None
 
-    def block(j, carry):
+    def read(carry, k_BKHD, v_BKHD, ok_BKH, gate_BKH, pos_BKH):
+        """One block of keys into the online softmax; slots a head may not read (ok False) can hold anything."""
         m_BHG, l_BHG, acc_BHGD = carry
+        if derive:
+            k_BKHD = transform_keys(k_BKHD, key_norm_scale=key_norm_scale, key_norm_eps=key_norm_eps,
+                                    key_rope_theta=key_rope_theta, key_positions=pos_BKH).astype(k.dtype)
+        s_BKHG = scores(q_BHGD, k_BKHD)
+        if gate_BKH is not None:
+            s_BKHG = s_BKHG + gate_BKH.astype(f32)[..., None]
+        s_BKHG = jnp.where(ok_BKH[..., None], s_BKHG, -jnp.inf)
+        m_new = jnp.maximum(m_BHG, s_BKHG.max(1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p_BKHG = jnp.exp(s_BKHG - m_safe[:, None])
+        alpha = jnp.exp(m_BHG - m_safe)
+        # Zeroed, not just weighted 0: 0 x NaN is NaN.
+        v_BKHD = jnp.where(ok_BKH[..., None], v_BKHD, 0)
+        acc_BHGD = acc_BHGD * alpha[..., None] + weighted(p_BKHG, v_BKHD)
+        return m_new, l_BHG * alpha + p_BKHG.sum(1), acc_BHGD
+
+    def dense_block(j, carry):
         # The last block is shifted back to end at S (no padded copy of the cache); the slots it shares with
         # the block before are masked as already read.
         start = jnp.minimum(j * bk, S - bk)
@@ -424,26 +445,41 @@ def softmax_decode_xla(q, k, v, valid=None, *, lengths=None, key_log_gate=None, 
         if valid is not None:
             ok_BKH &= take(valid)
         k_BKHD = take(k)
-        v_BKHD = k_BKHD if v is k else take(v)
-        if derive:
-            k_BKHD = transform_keys(k_BKHD, key_norm_scale=key_norm_scale, key_norm_eps=key_norm_eps,
-                                    key_rope_theta=key_rope_theta,
-                                    key_positions=None if key_positions is None else take(key_positions))
-            k_BKHD = k_BKHD.astype(k.dtype)
-        s_BKHG = scores(q_BHGD, k_BKHD)
-        if key_log_gate is not None:
-            s_BKHG = s_BKHG + take(key_log_gate).astype(f32)[..., None]
-        s_BKHG = jnp.where(ok_BKH[..., None], s_BKHG, -jnp.inf)
-        m_new = jnp.maximum(m_BHG, s_BKHG.max(1))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p_BKHG = jnp.exp(s_BKHG - m_safe[:, None])
-        alpha = jnp.exp(m_BHG - m_safe)
-        # Slots a head may not read can hold anything (NaN included): their values are zeroed, not just weighted 0.
-        v_BKHD = jnp.where(ok_BKH[..., None], v_BKHD, 0)
-        acc_BHGD = acc_BHGD * alpha[..., None] + weighted(p_BKHG, v_BKHD)
-        return m_new, l_BHG * alpha + p_BKHG.sum(1), acc_BHGD
+        return read(carry, k_BKHD, k_BKHD if v is k else take(v), ok_BKH,
+                    None if key_log_gate is None else take(key_log_gate),
+                    None if key_positions is None else take(key_positions))
 
-    init = (jnp.full((B, Hkv, G), -jnp.inf, f32), jnp.zeros((B, Hkv, G), f32), jnp.zeros((B, Hkv, G, Dv), f32))
-    _, l_BHG, acc_BHGD = lax.fori_loop(0, n_blocks, block, init)
+    carry = (jnp.full((B, Hkv, G), -jnp.inf, f32), jnp.zeros((B, Hkv, G), f32), jnp.zeros((B, Hkv, G, Dv), f32))
+    carry = lax.fori_loop(0, (jnp.max(length_BH) + bk - 1) // bk, dense_block, carry)
+    if pages is not None:
+        carry = _read_pages(pages, read, carry, block, derive and key_rope_theta is not None)
+    _, l_BHG, acc_BHGD = carry
     o_BHGD = acc_BHGD / jnp.where(l_BHG > 0, l_BHG, 1.0)[..., None]
     return o_BHGD.reshape(B, 1, Hq, Dv).astype(q.dtype)
+
+
+def _read_pages(pages, read, carry, block: int, rotates: bool):
+    """`read` over a paged store (`KeyPages`), a block of about `block` keys (whole pages) at a time: each
+    pair's pages gathered through its table row, slots past its length masked."""
+    P, page = pages.k.shape[:2]
+    B, Hkv, n = pages.table.shape
+    per = max(1, min(block // page, n))
+    table = jnp.pad(jnp.clip(pages.table, 0, P - 1), ((0, 0), (0, 0), (0, -n % per)))
+    held_BH = jnp.clip(pages.lengths, 0, n * page).astype(jnp.int32)
+
+    def page_block(j, carry):
+        ids_BHn = lax.dynamic_slice_in_dim(table, j * per, per, axis=2)
+
+        def gather(x):  # [P, page, ...] -> [B, per * page, Hkv, ...]
+            x = jnp.moveaxis(x[ids_BHn], 1, 3)
+            return x.reshape(B, per * page, Hkv, *x.shape[4:])
+
+        slot_K = j * per * page + jnp.arange(per * page)
+        k_BKHD = gather(pages.k)
+        return read(carry, k_BKHD, k_BKHD if pages.v is pages.k else gather(pages.v),
+                    slot_K[None, :, None] < held_BH[:, None, :],
+                    None if pages.key_log_gate is None else gather(pages.key_log_gate),
+                    gather(pages.positions) if rotates else None)
+
+    n_blocks = (jnp.max(held_BH) + per * page - 1) // (per * page)
+    return lax.fori_loop(0, n_blocks, page_block, carry)
