@@ -90,7 +90,7 @@ def flash_attention(q, k, v=None, *, causal=True, sliding_window=None, local_win
     gate = None if key_log_gate is None else lay.key_rows(plan, key_log_gate, -jnp.inf)
     plans, parts = (plan,), ((lay.keys(plan, k), None if v is None else lay.keys(plan, v), gate, k_doc,
                               None, None, None),)
-    if key_log_gate is not None and local_window is not None and causal and not plan.pipeline:
+    if key_log_gate is not None and local_window is not None and causal:
         plans, parts = _spkv_parts(plan, k, v, key_log_gate, ids, parts[0], tgt)
     return lay.output(plan, _flash(plans, lay.queries(plan, q), q_doc, parts))
 
@@ -107,7 +107,7 @@ def _spkv_parts(plan: Plan, k, v, key_log_gate, ids, dense, tgt):
         held = jnp.take_along_axis(ids[:, :, None], jnp.clip(position, 0, S - 1), axis=1)
         far_doc = lay.key_rows(plan, held, layouts.EDGE)
     # Triton reads the ranges tables as whole blocks: power-of-two widths.
-    table = (lambda n: _pow2_at_least(n)) if tgt == "gpu" else (lambda n: n)
+    table = (lambda n: _pow2_at_least(n)) if tgt == "gpu" and not plan.pipeline else (lambda n: n)
     ranges, key_ranges = compact.block_ranges(
         position, t=plan.t, offset=plan.offset, block_q=plan.block_q, block_k=plan.block_k,
         local_window=plan.local_window, sliding_window=plan.sliding_window,

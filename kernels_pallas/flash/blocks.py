@@ -107,6 +107,41 @@ class Lists:
     per_batch: bool
     per_head: bool
 
+    @property
+    def table(self):
+        """What the pipeline prefetches into SMEM."""
+        return self.entries
+
+    def entry(self, ref, b, h, row, s):
+        """The entry of grid step s of a row, read from the prefetched table."""
+        return ref[b if self.per_batch else 0, h if self.per_head else 0, row, s]
+
+    def steps(self, plan: Plan, *, by_query: bool):
+        return steps(plan, by_query=by_query)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranges:
+    """SP-KV's compact keys (`compact.block_ranges`): each row sees a contiguous range [lo, hi) of blocks,
+    table [B, H, 2, rows] int32, so step s's entry is block lo + s (PARTIAL: compact tiles compare positions)
+    and, past hi, the range's last block again with kind SKIP. The table is all the pipeline prefetches, and the
+    step axis is as long as the longest range of the call (a traced grid bound), not one step per possible
+    block."""
+
+    ranges: object
+
+    @property
+    def table(self):
+        return self.ranges
+
+    def entry(self, ref, b, h, row, s):
+        lo, hi = ref[b, h, 0, row], ref[b, h, 1, row]
+        block = jnp.minimum(lo + s, jnp.maximum(hi - 1, lo))
+        return (block << KIND_BITS) | jnp.where(lo + s < hi, PARTIAL, SKIP)
+
+    def steps(self, plan: Plan, *, by_query: bool):
+        return jnp.maximum(jnp.max(self.ranges[:, :, 1] - self.ranges[:, :, 0]), 1)
+
 
 def block_lists(plan: Plan, kinds, *, by_query: bool = True) -> Lists:
     """Each row's visible tiles, compacted: for every query block the key blocks it sees (by_query), or for

@@ -41,7 +41,8 @@ def unpack(plan: Plan, refs) -> tuple[Refs, list]:
     v = k if plan.kv_shared else next(it)
     gate = next(it) if plan.has_gate else None
     q_doc, k_doc = (next(it), next(it)) if plan.has_segments else (None, None)
-    k_pos, ranges = (next(it), next(it)) if plan.compact else (None, None)
+    # The TPU pipeline prefetches the ranges into SMEM instead (`blocks.Ranges`).
+    k_pos, ranges = (next(it), None if plan.pipeline else next(it)) if plan.compact else (None, None)
     return Refs(q, k, v, gate, q_doc, k_doc, k_pos, ranges), list(it)
 
 

@@ -13,7 +13,11 @@ loop), but its VMEM grows with T. Here:
   major ([bk, bq]), so the per-query rows lse and delta broadcast as they are stored.
 
 An entry past a row's last visible tile repeats the previous block index (the pipeline issues no copy) and is
-skipped; FULL tiles skip every compare. lse and delta are stored lane-dense as [B, H, 1, T]; the row to column
+skipped; FULL tiles skip every compare. SP-KV's compact keys (compact.py: the kept keys gathered with their
+positions) run the same kernels with `blocks.Ranges` for lists: each row's compact blocks form one range, so
+only the ranges table is prefetched, and the step axis (and the dk/dv key-block axis) is a traced grid bound,
+the longest range of the call (the compact blocks up to the last kept key), so the grid shrinks with the
+gate's density. lse and delta are stored lane-dense as [B, H, 1, T]; the row to column
 change that the forward and dq need happens once per tile in VMEM. `vmem_limit_bytes` is set per chip.
 The kernels also run interpreted on the CPU (generic interpret and the TPU interpreter), which the tests use.
 """
@@ -28,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import platform
-from kernels_pallas.flash import blocks, tiles
+from kernels_pallas.flash import blocks, compact, tiles
 from kernels_pallas.flash.forward import unpack
 from kernels_pallas.flash.tiles import Plan
 
@@ -62,6 +66,7 @@ def vmem_estimate(plan: Plan, d: int, dv: int, dtype) -> int:
     q_rows = [((bq, d), dtype), ((bq, dv), dtype), ((1, bq), f32), ((1, bq), f32)]  # q, do/o, lse, delta
     k_rows = [((bk, d), dtype), ((bk, dv), dtype), ((1, bk), f32)]                  # k, v, gate
     docs = [((1, bq), jnp.int32), ((1, bk), jnp.int32)] if plan.has_segments else []
+    docs += [((1, bk), jnp.int32)] if plan.compact else []  # compact keys' positions
     blocks_bytes = 2 * sum(_padded_bytes(s, t) for s, t in q_rows + k_rows + docs + [((bq, d), dtype)])
     scratch = max(_padded_bytes((bq, dv), f32) + 2 * _padded_bytes((bq, 1), f32),
                   _padded_bytes((bk, d), f32) + _padded_bytes((bk, dv), f32) + _padded_bytes((bk, 1), f32))
@@ -72,10 +77,6 @@ def vmem_limit(plan: Plan, d: int, dv: int, dtype) -> int:
     """The scoped VMEM limit to compile with: twice the estimate, at least the 32 MiB most chips default to, at
     most the chip's VMEM."""
     return int(min(vmem_capacity(), max(32 * MIB, 2 * vmem_estimate(plan, d, dv, dtype))))
-
-
-def _entry(lists: blocks.Lists, entries_ref, b, h, row, s):
-    return entries_ref[b if lists.per_batch else 0, h if lists.per_head else 0, row, s]
 
 
 def _block_of(entry):
@@ -105,17 +106,23 @@ def _query_tile(plan: Plan, r, i, entry, masked: bool):
     v = k if plan.kv_shared else r.v[...]
     gate = None if r.gate is None else r.gate[...]
     docs = (_column(r.q_doc), r.k_doc[...]) if masked and r.q_doc is not None else (None, None)
-    scores, _ = tiles.logits(plan, r.q[...], k, i, _block_of(entry), gate, *docs, masked=masked)
+    k_pos = None if r.k_pos is None else r.k_pos[...]
+    scores, _ = tiles.logits(plan, r.q[...], k, i, _block_of(entry), gate, *docs, masked=masked, k_pos=k_pos)
     return scores, k, v
 
 
-def _query_step(plan: Plan, lists: blocks.Lists, entries_ref):
+def _query_step(plan: Plan, lists, entries_ref):
     """(query block, step, list entry) of a forward or dq grid step (batch, head, query block, step)."""
     b, h, i, s = (pl.program_id(a) for a in range(4))
-    return i, s, _entry(lists, entries_ref, b, h // plan.group, i, s)
+    return i, s, lists.entry(entries_ref, b, h // plan.group, i, s)
 
 
-def _forward_kernel(entries_ref, *refs, plan: Plan, lists: blocks.Lists, steps: int):
+def _last(axis: int, s):
+    """Whether s is the last step of the sequential grid axis (its length may be a traced bound)."""
+    return s == pl.num_programs(axis) - 1
+
+
+def _forward_kernel(entries_ref, *refs, plan: Plan, lists):
     r, (o_ref, lse_ref, m_ref, l_ref, acc_ref) = unpack(plan, refs)
     i, s, entry = _query_step(plan, lists, entries_ref)
 
@@ -132,7 +139,7 @@ def _forward_kernel(entries_ref, *refs, plan: Plan, lists: blocks.Lists, steps: 
 
     _by_kind(entry, tile)
 
-    @pl.when(s == steps - 1)
+    @pl.when(_last(3, s))
     def _finish():
         l = l_ref[...]
         seen = l > 0
@@ -142,7 +149,7 @@ def _forward_kernel(entries_ref, *refs, plan: Plan, lists: blocks.Lists, steps: 
         lse_ref[...] = _row(jnp.where(seen, m_ref[...] + jnp.log(l_safe), jnp.inf))
 
 
-def _dq_kernel(entries_ref, *refs, plan: Plan, lists: blocks.Lists, steps: int):
+def _dq_kernel(entries_ref, *refs, plan: Plan, lists):
     r, (do_ref, lse_ref, delta_ref, dq_ref, acc_ref) = unpack(plan, refs)
     i, s, entry = _query_step(plan, lists, entries_ref)
 
@@ -158,19 +165,19 @@ def _dq_kernel(entries_ref, *refs, plan: Plan, lists: blocks.Lists, steps: int):
 
     _by_kind(entry, tile)
 
-    @pl.when(s == steps - 1)
+    @pl.when(_last(3, s))
     def _finish():
         dq_ref[...] = (acc_ref[...] * plan.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(entries_ref, *refs, plan: Plan, lists: blocks.Lists, steps: int):
+def _dkv_kernel(entries_ref, *refs, plan: Plan, lists):
     r, rest = unpack(plan, refs)
     do_ref, lse_ref, delta_ref, dk_ref, *rest = rest
     dv_ref = None if plan.kv_shared else rest.pop(0)
     dgate_ref = rest.pop(0) if plan.has_gate else None
     dk_acc, dv_acc, *dgate_acc = rest
     b, h, j, g, s = (pl.program_id(a) for a in range(5))
-    entry = _entry(lists, entries_ref, b, h, j, s)
+    entry = lists.entry(entries_ref, b, h, j, s)
 
     @pl.when((g == 0) & (s == 0))
     def _init():
@@ -182,8 +189,9 @@ def _dkv_kernel(entries_ref, *refs, plan: Plan, lists: blocks.Lists, steps: int)
         v = k if plan.kv_shared else r.v[...]
         gate = None if r.gate is None else _column(r.gate)
         docs = (r.q_doc[...], _column(r.k_doc)) if masked and r.q_doc is not None else (None, None)
+        k_pos = None if r.k_pos is None else _column(r.k_pos)
         scores, gated = tiles.logits(plan, q, k, _block_of(entry), j, gate, *docs, masked=masked,
-                                     keys_major=True)
+                                     keys_major=True, k_pos=k_pos)
         p = jnp.exp(scores - lse_ref[...])
         dv_acc[...] += tiles.dot(p.astype(do.dtype), do)
         ds = p * (tiles.dot(v, do, contract=(1, 1)) - delta_ref[...])
@@ -193,7 +201,7 @@ def _dkv_kernel(entries_ref, *refs, plan: Plan, lists: blocks.Lists, steps: int)
 
     _by_kind(entry, tile)
 
-    @pl.when((g == plan.group - 1) & (s == steps - 1))
+    @pl.when((g == plan.group - 1) & _last(4, s))
     def _finish():
         dk = dk_acc[...] * plan.scale
         if plan.kv_shared:
@@ -206,8 +214,9 @@ def _dkv_kernel(entries_ref, *refs, plan: Plan, lists: blocks.Lists, steps: int)
 
 
 def _specs(plan: Plan, d: int, dv: int, q_index, k_index):
-    """Block specs of (q, k, [v], [gate], [q_doc, k_doc]) given the grid index -> (batch, query head, query
-    block) and -> (batch, kv head, key block) maps."""
+    """Block specs of (q, k, [v], [gate], [q_doc, k_doc], [k_pos]) given the grid index -> (batch, query head,
+    query block) and -> (batch, kv head, key block) maps. Compact keys carry their positions and document ids
+    per kv head."""
     bq, bk = plan.block_q, plan.block_k
 
     def at(index, place):
@@ -217,11 +226,14 @@ def _specs(plan: Plan, d: int, dv: int, q_index, k_index):
              pl.BlockSpec((None, None, bk, d), at(k_index, lambda b, h, j: (b, h, j, 0)))]
     if not plan.kv_shared:
         specs.append(pl.BlockSpec((None, None, bk, dv), at(k_index, lambda b, h, j: (b, h, j, 0))))
+    key_row = pl.BlockSpec((None, None, 1, bk), at(k_index, lambda b, h, j: (b, h, 0, j)))
     if plan.has_gate:
-        specs.append(pl.BlockSpec((None, None, 1, bk), at(k_index, lambda b, h, j: (b, h, 0, j))))
+        specs.append(key_row)
     if plan.has_segments:
         specs += [pl.BlockSpec((None, 1, bq), at(q_index, lambda b, h, i: (b, 0, i))),
-                  pl.BlockSpec((None, 1, bk), at(k_index, lambda b, h, j: (b, 0, j)))]
+                  key_row if plan.compact else pl.BlockSpec((None, 1, bk), at(k_index, lambda b, h, j: (b, 0, j)))]
+    if plan.compact:
+        specs.append(key_row)
     return specs
 
 
@@ -229,7 +241,11 @@ def _specs(plan: Plan, d: int, dv: int, q_index, k_index):
 SMEM_BUDGET = 512 * 1024
 
 
-def _row_lists(plan: Plan, gate, q_doc, k_doc, *, by_query: bool):
+def _row_lists(plan: Plan, gate, q_doc, k_doc, *, by_query: bool, ranges=None):
+    """The grid steps of each row: the compact ranges (`blocks.Ranges`) for compact keys, else the block lists
+    of the tiles that masks, documents and the gate leave."""
+    if ranges is not None:
+        return blocks.Ranges(ranges)
     lists = blocks.block_lists(plan, blocks.tile_kinds(plan, gate, q_doc, k_doc), by_query=by_query)
     need = lists.entries.size * 4
     if need > SMEM_BUDGET:
@@ -241,10 +257,9 @@ def _row_lists(plan: Plan, gate, q_doc, k_doc, *, by_query: bool):
     return lists
 
 
-def _call(kernel, plan: Plan, lists: blocks.Lists, steps: int, grid, in_specs, out_specs, out_shape, scratch,
-          semantics, name, d, dv, dtype):
+def _call(kernel, plan: Plan, lists, grid, in_specs, out_specs, out_shape, scratch, semantics, name, d, dv, dtype):
     return pl.pallas_call(
-        functools.partial(kernel, plan=plan, lists=lists, steps=steps), out_shape=out_shape,
+        functools.partial(kernel, plan=plan, lists=lists), out_shape=out_shape,
         grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
                                                out_specs=out_specs, scratch_shapes=scratch),
         interpret=plan.interpret, name=name,
@@ -253,62 +268,70 @@ def _call(kernel, plan: Plan, lists: blocks.Lists, steps: int, grid, in_specs, o
     )
 
 
-def _query_rows(plan: Plan, lists: blocks.Lists):
+def _query_rows(plan: Plan, lists):
     """Index maps of the forward/dq grid (b, h, i, s): the query block and the s-th key block it sees."""
     G = plan.group
     q_index = lambda b, h, i, s, e: (b, h, i)  # noqa: E731
-    k_index = lambda b, h, i, s, e: (b, h // G, _block_of(_entry(lists, e, b, h // G, i, s)))  # noqa: E731
+    k_index = lambda b, h, i, s, e: (b, h // G, _block_of(lists.entry(e, b, h // G, i, s)))  # noqa: E731
     return q_index, k_index
 
 
-def forward(plan: Plan, q, k, v, gate, q_doc, k_doc):
+def forward(plan: Plan, q, k, v, gate, q_doc, k_doc, k_pos=None, ranges=None):
     """q [B,Hq,Tp,D], k [B,Hkv,Sp,D], v [B,Hkv,Sp,Dv] or None (v is k), gate [B,Hkv,1,Sp] fp32 padded with
-    -inf or None, q_doc [B,1,Tp] and k_doc [B,1,Sp] int32 or None -> (o [B,Hq,Tp,Dv], lse [B,Hq,1,Tp] fp32)."""
+    -inf or None, q_doc [B,1,Tp] and k_doc [B,1,Sp] (compact keys: [B,Hkv,1,Sp]) int32 or None; compact keys'
+    k_pos [B,Hkv,1,Sp] and ranges [B,Hkv,2,nq] int32 -> (o [B,Hq,Tp,Dv], lse [B,Hq,1,Tp] fp32)."""
     B, Hq, Tp, D = q.shape
     Dv = D if v is None else v.shape[-1]
     bq = plan.block_q
-    lists = _row_lists(plan, gate, q_doc, k_doc, by_query=True)
-    n = blocks.steps(plan, by_query=True)
+    lists = _row_lists(plan, gate, q_doc, k_doc, by_query=True, ranges=ranges)
+    n = lists.steps(plan, by_query=True)
     q_index, k_index = _query_rows(plan, lists)
     out_specs = [pl.BlockSpec((None, None, bq, Dv), lambda b, h, i, s, e: (b, h, i, 0)),
                  pl.BlockSpec((None, None, 1, bq), lambda b, h, i, s, e: (b, h, 0, i))]
     out_shape = [jax.ShapeDtypeStruct((B, Hq, Tp, Dv), q.dtype), jax.ShapeDtypeStruct((B, Hq, 1, Tp), jnp.float32)]
     scratch = [pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, Dv), jnp.float32)]
-    inputs = [x for x in (q, k, v, gate, q_doc, k_doc) if x is not None]
-    return _call(_forward_kernel, plan, lists, n, (B, Hq, plan.num_q_blocks, n),
+    inputs = [x for x in (q, k, v, gate, q_doc, k_doc, k_pos) if x is not None]
+    return _call(_forward_kernel, plan, lists, (B, Hq, plan.num_q_blocks, n),
                  _specs(plan, D, Dv, q_index, k_index), out_specs, out_shape, scratch,
                  ("parallel", "parallel", "parallel", "arbitrary"), "flash_forward_pipeline", D, Dv, q.dtype,
-                 )(lists.entries, *inputs)
+                 )(lists.table, *inputs)
 
 
-def backward(plan: Plan, q, k, v, gate, q_doc, k_doc, o, lse, do):
+def backward(plan: Plan, q, k, v, gate, q_doc, k_doc, o, lse, do, k_pos=None, ranges=None, key_ranges=None):
     """Gradients (dq, dk, dv, dgate) in the input dtypes (dv None when v is None: it is added into dk; dgate fp32
-    [B,Hkv,1,Sp] or None); lse [B,Hq,1,Tp] from `forward`."""
+    [B,Hkv,1,Sp] or None); lse [B,Hq,1,Tp] from `forward`. Compact keys bring k_pos, the forward's ranges and
+    key_ranges [B,Hkv,2,nk]: per compact block, the query blocks that see it. Their dk/dv grid covers the
+    compact blocks up to the last kept key of the call; the blocks after it hold only empty slots and are not
+    written (the gather's gradient drops empty slots, `compact.gather`)."""
     B, Hq, Tp, D = q.shape
     Hkv, Sp = k.shape[1], k.shape[2]
     Dv = D if v is None else v.shape[-1]
     G, bq, bk = plan.group, plan.block_q, plan.block_k
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)[:, :, None, :]
-    inputs = [x for x in (q, k, v, gate, q_doc, k_doc) if x is not None]
+    inputs = [x for x in (q, k, v, gate, q_doc, k_doc, k_pos) if x is not None]
 
-    lists = _row_lists(plan, gate, q_doc, k_doc, by_query=True)
-    n = blocks.steps(plan, by_query=True)
+    lists = _row_lists(plan, gate, q_doc, k_doc, by_query=True, ranges=ranges)
+    n = lists.steps(plan, by_query=True)
     q_index, k_index = _query_rows(plan, lists)
     row_specs = [pl.BlockSpec((None, None, bq, Dv), lambda b, h, i, s, e: (b, h, i, 0)),
                  pl.BlockSpec((None, None, 1, bq), lambda b, h, i, s, e: (b, h, 0, i)),
                  pl.BlockSpec((None, None, 1, bq), lambda b, h, i, s, e: (b, h, 0, i))]
-    dq = _call(_dq_kernel, plan, lists, n, (B, Hq, plan.num_q_blocks, n),
+    dq = _call(_dq_kernel, plan, lists, (B, Hq, plan.num_q_blocks, n),
                _specs(plan, D, Dv, q_index, k_index) + row_specs,
                pl.BlockSpec((None, None, bq, D), lambda b, h, i, s, e: (b, h, i, 0)),
                jax.ShapeDtypeStruct(q.shape, q.dtype), [pltpu.VMEM((bq, D), jnp.float32)],
                ("parallel", "parallel", "parallel", "arbitrary"), "flash_dq_pipeline", D, Dv, q.dtype,
-               )(lists.entries, *inputs, do, lse, delta)
+               )(lists.table, *inputs, do, lse, delta)
 
-    lists = _row_lists(plan, gate, q_doc, k_doc, by_query=False)
-    n = blocks.steps(plan, by_query=False)
+    lists = _row_lists(plan, gate, q_doc, k_doc, by_query=False, ranges=key_ranges)
+    n = lists.steps(plan, by_query=False)
+    key_blocks = plan.num_k_blocks
+    if plan.compact:
+        kept = jnp.max(jnp.sum(k_pos < compact.FAR, axis=-1, dtype=jnp.int32))
+        key_blocks = jnp.maximum(-(-kept // bk), 1)
 
     def q_block(b, h, j, g, s, e):
-        return _block_of(_entry(lists, e, b, h, j, s))
+        return _block_of(lists.entry(e, b, h, j, s))
 
     q_index = lambda b, h, j, g, s, e: (b, h * G + g, q_block(b, h, j, g, s, e))  # noqa: E731
     k_index = lambda b, h, j, g, s, e: (b, h, j)  # noqa: E731
@@ -326,10 +349,10 @@ def backward(plan: Plan, q, k, v, gate, q_doc, k_doc, o, lse, do):
         out_shape.append(jax.ShapeDtypeStruct((B, Hkv, 1, Sp), jnp.float32))
     scratch = [pltpu.VMEM((bk, D), jnp.float32), pltpu.VMEM((bk, Dv), jnp.float32)]
     scratch += [pltpu.VMEM((bk, 1), jnp.float32)] if gate is not None else []
-    outs = list(_call(_dkv_kernel, plan, lists, n, (B, Hkv, plan.num_k_blocks, G, n),
+    outs = list(_call(_dkv_kernel, plan, lists, (B, Hkv, key_blocks, G, n),
                       _specs(plan, D, Dv, q_index, k_index) + column_specs, out_specs, out_shape, scratch,
                       ("parallel", "parallel", "parallel", "arbitrary", "arbitrary"), "flash_dkv_pipeline",
-                      D, Dv, q.dtype)(lists.entries, *inputs, do, lse, delta))
+                      D, Dv, q.dtype)(lists.table, *inputs, do, lse, delta))
     dk = outs.pop(0)
     dv = None if v is None else outs.pop(0)
     dgate = outs.pop(0) if gate is not None else None

@@ -102,12 +102,11 @@ def test_masked_tiles_are_skipped_not_masked(name, poisoned_keys, clean_rows, im
     assert np.isnan(np.asarray(o)).any(), "the poison did not reach any row; the test checks nothing"
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas-pipeline"])
 def test_spkv_keys_a_hard_gate_closes_are_never_read(impl):
     # Queries sit at 50..89 with a 16-key local window; closed keys before 32 are outside every query's window.
     # NaN there poisons the dense math (the reference: NaN + -inf is NaN); an implementation that gathers the
-    # kept keys never reads them (xla, and the flash kernel's row driver; the TPU pipeline skips only blocks
-    # whose keys are all closed).
+    # kept keys never reads them (xla, and the flash kernel's row driver and TPU pipeline).
     name = "T<S-hard-gate-v-is-k"
     arrays, _ = case_arrays(name)
     closed = ~np.isfinite(np.asarray(arrays["gate"]))

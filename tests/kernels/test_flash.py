@@ -20,7 +20,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import catalog, platform
-from kernels_pallas.flash import BLOCKS, blocks, flash_attention, pipeline
+from kernels_pallas.flash import BLOCKS, blocks, compact, flash_attention, pipeline
 from kernels_pallas.flash.tiles import Plan
 from tests.kernels import softmax_cases
 from tests.numerics import assert_close
@@ -253,6 +253,35 @@ def test_block_lists_hold_the_visible_tiles_in_order_then_repeat_the_last():
     by_key = [decode(r) for r in np.asarray(blocks.block_lists(plan, kinds, by_query=False).entries)[0, 0]]
     assert by_key[2] == [(0, 2), (2, 2), (2, 0)] and by_key[1] == [(2, 2), (2, 0), (2, 0)]
     assert not lists.per_batch and not lists.per_head
+
+
+def test_compact_ranges_step_through_each_range_then_repeat_its_last_block():
+    """SP-KV's compact keys in the pipeline: step s of a row reads block lo + s while s < hi - lo, then repeats
+    the range's last block with kind SKIP (no copy, no compute); the step axis is as long as the longest range
+    of the call, not one step per possible block."""
+    table = jnp.asarray([[[[2, 0, 5], [5, 0, 6]]], [[[0, 3, 1], [1, 3, 4]]]], jnp.int32)  # [B=2, H=1, 2, rows=3]
+    ranges = blocks.Ranges(table)
+    plan = _plan(48, 48, 16, 16, causal=True, window=None)
+    assert int(ranges.steps(plan, by_query=True)) == 3
+    decode = lambda e: (int(e) >> blocks.KIND_BITS, int(e) & 3)  # noqa: E731
+    rows = [[[decode(ranges.entry(table, b, 0, row, s)) for s in range(3)] for row in range(3)] for b in range(2)]
+    P, S = blocks.PARTIAL, blocks.SKIP
+    assert rows[0] == [[(2, P), (3, P), (4, P)], [(0, S)] * 3, [(5, P), (5, S), (5, S)]]
+    assert rows[1] == [[(0, P), (0, S), (0, S)], [(3, S)] * 3, [(1, P), (2, P), (3, P)]]
+
+
+def test_pipeline_compact_grid_follows_the_kept_keys():
+    """With a hard gate the pipeline's compact key axis is as long as the most compact blocks a query block
+    sees: at 10% kept, T=2048 and 128-key blocks, 2 steps (about 205 kept keys) against the 16 of the dense
+    causal pipeline (the local window's band adds its own 2)."""
+    T, H = 2048, 1
+    gate = jnp.asarray(np.where(np.random.default_rng(0).random((1, T, H)) < 0.1, 0.0, -np.inf), jnp.float32)
+    index, position, count = compact.kept_order(gate)
+    ranges, _ = compact.block_ranges(position, t=T, offset=0, block_q=128, block_k=128, local_window=64,
+                                     sliding_window=None, widths=(16, 16))
+    plan = _plan(T, T, 128, 128, causal=True, window=None)
+    assert int(blocks.Ranges(ranges).steps(plan, by_query=True)) == -(-int(count.max()) // 128) == 2
+    assert blocks.steps(plan, by_query=True) == 16
 
 
 def test_pipeline_skips_tiles_a_closed_gate_shuts():

@@ -21,7 +21,7 @@ def test_kernel_lowers(case, target):
     marker = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton"}[target]
     text = platform.lower(case.fn, *case.args, platform=target).as_text()
     # The gradient's program holds the forward and backward kernels: flash's forward, dq and dk/dv (under SP-KV's
-    # local window, outside the TPU pipeline, once for the window's band and once for the compact keys);
+    # local window, once for the window's band and once for the compact keys);
     # lightning's state pass and output, then state pass, reverse pass and query/key gradients; kda's scores,
     # solve, state pass and output, then the same up to the state pass, the reverse pass, chunk and score
     # gradients; decode's one, and a second for a paged store.
@@ -30,7 +30,7 @@ def test_kernel_lowers(case, target):
 
 def _calls(case, target):
     if case.kernel == "flash":
-        return 6 if target == "gpu" and "gate-local" in case.shape else 3
+        return 6 if "gate-local" in case.shape else 3
     if case.kernel == "decode":
         return 2 if "paged" in case.shape else 1
     return {"lightning": 5, "kda": 10}[case.kernel]
