@@ -55,7 +55,7 @@ class Dot:
 @dataclasses.dataclass
 class KernelStructure:
     name: str
-    grid: tuple[int, ...]
+    grid: tuple[int, ...]          # -1: a traced bound (SP-KV's compact axes follow the gate)
     dots: list[Dot]
     loops: list[int]               # trip count of every loop in the body (-1: not static)
     vmem_bytes: int                # TPU only: per grid step, tile-padded, blocks x buffers + scratch
@@ -65,7 +65,8 @@ class KernelStructure:
 
     @property
     def programs(self) -> int:
-        return math.prod(self.grid)
+        """-1 when a grid dim is traced."""
+        return -1 if min(self.grid) < 0 else math.prod(self.grid)
 
     @property
     def fast_dots(self) -> int:
@@ -198,8 +199,9 @@ def kernel_structures(fn, *args, target: str) -> list[KernelStructure]:
         vmem, parts = _vmem(eqn) if target == "tpu" else (0, [])
         name = eqn.params.get("name") or str(eqn.params["jaxpr"].debug_info.func_name)
         limit = getattr(eqn.params.get("compiler_params"), "vmem_limit_bytes", None) if target == "tpu" else None
-        out.append(KernelStructure(name=name, grid=tuple(int(g) for g in gm.grid), dots=dots, loops=loops,
-                                   vmem_bytes=vmem, vmem_blocks=parts, vmem_limit_bytes=limit))
+        grid = tuple(g if isinstance(g, int) else -1 for g in gm.grid)
+        out.append(KernelStructure(name=name, grid=grid, dots=dots, loops=loops, vmem_bytes=vmem, vmem_blocks=parts,
+                                   vmem_limit_bytes=limit))
     return out
 
 
@@ -295,9 +297,10 @@ def report_rows(Ts: tuple[int, ...], *, only: str | None = None, ptxas: bool = F
 
 def format_row(row: dict[str, Any]) -> str:
     """One report row on one line: what the kernel runs as, and what it needs of the chip."""
-    grid = "x".join(map(str, row["grid"]))
+    grid = "x".join("?" if n < 0 else str(n) for n in row["grid"])
+    programs = "?" if row["programs"] < 0 else row["programs"]
     loops = ",".join("?" if n < 0 else str(n) for n in row["loops"]) or "-"
-    line = (f"{row['target']:<3} T={row['T']:<6} {row['name']:<22} grid {grid:<12} {row['programs']:>6} programs  "
+    line = (f"{row['target']:<3} T={row['T']:<6} {row['name']:<22} grid {grid:<12} {programs:>6} programs  "
             f"dots {row['dots_bf16_fp32acc']:>2}/{row['dots']:<2} bf16 ({100 * row['bf16_flop_share']:5.1f}% of "
             f"dot FLOPs)  loops {loops:<12}")
     if row["target"] == "tpu":

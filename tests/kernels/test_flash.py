@@ -284,6 +284,20 @@ def test_pipeline_compact_grid_follows_the_kept_keys():
     assert blocks.steps(plan, by_query=True) == 16
 
 
+def test_spkv_tpu_build_runs_the_band_and_compact_axes_of_traced_length():
+    """Lowered for TPU, SP-KV with a local window is the band's three kernels (a step axis of 2 key blocks at a
+    64-key window) and the compact keys' three, whose step axes (and dk/dv's key-block axis) are traced bounds;
+    the report shows them as '?'."""
+    from lm.bench import kernels
+
+    case = next(c for c in catalog.cases() if c.kernel == "flash" and c.shape == "bfloat16 d128 T2048 gqa4-gate-local")
+    grids = [s.grid for s in kernels.kernel_structures(case.fn, *case.args, target="tpu")]
+    assert sorted(grids) == sorted([(1, 8, 4, 2), (1, 8, 4, 2), (1, 2, 4, 4, 2),
+                                    (1, 8, 4, -1), (1, 8, 4, -1), (1, 2, -1, 4, -1)]), grids
+    row = dict(target="tpu", T=2048, **kernels.KernelStructure("k", (1, 2, -1), [], [], 0, []).as_dict())
+    assert "grid 1x2x?" in kernels.format_row(row) and "? programs" in kernels.format_row(row)
+
+
 def test_pipeline_skips_tiles_a_closed_gate_shuts():
     """Keys whose gate is -inf in a whole block, beyond every query's local window, are never loaded: NaN
     keys and values there leave every output and gradient finite (a loaded tile would give NaN + -inf)."""
