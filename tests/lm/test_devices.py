@@ -1,6 +1,7 @@
 """Accelerator installs and `run.platform`: the pyproject extras resolve to jax's plugin for the pinned jax, and a
 run that asks for an accelerator jax does not see refuses to start in one line instead of training on the CPU."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +20,18 @@ TINY = "configs/tiny/softmax.yaml"
 @pytest.mark.parametrize("extra, wanted", [("cuda12", {"jax-cuda12-plugin": "0.11.2", "jax-cuda12-pjrt": "0.11.2"}),
                                            ("tpu", {"libtpu": None})])
 def test_accelerator_extras_resolve_to_the_pinned_jax_plugin(tmp_path, extra, wanted):
-    """pip resolves `.[cuda12]` / `.[tpu]` against the package index (nothing is installed)."""
+    """pip resolves `.[cuda12]` / `.[tpu]` against the package index (nothing is installed). The project is its
+    pyproject.toml and README beside empty packages: building metadata from the checkout itself would walk every
+    file below it (runs, data stores)."""
+    project = tmp_path / "attnlab"
+    for package in ("lm", "attention", "kernels_pallas", "experiments"):
+        (project / package).mkdir(parents=True)
+        (project / package / "__init__.py").touch()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, project / name)
     report = tmp_path / "report.json"
     res = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report),
-                          f"{ROOT}[{extra}]"], capture_output=True, text=True, timeout=600)
+                          f"{project}[{extra}]"], capture_output=True, text=True, timeout=600)
     if res.returncode and any(s in res.stderr for s in ("NewConnectionError", "Temporary failure in name resolution",
                                                        "Network is unreachable")):
         pytest.skip(f"the package index is unreachable from here: {res.stderr.strip().splitlines()[-1]}")
