@@ -68,8 +68,16 @@ def _dkv_kernel(*refs, plan: Plan):
             b = jnp.minimum(b, plan.t // bq)
             a = jnp.minimum(a, b)
 
+    # A ragged last query block is read shifted back to end at T: in bounds without masked loads (which cost
+    # dk/dv registers), its rows of the block before masked out of the logits.
+    shift = plan.t % bq != 0 and plan.t >= bq
+
     def query_block(g, masked, i, carry):
-        block, rows = pl.ds(pl.multiple_of(i * bq, bq), bq), plan.query_rows(i, masked)
+        q_start = jnp.minimum(i * bq, plan.t - bq) if masked and shift else None
+        if q_start is None:
+            block, rows = pl.ds(pl.multiple_of(i * bq, bq), bq), plan.query_rows(i, masked)
+        else:
+            block, rows = pl.ds(q_start, bq), None
         q_doc = None if r.q_doc is None or not masked else query_column(r.q_doc, (block,), rows, other=-1)
 
         def work(carry):
@@ -78,7 +86,7 @@ def _dkv_kernel(*refs, plan: Plan):
             do = tiles.load(do_ref, (block, g, slice(None)), rows=rows, cols=plan.cols(1))
             lse = query_column(lse_ref, (block, g), rows, other=jnp.inf)
             s, gated = tiles.logits(plan, q, k, i, j, gate, q_doc, k_doc if masked else None, masked=masked,
-                                    k_pos=k_pos)
+                                    k_pos=k_pos, q_start=q_start)
             p = tiles.exp_of(plan)(s - tiles.in_logit_base(plan, lse))
             dv = dv + tiles.dot(p.astype(do.dtype), do, contract=(0, 0))
             ds = p * (tiles.dot(do, v, contract=(1, 1)) - query_column(delta_ref, (block, g), rows))

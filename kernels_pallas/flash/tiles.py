@@ -248,7 +248,7 @@ def pick(ref, row: int, i):
 
 
 def logits(plan: Plan, q, k, i, j, gate=None, q_doc=None, k_doc=None, *, masked=True, keys_major=False,
-           k_pos=None):
+           k_pos=None, q_start=None):
     """Masked fp32 logits [bq, bk] of tile (i, j) (base 2 when plan.exp2) and the gated-key mask (None when the
     gate covers every key).
 
@@ -259,6 +259,8 @@ def logits(plan: Plan, q, k, i, j, gate=None, q_doc=None, k_doc=None, *, masked=
     keys_major: the tile is [bk, bq] (keys on rows; gate and k_doc [bk, 1], q_doc [1, bq]), so per-query rows
     (lse, delta) broadcast lane-dense in the TPU dk/dv kernel. masked=False is for a tile that `blocks` calls
     FULL (every pair visible, the gate on every pair): the scaled dot plus the gate, with no compare at all.
+    q_start: the first query row of a tile read shifted back from block i's (the ragged last block read in
+    bounds); its rows before block i are masked.
     """
     s = (dot(k, q, contract=(1, 1)) if keys_major else dot(q, k, contract=(1, 1))) * (
         plan.scale * LOG2E if plan.exp2 else plan.scale)
@@ -267,7 +269,8 @@ def logits(plan: Plan, q, k, i, j, gate=None, q_doc=None, k_doc=None, *, masked=
     if not masked:
         return (s if gate is None else s + gate), None
     q_axis = 1 if keys_major else 0
-    q_pos = plan.offset + i * plan.block_q + lax.broadcasted_iota(jnp.int32, s.shape, q_axis)
+    q_row = (i * plan.block_q if q_start is None else q_start) + lax.broadcasted_iota(jnp.int32, s.shape, q_axis)
+    q_pos = plan.offset + q_row
     if k_pos is None:
         k_pos = j * plan.block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1 - q_axis)
     rel = q_pos - k_pos
@@ -288,4 +291,6 @@ def logits(plan: Plan, q, k, i, j, gate=None, q_doc=None, k_doc=None, *, masked=
         visible &= rel < plan.sliding_window
     if q_doc is not None:
         visible &= q_doc == k_doc
+    if q_start is not None:
+        visible &= q_row >= i * plan.block_q
     return jnp.where(visible, s, -jnp.inf), gated
