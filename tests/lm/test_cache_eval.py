@@ -68,10 +68,14 @@ def test_every_policy_at_a_budget(capsys, spkv_run, policy):
 
 def test_a_budget_that_holds_everything_is_the_full_forward(capsys, softmax_run):
     res = _eval(capsys, softmax_run, "--cache-policy", "h2o", "--cache-budget", "32")
-    assert abs(res["cache"]["loss_delta"]) < 1e-4 and res["cache"]["evicted_per_sequence"] == 0
+    full = abs(res["cache"]["loss_delta"])
+    assert full < 1e-4 and res["cache"]["evicted_per_sequence"] == 0
     small = _eval(capsys, softmax_run, "--cache-policy", "h2o", "--cache-budget", "4", "--cache-window", "2")
     assert small["cache"]["layers"]["layer0.softmax"] == {"window": 2, "store": 2}
-    assert abs(small["cache"]["loss_delta"]) > 1e-3
+    # A 2-step model attends almost uniformly, so dropping 28 of 32 keys moves the loss little (1.6e-4 on one
+    # machine, 1e-3 on another): far above the rounding of the full budget's, which is what shows it is read.
+    assert small["cache"]["evicted_per_sequence"] == 2 * 2 * 28
+    assert abs(small["cache"]["loss_delta"]) > max(1e-5, 20 * full), (small["cache"]["loss_delta"], full)
 
 
 def test_recall_through_the_caches(capsys, softmax_run):
