@@ -1,6 +1,7 @@
 """Tokenizing batches of documents in worker processes, results in submission order, memory bounded.
 
-One worker tokenizes in the calling process. N > 1 workers are N spawned processes (spawn, not fork: the caller
+One worker tokenizes in the calling process, single-threaded like every worker (the tokenizer's own thread pool
+would spin on both cores while this process reads and decompresses: 2.3x the CPU for a slower run). N > 1 workers are N spawned processes (spawn, not fork: the caller
 may be a training process with threads), each single-threaded, so N workers use N cores. At most two batches
 per worker are in flight, so memory depends on the workers and the batch size, never on the corpus.
 """
@@ -20,13 +21,14 @@ from lm.data.errors import DataError
 from lm.data.store import token_dtype
 
 _IN_FLIGHT_PER_WORKER = 2
+_PARALLELISM = "TOKENIZERS_PARALLELISM"  # read by Hugging Face tokenizers at each batch call
 
 _worker_tokenizer: tok_lib.Tokenizer | None = None
 
 
 def _start_worker(tok_json: str | None, spec: str) -> None:
     global _worker_tokenizer
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the pool is the parallelism
+    os.environ[_PARALLELISM] = "false"  # one core per worker: the pool is the parallelism
     _worker_tokenizer = tok_lib.ByteTokenizer() if tok_json is None else tok_lib.from_json(tok_json, spec, spec)
 
 
@@ -51,16 +53,24 @@ class Encoder:
     def __init__(self, tok: tok_lib.Tokenizer, workers: int):
         self.tok, self.workers = tok, workers
         self._pool = None
+        self._caller_parallelism: str | None = None
 
     def __enter__(self) -> Encoder:
         if self.workers > 1:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
                                              initializer=_start_worker, initargs=(self.tok.to_json(), self.tok.spec))
+        else:
+            self._caller_parallelism = os.environ.get(_PARALLELISM)
+            os.environ[_PARALLELISM] = "false"
         return self
 
     def __exit__(self, *exc) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        elif self._caller_parallelism is None:
+            os.environ.pop(_PARALLELISM, None)
+        else:
+            os.environ[_PARALLELISM] = self._caller_parallelism
 
     def map(self, batches: Iterable[tuple[object, list[str]]]) -> Iterator[tuple[object, list[np.ndarray]]]:
         """(tag, texts) -> (tag, one token array per text), in order."""

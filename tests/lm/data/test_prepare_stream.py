@@ -3,6 +3,7 @@ and parquet inputs, a separate validation corpus, and the bad inputs that must l
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,8 @@ import zstandard
 
 from lm.cli import main
 from lm.data import DataError, open_store, prepare, scan, writer
+from lm.data.encode import Encoder
+from lm.data.tokenizers import ByteTokenizer
 
 from .conftest import synthetic_documents
 from .oracle import assert_store_equals_oracle, corpus_documents
@@ -76,6 +79,28 @@ def test_workers_and_shards_write_the_same_bytes(corpus, tmp_path):
     whole = open_store(prepare(source, "bpe:400", tmp_path / "whole", workers=1, log=None))
     assert len(whole.meta["splits"]["train"]["shards"]) == 1
     assert whole.fingerprint == open_store(two).fingerprint
+
+
+
+@pytest.mark.parametrize("caller", [None, "true"])
+def test_one_worker_tokenizes_single_threaded_and_restores_the_callers_setting(caller, monkeypatch):
+    """One worker is the calling process: the tokenizer's own thread pool is off while it encodes (it would spin
+    on every core beside the reading), and the caller's TOKENIZERS_PARALLELISM is back afterwards."""
+    if caller is None:
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    else:
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", caller)
+    seen = []
+
+    class Probe(ByteTokenizer):
+        def encode_arrays(self, texts):
+            seen.append(os.environ.get("TOKENIZERS_PARALLELISM"))
+            return super().encode_arrays(texts)
+
+    with Encoder(Probe(), 1) as enc:
+        out = list(enc.map([("a", ["ab", "c"]), ("b", ["d"])]))
+    assert [tag for tag, _ in out] == ["a", "b"] and [len(a) for a in out[0][1]] == [2, 1]
+    assert seen == ["false", "false"] and os.environ.get("TOKENIZERS_PARALLELISM") == caller
 
 
 KILLER = """
