@@ -29,7 +29,9 @@ footnote, 2 e k_seq + e^2 / h k_ch, halves the grouped term for CCA; the shapes 
 worked numbers (CCA-4x at E = 2048: 4.46M), the footnote does not (4.33M).
 
 `spkv` (Self-Pruned KV, attention/spkv.py) gates the latent keys outside a local window with a utility
-predictor on the mixer's input; decode then keeps k^ and v in a pruned cache.
+predictor on the mixer's input; decode then keeps k^ and v in a pruned cache (attention/pruned_cache.py), read up
+to each (sequence, KV head)'s held length. Any layer takes a cache policy (attention/cache_policies.py) instead of
+its dense cache: SP-KV's on an SP-KV layer, or a baseline at a budget of keys (`init_cache(..., policy=...)`).
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ from pydantic import Field
 
 from attention import ops
 from attention.base import MixerConfig, MixerContext, visible_keys_per_query
-from attention import spkv
+from attention import cache_policies, pruned_cache, spkv
+from attention.cache_policies import CachePolicy
 from attention.spkv import SPKVConfig, SPKVGate
 from attention.layers import Linear, apply_rope, delay, l2_normalize, param, positions_from_segments
 
@@ -215,12 +218,17 @@ class CCAttention(nnx.Module):
                                   impl=self.ctx.impl)
         return self.o_proj(o.reshape(B, T, self.Hq * self.d))
 
-    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-        """Latent k^, v per position (pruned with spkv), plus the constant state: the last P raw q/k latent rows (zeros
-        reproduce the single left pad) and the previous token's shifted value projection."""
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32, policy: CachePolicy | None = None) -> dict:
+        """Latent k^, v per position, or a pruned cache of them under `policy` (by default SP-KV's on an SP-KV
+        layer), plus the constant state: the last P raw q/k latent rows (zeros reproduce the single left pad) and
+        the previous token's shifted value projection."""
         dims = {"k": self.d, "v": self.d}
-        cache = self.spkv.init_cache(batch, max_len, dims, dtype) if self.spkv is not None else \
-            {name: jnp.zeros((batch, max_len, self.Hkv, dim), dtype) for name, dim in dims.items()}
+        if policy is None and self.spkv is not None:
+            policy = CachePolicy("spkv")
+        if policy is not None:
+            cache = cache_policies.init(policy, batch, self.Hkv, dims, dtype, max_len, spkv=self.cfg.spkv)
+        else:
+            cache = {name: jnp.zeros((batch, max_len, self.Hkv, dim), dtype) for name, dim in dims.items()}
         cache["q_window"] = jnp.zeros((batch, self.P, self.Hq, self.d), dtype)
         cache["k_window"] = jnp.zeros((batch, self.P, self.Hkv, self.d), dtype)
         if self.shift_from is not None:
@@ -243,18 +251,22 @@ class CCAttention(nnx.Module):
         if self.shift_from is not None:
             v_prev = cache["v_shift"][:, None].astype(v_B1W.dtype)
         v = self._values(v_B1W, v_prev)
-        if self.spkv is None:
+        policy = cache.get("policy")
+        if policy is None:
             new = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], e.astype(cache[name].dtype), position,
                                                              axis=1) for name, e in (("k", k), ("v", v))}
-            S = new["k"].shape[1]
-            valid = jnp.broadcast_to((jnp.arange(S) <= position)[None, :, None], (B, S, self.Hkv))
+            lengths, pages = jnp.full((B, self.Hkv), position + 1, jnp.int32), None
         else:
-            new = self.spkv.append(cache, x_B1D, {"k": k, "v": v}, position)
-            valid = new["pos"] >= 0
+            gate = {} if self.spkv is None else self.spkv.cache_gate(x_B1D)
+            new = cache_policies.append(cache, {"k": k, "v": v}, position, layer_idx=self.ctx.layer_idx, **gate)
+            lengths, pages = pruned_cache.ring_lengths(new, position), pruned_cache.key_pages(new)
         new["q_window"], new["k_window"] = q_win[:, 1:], k_win[:, 1:]
         if self.shift_from is not None:
             new["v_shift"] = v_B1W[:, 0, self.shift_from:].astype(cache["v_shift"].dtype)
-        o = ops.softmax_decode(q, new["k"], new["v"], valid, scale=self.d ** -0.5, impl=self.ctx.impl)
+        o = ops.softmax_decode(q, new["k"], new["v"], lengths=lengths, pages=pages, scale=self.d ** -0.5,
+                               impl=self.ctx.impl)
+        if policy is not None:
+            new = policy.observe(new, q, position, scale=self.d ** -0.5)
         return self.o_proj(o.reshape(B, 1, self.Hq * self.d)), new
 
     # -- analytic costs (paper Table II) ------------------------------------------------------------

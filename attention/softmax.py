@@ -308,11 +308,15 @@ class SoftmaxAttention(nnx.Module):
             return (None, None) if x_BSD is None else (self.spkv(x_BSD, segment_ids), self.spkv.window)
         if self.pos2d_w is None:
             return None, None
-        w_col = self.pos2d_w[...][self.cfg.pos2d.channels // 2:]
-        bias = jnp.sum(sincos_features(positions, w_col.shape[0]) * w_col, axis=-1) - jnp.sum(jnp.abs(w_col))
+        bias = self._pos2d_bias(positions)
         if bias.ndim == 2:
             bias = jnp.broadcast_to(bias[..., None], (*bias.shape, self.Hkv))
         return bias, None
+
+    def _pos2d_bias(self, positions: jax.Array) -> jax.Array:
+        """pos2d's per-key bias (<= 0) at `positions`, of their shape."""
+        w_col = self.pos2d_w[...][self.cfg.pos2d.channels // 2:]
+        return jnp.sum(sincos_features(positions, w_col.shape[0]) * w_col, axis=-1) - jnp.sum(jnp.abs(w_col))
 
     def __call__(self, x_BTD: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         B, T, _ = x_BTD.shape
@@ -384,14 +388,13 @@ class SoftmaxAttention(nnx.Module):
             new_cache = {**cache, "groups": new_rings} if len(self.groups) > 1 else {**cache, **new_rings[0]}
             o = self._merge_heads(outs)
         else:
-            gate = {} if self.spkv is None else dict(utility=self.spkv.logits(x_B1D)[:, 0],
-                                                     threshold=self.spkv.logit_threshold)
+            gate = {} if self.spkv is None else self.spkv.cache_gate(x_B1D)
             new_cache = cache_policies.append(cache, entries, position, layer_idx=self.ctx.layer_idx, **gate)
-            lengths = pruned_cache.lengths(new_cache, position)
-            o = self._read(q, new_cache, new_cache["pos"], lengths)
-            derive = {} if self.v_proj is not None else self._derived_keys(new_cache["pos"])
-            new_cache = policy.observe(new_cache, q, new_cache["k"], lengths, scale=self.cfg.scale or self.hd ** -0.5,
-                                       **derive)
+            value = "k" if self.v_proj is None else "v"
+            o = self._read(q, new_cache, new_cache["pos"], pruned_cache.ring_lengths(new_cache, position),
+                           pruned_cache.key_pages(new_cache, value))
+            derive = {} if self.v_proj is not None else self._derived_keys(None)
+            new_cache = policy.observe(new_cache, q, position, scale=self.cfg.scale or self.hd ** -0.5, **derive)
         if conv_history is not None:
             new_cache["conv"] = conv_history
         if self.shift_from is not None:
@@ -412,18 +415,22 @@ class SoftmaxAttention(nnx.Module):
         return (ring, jnp.broadcast_to(pos_S[None, :, None], (B, S, H)),
                 jnp.full((B, H), jnp.minimum(position + 1, S), jnp.int32))
 
-    def _read(self, q: jax.Array, cache: dict, pos_BSH: jax.Array, lengths: jax.Array) -> jax.Array:
-        """The decode op over a cache's held slots; a K=V cache holds the values and the op derives the keys."""
+    def _read(self, q: jax.Array, cache: dict, pos_BSH: jax.Array, lengths: jax.Array, pages=None) -> jax.Array:
+        """The decode op over a cache's held slots (and a pruned cache's store, `pages`); a K=V cache holds the
+        values and the op derives the keys."""
         derive = {} if self.v_proj is not None else self._derived_keys(pos_BSH)
         values = cache["k"] if self.v_proj is None else cache["v"]
         gate, _ = self._key_log_gate(pos_BSH)
+        if pages is not None and gate is not None:
+            pages = pages._replace(key_log_gate=self._pos2d_bias(pages.positions))
         return ops.softmax_decode(q, cache["k"], values, lengths=lengths, key_log_gate=gate, scale=self.cfg.scale,
-                                  impl=self.ctx.impl, **derive)
+                                  pages=pages, impl=self.ctx.impl, **derive)
 
-    def _derived_keys(self, pos_BSH: jax.Array) -> dict:
+    def _derived_keys(self, pos_BSH: jax.Array | None) -> dict:
         """How the op derives the scores' keys from a K=V cache, which holds the raw shared projection (the
         values): qk-norm, then RoPE at each slot's own position (a pruned cache keeps different positions per
-        head). The op reads the one cached array for both; the Pallas kernel derives keys per tile, in fp32."""
+        head; None: left to the caller). The op reads the one cached array for both; the Pallas kernel derives keys
+        per tile, in fp32."""
         derive = {}
         if self.k_norm is not None:
             derive |= dict(key_norm_scale=self.k_norm.scale[...], key_norm_eps=self.k_norm.eps)

@@ -29,11 +29,12 @@ T, per layer and KV head) over those a pruned cache holds then (the window plus 
 each summed over SP-KV layers, KV heads and sequences before dividing.
 
 Decode keeps a pruned cache per layer (`attention.pruned_cache`): per sequence and KV head a ring of the last
-R = min(window, max_len) tokens and a store of C = `cache.capacity` older keys (default: every key that can
-leave the window, so nothing is ever evicted). A token's keep bit is computed when it arrives; when it leaves
-the ring it moves to the store iff the bit is set, at that head's own length. A full store drops its key of
-lowest utility (the newcomer's included) and counts it. Allocated bytes are R + C slots, and decode reads
-each head's occupied slots only.
+R = min(window, max_len) tokens, and a store of older keys in pages of a pool the batch's (sequence, KV head)
+pairs share, C = `cache.capacity` keys per pair on average (default: every key that can leave the window, so
+nothing is ever evicted). A token's keep bit is computed when it arrives; when it leaves the ring it moves to its
+pair's store iff the bit is set, at that pair's own length. Only when the pool has no page left does the pair
+drop its key of lowest utility (the newcomer's included), counted. Allocated bytes are the rings and the pool,
+and decode reads each pair's held slots and pages only.
 """
 from __future__ import annotations
 
@@ -47,8 +48,6 @@ import pydantic
 from flax import nnx
 from pydantic import Field
 
-from attention import cache_policies
-from attention.cache_policies import CachePolicy
 from attention.base import AuxLoss, Heatmap, MixerContext, Stat, StatsByLayer, StatsReport, current_train_step
 from attention.layers import normal, param, positions_from_segments
 
@@ -88,9 +87,10 @@ class AnnealConfig(pydantic.BaseModel):
 
 class SPKVCacheConfig(pydantic.BaseModel):
     """The pruned decode cache: besides the ring of `window` recent keys, a store of `capacity` older keys per
-    sequence and KV head: a share (float in (0, 1]) of the keys that can leave the window, or a number of keys
-    (int >= 1); null: all of them (nothing is ever evicted, and the cache is allocated for the worst case).
-    `attnlab info RUN` suggests one from the run's measured densities."""
+    sequence and KV head on average (the stores share a pool of pages, so a denser head or sequence holds more
+    while a sparser one holds less): a share (float in (0, 1]) of the keys that can leave the window, or a number
+    of keys (int >= 1); null: all of them (nothing is ever evicted, and the cache is allocated for the worst
+    case). `attnlab info RUN` suggests one from the run's measured densities."""
 
     model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -204,17 +204,11 @@ class SPKVGate(nnx.Module):
 
     # -- pruned decode cache ------------------------------------------------------------------------
 
-    def init_cache(self, batch: int, max_len: int, dims: dict[str, int], dtype) -> dict:
-        """The pruned cache under the spkv policy (`attention.cache_policies`) holding, per slot and KV head, one
-        vector per entry of `dims` (name -> width): a ring of the window and a store of `cache.capacity` keys."""
-        return cache_policies.init(CachePolicy("spkv"), batch, self.Hkv, dims, dtype, max_len, spkv=self.cfg)
-
-    def append(self, cache: dict, x_B1D: jax.Array, entries: dict[str, jax.Array], position) -> dict:
-        """Add the token at `position` (its mixer input x and its cache `entries` [B,1,Hkv,dim]) under the cache's
-        policy, with the gate's utility logits: under spkv the token leaving the window enters the store iff
-        kept, and a full store drops its least useful key."""
-        return cache_policies.append(cache, entries, position, layer_idx=self.layer_idx,
-                                     utility=self.logits(x_B1D)[:, 0], threshold=self.logit_threshold)
+    def cache_gate(self, x_B1D: jax.Array) -> dict:
+        """What the spkv cache policy (`attention.cache_policies`) reads of a decode step's token: its utility
+        logits [B,Hkv] from its mixer input x and the logit of tau (a key enters the store iff kept; a full pool
+        drops its pair's least useful key)."""
+        return dict(utility=self.logits(x_B1D)[:, 0], threshold=self.logit_threshold)
 
     def flops_per_token(self) -> float:
         d, hidden = self.w1.shape

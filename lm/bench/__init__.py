@@ -41,6 +41,9 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
                         "keys older than the window)")
     p.add_argument("--spkv-window", type=int, default=64, metavar="W", help="SP-KV's ring of recent keys (default 64)")
     p.add_argument("--spkv-headroom", type=float, default=0.1, metavar="F",
-                   help="SP-KV store capacity = density x (1 + F) of the older keys (default 0.1)")
+                   help="SP-KV store capacity = density x (1 + F) of the older keys per (sequence, kv head) on "
+                        "average, in one pool of pages (default 0.1)")
+    p.add_argument("--spkv-page", type=int, default=64, metavar="N",
+                   help="keys per page of the SP-KV store (default 64)")
     p.add_argument("--reps", type=int, default=20, help="timed repetitions (the median is reported)")
     p.add_argument("--json", dest="json_out", default=None, metavar="FILE.json", help="write the rows here")

@@ -4,17 +4,19 @@ RoPE keys).
 
 `attnlab bench decode --S 8192 32768 65536 --spkv-density 0.05 0.1 0.3 --impl xla --json out.json` builds, per
 S, a cache holding S - 1 tokens and times the step that appends token S - 1 and reads the cache with it (the
-cache buffers donated, so the append is in place, as in generation). Dense: S slots, all read. SP-KV: a ring of
-the last `--spkv-window` tokens and a store per sequence and KV head holding the older keys whose keep bit,
-drawn at the density, is set; the store's capacity is the density plus `--spkv-headroom` of the older keys
-(keys past it are dropped while the cache is built), and the step reads each head's held slots only. The
-caches of one S, implementation and cache kind are timed in interleaved rounds (a step of each per round).
+cache buffers donated, so the append is in place, as in generation). Dense: S slots, all read. SP-KV: per
+sequence and KV head a ring of the last `--spkv-window` tokens and a store of the older keys whose keep bit,
+drawn at the density, is set, in pages of `--spkv-page` keys from one pool for the batch; the pool holds the
+density plus `--spkv-headroom` of the older keys per (sequence, KV head) on average, each pair's share rounded up
+to whole pages (pairs take pages in order while the cache is built; keys past the pool are dropped), and the
+step reads each pair's held ring slots and pages only. The caches of one S, implementation and cache kind are
+timed in interleaved rounds (a step of each per round).
 
 One JSON row per (S, implementation, cache kind, cache): S, cache (dense | spkv), density (1 for dense),
-cache_bytes (every array the cache allocates: keys, values and, for SP-KV, positions, scores, admission bits
-and counts), held_bytes (the keys and values held), read_bytes (what the step must read: the held keys and
-values, their positions when keys are rotated, and the store's scores a full store ranks), step_ms (median),
-GBps = read_bytes / time and, on a GPU, its share of the device's peak HBM bandwidth. "K=V+rope" is the
+cache_bytes (every array the cache allocates: keys, values and, for SP-KV, positions, scores, admission bits,
+the page table and counts), held_bytes (the keys and values held), read_bytes (what the step must read: the held
+keys and values, their positions when keys are rotated, the page table entries of the held pages), step_ms
+(median), GBps = read_bytes / time and, on a GPU, its share of the device's peak HBM bandwidth. "K=V+rope" is the
 projection-sharing paper's setting with RoPE: the cache holds the raw shared projection and keys are rotated at
 each slot's position.
 """
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -60,25 +61,37 @@ def dense_cache(rng, B, S, Hkv, D, dtype, names) -> dict:
     return {n: _normal(rng, (B, S, Hkv, D), dtype) for n in names}
 
 
-def spkv_cache(rng, B, S, Hkv, D, dtype, names, *, density, window, headroom) -> dict:
-    """A pruned cache after tokens 0 .. S-2: the ring holds the last `window` of them, the store (capacity
-    density x (1 + headroom) of the older keys) each head's older keys with a keep bit drawn at `density`."""
+def spkv_cache(rng, B, S, Hkv, D, dtype, names, *, density, window, headroom, page) -> dict:
+    """A pruned cache after tokens 0 .. S-2: each ring holds the last `window` of them, each pair's store the
+    older keys whose keep bit, drawn at `density`, is set, in pages of `page` handed out pair after pair from a
+    pool of density x (1 + headroom) of the older keys per pair (keys past the pool are dropped)."""
     older = S - 1 - window
     capacity = pruned_cache.store_slots(min(density * (1 + headroom), 1.0), window, S)
-    cache = pruned_cache.init(B, Hkv, {n: D for n in names}, dtype, ring=window, capacity=capacity)
-    pos = np.full((B, window + capacity, Hkv), -1, np.int32)
+    cache = pruned_cache.init(B, Hkv, {n: D for n in names}, dtype, ring=window, capacity=capacity,
+                              older=S - window, page=page)
+    pos = np.full((B, window, Hkv), -1, np.int32)
     ring_pos = np.arange(older, S - 1)
     pos[:, ring_pos % window, :] = ring_pos[None, :, None]
+    n_pages, width = cache["page_pos"].shape[0], cache["table"].shape[-1]
+    page_pos = np.full((n_pages, page), -1, np.int32)
+    table = np.full((B, Hkv, width), -1, np.int32)
+    owner = np.full((n_pages,), -1, np.int32)
     stored = np.zeros((B, Hkv), np.int32)
+    used = 0
     for b in range(B):
         for h in range(Hkv):
-            kept = np.flatnonzero(rng.random(older) < density)[:capacity]
-            pos[b, window:window + len(kept), h] = kept
-            stored[b, h] = len(kept)
-    held = window + capacity
-    cache.update({n: _normal(rng, (B, held, Hkv, D), dtype) for n in names})
-    cache.update(pos=jnp.asarray(pos), score=_normal(rng, pos.shape, jnp.float32),
-                 stored=jnp.asarray(stored))
+            kept = np.flatnonzero(rng.random(older) < density)
+            take = min(-(-len(kept) // page), n_pages - used, width)
+            kept = kept[:take * page]
+            ids = np.arange(used, used + take)
+            table[b, h, :take], owner[ids] = ids, b * Hkv + h
+            page_pos[ids] = np.pad(kept, (0, take * page - len(kept)), constant_values=-1).reshape(take, page)
+            stored[b, h], used = len(kept), used + take
+    cache.update({n: _normal(rng, (B, window, Hkv, D), dtype) for n in names})
+    cache["pages"] = {n: _normal(rng, (n_pages, page, D), dtype) for n in names}
+    cache.update(pos=jnp.asarray(pos), score=_normal(rng, pos.shape, jnp.float32), page_pos=jnp.asarray(page_pos),
+                 page_score=_normal(rng, page_pos.shape, jnp.float32), table=jnp.asarray(table),
+                 owner=jnp.asarray(owner), used=jnp.int32(used), stored=jnp.asarray(stored))
     return cache
 
 
@@ -91,16 +104,18 @@ def make_step(impl: str, mode: str, pruned: bool):
     def step(cache, q, k, v, position, positions):
         entries = {"k": k} if shared else {"k": k, "v": v}
         B, Hkv = k.shape[0], k.shape[2]
+        pages = None
         if pruned:
             no = jnp.zeros((B, Hkv), bool)  # never admitted: repeated steps leave the store as built
             cache = pruned_cache.append(cache, entries, position, score=jnp.zeros((B, Hkv)), admit=no)
-            lengths, positions = pruned_cache.lengths(cache, position), cache["pos"]
+            lengths, positions = pruned_cache.ring_lengths(cache, position), cache["pos"]
+            pages = pruned_cache.key_pages(cache, "k" if shared else "v")
         else:
             cache = {n: jax.lax.dynamic_update_slice_in_dim(cache[n], e.astype(cache[n].dtype), position, axis=1)
                      for n, e in entries.items()}
             lengths = jnp.full((B, Hkv), position + 1, jnp.int32)
         keys = cache["k"]
-        o = ops.softmax_decode(q, keys, keys if shared else cache["v"], lengths=lengths, impl=impl,
+        o = ops.softmax_decode(q, keys, keys if shared else cache["v"], lengths=lengths, pages=pages, impl=impl,
                                key_rope_theta=theta, key_positions=positions if theta else None)
         return cache, o
 
@@ -133,16 +148,18 @@ def interleaved_ms(timed: list[Timed], reps: int) -> list[float]:
 
 def figures(cache: dict, S: int, mode: str, pruned: bool) -> dict:
     """cache_bytes (every array allocated), held_bytes (keys and values held) and read_bytes (what a step must
-    read: the held keys and values, their int32 positions for rotated keys, a pruned store's fp32 scores)."""
+    read: the held keys and values, their int32 positions for rotated keys, a pruned store's page table entries of
+    the pages held)."""
     B, _, Hkv = cache["k"].shape[:3]
     if pruned:
-        held, entry = int(np.sum(np.asarray(pruned_cache.lengths(cache, S - 1)))), pruned_cache.entry_bytes(cache)
-        scores = 4 * B * Hkv * (cache["pos"].shape[1] - cache["admit"].shape[1])
+        held, entry = int(np.sum(np.asarray(pruned_cache.occupancy(cache)))), pruned_cache.entry_bytes(cache)
+        page = cache["page_pos"].shape[1]
+        table = 4 * int(np.sum(-(-np.asarray(cache["stored"]) // page)))
     else:
-        held, entry, scores = B * Hkv * S, sum(x.shape[-1] * x.dtype.itemsize for x in cache.values()), 0
+        held, entry, table = B * Hkv * S, sum(x.shape[-1] * x.dtype.itemsize for x in cache.values()), 0
     positions = 4 * held if mode == "K=V+rope" else 0
     return {"cache_bytes": _tree_bytes(cache), "held_bytes": held * entry,
-            "read_bytes": held * entry + positions + scores}
+            "read_bytes": held * entry + positions + table}
 
 
 def run(a: argparse.Namespace) -> list[dict]:
@@ -162,14 +179,16 @@ def run(a: argparse.Namespace) -> list[dict]:
                     rng = np.random.default_rng([S, round(density * 1e6)])
                     pruned = kind == "spkv"
                     cache = spkv_cache(rng, B, S, Hkv, D, dtype, names, density=density, window=a.spkv_window,
-                                       headroom=a.spkv_headroom) if pruned else \
+                                       headroom=a.spkv_headroom, page=a.spkv_page) if pruned else \
                         dense_cache(rng, B, S, Hkv, D, dtype, names)
                     row = {"op": f"softmax_decode[{impl}]", "kv": mode, "S": S, "cache": kind, "density": density,
                            "B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "dtype": dtype.name,
                            **figures(cache, S, mode, pruned)}
                     if pruned:
-                        row |= {"window": a.spkv_window, "capacity": int(cache["pos"].shape[1] - a.spkv_window),
-                                "held_per_head": float(np.mean(np.asarray(pruned_cache.lengths(cache, S - 1))))}
+                        row |= {"window": a.spkv_window, "page": a.spkv_page,
+                                "capacity": pruned_cache.slots_per_pair(cache)[1],
+                                "held_per_head": float(np.mean(np.asarray(pruned_cache.occupancy(cache)))),
+                                "unused_per_head": float(np.mean(np.asarray(pruned_cache.waste(cache))))}
                     group.append(row)
                     timed.append(Timed(make_step(impl, mode, pruned), cache, (q, k, v, jnp.int32(S - 1), positions)))
                 try:
@@ -223,6 +242,8 @@ def check_spkv_arguments(a: argparse.Namespace) -> None:
                          f"shortest --S {min(a.S)}")
     if a.spkv_headroom < 0:
         raise UsageError(f"--spkv-headroom {a.spkv_headroom}: the store's room beyond the density cannot be negative")
+    if a.spkv_page < 1:
+        raise UsageError(f"--spkv-page {a.spkv_page}: a page holds at least one key")
 
 
 def bench(a: argparse.Namespace, command: str) -> list[dict]:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attention import pruned_cache
 from attention.cache_policies import CachePolicy, CachePolicyError
 from lm.config import Config
 from lm.evals import common, decode_speed
@@ -43,10 +44,11 @@ def resolve(cfg: Config, name: str, budget: int | None, window: int | None) -> C
 
 
 def layer_slots(mdef: ModelDef, params, policy: CachePolicy, length: int) -> dict:
-    """{layer label: {"window", "store"}} slots per KV head of each layer under the policy."""
+    """{layer label: {"window", "store"}} slots per KV head of each layer under the policy (the store: the pool's
+    slots per (sequence, KV head) pair, its share of the budget rounded up to whole pages)."""
     caches = jax.eval_shape(lambda p: init_caches(mdef.merge(p), 1, length, policy), params)
-    return {block.label: {"window": c["admit"].shape[1], "store": c["pos"].shape[1] - c["admit"].shape[1]}
-            for block, c in zip(mdef.merge(params).blocks, caches) if isinstance(c, dict) and "policy" in c}
+    return {block.label: dict(zip(("window", "store"), pruned_cache.slots_per_pair(c)))
+            for block, c in zip(mdef.merge(params).blocks, caches) if pruned_cache.is_pruned(c)}
 
 
 def decoded_logits(model, tokens_BT: jax.Array, policy: CachePolicy) -> tuple[jax.Array, list]:

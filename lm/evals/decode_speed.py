@@ -11,9 +11,10 @@ at the run's length and at twice it: bytes_per_token = growth per token, state_b
 kv_cache_bytes_per_token counts keys and values only, and state_bytes_per_sequence the fixed recurrent and conv
 state; they agree with the arrays for plain caches (K=V sharing caches one array, half of K,V's; linear mixers
 grow by nothing). A pruned (SP-KV) cache (`attention.pruned_cache`) also records each slot's position and score
-(int32 and fp32 per KV head and slot), admission bits for the window and per-head counts; with a capacity set
-its store does not grow with the length. What it holds is given under `pruned`: the entries present after
-decoding times their bytes, against what it allocated and the keys a full store evicted. With a cache policy
+(int32 and fp32 per KV head and slot), admission bits for the window, per-head counts and the page table of its
+store, a pool of pages the batch's sequences share (a sequence's bytes are its share); with a capacity set its
+store does not grow with the length. What it holds is given under `pruned`: the entries present after decoding
+times their bytes, against what it allocated and the keys evicted when the pool was full. With a cache policy
 (`attention.cache_policies`) every softmax layer reading the whole context decodes through such a cache.
 """
 from __future__ import annotations
@@ -159,7 +160,8 @@ def pruned_report(model, cache: list, length: int) -> dict | None:
         dense += length * block.mixer.cache_bytes_per_token()
         allocated += tree_bytes(c) / occ_BH.shape[0]
         evicted += float(np.asarray(c["evicted"], np.float64).sum(axis=1).mean())
-        by_layer[block.label] = {"entries_per_head": occ_BH.mean(axis=0).tolist(), "slots_per_head": c["pos"].shape[1],
+        by_layer[block.label] = {"entries_per_head": occ_BH.mean(axis=0).tolist(),
+                                 "slots_per_head": sum(pruned_cache.slots_per_pair(c)),
                                  "evicted_per_head": np.asarray(c["evicted"], np.float64).mean(axis=0).tolist(),
                                  "held_kv_bytes": layer_held}
     if not by_layer:

@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from attention.base import MixerContext, Stat, StatsReport, in_train_step
+from attention.cache_policies import CachePolicy
 from attention.cca import CCAConfig, CCAttention
 from attention.softmax import SoftmaxAttention, SoftmaxConfig
 from attention.pruned_cache import occupancy
@@ -197,29 +198,46 @@ def _with_capacity(m: SoftmaxAttention, capacity: int) -> SoftmaxAttention:
     return other
 
 
-def test_capacity_bounds_the_cache_and_counts_evictions():
-    """spkv.cache.capacity sizes the store: at the largest kept count of any head the cache is window + that many
-    slots and decodes exactly as the hard-mask forward; one slot less, the densest heads evict (counted), and the
-    outputs match the forward up to the first step a key could be missing."""
+@functools.partial(nnx.jit, static_argnames="policy")
+def _decode_under(m, x_BTD, policy):
+    """`_decode_all` from a fresh cache under `policy`."""
+    def step(cache, xs):
+        y, cache = m.decode(xs[0][:, None], cache, xs[1])
+        return cache, y[:, 0]
+
+    cache, y_TBD = jax.lax.scan(step, m.init_cache(B, T, policy=policy), (x_BTD.swapaxes(0, 1), jnp.arange(T)))
+    return y_TBD.swapaxes(0, 1), cache
+
+
+def test_capacity_bounds_the_pool_and_counts_evictions():
+    """spkv.cache.capacity sizes the pool the (sequence, KV head) pairs share: here pages of one key, so the pool
+    holds 4 pairs x capacity keys. At the mean kept count per pair, rounded up, the densest pair holds more
+    than its share, nothing is evicted and decode is exactly the hard-mask forward; one key less per pair, the
+    pool runs out and every key admitted after that evicts (counted: the kept keys beyond the pool), and the
+    outputs match the forward up to the first step the pool can be full."""
     base = DECODE_CASES["softmax_gqa"].model_copy(update={"spkv": SPKVConfig(window=W, init_bias=0.0)})
     m = SoftmaxAttention(base, _ctx(), rngs=nnx.Rngs(0))
     x = _x()
     full = _forward(m, x)
     nnx.pop(m, Stat)
     kept_BH = (np.asarray(m.spkv.logits(x)) >= 0.0)[:, :T - W].sum(axis=1)
-    most = int(kept_BH.max())
-    assert most < T - W, "the case must keep fewer keys than leave the window"
-    decoded, cache = _decode_all(_with_capacity(m, most), x)
-    assert cache["pos"].shape[1] == W + most
-    assert_close(decoded, full, rel=1e-5, name="capacity fits")
+    share = -(-int(kept_BH.sum()) // kept_BH.size)
+    assert kept_BH.max() > share, "the case must have a pair denser than the mean"
+    one_key_pages = CachePolicy("spkv", page=1)
+    decoded, cache = _decode_under(_with_capacity(m, share), x, one_key_pages)
+    assert cache["pages"]["k"].shape[:2] == (kept_BH.size * share, 1) and cache["k"].shape[1] == W
+    assert_close(decoded, full, rel=1e-5, name="the pool holds every kept key")
     np.testing.assert_array_equal(cache["evicted"], 0)
+    np.testing.assert_array_equal(cache["stored"], kept_BH)
 
-    decoded, cache = _decode_all(_with_capacity(m, most - 1), x)
-    np.testing.assert_array_equal(cache["evicted"], np.maximum(kept_BH - (most - 1), 0))
-    np.testing.assert_array_equal(occupancy(cache), W + np.minimum(kept_BH, most - 1))
-    # The store fills at the earliest when `most - 1` keys have left the window; up to then nothing is missing.
-    first = W + most - 1
-    assert_close(decoded[:, :first + 1], full[:, :first + 1], rel=1e-5, name="before any eviction")
+    small = share - 1
+    decoded, cache = _decode_under(_with_capacity(m, small), x, one_key_pages)
+    assert int(np.sum(cache["evicted"])) == int(kept_BH.sum()) - kept_BH.size * small
+    assert int(np.sum(cache["stored"])) == kept_BH.size * small
+    np.testing.assert_array_equal(occupancy(cache), W + np.asarray(cache["stored"]))
+    # Each step moves at most one key per pair, so the pool of `small` keys per pair can first overflow at step
+    # W + small; up to then nothing is missing.
+    assert_close(decoded[:, :W + small], full[:, :W + small], rel=1e-5, name="before any eviction")
     assert float(jnp.max(jnp.abs(decoded - full))) > 1e-4, "an evicted key must change some output"
 
 

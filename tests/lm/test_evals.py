@@ -206,9 +206,12 @@ def test_spkv_cache_reports_what_it_holds(tmp_path):
         "model.mixers.softmax.spkv.anneal.freeze_steps": 2, "model.mixers.softmax.spkv.anneal.ramp_steps": 2})
     kv_token = 2 * 2 * 2 * 16 * 4
     # No capacity set: allocated for the worst case, plus an int32 position and an fp32 score per slot and KV
-    # head (2 layers x 2 heads); fixed: admission bits of the 8 window slots, stored and evicted counts.
+    # head (2 layers x 2 heads). Fixed, per layer and sequence: admission bits of the 8 window slots, stored and
+    # evicted counts, and the store's pool bookkeeping: a store under 64 keys is one page per (sequence, KV head)
+    # pair, so one page-table entry and one page owner per pair, and the batch's count of pages handed out (an
+    # int32 for the batch of 2: 2 bytes per sequence).
     assert res["analytic_bytes_per_token"] == kv_token and res["bytes_per_token"] == kv_token + 2 * 2 * 8
-    assert res["state_bytes"] == 2 * (8 * 2 + 2 * 4 + 2 * 4) and not res["matches_analytic"]
+    assert res["state_bytes"] == 2 * (8 * 2 + 2 * 4 + 2 * 4 + 2 * 4 + 2 * 4 + 4 // 2) and not res["matches_analytic"]
     s = res["pruned"]
     assert s["dense_kv_bytes_per_sequence"] == 16 * kv_token
     assert s["held_kv_bytes_per_sequence"] == 8 * kv_token and s["compression"] == 2.0
