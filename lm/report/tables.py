@@ -151,42 +151,47 @@ def contrast_cells(col: Collection, rows: list[dict], key: str,
 
 
 def tuning_cells(col: Collection, key: str) -> tuple[list[str], list[list[str]], str] | None:
-    """For a `tune` sweep: one row per variant, one column per value tried, each cell the tuning run's final `key`
-    ('diverged', or '—' while unfinished), the chosen value marked; and the sentence under the table. None
-    without tuning."""
+    """For a `tune` sweep: one row per variant, one column per value tried (the grid, then any tried beyond it by
+    `tune.extend`), each cell the tuning run's final `key` ('diverged', '—' while unfinished, blank where the
+    variant did not try it), the chosen value marked; and the sentence under the table. None without tuning."""
     if not col.tune:
         return None
     from lm.sweep.spec import format_value
 
     t = col.tune
-    tags = [f"{t['key'].rsplit('.', 1)[-1]}{format_value(x)}" for x in t["values"]]
+    extensions = t.get("extensions") or {}
+    values = sorted({*t["values"], *(x for xs in extensions.values() for x in xs)}, key=float) \
+        if extensions else list(t["values"])
     by_name = {r["name"]: r for r in col.tuning}
     cells, edges = [], []
     for variant in col.variants:
         row = [variant]
         chosen = t["choices"].get(variant)
-        for x, tag in zip(t["values"], tags):
-            rec = by_name.get(f"{variant}-{tag}-s{t['seed']}", {})
+        tried = [*t["values"], *extensions.get(variant, [])]
+        for x in values:
+            rec = by_name.get(f"{variant}-{t['key'].rsplit('.', 1)[-1]}{format_value(x)}-s{t['seed']}", {})
             value = rec.get(key)
-            cell = (f"{value:.4f}" if _is_number(value) else
+            cell = ("" if x not in tried else f"{value:.4f}" if _is_number(value) else
                     "diverged" if str(rec.get("reason", "")).startswith("diverged") else "—")
             row.append(f"**{cell}** (chosen)" if chosen is not None and format_value(chosen) == format_value(x)
                        else cell)
-        if chosen is not None and format_value(chosen) in (format_value(t["values"][0]),
-                                                           format_value(t["values"][-1])):
+        ends = (tried[0], tried[-1]) if not extensions else (min(tried, key=float), max(tried, key=float))
+        if chosen is not None and format_value(chosen) in map(format_value, ends):
             edges.append(variant)
         cells.append(row)
     note = f"Each variant's {t['key']} was chosen by its final {key} on seed {t['seed']} alone, then every seed ran " \
            f"at that value"
+    if t.get("extend"):
+        note += (f" (a variant whose best was at an end of what it had tried went on past it at the grid's ratio, "
+                 f"up to {t['extend']} values beyond each end)")
     if any(r["seed"] == t["seed"] for r in col.records):
-        note += (f"; the seed-{t['seed']} run in the tables above is that tuning run, the best of {len(t['values'])} "
-                 f"for every variant, so seed {t['seed']} flatters each variant a little and the paired differences "
-                 f"share that bias")
+        note += (f"; the seed-{t['seed']} run in the tables above is that tuning run, the best of the values it tried, "
+                 f"so seed {t['seed']} flatters each variant a little and the paired differences share that bias")
     note += "."
     if edges:
-        note += (f" At the edge of the grid ({', '.join(edges)}): a value beyond it may be better, so these "
+        note += (f" At the edge of what was tried ({', '.join(edges)}): a value beyond it may be better, so these "
                  f"variants may be under-tuned.")
-    return [f"variant: final {key} at {t['key']} =", *map(str, t["values"])], cells, note
+    return [f"variant: final {key} at {t['key']} =", *map(str, values)], cells, note
 
 
 def markdown_table(columns: list[str], cells: list[list[str]]) -> str:

@@ -38,7 +38,7 @@ def manifest(sweep: Sweep, statuses: dict[str, str] | None = None) -> dict:
     by_label = {v.label: v for v in sweep.variants}
 
     def source(r):
-        return by_label[r.variant.removesuffix(_tag_of(sweep, r))] if r.stage == "tune" else by_label[r.variant]
+        return by_label[_tuned(sweep, r)[0]] if r.stage == "tune" else by_label[r.variant]
 
     runs = [{"name": r.name, "variant": r.variant, "seed": r.seed, "config": r.config,
              "config_label": source(r).config_label, "axis_label": source(r).axis_label,
@@ -50,7 +50,9 @@ def manifest(sweep: Sweep, statuses: dict[str, str] | None = None) -> dict:
               "run_dir": f"{sweep.sweep_dir}/{v}-s{seed}", "status": "pending", "stage": "main", "waiting": "tuning"}
              for seed in sweep.seeds for v in sweep.waiting]
     tune = {"tune": {"key": sweep.tune.key, "values": list(sweep.tune.values), "seed": sweep.tune.seed,
-                     "choices": dict(sweep.choices)}} if sweep.tune else {}
+                     "choices": dict(sweep.choices),
+                     **({"extend": sweep.tune.extend, "extensions": {v: list(x) for v, x in sweep.extensions.items()}}
+                        if sweep.tune.extend else {})}} if sweep.tune else {}
     from lm.sweep.evals import pending, result_path
 
     evals = {"evals": [{"name": f"{e.label}-s{r.seed}", "variant": e.label, "seed": r.seed, "of": r.name,
@@ -63,9 +65,21 @@ def manifest(sweep: Sweep, statuses: dict[str, str] | None = None) -> dict:
     }
 
 
-def _tag_of(sweep: Sweep, run: Run) -> str:
-    """'-lr0.002' of a tuning run: the suffix its variant label has beyond the variant it tunes."""
-    return next(f"-{sweep.tune.tag(x)}" for x in sweep.tune.values if run.variant.endswith(f"-{sweep.tune.tag(x)}"))
+def _news(sweep: Sweep, runs: list[Run]) -> str:
+    """What the tuning runs that just ended decided: the values chosen, and the values tried beyond the grid."""
+    chosen = list(dict.fromkeys(r.variant for r in runs if r.stage == "main"))
+    beyond = [_tuned(sweep, r) for r in runs if r.stage == "tune"]
+    parts = [f"tuning chose {', '.join(f'{v} {sweep.tune.key}={sweep.choices[v]}' for v in chosen)}"] if chosen else []
+    if beyond:
+        parts.append("best at the edge of what they tried, so tuning goes on with " +
+                     ", ".join(f"{v} {sweep.tune.key}={x}" for v, x in beyond))
+    return "; ".join(parts)
+
+
+def _tuned(sweep: Sweep, run: Run) -> tuple[str, object]:
+    """(the variant, the value) a tuning run tries."""
+    return next((v.label, x) for v in sweep.variants for x in sweep.tried(v.label)
+                if run.variant == f"{v.label}-{sweep.tune.tag(x)}")
 
 
 def manifest_text(doc: dict) -> str:
@@ -182,8 +196,7 @@ def run_local(sweep: Sweep, *, only: Iterable[str] | None = None, console: Conso
             runs = [r for r in select(sweep, only, allow_none=True) if r.name not in before]
             if runs:
                 write_manifest(sweep.manifest_path, manifest(sweep, statuses))
-                picked = ", ".join(f"{v} {sweep.tune.key}={sweep.choices[v]}" for v in dict.fromkeys(r.variant for r in runs))
-                say(f"sweep {sweep.name}: tuning chose {picked}; {len(runs)} more runs")
+                say(f"sweep {sweep.name}: {_news(sweep, runs)}; {len(runs)} more runs")
     if sweep.waiting:
         say(f"sweep {sweep.name}: no value chosen for {', '.join(sweep.waiting)} (their tuning runs have not all "
             f"ended, or all diverged); their other runs did not start", style="yellow")

@@ -16,8 +16,8 @@ expanded into runs.
       spkv: {config: configs/tiny/spkv.yaml, set: {model.mixers.softmax.spkv.init_bias: 1.0}}
       spkv_adapted: {config: configs/tiny/spkv.yaml, init_from: softmax}
     overrides: {lr3e-3: {optim.lr: 3e-3}}  # optional axis: variants = configs x overrides
-    tune: {key: optim.lr, values: [1.0e-3, 2.0e-3, 4.0e-3], seed: 0}   # optional: per variant, the best value
-                                         # of `key` on one seed, then every seed at that value
+    tune: {key: optim.lr, values: [1.0e-3, 2.0e-3, 4.0e-3], seed: 0, extend: 2}   # optional: per variant, the
+                                         # best value of `key` on one seed, then every seed at that value
     evals:                               # optional: inference-time variants, a trained variant's checkpoints
       dense_h2o: {of: dense, cache_policy: h2o, cache_budget: 72}   # scored again through pruned caches
       spkv_tau07: {of: spkv, set: {model.mixers.softmax.spkv.threshold: 0.7}}   # or with eval-time settings
@@ -33,7 +33,11 @@ With `tune`, each variant first runs once per value on the tune seed (`<variant>
 e.g. `softmax-lr0.002-s0`); once a variant's tuning runs have ended, its runs for every seed use the value whose
 final eval was best by `metric` (a diverged tuning run counts as worst). The run of the tune seed at the chosen
 value is that tuning run, not a second training. `with_choices` builds those runs once the values are known
-(lm/sweep/tune.py reads them from the tuning runs).
+(lm/sweep/tune.py reads them from the tuning runs). With `extend: N` (numeric values, increasing, above 0), a
+variant whose best value is the largest (smallest) it tried first tries the next one beyond, at the ratio of the
+grid's last (first) two values, up to N beyond each end: a best value at the edge of the grid says a better one
+may lie outside it, and tuning only the variants that need it costs far less than widening the grid for all.
+`with_extensions` adds those tuning runs.
 
 Every problem is a one-line `ConfigError` naming the spec file and the key. Every run's config is loaded
 (`lm.config.load_config`) when the spec is, so a mistyped key fails before anything trains.
@@ -54,7 +58,7 @@ from lm.config import Config, ConfigError, _Loader, load_config, parse_yaml
 
 TOP_KEYS = ("name", "description", "group", "baseline", "metric", "contrasts", "seeds", "out_dir", "common",
             "configs", "overrides", "tune", "evals", "cluster")
-TUNE_KEYS = ("key", "values", "seed")
+TUNE_KEYS = ("key", "values", "seed", "extend")
 EVAL_KEYS = ("of", "set", "cache_policy", "cache_budget", "cache_window")
 METRICS = ("eval_loss", "eval_bpb", "eval_ppl", "eval_acc")  # what a report may compare by default
 CONFIG_KEYS = ("config", "set", "init_from")
@@ -113,10 +117,23 @@ class Tune:
     key: str
     values: tuple[Any, ...]
     seed: int
+    extend: int = 0  # values each variant may try beyond each end of `values` when its best is at that end
 
     def tag(self, value: Any) -> str:
         """'lr0.002' for optim.lr = 0.002: the key's last part and the value, for run names."""
         return f"{self.key.rsplit('.', 1)[-1]}{format_value(value)}"
+
+    def beyond(self, tried: tuple[Any, ...], upward: bool) -> Any | None:
+        """The next value past the largest (`upward`) or smallest of `tried` (the grid and the values already
+        added beyond it), at the ratio of the grid's two values at that end; None when `extend` values already
+        lie beyond that end."""
+        grid = self.values
+        past = [x for x in tried if (x > grid[-1] if upward else x < grid[0])]
+        if len(past) >= self.extend:
+            return None
+        ratio = grid[-1] / grid[-2] if upward else grid[0] / grid[1]
+        edge = max(tried) if upward else min(tried)
+        return float(f"{edge * ratio:.6g}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +173,8 @@ class Sweep:
     contrasts: tuple[tuple[str, str], ...] = ()  # (variant, its reference): more pairs the report compares
     tune: Tune | None = None
     choices: dict[str, Any] = dataclasses.field(default_factory=dict)  # variant -> the tuned value chosen
+    extensions: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)  # variant -> values tried
+    #                                                                   beyond tune.values (tune.extend)
     common_overrides: tuple[str, ...] = ()  # what every run gets (kept to build the tuned runs later)
     evals: tuple[EvalVariant, ...] = ()
 
@@ -167,6 +186,10 @@ class Sweep:
     @property
     def sweep_dir(self) -> Path:
         return Path(self.out_dir) / self.name
+
+    def tried(self, variant: str) -> tuple[Any, ...]:
+        """The values of the tuned key `variant` tries: the grid, then any beyond it."""
+        return (*self.tune.values, *self.extensions.get(variant, ())) if self.tune else ()
 
     @property
     def manifest_path(self) -> Path:
@@ -540,8 +563,8 @@ def _set(tune: Tune, value: Any) -> tuple[str]:
 
 
 def _tune(spec: _Spec, value: Any, seeds: list[int], variants: list[Variant]) -> Tune | None:
-    """`tune: {key, values, seed}`: a dotted config key, two or more distinct values, a seed (default: the first
-    of `seeds`)."""
+    """`tune: {key, values, seed, extend}`: a dotted config key, two or more distinct values, a seed (default: the
+    first of `seeds`), how many values to try beyond each end (default 0; numeric increasing values above 0)."""
     if value is None:
         return None
     raw = spec.mapping(value, "tune")
@@ -561,7 +584,14 @@ def _tune(spec: _Spec, value: Any, seeds: list[int], variants: list[Variant]) ->
     seed = raw.get("seed", seeds[0])
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         spec.fail("tune.seed", f"must be a whole number >= 0 (got {seed!r})")
-    tune = Tune(key, tuple(values), seed)
+    extend = raw.get("extend", 0)
+    if not isinstance(extend, int) or isinstance(extend, bool) or extend < 0:
+        spec.fail("tune.extend", f"must be a whole number >= 0 of values to try beyond each end (got {extend!r})")
+    if extend and not (all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in values)
+                       and all(a < b for a, b in zip(values, values[1:]))):
+        spec.fail("tune.extend", f"needs increasing numbers above 0 in tune.values, to step past their ends at their "
+                                 f"own ratio (got {values!r})")
+    tune = Tune(key, tuple(values), seed, extend)
     labels = {v.label for v in variants}
     for v in variants:
         if v.init_from is not None:
@@ -585,8 +615,9 @@ def with_choices(sweep: Sweep, choices: dict[str, Any]) -> Sweep:
         return sweep
     known = {v.label: choices[v.label] for v in sweep.variants if v.label in choices}
     for label, value in known.items():
-        if format_value(value) not in {format_value(x) for x in tune.values}:
-            raise ConfigError(f"{sweep.path}: tune: {value!r} chosen for {label} is not one of tune.values")
+        if format_value(value) not in {format_value(x) for x in sweep.tried(label)}:
+            raise ConfigError(f"{sweep.path}: tune: {value!r} chosen for {label} is not one of the values it tried "
+                              f"(tune.values, and any beyond them by tune.extend)")
     trials = {r.name: r for r in sweep.runs if r.stage == "tune"}
 
     def fail(key: str, msg: str):
@@ -606,6 +637,24 @@ def with_choices(sweep: Sweep, choices: dict[str, Any]) -> Sweep:
             main += _runs(fail, [dataclasses.replace(v, overrides=v.overrides + _set(tune, value))], [seed],
                           sweep.common_overrides, sweep.out_dir, sweep.name, sweep.group)
     return dataclasses.replace(sweep, runs=tuple(trials.values()) + tuple(main), choices=known)
+
+
+def with_extensions(sweep: Sweep, extensions: dict[str, tuple[Any, ...]]) -> Sweep:
+    """`sweep` (as loaded, no choices yet) with the tuning runs of the values each variant tries beyond the grid
+    (`extensions`: variant -> values, tune.extend)."""
+    if not extensions:
+        return sweep
+
+    def fail(key: str, msg: str):
+        raise ConfigError(f"{sweep.path}: {key}: {msg}")
+
+    tune, by_label = sweep.tune, {v.label: v for v in sweep.variants}
+    trials = [dataclasses.replace(by_label[label], label=f"{label}-{tune.tag(x)}",
+                                  overrides=by_label[label].overrides + _set(tune, x))
+              for label, values in extensions.items() for x in values]
+    runs = _runs(fail, trials, [tune.seed], sweep.common_overrides, sweep.out_dir, sweep.name, sweep.group,
+                 stage="tune")
+    return dataclasses.replace(sweep, runs=sweep.runs + tuple(runs), extensions=dict(extensions))
 
 
 def _not_a_variant(label: Any, choices: list[str], variants: list[str]) -> str:
@@ -655,5 +704,6 @@ def _runs(fail, variants: list[Variant], seeds: list[int], common: tuple[str, ..
     return runs
 
 
-__all__ = ["Sweep", "Run", "Variant", "Tune", "EvalVariant", "load_sweep", "with_choices", "format_value", "display_path", "CLUSTER_KEYS",
+__all__ = ["Sweep", "Run", "Variant", "Tune", "EvalVariant", "load_sweep", "with_choices", "with_extensions",
+           "format_value", "display_path", "CLUSTER_KEYS",
            "check_cluster_value"]

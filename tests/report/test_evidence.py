@@ -131,7 +131,7 @@ def test_a_tuned_sweep_reports_its_choice_per_variant(tmp_path):
     assert "## Choice of optim.lr" in md
     assert "| softmax | 2.3000 | **2.0000** (chosen) | 2.1000 |" in md
     assert "| mqa | **1.9000** (chosen) | 2.2000 | diverged |" in md
-    assert "At the edge of the grid (mqa)" in md
+    assert "At the edge of what was tried (mqa)" in md
     table = [ln.split("|")[1].strip() for ln in md.split("## Results")[1].split("##")[0].splitlines()
              if ln.startswith("| ")]
     assert table == ["variant", "softmax", "mqa"]

@@ -10,6 +10,7 @@ import pytest
 
 import lm.cli
 import lm.train
+from lm.config import dump_config
 from lm.sweep.cli import add_parser, cmd_sweep
 from lm.sweep.local import manifest, previous_statuses, write_manifest
 from lm.sweep.spec import load_sweep
@@ -187,24 +188,32 @@ def test_cli_mistakes_are_one_error_line_with_status_2(tmp_path, write_spec, mon
     assert err.startswith(expect) and err.count("\n") == 1, err
 
 
-def test_a_tuned_sweep_runs_each_variant_at_its_best_value(small_store, tmp_path, write_spec, monkeypatch, capsys):
-    """The grid on seed 0 first; softmax's best lr is 0.002, share_kv's 0.001 (its 0.004 diverges, which does not
-    stop the sweep); then seed 1 of each at that lr, seed 0 being the tuning run itself."""
-    finals = {"softmax-lr0.001-s0": 2.0, "softmax-lr0.002-s0": 1.8, "softmax-lr0.004-s0": 1.9,
-              "share_kv-lr0.001-s0": 2.1, "share_kv-lr0.002-s0": 2.2}
+def _fake_training(monkeypatch, finals: dict[str, float], diverges: str | None = None) -> list:
+    """lm.train.train replaced by one that writes each run's config and one final eval (`finals`, else 1.5), or
+    diverges for the run named `diverges`; returns the list of (run name, lr) it is called with."""
     calls = []
 
     def train(cfg, *, console=None, init_from=None, **kw):
         calls.append((cfg.run.name, cfg.optim.lr))
         run_dir = Path(cfg.run.out_dir) / cfg.run.name
         run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.run.name == "share_kv-lr0.004-s0":
+        if cfg.run.name == diverges:
             return RunResult(run_dir, "diverged", 2, None, "loss 40 > 3x its mean")
         loss = finals.get(cfg.run.name, 1.5)
-        (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 4, "eval_loss": loss}) + "\n")
-        return RunResult(run_dir, "finished", 4, {"eval_loss": loss}, "")
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"step": cfg.train.steps, "eval_loss": loss}) + "\n")
+        return RunResult(run_dir, "finished", cfg.train.steps, {"eval_loss": loss}, "")
 
     monkeypatch.setattr(lm.train, "train", train)
+    return calls
+
+
+def test_a_tuned_sweep_runs_each_variant_at_its_best_value(small_store, tmp_path, write_spec, monkeypatch, capsys):
+    """The grid on seed 0 first; softmax's best lr is 0.002, share_kv's 0.001 (its 0.004 diverges, which does not
+    stop the sweep); then seed 1 of each at that lr, seed 0 being the tuning run itself."""
+    calls = _fake_training(monkeypatch, {"softmax-lr0.001-s0": 2.0, "softmax-lr0.002-s0": 1.8,
+                                         "softmax-lr0.004-s0": 1.9, "share_kv-lr0.001-s0": 2.1,
+                                         "share_kv-lr0.002-s0": 2.2}, diverges="share_kv-lr0.004-s0")
     spec = write_spec(tiny_spec(small_store, tmp_path / "runs") + "tune: {key: optim.lr, values: [1.0e-3, 2.0e-3, "
                                                                    "4.0e-3]}\n")
     assert cmd_sweep(args_of(str(spec), "--dry-run")) == 0
@@ -228,6 +237,41 @@ def test_a_tuned_sweep_runs_each_variant_at_its_best_value(small_store, tmp_path
                                                                    ("softmax", "0.004"), ("share_kv", "0.001"),
                                                                    ("share_kv", "0.002"))] + ["softmax-s1", "share_kv-s1"]
     assert "tuning run share_kv-lr0.004-s0 diverged earlier" in capsys.readouterr().out
+
+
+def test_a_best_value_at_the_edge_of_the_grid_is_tried_past(small_store, tmp_path, write_spec, monkeypatch, capsys):
+    """extend: 2 on the grid 0.001, 0.002, 0.004. softmax's best is inside it (0.002): chosen at once. share_kv's
+    is the largest (0.004), so it tries 0.008 (better again), then 0.016 (worse): 0.008 is chosen. A report
+    would not call it at the edge. Rerun, the same values are found again from the runs on disk."""
+    from lm.report.collect import collect
+    from lm.report.tables import tuning_cells
+
+    calls = _fake_training(monkeypatch, {
+        "softmax-lr0.001-s0": 2.0, "softmax-lr0.002-s0": 1.8, "softmax-lr0.004-s0": 1.9, "share_kv-lr0.001-s0": 2.3,
+        "share_kv-lr0.002-s0": 2.2, "share_kv-lr0.004-s0": 2.1, "share_kv-lr0.008-s0": 2.0,
+        "share_kv-lr0.016-s0": 2.05})
+    spec = write_spec(tiny_spec(small_store, tmp_path / "runs") + "tune: {key: optim.lr, values: [1.0e-3, 2.0e-3, "
+                                                                   "4.0e-3], extend: 2}\n")
+    assert cmd_sweep(args_of(str(spec), "--local")) == 0
+    out = capsys.readouterr().out
+    grid = [(f"{v}-lr{x}-s0", float(x)) for v in ("softmax", "share_kv") for x in ("0.001", "0.002", "0.004")]
+    # Once the grid has ended: share_kv's next tuning run (tuning runs come first), softmax's other seed, ...
+    assert calls == grid + [("share_kv-lr0.008-s0", 0.008), ("softmax-s1", 0.002), ("share_kv-lr0.016-s0", 0.016),
+                            ("share_kv-s1", 0.008)]
+    assert "best at the edge of what they tried, so tuning goes on with share_kv optim.lr=0.008" in out
+    doc = read(tmp_path / "runs" / "tiny" / "sweep.json")
+    assert doc["tune"]["choices"] == {"softmax": 0.002, "share_kv": 0.008}
+    assert doc["tune"]["extensions"] == {"share_kv": [0.008, 0.016]} and doc["tune"]["extend"] == 2
+    by = {r["name"]: r for r in doc["runs"]}
+    assert by["share_kv-lr0.016-s0"]["stage"] == "tune" and by["share_kv-lr0.016-s0"]["config_label"] == "share_kv"
+    assert by["share_kv-s0"]["reuses"] == "share_kv-lr0.008-s0"
+    columns, cells, note = tuning_cells(collect([tmp_path / "runs" / "tiny"]), "eval_loss")
+    assert columns[1:] == ["0.001", "0.002", "0.004", "0.008", "0.016"]
+    assert cells[0][4:] == ["", ""] and cells[1][4] == "**2.0000** (chosen)" and "At the edge" not in note
+    calls.clear()
+    assert cmd_sweep(args_of(str(spec), "--local")) == 0
+    assert [c[0] for c in calls] == [c[0] for c in grid] + ["share_kv-lr0.008-s0", "share_kv-lr0.016-s0",
+                                                            "softmax-s1", "share_kv-s1"]
 
 
 def test_tuning_runs_a_cluster_finished_are_read_from_their_run_directories(tmp_path, write_spec, small_store):

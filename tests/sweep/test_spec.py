@@ -87,6 +87,11 @@ TUNED = "tune: {key: optim.lr, values: [1.0e-3, 2.0e-3, 4.0e-3]}\n" + GOOD
      "configs.cont.init_from: a tuned sweep cannot start runs from other runs"),
     (TUNED + "  softmax-lr0.001: configs/tiny/softmax.yaml\n", "tune: the tuning variant 'softmax-lr0.001' is also a "
      "variant of the sweep"),
+    (GOOD + "tune: {key: optim.lr, values: [1.0e-3, 2.0e-3], extend: -1}\n", "tune.extend: must be a whole number >= 0"),
+    (GOOD + "tune: {key: optim.lr, values: [2.0e-3, 1.0e-3], extend: 1}\n",
+     "tune.extend: needs increasing numbers above 0 in tune.values"),
+    (GOOD + "tune: {key: optim.warmup_steps, values: [0, 2], extend: 1}\n",
+     "tune.extend: needs increasing numbers above 0 in tune.values"),
 ])
 def test_tune_mistakes_are_one_line_errors(write_spec, text, expect):
     assert expect in error_of(write_spec, text)
@@ -119,11 +124,23 @@ def test_tune_runs_the_grid_on_one_seed_then_every_seed_at_the_choice(write_spec
     assert by["softmax-lr0.001-s0"]["stage"] == "tune" and by["softmax-lr0.001-s0"]["config_label"] == "softmax"
     assert by["share_kv-s0"]["reuses"] == "share_kv-lr0.004-s0"
     assert by["softmax-s2"]["waiting"] == "tuning" and by["softmax-s2"]["overrides"] is None
-    with pytest.raises(ConfigError, match="0.003 chosen for softmax is not one of tune.values"):
+    with pytest.raises(ConfigError, match="0.003 chosen for softmax is not one of the values it tried"):
         with_choices(sw, {"softmax": 0.003})
     # A tune seed outside `seeds` is a run of its own: every seed then trains at the choice.
     other = load_sweep(write_spec(TUNED.replace("4.0e-3]}", "4.0e-3], seed: 9}")))
     assert [r.reuses for r in with_choices(other, {"softmax": 0.001}).runs if r.stage == "main"] == [None, None]
+
+
+def test_values_beyond_the_grid_step_at_the_grids_own_ratio_up_to_extend():
+    from lm.sweep.spec import Tune
+
+    t = Tune("optim.lr", (1e-3, 2e-3, 4e-3), 0, extend=2)
+    assert t.beyond(t.values, True) == 0.008 and t.beyond((*t.values, 0.008), True) == 0.016
+    assert t.beyond((*t.values, 0.008, 0.016), True) is None  # two beyond the top already
+    assert t.beyond((*t.values, 0.008, 0.016), False) == 0.0005  # the other end has its own two
+    assert Tune("optim.lr", (1e-4, 4.6416e-4, 2.1544e-3, 1e-2), 0, extend=1).beyond((1e-4, 4.6416e-4), False) == \
+        pytest.approx(1e-4 / 4.6416)
+    assert Tune("optim.lr", (1e-3, 2e-3), 0).beyond((1e-3, 2e-3), True) is None  # extend 0: never
 
 
 def test_missing_spec_file(tmp_path):
