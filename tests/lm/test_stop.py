@@ -18,10 +18,13 @@ TINY = "configs/tiny/softmax.yaml"
 
 
 def _train(store, tmp_path, name, **extra) -> subprocess.Popen:
+    """`attnlab train` with SIGHUP at its default: under `nohup` the test's own SIGHUP is ignored, and train keeps
+    an ignored SIGHUP ignored (lm/stop.py), as `nohup attnlab train` must."""
     args = sum((["--set", o] for o in tiny_overrides(store, tmp_path, name, **extra)), [])
     return subprocess.Popen([sys.executable, "-m", "lm.cli", "train", TINY, *args], cwd=ROOT,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
 
 
 def _catches(pid: int, signum: int) -> bool:

@@ -23,8 +23,9 @@ from tests.sweep.conftest import ROOT, tiny_overrides
 
 pytestmark = pytest.mark.skipif(slurm_node.unavailable() is not None, reason=str(slurm_node.unavailable()))
 
-# About 45 s of training on 2 cores, longer than the first warning can come (within 45 s of the start).
-STEPS = 1500
+# Longer than the first warning can come (within 45 s of the start) even on two fast idle cores, where 1500 steps
+# ran at 40-50k tokens/s and finished in about 20 s, before any warning: 4000 steps.
+STEPS = 4000
 SETTINGS = {"train.steps": STEPS, "train.log_every": 100, "data.seq_len": 64, "data.batch_size": 8,
             "model.d_model": 64, "model.mlp.hidden": 128, "optim.warmup_steps": 10, "train.eval_steps": 2}
 
