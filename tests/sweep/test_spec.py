@@ -289,6 +289,7 @@ def test_the_2m_token_tiny_sweep_tunes_the_lr_per_variant_over_five_seeds():
     contrast names two of its variants; the all-local control has SP-KV's window; the value-shift control."""
     sw = load_sweep("experiments/sweeps/tiny_2m.yaml")
     assert sw.seeds == (0, 1, 2, 3, 4) and sw.tune.key == "optim.lr" and sw.tune.values == (1e-3, 2e-3, 4e-3)
+    assert sw.tune.extend == 2  # a best lr at an end of the grid goes on past it
     assert len(sw.variants) == 16 and len(sw.runs) == 48 and all(r.stage == "tune" for r in sw.runs)
     for r in sw.runs:
         c = r.cfg
