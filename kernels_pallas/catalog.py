@@ -167,9 +167,11 @@ def cases() -> list[Case]:
 
 def report_cases(T: int) -> list[Case]:
     """One case per family at the shape the structure report and its targets are stated at: bf16, D=128, B=1,
-    16 query heads (GQA 16/4 for flash and decode), T tokens (decode: one query over S=T cached keys)."""
+    16 query heads (GQA 16/4 for flash and decode), T tokens (decode: one query over S=T cached keys; and a pruned
+    cache's paged store, a fixed 52 pages of 64 keys per pair beside a ring of 64, whatever T)."""
     bf16 = jnp.bfloat16
     return [_flash_case(bf16, 128, "gqa4", T=T, Hq=16), _decode_case(bf16, 128, "gqa4", S=T, B=1, Hq=16),
+            _decode_case(bf16, 128, "gqa4-paged", B=1, Hq=16),
             _lightning_case(bf16, 128, "plain", T=T, H=16), _kda_case(bf16, 128, "plain", T=T, H=16)]
 
 

@@ -46,12 +46,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import platform
+from kernels_pallas.chunked import VMEM_LIMIT_BYTES
 from kernels_pallas.flash import tiles
 
 # (key tile, largest number of splits, num_warps) per target; a split is at least 4 key tiles.
 DECODE_BLOCKS = {"cpu": (128, 4, 4), "gpu": (64, 32, 4), "tpu": (128, 8, 4)}
 # The fewest query rows of a tile: Triton's dots need 16, TPU's sublanes 8.
 MIN_ROWS = {"cpu": 1, "gpu": 16, "tpu": 8}
+# On TPU a split is one block, copied whole into VMEM: at most this many keys, so that VMEM per grid step does not
+# grow with the cache (a longer cache gets more splits; 2048 bf16 keys and values of 128 dims, double-buffered,
+# are 2 MiB).
+TPU_SPLIT_KEYS = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,7 +278,8 @@ def _call(kernel, name, grid, specs, out_specs, inputs, *, out_dims, prefetched,
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid_spec=grid_spec, interpret=platform.resolve_interpret(interpret), name=name,
         compiler_params=platform.compiler_params(gpu=dict(num_warps=warps, num_stages=2),
-                                                 tpu=dict(dimension_semantics=("parallel",) * 3)),
+                                                 tpu=dict(dimension_semantics=("parallel",) * 3,
+                                                          vmem_limit_bytes=VMEM_LIMIT_BYTES)),
     )(*prefetched, *inputs)
 
 
@@ -285,6 +291,8 @@ def _dense_parts(k, v, bias, lengths, key_positions, *, tgt, queries, shared, tf
     bk = block_k or min(pref_k, max(8, 1 << max(0, (S - 1).bit_length())))
     n_tiles = -(-S // bk)
     n_split = splits or max(1, min(max_splits, n_tiles // 4))
+    if tgt == "tpu":
+        n_split = max(n_split, -(-S // TPU_SPLIT_KEYS))
     chunk = -(-n_tiles // n_split) * bk
     n_split = -(-S // chunk)
     # A TPU block's last dim must be a multiple of 128 lanes or the whole row: narrower heads share a block.

@@ -182,6 +182,31 @@ def test_pipeline_under_the_tpu_interpreter():
     softmax_cases.compare(got, jax.device_get(softmax_cases.run("reference", name)), name)
 
 
+def test_tpu_decode_splits_a_long_cache_into_bounded_blocks(monkeypatch):
+    """On TPU a decode split is one VMEM block, so a cache longer than the cap is cut into more splits, not larger
+    ones. With the cap lowered to 256 keys, 1100 keys held up to per-head lengths run as 5 splits under the TPU
+    interpreter and equal softmax over the held keys."""
+    from kernels_pallas.flash import decode
+
+    monkeypatch.setattr(decode, "TPU_SPLIT_KEYS", 256)
+    rng = np.random.default_rng(0)
+    B, S, Hq, Hkv, D = 1, 1100, 4, 2, 128
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in
+               ((B, 1, Hq, D), (B, S, Hkv, D), (B, S, Hkv, D)))
+    lengths = np.array([[1100, 700]], np.int32)
+    with platform.targeting("tpu"):
+        lowered = jax.jit(functools.partial(decode.flash_decode, interpret=pltpu.InterpretParams())).trace(
+            q, k, v, None, lengths=lengths).jaxpr
+        got = decode.flash_decode(q, k, v, None, lengths=lengths, interpret=pltpu.InterpretParams())
+    grids = [e.params["grid_mapping"].grid for e in lowered.eqns if e.primitive.name == "pallas_call"]
+    assert grids == [(1, 2, 5)], grids
+    for h in range(Hq):
+        kv, n = h // (Hq // Hkv), lengths[0, h // (Hq // Hkv)]
+        s = k[0, :n, kv] @ q[0, 0, h] / np.sqrt(D)
+        w = np.exp(s - s.max())
+        assert_close(np.asarray(got)[0, 0, h], (w / w.sum()) @ v[0, :n, kv], rel=1e-4, name=f"head {h}")
+
+
 def _brute_force_kinds(plan, gate, doc):
     """Tile kinds from the dense masks: SKIP when no pair is visible, or when every key of the block has a
     closed gate and every pair that causal and window leave visible is gated; FULL when every pair of the tile

@@ -123,6 +123,16 @@ def test_tpu_vmem_is_bounded_and_does_not_grow_with_T(linear_rows, family):
         assert b["vmem_limit_bytes"] and b["vmem_bytes"] <= b["vmem_limit_bytes"], f"{b['name']} sets no VMEM limit"
 
 
+def test_tpu_decode_vmem_is_bounded_at_any_cache_length():
+    """The decode kernels copy a split of the cache whole into VMEM: past 2048 keys a longer cache gets more splits,
+    not larger ones, so VMEM per grid step is the same at 32k and 128k keys (it grew 4x from 8k to 32k before)."""
+    rows = list(report.report_rows((32768, 131072), only="decode", targets=("tpu",)))
+    by_T = {T: [(r["name"], r["vmem_bytes"]) for r in rows if r["T"] == T] for T in (32768, 131072)}
+    assert by_T[32768] == by_T[131072] and {n for n, _ in by_T[32768]} == {"flash_decode", "flash_decode_paged"}
+    for r in rows:
+        assert r["vmem_bytes"] <= 4 << 20 and r["vmem_limit_bytes"] == report.VMEM_BOUND_BYTES, r
+
+
 @pytest.mark.parametrize("target", ["tpu", "gpu"])
 @pytest.mark.parametrize("family", LINEAR)
 def test_linear_kernels_are_chunk_parallel_tensor_core_pipelines(linear_rows, family, target):
