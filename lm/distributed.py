@@ -17,7 +17,8 @@ a one-line error rather than an abort inside jax's runtime. The connections stay
 a process dies, the others learn it at once (TCP keepalive finds a host that went down) and each prints one line,
 which process is gone, the last checkpoint and to rerun all processes, and exits with EXIT_PEER_LOST, before
 jax's runtime would abort them with pages of gRPC errors. A process that stops with an error says so; the others
-give it FAIL_GRACE_S to be the same error everywhere (each then prints its own) before they stop too.
+give it FAIL_GRACE_S to be the same error everywhere (each then prints its own) before they stop too, and process
+0, whose exit ends jax's coordination service under the others, waits as long for them to end first.
 On CPU, cross-process collectives go through gloo, and `--cpu-devices N` gives each process N host devices
 (how the tests build a 2-process x 4-device mesh on one machine).
 """
@@ -289,7 +290,8 @@ class _Links:
                 data = b""
             if not data:
                 if pid not in self.ended:
-                    self._lost(pid, GONE)
+                    self._lost(pid, GONE)  # ends this process, unless it is ending already
+                self.ended.add(pid)
                 return
             buf += data
             while b"\n" in buf:
@@ -346,6 +348,13 @@ class _Links:
             self._report(*self.trouble)
         self.failed = not ok
         self._send("bye" if ok else "fail")
+        if not ok and self.me == 0:
+            # Process 0 hosts jax's coordination service, whose end aborts every other process's runtime: wait
+            # (at most FAIL_GRACE_S) for the others to end by themselves, each with its own line, most often the
+            # same error.
+            deadline = time.monotonic() + FAIL_GRACE_S
+            while time.monotonic() < deadline and not self.ended >= set(self.conns):
+                time.sleep(0.05)
         for conn in self.conns.values():
             conn.close()
 
