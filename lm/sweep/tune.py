@@ -65,13 +65,13 @@ def _plan(sweep: Sweep, statuses: dict[str, str]) -> tuple[dict[str, Any], dict[
     for variant, outcomes in trial_outcomes(sweep, statuses).items():
         if any(o is None for o in outcomes.values()):
             continue
-        by_tag = {sweep.tune.tag(x): x for x in sweep.tried(variant)}
+        tried = sweep.tried(variant)
+        by_tag = {sweep.tune.tag(x): x for x in tried}
         scored = {tag: sign * o if math.isfinite(o) else math.inf for tag, o in outcomes.items() if o != "diverged"}
         finite = {tag: s for tag, s in scored.items() if math.isfinite(s)}
         if not finite:
             continue
         best = by_tag[min(finite, key=lambda t: (finite[t], list(by_tag).index(t)))]
-        tried = sweep.tried(variant)
         at_end = [up for up, end in ((True, max(tried)), (False, min(tried))) if best == end]
         beyond = sweep.tune.beyond(tried, at_end[0]) if at_end and sweep.tune.extend else None
         if beyond is None:
