@@ -1,12 +1,14 @@
 """`attnlab report SWEEP_OR_RUN_DIR... [--out DIR] [--baseline VARIANT] [--key eval_loss] [--contrast A:B]
-[--wandb MODE]`: write report.md (what ran, the per-variant table with paired 95% intervals, the contrasts, the
+[--only PATTERN --name NAME] [--wandb MODE]`: write report.md (what ran, the per-variant table with paired 95% intervals, the contrasts, the
 ranking at half the run, the plots), report.json (per-run records) and the PNGs into the output directory, and log
 the table and plots to the sweep's W&B group as a `report` job when W&B is on. `attnlab report --from-json
 REPORT_JSON` writes a report again from the records an earlier one kept.
 
 The output directory defaults to experiments/results/<sweep name>/, or experiments/results/exploratory/<sweep
 name>/ for a report below the evidence bar (lm/report/evidence.py); with only plain run directories --out is
-required. `--wandb auto` logs online when the runs were configured online and an API key is available, and
+required. `--only PATTERN` (repeatable) reports part of a sweep: the variants whose names match, and the
+contrasts between them; such a report needs its own `--name` (or `--out`) so it never takes the whole sweep's
+place. `--wandb auto` logs online when the runs were configured online and an API key is available, and
 otherwise not at all; `offline` writes an offline W&B run under the output directory's wandb/.
 """
 from __future__ import annotations
@@ -41,6 +43,11 @@ def add_parser(subparsers):
     r.add_argument("--contrast", action="append", default=[], metavar="VARIANT:REFERENCE",
                    help="also compare VARIANT with REFERENCE seed by seed, in a table of its own (repeatable; "
                         "added to a sweep spec's `contrasts`)")
+    r.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                   help="only the variants whose names match this shell pattern, e.g. 'share_*' (repeatable); the "
+                        "report says which it left out and needs --name or --out")
+    r.add_argument("--name", default=None, metavar="NAME",
+                   help="the report's name and directory under experiments/results/ (default: the sweep's name)")
     r.add_argument("--from-json", default=None, metavar="REPORT_JSON",
                    help="write a report again from an earlier report.json's per-run records (the runs may be gone): "
                         "this version's statistics, the same 'what ran'; W&B is not logged")
@@ -55,12 +62,15 @@ def cmd_report(args) -> int:
     contrasts = [parse_contrast(c) for c in args.contrast]
     if args.from_json and args.dirs:
         raise ReportError("give either run or sweep directories or --from-json REPORT_JSON, not both")
+    if args.only and not (args.name or args.out):
+        raise ReportError("--only reports part of the runs: give it a --name (or --out) of its own, e.g. "
+                          "--name tiny_2m_core, so it does not take the place of the whole sweep's report")
     if args.from_json:
         res = report_from_json(args.from_json, out=args.out, baseline=args.baseline, key=args.key,
-                               contrasts=contrasts)
+                               contrasts=contrasts, only=args.only, name=args.name)
     elif args.dirs:
         res = make_report(args.dirs, out=args.out, baseline=args.baseline, key=args.key, wandb_mode=args.wandb,
-                          command=command_of(args), contrasts=contrasts)
+                          command=command_of(args), contrasts=contrasts, only=args.only, name=args.name)
     else:
         raise ReportError("give at least one sweep directory (holding sweep.json) or run directory, or "
                           "--from-json REPORT_JSON")
@@ -78,11 +88,14 @@ def command_of(args) -> str:
     """The command line that repeats this report."""
     parts = ["attnlab", "report", *args.dirs]
     for flag, value, default in (("--out", args.out, None), ("--baseline", args.baseline, None),
-                                 ("--key", args.key, None), ("--wandb", args.wandb, "auto")):
+                                 ("--key", args.key, None), ("--name", getattr(args, "name", None), None),
+                                 ("--wandb", args.wandb, "auto")):
         if value != default:
             parts += [flag, str(value)]
     for c in getattr(args, "contrast", []):
         parts += ["--contrast", c]
+    for p in getattr(args, "only", []):
+        parts += ["--only", p]
     return shlex.join(parts)
 
 
@@ -96,17 +109,20 @@ def parse_contrast(text: str) -> tuple[str, str]:
 
 def make_report(dirs: list[str | Path], *, out: str | Path | None = None, baseline: str | None = None,
                 key: str | None = None, wandb_mode: str = "auto", command: str | None = None,
-                contrasts: list[tuple[str, str]] = ()) -> dict:
-    """Read the runs of `dirs`, write report.md, report.json and the PNGs, log to W&B per `wandb_mode`. Returns
-    the paths written and counts: {markdown, json, plots, out_dir, variants, runs, unfinished, wandb, exploratory}.
-    Without `out`, a report that meets the evidence bar goes to experiments/results/<name>/, one below it to
-    experiments/results/exploratory/<name>/."""
+                contrasts: list[tuple[str, str]] = (), only: list[str] = (), name: str | None = None) -> dict:
+    """Read the runs of `dirs` (only the variants matching a shell pattern of `only`, when given), write report.md,
+    report.json and the PNGs, log to W&B per `wandb_mode`. Returns the paths written and counts: {markdown, json,
+    plots, out_dir, variants, runs, unfinished, wandb, exploratory}. Without `out`, a report that meets the
+    evidence bar goes to experiments/results/<name>/, one below it to experiments/results/exploratory/<name>/
+    (`name`: the sweep's unless given)."""
     from lm.report.collect import collect
     from lm.report.tables import header
 
     if wandb_mode not in WANDB_MODES:
         raise ReportError(f"--wandb {wandb_mode}: choose one of {', '.join(WANDB_MODES)}")
-    col = collect(dirs)
+    col = collect(dirs, only=list(only))
+    if name:
+        col.name = name
     if out is None and col.name is None:
         raise ReportError("--out is required when no argument is a sweep directory")
     mode = resolve_wandb_mode(wandb_mode, col.configs)
@@ -117,16 +133,22 @@ def make_report(dirs: list[str | Path], *, out: str | Path | None = None, baseli
 
 
 def report_from_json(path: str | Path, *, out: str | Path | None = None, baseline: str | None = None,
-                     key: str | None = None, contrasts: list[tuple[str, str]] = ()) -> dict:
+                     key: str | None = None, contrasts: list[tuple[str, str]] = (), only: list[str] = (),
+                     name: str | None = None) -> dict:
     """Write the report again from the per-run records of an earlier report.json (the runs themselves need not
     exist any more): the tables and statistics as this version computes them, the plots, and the same 'what ran'.
     Without `out` it goes where make_report would put it (by the evidence bar); an older copy elsewhere under
     experiments/results/ is then for the caller to remove. Returns what make_report returns."""
-    from lm.report.collect import collection_from_report
+    from lm.report.collect import collection_from_report, restrict
 
     path = Path(path)
     col, doc = collection_from_report(path)
-    what_ran = doc["what_ran"]
+    col = restrict(col, list(only))
+    if name:
+        col.name = name
+    from lm.report.tables import part_lines
+
+    what_ran = [ln for ln in doc["what_ran"] if not ln.startswith("Part of the runs:")] + part_lines(col)
     recomputed = f"`attnlab report --from-json {path}`"
     return write_report(col, out=out, baseline=baseline or doc.get("baseline"), key=key or doc.get("key"),
                         command=doc.get("command") or recomputed, contrasts=contrasts,
@@ -184,7 +206,7 @@ def write_report(col, *, out: str | Path | None, baseline: str | None, key: str,
         "description": col.description, "what_ran": list(what_ran(base)), "manifests": col.manifests,
         "configs": col.config_labels, "axis": col.axis, "evidence_bar": {"meets": not below, "below": below},
         "ranking": ranking, "tune": col.tune, "tuning": col.tuning, "runs": col.records,
-        "unfinished": col.unfinished,
+        "unfinished": col.unfinished, "left_out": col.left_out,
         "contrasts": contrast[2] if contrast else [],
         "variants": [{k: v for k, v in r.items() if k != "records"} for r in rows]}, indent=1))
     logged = log_to_wandb(wandb_mode, col, name, columns, cells, plots, out_dir, key, base) if wandb_mode else None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fnmatch
 import json
 import re
 from pathlib import Path
@@ -66,6 +67,27 @@ class Collection:
     contrasts: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # the manifests' (variant, reference)
     tune: dict | None = None  # the first manifest's tuning settings and choices: {key, values, seed, choices}
     tuning: list[dict] = dataclasses.field(default_factory=list)  # its tuning runs' records (reason: unfinished)
+    left_out: list[str] = dataclasses.field(default_factory=list)  # variants `only` left out, in the order met
+
+
+def matches(variant: str, only: list[str]) -> bool:
+    """Whether `variant` is kept by the shell patterns `only` (every variant when there are none)."""
+    return not only or any(fnmatch.fnmatchcase(variant, p) for p in only)
+
+
+def restrict(col: Collection, only: list[str]) -> Collection:
+    """`col` with only the variants matching a pattern of `only` (their runs, tuning runs and the contrasts whose
+    two sides are both kept); ReportError when no variant matches."""
+    if not only:
+        return col
+    kept = [v for v in col.variants if matches(v, only)]
+    if not kept:
+        raise ReportError(f"--only {' '.join(only)}: no variant matches (the variants: {', '.join(col.variants)})")
+    keep = lambda recs: [r for r in recs if r["variant"] in kept]
+    return dataclasses.replace(
+        col, records=keep(col.records), unfinished=keep(col.unfinished), tuning=keep(col.tuning), variants=kept,
+        contrasts=[c for c in col.contrasts if c[0] in kept and c[1] in kept],
+        left_out=[*col.left_out, *(v for v in col.variants if v not in kept)])
 
 
 def variant_of(run_dir_name: str) -> str:
@@ -73,8 +95,9 @@ def variant_of(run_dir_name: str) -> str:
     return re.sub(r"-s\d+$", "", run_dir_name)
 
 
-def collect(paths: list[str | Path]) -> Collection:
-    """Read every sweep directory or run directory in `paths`; raises ReportError on input that names no runs."""
+def collect(paths: list[str | Path], only: list[str] = ()) -> Collection:
+    """Read every sweep directory or run directory in `paths` (only the variants matching a shell pattern of
+    `only`, when given); raises ReportError on input that names no runs."""
     if not paths:
         raise ReportError("give at least one sweep directory (holding sweep.json) or run directory")
     refs: list[RunRef] = []
@@ -91,6 +114,10 @@ def collect(paths: list[str | Path]) -> Collection:
                                config=str(p / "config.yaml")))
         else:
             raise ReportError(f"{p}: neither a sweep directory (no {MANIFEST}) nor a run directory (no config.yaml)")
+    every = list(dict.fromkeys(r.variant for r in refs if r.stage != "tune"))
+    if only and not any(matches(v, only) for v in every):
+        raise ReportError(f"--only {' '.join(only)}: no variant matches (the variants: {', '.join(every)})")
+    refs = [r for r in refs if matches(r.variant, only)]
     records, unfinished, configs, seen, tuning = [], [], [], {}, []
     cache: dict[str, dict] = {}
     for ref in refs:
@@ -119,8 +146,9 @@ def collect(paths: list[str | Path]) -> Collection:
         variants=list(dict.fromkeys(r.variant for r in refs if r.stage != "tune")),
         config_labels=list(first.get("configs") or []), axis=list(first.get("axis") or []),
         metric=first.get("metric"),
-        contrasts=list(dict.fromkeys(tuple(c) for m in meta for c in m.get("contrasts") or [])),
-        tune=first.get("tune"), tuning=tuning)
+        contrasts=list(dict.fromkeys(tuple(c) for m in meta for c in m.get("contrasts") or []
+                                     if matches(c[0], only) and matches(c[1], only))),
+        tune=first.get("tune"), tuning=tuning, left_out=[v for v in every if not matches(v, only)])
 
 
 def read_manifest(path: Path) -> dict:
@@ -279,7 +307,7 @@ def collection_from_report(path: Path) -> tuple[Collection, dict]:
         config_labels=list(doc.get("configs") or labels("config_label")), axis=list(doc.get("axis") or
                                                                                     labels("axis_label")),
         metric=doc.get("key"), contrasts=[(c["variant"], c["reference"]) for c in doc.get("contrasts") or []],
-        tune=doc.get("tune"), tuning=list(doc.get("tuning") or []))
+        tune=doc.get("tune"), tuning=list(doc.get("tuning") or []), left_out=list(doc.get("left_out") or []))
     return col, doc
 
 

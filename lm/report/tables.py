@@ -235,6 +235,7 @@ def header(col: Collection, baseline: str, key: str) -> list[str]:
     where = ("from " + ", ".join(f"`{m}`" for m in col.manifests)) if col.manifests else "plain run directories"
     lines = [f"Runs: {len(col.records)} finished of {n_total}, {len(col.variants)} variants × seeds {seeds}, "
              f"{where}; baseline {baseline}" + (f"; W&B group {col.group}" if col.group else "") + "."]
+    lines += part_lines(col)
     model = [("recipe", recipe_of), ("d_model", lambda c: c.model.d_model),
              ("n_layers", lambda c: c.model.n_layers), ("norm", lambda c: c.model.norm),
              ("pos", lambda c: c.model.pos), ("mlp", lambda c: f"{c.model.mlp.kind} {c.model.mlp.hidden}"),
@@ -253,6 +254,14 @@ def header(col: Collection, baseline: str, key: str) -> list[str]:
     lines.append(f"Machine: trained {dates[0]}" + (f" to {dates[-1]}" if len(dates) > 1 else "")
                  + f" (metrics.jsonl times); report made on {provenance()}.")
     return lines
+
+
+def part_lines(col: Collection) -> list[str]:
+    """The header's line on the variants a report of part of the runs left out (none for a whole report)."""
+    if not col.left_out:
+        return []
+    return [f"Part of the runs: the variants {', '.join(col.variants)} only; left out {', '.join(col.left_out)} "
+            f"(and the contrasts that involve them)."]
 
 
 def recipe_of(cfg: Config) -> str:

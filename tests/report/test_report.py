@@ -279,3 +279,40 @@ def test_contrasts_pair_two_variants_seed_by_seed(tmp_path, capsys):
 
 def _cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("| ") else []
+
+
+def test_only_reports_part_of_a_sweep(tmp_path, monkeypatch):
+    """--only keeps the matching variants, their runs and the contrasts between them, says what it left out, and
+    needs a name of its own; --from-json can cut an earlier report the same way; a pattern matching nothing is a
+    one-line error naming the variants."""
+    import lm.report.cli as report_cli
+
+    monkeypatch.setattr(report_cli, "RESULTS", tmp_path / "experiments" / "results")
+    sweep = write_sweep(tmp_path)
+    manifest = json.loads((sweep / "sweep.json").read_text())
+    (sweep / "sweep.json").write_text(json.dumps({**manifest, "contrasts": [["kda", "mqa"], ["mqa", "softmax"]]}))
+    parser = argparse.ArgumentParser(prog="attnlab")
+    add_parser(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(["report", str(sweep), "--only", "softmax", "--only", "m*", "--wandb", "disabled"])
+    with pytest.raises(ReportError, match="give it a --name"):
+        args.fn(args)
+    args = parser.parse_args(["report", str(sweep), "--only", "softmax", "--only", "m*", "--name", "part",
+                              "--wandb", "disabled"])
+    assert args.fn(args) == 0
+    out = tmp_path / "experiments" / "results" / "exploratory" / "part"  # 3 seeds: below the bar
+    data = json.loads((out / "report.json").read_text())
+    assert {r["variant"] for r in data["runs"]} == {"softmax", "mqa"} and len(data["runs"]) == 6
+    assert data["left_out"] == ["kda", "gqa4"] and data["unfinished"] == []
+    assert [(c["variant"], c["reference"]) for c in data["contrasts"]] == [("mqa", "softmax")]
+    md = (out / "report.md").read_text()
+    assert "# Report: part" in md and "left out kda, gqa4" in md and "--only softmax --only 'm*'" in md
+    assert "kda" not in md.split("## Results")[1]
+    args = parser.parse_args(["report", "--from-json", str(tmp_path / "experiments/results/exploratory/part/"
+                                                          "report.json"), "--only", "mqa", "--only", "softmax",
+                              "--out", str(tmp_path / "again")])
+    assert args.fn(args) == 0
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert len(again["runs"]) == 6 and again["left_out"] == ["kda", "gqa4"]
+    args = parser.parse_args(["report", str(sweep), "--only", "lightning*", "--name", "none"])
+    with pytest.raises(ReportError, match=r"no variant matches \(the variants: softmax, mqa, kda, gqa4\)"):
+        args.fn(args)
