@@ -75,6 +75,12 @@ def matches(variant: str, only: list[str]) -> bool:
     return not only or any(fnmatch.fnmatchcase(variant, p) for p in only)
 
 
+def owner(variant: str, variants: list[str]) -> str:
+    """The variant a tuning run belongs to: its variant is the tuned one's name, '-' and the value
+    ('share_kv-lr0.004' -> 'share_kv'); a name no variant prefixes is its own."""
+    return max((v for v in variants if variant.startswith(v + "-")), key=len, default=variant)
+
+
 def restrict(col: Collection, only: list[str]) -> Collection:
     """`col` with only the variants matching a pattern of `only` (their runs, tuning runs and the contrasts whose
     two sides are both kept); ReportError when no variant matches."""
@@ -83,7 +89,7 @@ def restrict(col: Collection, only: list[str]) -> Collection:
     kept = [v for v in col.variants if matches(v, only)]
     if not kept:
         raise ReportError(f"--only {' '.join(only)}: no variant matches (the variants: {', '.join(col.variants)})")
-    keep = lambda recs: [r for r in recs if r["variant"] in kept]
+    keep = lambda recs: [r for r in recs if owner(r["variant"], col.variants) in kept]
     return dataclasses.replace(
         col, records=keep(col.records), unfinished=keep(col.unfinished), tuning=keep(col.tuning), variants=kept,
         contrasts=[c for c in col.contrasts if c[0] in kept and c[1] in kept],
@@ -117,7 +123,7 @@ def collect(paths: list[str | Path], only: list[str] = ()) -> Collection:
     every = list(dict.fromkeys(r.variant for r in refs if r.stage != "tune"))
     if only and not any(matches(v, only) for v in every):
         raise ReportError(f"--only {' '.join(only)}: no variant matches (the variants: {', '.join(every)})")
-    refs = [r for r in refs if matches(r.variant, only)]
+    refs = [r for r in refs if matches(owner(r.variant, every) if r.stage == "tune" else r.variant, only)]
     records, unfinished, configs, seen, tuning = [], [], [], {}, []
     cache: dict[str, dict] = {}
     for ref in refs:

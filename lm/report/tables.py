@@ -129,22 +129,25 @@ def contrast_cells(col: Collection, rows: list[dict], key: str,
                    contrasts: list[tuple[str, str]]) -> tuple[list[str], list[list[str]], list[dict]] | None:
     """The table of `contrasts` (column names, cells, and the numbers for report.json): each (variant, reference)
     pair's difference in `key` seed by seed, with the per-seed values (None when there are no contrasts). Raises
-    ReportError for a pair naming no finished variant."""
+    ReportError for a pair naming a variant the runs do not have; a pair of variants the runs have, one with no
+    finished run yet (a sweep in progress), gets a row saying so."""
     if not contrasts:
         return None
     have = {r["variant"] for r in rows}
     for pair in contrasts:
-        missing = [v for v in pair if v not in have]
+        missing = [v for v in pair if v not in have and v not in col.variants]
         if missing:
             raise ReportError(f"contrast {pair[0]}:{pair[1]}: no finished run of {', '.join(map(repr, missing))} "
                               f"(variants: {', '.join(sorted(have))})")
     labelled = [{**r, "label": r["variant"]} for r in col.records]
     out, data = [], []
     for a, b in contrasts:
-        p = paired([r for r in labelled if r["variant"] in (a, b)], b, key).get(a)
+        waiting = [v for v in (a, b) if v not in have]
+        p = None if waiting else paired([r for r in labelled if r["variant"] in (a, b)], b, key).get(a)
         data.append({"variant": a, "reference": b, "paired": p})
         if p is None:
-            out.append([f"{a} − {b}", "— (no seed in common)", "", "", "", "0", ""])
+            why = f"no finished run of {' or '.join(waiting)} yet" if waiting else "no seed in common"
+            out.append([f"{a} − {b}", f"— ({why})", "", "", "", "0", ""])
             continue
         out.append([f"{a} − {b}", *paired_cells(p), ", ".join(f"{d:+.4f}" for d in p["diffs"])])
     return ["comparison", f"{key}: {PAIRED_COLUMNS[0]}", *PAIRED_COLUMNS[1:], "per seed"], out, data

@@ -270,11 +270,19 @@ def test_contrasts_pair_two_variants_seed_by_seed(tmp_path, capsys):
     assert "--contrast kda:softmax" in md
     data = json.loads((tmp_path / "r" / "report.json").read_text())["contrasts"]
     assert [(c["variant"], c["reference"], c["paired"]["n"]) for c in data] == [("kda", "mqa", 3), ("kda", "softmax", 3)]
-    for bad, message in [("kda", "write it as VARIANT:REFERENCE"), ("kda:mha", "no finished run of 'mha'"),
-                         ("gqa4:softmax", "no finished run of 'gqa4'")]:
+    for bad, message in [("kda", "write it as VARIANT:REFERENCE"), ("kda:mha", "no finished run of 'mha'")]:
         args = parser.parse_args(["report", str(sweep), "--out", str(tmp_path / "x"), "--contrast", bad])
         with pytest.raises(ReportError, match=message):
             args.fn(args)
+    # a variant of the sweep with no finished run yet (gqa4) gets a row saying so, and keeps the report exploratory
+    args = parser.parse_args(["report", str(sweep), "--out", str(tmp_path / "y"), "--contrast", "gqa4:softmax",
+                              "--wandb", "disabled"])
+    assert args.fn(args) == 0
+    md = (tmp_path / "y" / "report.md").read_text()
+    rows = {r[0]: r for r in (_cells(line) for line in md.splitlines()) if r and "−" in r[0]}
+    assert rows["gqa4 − softmax"][1] == "— (no finished run of gqa4 yet)" and rows["gqa4 − softmax"][5] == "0"
+    data = json.loads((tmp_path / "y" / "report.json").read_text())
+    assert "gqa4 vs softmax (n=0)" in data["evidence_bar"]["below"][-1]
 
 
 def _cells(line: str) -> list[str]:
@@ -316,3 +324,23 @@ def test_only_reports_part_of_a_sweep(tmp_path, monkeypatch):
     args = parser.parse_args(["report", str(sweep), "--only", "lightning*", "--name", "none"])
     with pytest.raises(ReportError, match=r"no variant matches \(the variants: softmax, mqa, kda, gqa4\)"):
         args.fn(args)
+
+
+def test_only_keeps_the_tuning_runs_of_the_kept_variants():
+    """A tuning run's variant is the tuned variant's name and the value; --only keeps it with its variant, and
+    a variant whose name extends another's is not taken for it."""
+    from lm.report.collect import Collection, owner, restrict
+
+    variants = ["share_kv", "share_kv_gqa4", "softmax"]
+    assert owner("share_kv-lr0.004", variants) == "share_kv"
+    assert owner("share_kv_gqa4-lr0.001", variants) == "share_kv_gqa4"
+    assert owner("softmax", variants) == "softmax"
+    tuning = [{"name": f"{v}-lr0.002-s0", "variant": f"{v}-lr0.002", "seed": 0} for v in variants]
+    col = Collection(name="t", group=None, baseline="softmax", description="", manifests=[],
+                     records=[{"variant": v, "seed": 1} for v in variants], unfinished=[], configs=[],
+                     variants=variants, contrasts=[("share_kv_gqa4", "share_kv"), ("share_kv", "softmax")],
+                     tuning=tuning)
+    part = restrict(col, ["share_kv", "soft*"])
+    assert [r["variant"] for r in part.tuning] == ["share_kv-lr0.002", "softmax-lr0.002"]
+    assert [r["variant"] for r in part.records] == ["share_kv", "softmax"]
+    assert part.contrasts == [("share_kv", "softmax")] and part.left_out == ["share_kv_gqa4"]
