@@ -11,8 +11,10 @@ trailing `-s<digits>`, its seed the config's run.seed.
 
 Each run with an eval line in its metrics.jsonl becomes one record: the last eval line's metrics, the metrics a
 mixer logged at that step beyond the loss (e.g. SP-KV density), the eval curve, the steps reached, and the
-model's static facts from `lm.info.model_info`. The others, and the runs a manifest says diverged, are listed as
-unfinished, with the reason.
+model's static facts from `lm.info.model_info`. The others, the runs a manifest says diverged, and a manifest's
+runs short of train.steps that it does not call finished (still training, or stopped and not yet resumed) are
+listed as unfinished, with the reason. A plain run directory short of train.steps is a run stopped early: its
+last eval is used, and the report says so.
 """
 from __future__ import annotations
 
@@ -250,6 +252,10 @@ def read_run(ref: RunRef, cache: dict[str, dict]) -> tuple[dict, Config | None]:
         return {**base, "reason": why}, cfg
     if ref.status == "diverged":  # its last eval is from before the loss blew up: not a result to compare
         return {**base, "reason": f"diverged, at step {last_step} of {cfg.train.steps}"}, cfg
+    if ref.status not in (None, "finished") and last_step < cfg.train.steps:
+        # a sweep's run still training (or stopped and not yet resumed): its eval so far is not a final one
+        return {**base, "reason": f"{ref.status}, last eval at step {evals[-1].get('step')} of "
+                                  f"{cfg.train.steps}"}, cfg
     final = evals[-1]
     extras = extra_metrics(rows, final["step"])
     if ref.result is not None:  # the source's checkpoint scored again: its metrics replace the run's final eval

@@ -344,3 +344,31 @@ def test_only_keeps_the_tuning_runs_of_the_kept_variants():
     assert [r["variant"] for r in part.tuning] == ["share_kv-lr0.002", "softmax-lr0.002"]
     assert [r["variant"] for r in part.records] == ["share_kv", "softmax"]
     assert part.contrasts == [("share_kv", "softmax")] and part.left_out == ["share_kv_gqa4"]
+
+
+def test_a_sweep_run_short_of_its_steps_is_not_a_result(tmp_path):
+    """A manifest's run that has an eval but is short of train.steps and not called finished (still training, or
+    stopped and not resumed) is listed as unfinished, not compared at its half-trained eval; once the manifest
+    calls it finished, it is a run stopped early, compared at its last eval and named as such."""
+    import shutil
+
+    sweep = write_sweep(tmp_path)
+    shutil.rmtree(tmp_path / "runs" / "gqa4-s0")
+    write_run(tmp_path / "runs", "gqa4", 0, 2.3, last_step=50)  # an eval at step 50 of 100
+    manifest = json.loads((sweep / "sweep.json").read_text())
+    for run in manifest["runs"]:
+        if run["name"] == "gqa4-s0":
+            run["status"] = "interrupted"
+    (sweep / "sweep.json").write_text(json.dumps(manifest))
+    res = make_report([sweep], out=tmp_path / "r", wandb_mode="disabled")
+    data = json.loads(res["json"].read_text())
+    assert "gqa4" not in {r["variant"] for r in data["runs"]}
+    assert {u["name"]: u["reason"] for u in data["unfinished"]}["gqa4-s0"] == \
+        "interrupted, last eval at step 50 of 100"
+    for run in manifest["runs"]:
+        if run["name"] == "gqa4-s0":
+            run["status"] = "finished"
+    (sweep / "sweep.json").write_text(json.dumps(manifest))
+    res = make_report([sweep], out=tmp_path / "r2", wandb_mode="disabled")
+    assert "Stopped before train.steps (their last eval is used): gqa4-s0 (step 50 of 100, eval at 50)." \
+        in res["markdown"].read_text()
