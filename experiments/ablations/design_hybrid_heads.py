@@ -4,7 +4,7 @@
     python -m experiments.ablations.design_hybrid_heads
 
 1. trains (or finds finished) the SP-KV runs of experiments/sweeps/text_spkv_2048.yaml (`--only 'spkv-*'`: the lr
-   tuned on seed 0, then seeds 1-4; the paper's predictor settings, next-token loss alone, the last quarter frozen
+   tuned on seed 0, then seeds 1-5; the paper's predictor settings, next-token loss alone, the last quarter frozen
    with a hard-gate ramp);
 2. designs the layout from those 5 seeds' per-head densities (`attnlab design-hybrid ... --per-head`, runs that
    keep >= 0.9 of their older keys refused) at the budget of one global layer in four, (1 + 3 * 128/2048) / 4 =
@@ -35,8 +35,8 @@ COMMAND = "python -m experiments.ablations.design_hybrid_heads"
 
 
 def source_runs(spec: str = SOURCE, variant: str = "spkv") -> list[Path]:
-    """The finished runs of `variant` in the sweep of `spec`, one per seed (the tune seed's is its chosen tuning
-    run); SystemExit naming the command when some have not finished."""
+    """The finished runs of `variant` in the sweep of `spec`, one per seed (a seed that is also the tune seed's is
+    its chosen tuning run); SystemExit naming the command when some have not finished."""
     sweep = resolved(load_sweep(spec), previous_statuses(load_sweep(spec)))
     statuses = previous_statuses(sweep)  # the chosen runs' too
     runs = [r for r in sweep.runs if r.variant == variant and r.stage != "tune"]

@@ -190,6 +190,8 @@ def tuning_cells(col: Collection, key: str) -> tuple[list[str], list[list[str]],
     if any(r["seed"] == t["seed"] for r in col.records):
         note += (f"; the seed-{t['seed']} run in the tables above is that tuning run, the best of the values it tried, "
                  f"so seed {t['seed']} flatters each variant a little and the paired differences share that bias")
+    elif col.records:
+        note += f"; seed {t['seed']} is not among the seeds reported, so no reported run took part in the choice"
     note += "."
     if edges:
         note += (f" At the edge of what was tried ({', '.join(edges)}): a value beyond it may be better, so these "

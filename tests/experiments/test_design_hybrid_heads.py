@@ -1,5 +1,5 @@
 """The per-head design-hybrid experiment: its source runs are the finished seeds of text_spkv_2048's SP-KV variant
-(the tune seed's chosen tuning run among them), its design file is a per-head layout within one global layer's
+(seeds 1-5 at the lr chosen on seed 0), its design file is a per-head layout within one global layer's
 budget, and its sweep compares that layout with the global layer at every position at 2048 tokens."""
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def _densities(seed: int) -> list[list[float]]:
     return dens.round(4).tolist()
 
 
-def test_source_runs_are_the_finished_seeds_with_the_chosen_tuning_run(tmp_path):
+def test_source_runs_are_the_finished_seeds(tmp_path):
+    """The SP-KV runs of seeds 1-5 at the lr chosen on seed 0 (whose tuning runs are not among them)."""
     spec = _spec_in(tmp_path, exp.SOURCE)
     with pytest.raises(SystemExit, match="0 of 5 seeds of spkv have finished"):
         exp.source_runs(str(spec))
@@ -62,7 +63,7 @@ def test_source_runs_are_the_finished_seeds_with_the_chosen_tuning_run(tmp_path)
             statuses[r.name] = "finished"
     write_manifest(chosen.manifest_path, manifest(chosen, statuses))
     runs = exp.source_runs(str(spec))
-    assert [p.name for p in runs] == ["spkv-lr0.002-s0", "spkv-s1", "spkv-s2", "spkv-s3", "spkv-s4"]
+    assert [p.name for p in runs] == ["spkv-s1", "spkv-s2", "spkv-s3", "spkv-s4", "spkv-s5"]
 
 
 def test_the_design_and_its_sweep(tmp_path):
@@ -90,7 +91,7 @@ def test_the_design_and_its_sweep(tmp_path):
     assert load_config(out).model.pattern == heads.layout
 
     sweep = load_sweep(_spec_in(tmp_path, exp.SPEC, {"configs/tiny/hybrid2048_heads.yaml": str(out)}))
-    assert sweep.baseline == "heads" and sweep.seeds == (0, 1, 2, 3, 4) and sweep.tune.key == "optim.lr"
+    assert sweep.baseline == "heads" and sweep.seeds == (1, 2, 3, 4, 5) and sweep.tune.key == "optim.lr"
     by = {r.variant.rsplit("-lr", 1)[0]: r.cfg for r in sweep.runs if r.name.endswith("lr0.002-s0")}
     assert sorted(by) == ["global0", "global1", "global2", "global3", "heads"]
     dense = sum(layer_costs(load_config("configs/tiny/softmax.yaml"), 2048))

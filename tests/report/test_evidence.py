@@ -138,6 +138,14 @@ def test_a_tuned_sweep_reports_its_choice_per_variant(tmp_path):
     assert _row_values(md, "mqa") == "1.9250"  # seeds 0 (its tuning run, 1.9) and 1 (1.95)
     doc = json.loads(res["json"].read_text())
     assert doc["tune"]["choices"] == {"softmax": 0.002, "mqa": 0.001} and len(doc["tuning"]) == 6
+    assert "so seed 0 flatters each variant a little" in md
+    # Reported seeds without the tuning seed: the note says no reported run took part in the choice.
+    held_out = [r for r in runs if not (r["stage"] == "main" and r["seed"] == 0)]
+    (sweep / "sweep.json").write_text(json.dumps({**json.loads((sweep / "sweep.json").read_text()),
+                                                  "runs": held_out}))
+    md = make_report([sweep], out=tmp_path / "out2", wandb_mode="disabled")["markdown"].read_text()
+    assert "seed 0 is not among the seeds reported, so no reported run took part in the choice" in md
+    assert "flatters" not in md and _row_values(md, "mqa") == "1.9500"
 
 
 def _row_values(md: str, variant: str) -> str:

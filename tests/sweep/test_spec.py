@@ -285,10 +285,12 @@ def test_ablation_specs_hold_the_reported_configs_and_budgets():
 
 
 def test_the_2m_token_tiny_sweep_tunes_the_lr_per_variant_over_five_seeds():
-    """tiny_2m: >= 2M tokens per run, lr from a 3-point grid on seed 0, then seeds 0-4; evals at half and end; every
-    contrast names two of its variants; the all-local control has SP-KV's window; the value-shift control."""
+    """tiny_2m: >= 2M tokens per run, lr from a 3-point grid on seed 0, then seeds 1-5 (the tuning seed is not
+    reported); evals at half and end; every contrast names two of its variants; the all-local control has SP-KV's
+    window; the value-shift control."""
     sw = load_sweep("experiments/sweeps/tiny_2m.yaml")
-    assert sw.seeds == (0, 1, 2, 3, 4) and sw.tune.key == "optim.lr" and sw.tune.values == (1e-3, 2e-3, 4e-3)
+    assert sw.seeds == (1, 2, 3, 4, 5) and sw.tune.seed == 0 and sw.tune.values == (1e-3, 2e-3, 4e-3)
+    assert sw.tune.key == "optim.lr"
     assert sw.tune.extend == 2  # a best lr at an end of the grid goes on past it
     assert len(sw.variants) == 16 and len(sw.runs) == 48 and all(r.stage == "tune" for r in sw.runs)
     for r in sw.runs:
@@ -325,9 +327,9 @@ def test_contrasts_name_pairs_of_variants(write_spec):
 
 
 def test_the_zoology_figure_2_sweep():
-    """Zoology's 3 settings x 4 widths, its 4-point lr grid per variant on seed 0, 5 seeds, accuracy."""
+    """Zoology's 3 settings x 4 widths, its 4-point lr grid per variant on seed 0, then 5 other seeds, accuracy."""
     sw = load_sweep("experiments/sweeps/mqar_zoology_fig2.yaml")
-    assert (sw.metric, sw.seeds, len(sw.variants), len(sw.runs)) == ("eval_acc", (0, 1, 2, 3, 4), 12, 48)
+    assert (sw.metric, sw.seeds, len(sw.variants), len(sw.runs)) == ("eval_acc", (1, 2, 3, 4, 5), 12, 48)
     assert [round(x, 6) for x in sw.tune.values] == [round(x, 6) for x in np.logspace(-4, -2, 4)]
     for r in sw.runs:
         c = r.cfg
@@ -372,7 +374,7 @@ def test_the_text_spkv_sweep_at_2048_tokens():
     assert (spkv.window, spkv.density_reg, spkv.lr_mult, spkv.anneal.freeze_steps) == (128, 0.0, 5.0, 125)
     assert by["local128-lr0.002"].model.mixers["softmax"].sliding_window == 128
     assert all(c.data.seq_len == 2048 and c.train.steps * c.data.batch_size * 2048 >= 2_000_000 for c in by.values())
-    assert sw.seeds == (0, 1, 2, 3, 4) and ("spkv", "local128") in sw.contrasts
+    assert sw.seeds == (1, 2, 3, 4, 5) and sw.tune.seed == 0 and ("spkv", "local128") in sw.contrasts
 
 
 EVALS = GOOD + "evals: {kv_h2o: {of: share_kv, cache_policy: h2o, cache_budget: 8}}\n"
