@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import platform
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -247,7 +248,7 @@ def header(col: Collection, baseline: str, key: str) -> list[str]:
              ("tie_embeddings", lambda c: str(c.model.tie_embeddings).lower()), ("dtype", lambda c: c.model.dtype)]
     lines.append("Model: " + ", ".join(f"{k} {_common(cfgs, f)}" for k, f in model
                                         if any(f(c) is not None for c in cfgs)) + ".")
-    lines.append(f"Data: {_common(cfgs, lambda c: c.data.source)}, tokenizer "
+    lines.append(f"Data: {_common(cfgs, lambda c: shown_path(c.data.source))}, tokenizer "
                  f"{_common(cfgs, lambda c: tokenizer_words(c.data.tokenizer, c.data.source))}; seq_len "
                  f"{_common(cfgs, lambda c: c.data.seq_len)}, batch {_common(cfgs, lambda c: c.data.batch_size)}.")
     lines.append(f"Training: {_common(cfgs, lambda c: c.train.steps)} steps, lr "
@@ -259,6 +260,18 @@ def header(col: Collection, baseline: str, key: str) -> list[str]:
     lines.append(f"Machine: trained {dates[0]}" + (f" to {dates[-1]}" if len(dates) > 1 else "")
                  + f" (metrics.jsonl times); report made on {provenance()}.")
     return lines
+
+
+def shown_path(source: str) -> str:
+    """A data source as the header shows it: a path inside the directory the report is made from, relative to it
+    (runs record their store's absolute path); anything else as it is."""
+    p = Path(source)
+    if p.is_absolute():
+        try:
+            return str(p.relative_to(Path.cwd().resolve()))
+        except ValueError:
+            return source
+    return source
 
 
 def part_lines(col: Collection) -> list[str]:

@@ -372,3 +372,12 @@ def test_a_sweep_run_short_of_its_steps_is_not_a_result(tmp_path):
     res = make_report([sweep], out=tmp_path / "r2", wandb_mode="disabled")
     assert "Stopped before train.steps (their last eval is used): gqa4-s0 (step 50 of 100, eval at 50)." \
         in res["markdown"].read_text()
+
+
+def test_a_store_under_the_working_directory_is_shown_relative(tmp_path, monkeypatch):
+    from lm.report.tables import shown_path
+
+    monkeypatch.chdir(tmp_path)
+    assert shown_path(str(tmp_path / "data" / "stdlib-byte")) == "data/stdlib-byte"
+    assert shown_path("/elsewhere/data/x") == "/elsewhere/data/x"
+    assert shown_path("synthetic:mqar") == "synthetic:mqar" and shown_path("data/x") == "data/x"
