@@ -1,7 +1,7 @@
 """`attnlab report SWEEP_OR_RUN_DIR... [--out DIR] [--baseline VARIANT] [--key eval_loss] [--contrast A:B]
-[--only PATTERN --name NAME] [--wandb MODE]`: write report.md (what ran, the per-variant table with paired 95% intervals, the contrasts, the
-ranking at half the run, the plots), report.json (per-run records) and the PNGs into the output directory, and log
-the table and plots to the sweep's W&B group as a `report` job when W&B is on. `attnlab report --from-json
+[--only PATTERN --name NAME] [--wandb MODE]`: write report.md (what ran, the per-variant table with paired 95%
+intervals, the contrasts, the ranking at half the run, the plots), report.json (per-run records) and the PNGs into
+the output directory, and log the table and plots to the sweep's W&B group as a `report` job when W&B is on. `attnlab report --from-json
 REPORT_JSON` writes a report again from the records an earlier one kept.
 
 The output directory defaults to experiments/results/<sweep name>/, or experiments/results/exploratory/<sweep

@@ -83,14 +83,20 @@ def owner(variant: str, variants: list[str]) -> str:
     return max((v for v in variants if variant.startswith(v + "-")), key=len, default=variant)
 
 
+def kept_variants(variants: list[str], only: list[str]) -> list[str]:
+    """The `variants` matching a pattern of `only`; ReportError when none does."""
+    kept = [v for v in variants if matches(v, only)]
+    if not kept:
+        raise ReportError(f"--only {' '.join(only)}: no variant matches (the variants: {', '.join(variants)})")
+    return kept
+
+
 def restrict(col: Collection, only: list[str]) -> Collection:
     """`col` with only the variants matching a pattern of `only` (their runs, tuning runs and the contrasts whose
     two sides are both kept); ReportError when no variant matches."""
     if not only:
         return col
-    kept = [v for v in col.variants if matches(v, only)]
-    if not kept:
-        raise ReportError(f"--only {' '.join(only)}: no variant matches (the variants: {', '.join(col.variants)})")
+    kept = kept_variants(col.variants, only)
     keep = lambda recs: [r for r in recs if owner(r["variant"], col.variants) in kept]
     return dataclasses.replace(
         col, records=keep(col.records), unfinished=keep(col.unfinished), tuning=keep(col.tuning), variants=kept,
@@ -123,9 +129,8 @@ def collect(paths: list[str | Path], only: list[str] = ()) -> Collection:
         else:
             raise ReportError(f"{p}: neither a sweep directory (no {MANIFEST}) nor a run directory (no config.yaml)")
     every = list(dict.fromkeys(r.variant for r in refs if r.stage != "tune"))
-    if only and not any(matches(v, only) for v in every):
-        raise ReportError(f"--only {' '.join(only)}: no variant matches (the variants: {', '.join(every)})")
-    refs = [r for r in refs if matches(owner(r.variant, every) if r.stage == "tune" else r.variant, only)]
+    kept = kept_variants(every, only) if only else every
+    refs = [r for r in refs if (owner(r.variant, every) if r.stage == "tune" else r.variant) in kept]
     records, unfinished, configs, seen, tuning = [], [], [], {}, []
     cache: dict[str, dict] = {}
     for ref in refs:
@@ -155,8 +160,8 @@ def collect(paths: list[str | Path], only: list[str] = ()) -> Collection:
         config_labels=list(first.get("configs") or []), axis=list(first.get("axis") or []),
         metric=first.get("metric"),
         contrasts=list(dict.fromkeys(tuple(c) for m in meta for c in m.get("contrasts") or []
-                                     if matches(c[0], only) and matches(c[1], only))),
-        tune=first.get("tune"), tuning=tuning, left_out=[v for v in every if not matches(v, only)])
+                                     if not only or (c[0] in kept and c[1] in kept))),
+        tune=first.get("tune"), tuning=tuning, left_out=[v for v in every if v not in kept])
 
 
 def read_manifest(path: Path) -> dict:
